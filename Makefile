@@ -1,0 +1,39 @@
+# Two entry points (see README "Quick start"): `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+LS_VENV := .ls-venv
+PYTEST_ARGS ?=
+
+.PHONY: install test lint demo simulate bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+# Label Studio pins its own dependencies, so it lives in its own venv.
+$(LS_VENV)/.installed:
+	$(PY) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/pip install -q 'label-studio>=1.23,<1.24'
+	touch $@
+
+install: $(VENV)/.installed
+
+lint: install
+	$(BIN)/ruff check ml_backend import_tools tests benchmarks
+
+test: $(VENV)/.installed $(LS_VENV)/.installed
+	$(BIN)/ruff check ml_backend import_tools tests benchmarks
+	AMLS_LABEL_STUDIO_BIN=$(abspath $(LS_VENV))/bin/label-studio $(BIN)/pytest -q $(PYTEST_ARGS)
+
+# Headless active-learning simulation on real FIRST radio galaxies (bent-tailed = rare).
+simulate: install
+	$(BIN)/python -m benchmarks.first_galaxies --out runs/first --rare Bent
+	$(BIN)/amls simulate runs/first/store.h5 --truth runs/first/truth.csv --cycles 3
+
+demo: simulate
+
+clean:
+	rm -rf $(VENV) $(LS_VENV) runs .pytest_cache

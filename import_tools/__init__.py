@@ -1,0 +1,1 @@
+"""Import tools: FITS / HDF5 / Zarr / image cutouts -> cutout store, PNG previews, LS tasks."""

