@@ -16,7 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
     from ml_backend.core import cli as core_cli
 
     parser = argparse.ArgumentParser(
-        prog="amls", description="AnomalyMatch for Label Studio: find rare objects from a few labels."
+        prog="amls",
+        description="AnomalyMatch for Label Studio: find rare objects from a few labels.",
     )
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="debug logging and progress bars even when not on a terminal")
