@@ -38,7 +38,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     set_verbose(args.verbose)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, KeyError, FileNotFoundError, IsADirectoryError) as exc:
+        # Bad input: one clear line, no traceback (use -v for the traceback).
+        logging.getLogger("amls").error("%s", exc, exc_info=args.verbose)
+        return 2
 
 
 if __name__ == "__main__":
