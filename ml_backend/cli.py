@@ -12,7 +12,7 @@ from ml_backend.core.progress import set_verbose
 
 def build_parser() -> argparse.ArgumentParser:
     from import_tools import cli as import_cli
-    from ml_backend import project_setup, server_cli
+    from ml_backend import project_setup, server_cli, survey_cli
     from ml_backend.core import cli as core_cli
 
     parser = argparse.ArgumentParser(
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     import_cli.register(sub)
     server_cli.register(sub)
     project_setup.register(sub)
+    survey_cli.register(sub)
     return parser
 
 
