@@ -30,7 +30,7 @@ test: $(VENV)/.installed $(LS_VENV)/.installed
 
 # Headless active-learning simulation on real FIRST radio galaxies (bent-tailed = rare).
 simulate: install
-	$(BIN)/python -m benchmarks.first_galaxies --out runs/first --rare Bent
+	test -f runs/first/store.h5 || $(BIN)/python -m benchmarks.datasets first --rare Bent --out runs/first
 	$(BIN)/amls simulate runs/first/store.h5 --truth runs/first/truth.csv --cycles 3
 
 demo: simulate

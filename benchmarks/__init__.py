@@ -1,0 +1,1 @@
+"""Benchmark datasets and detection-quality runs (not installed with the package)."""
