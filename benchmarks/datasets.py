@@ -152,8 +152,13 @@ def _ra_dec(cutout_id: str) -> tuple[float, float]:
 
 
 def build_first(out_dir: str | Path, *, rare: str = "Bent", channels: int = 1,
-                size: int | None = None) -> DatasetSummary:
-    """FIRST galaxies with class `rare` as the anomaly; 300x300 unless `size`."""
+                size: int | None = None, fraction: float | None = None,
+                seed: int = 42) -> DatasetSummary:
+    """FIRST galaxies with class `rare` as the anomaly; 300x300 unless `size`.
+
+    fraction: subsample the rare class (with `seed`) so that it makes up this share of the
+    set; None keeps every image of it (Bent is then 16 % of the set, FRII 43 %).
+    """
     if rare not in FIRST_CLASSES:
         raise ValueError(f"--rare must be one of {FIRST_CLASSES}, got {rare!r}")
     out_dir = Path(out_dir)
@@ -162,6 +167,8 @@ def build_first(out_dir: str | Path, *, rare: str = "Bent", channels: int = 1,
     truth: dict[str, int] = {}
     with zipfile.ZipFile(zip_path) as archive:
         members = _first_members(archive)
+        if fraction is not None:
+            members = _subsample_rare(members, rare, fraction, seed)
         side = size or Image.open(io.BytesIO(archive.read(members[0][2]))).width
         with CutoutStore.create(store_path, height=side, width=side, channels=channels,
                                 stretch={"name": "none"}) as store, \
@@ -183,6 +190,18 @@ def build_first(out_dir: str | Path, *, rare: str = "Bent", channels: int = 1,
         class_counts={c: counts[c] for c in FIRST_CLASSES},
         package="firstgalaxydata", package_version=_version("firstgalaxydata"))
     return _finish(summary, truth, out_dir)
+
+
+def _subsample_rare(members: list[tuple[str, str, str]], rare: str, fraction: float,
+                    seed: int) -> list[tuple[str, str, str]]:
+    normals = [m for m in members if m[1] != rare]
+    rares = [m for m in members if m[1] == rare]
+    n_rare = rare_count(len(normals), fraction)
+    if n_rare > len(rares):
+        raise ValueError(f"--fraction {fraction} needs {n_rare} {rare} images; the package "
+                         f"has {len(rares)}")
+    keep = np.random.default_rng(seed).choice(len(rares), n_rare, replace=False)
+    return sorted(normals + [rares[i] for i in keep])
 
 
 def _read_grey_png(archive: zipfile.ZipFile, name: str) -> np.ndarray:
@@ -284,6 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="dataset", required=True)
     first = sub.add_parser("first", help="FIRST radio galaxies (pip install firstgalaxydata)")
     first.add_argument("--rare", choices=FIRST_CLASSES, default="Bent")
+    first.add_argument("--fraction", type=float, default=None,
+                       help="subsample the rare class to this share of the set "
+                       "(default: keep all of it)")
+    first.add_argument("--seed", type=int, default=42, help="subsampling")
     animal = sub.add_parser("animal", help="Animal-MNIST (pip install --no-deps animal-mnist)")
     animal.add_argument("--rare", choices=ANIMAL_CLASSES, default="Zebra")
     animal.add_argument("--fraction", type=float, default=0.01,
@@ -303,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.dataset == "first":
             summary = build_first(args.out, rare=args.rare, channels=args.channels,
-                                  size=args.size)
+                                  size=args.size, fraction=args.fraction, seed=args.seed)
         else:
             summary = build_animal(args.out, rare=args.rare, fraction=args.fraction,
                                    seed=args.seed, channels=args.channels, size=args.size)

@@ -1,9 +1,76 @@
-"""`amls` subcommand (not yet implemented)."""
+"""`amls simulate`: the paper's active-learning protocol with a simulated oracle."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+
+import numpy as np
+
+from ml_backend.core.config import TrainConfig
+
+FINAL_KEYS = ("auroc", "ap", "precision_top_0_1pct", "precision_top_1pct",
+              "seconds_per_cycle", "score_images_per_second")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add this subcommand to the `amls` parser."""
+    p = sub.add_parser(
+        "simulate",
+        help="active-learning simulation with a simulated oracle (prints JSON lines)",
+        description="Start from a few labelled anomalies, train a cycle, let an oracle label "
+        "the top-scoring anomalies and false positives, repeat. One JSON line per cycle; the "
+        "last line is the final summary, measured on the pool minus labelled items.",
+    )
+    p.add_argument("store", help="cutout store (HDF5)")
+    p.add_argument("--truth", required=True, help="CSV id,label (anomaly|normal)")
+    p.add_argument("--method", default="fixmatch",
+                   help="fixmatch (default), supervised or isolation-forest")
+    p.add_argument("--initial-anomalies", type=int, default=5)
+    p.add_argument("--initial-normals", type=int, default=495)
+    p.add_argument("--cycles", type=int, default=3)
+    p.add_argument("--per-cycle", type=int, default=10,
+                   help="anomalies and false positives the oracle labels after each cycle")
+    p.add_argument("--iterations", type=int, default=TrainConfig.iterations)
+    p.add_argument("--pool", type=int, default=10_000, help="images drawn from the store")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--size", type=int, default=TrainConfig.image_size, help="model input size")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.set_defaults(func=run)
+
+
+def truth_vector(store, truth_csv: str) -> np.ndarray:
+    """(len(store),) ints: 1 anomaly, 0 normal, -1 for store rows the truth file lacks."""
+    from ml_backend.core.csvio import read_labels_csv
+
+    labels = read_labels_csv(truth_csv)
+    truth = np.full(len(store), -1, dtype=np.int64)
+    missing = [i for i in labels if i not in store]
+    if missing:
+        raise ValueError(f"{truth_csv}: {len(missing)} ids are not in {store.path}, "
+                         f"e.g. {missing[:3]}")
+    truth[store.indices_of(list(labels))] = list(labels.values())
+    return truth
+
+
+def run(args: argparse.Namespace) -> int:
+    # Imported here so that `amls --help` stays fast (torch loads on first real use).
+    from ml_backend.core.simulate import SimulationPlan, run_simulation
+    from ml_backend.core.store import CutoutStore
+
+    plan = SimulationPlan(
+        method=args.method, initial_anomalies=args.initial_anomalies,
+        initial_normals=args.initial_normals, cycles=args.cycles, per_cycle=args.per_cycle,
+        pool=args.pool, seed=args.seed,
+    )
+    cfg = TrainConfig(iterations=args.iterations, image_size=args.size, seed=args.seed,
+                      device=args.device)
+    with CutoutStore.open(args.store) as store:
+        truth = truth_vector(store, args.truth)
+        last: dict = {}
+        for result in run_simulation(store, truth, plan, cfg):
+            print(json.dumps(result), flush=True)
+            last = result
+    print(json.dumps({k: last[k] for k in FINAL_KEYS} | {"method": plan.method}), flush=True)
+    sys.stdout.flush()
+    return 0

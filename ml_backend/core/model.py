@@ -1,0 +1,110 @@
+"""The network: timm `tf_efficientnet_lite0` with an adapted stem and a small binary head.
+
+Output: logits of shape (B, 2); index 1 is "anomaly". Inputs come from
+`preprocess.to_model_input`: (B, C, S, S) float32 normalised with mean = std = 0.5.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import numpy as np
+import timm
+import torch
+from timm.models import adapt_input_conv
+from torch import nn
+
+from ml_backend.core.config import TrainConfig
+from ml_backend.core.pretrained import ARCH, imagenet_state_dict
+
+logger = logging.getLogger(__name__)
+
+NUM_CLASSES = 2
+ANOMALY_INDEX = 1
+_STEM = "conv_stem.weight"
+_HEAD = ("classifier.weight", "classifier.bias")
+
+
+def build_model(cfg: TrainConfig, in_chans: int) -> nn.Module:
+    """EfficientNet-Lite0 for `in_chans`-channel images with a 2-way head.
+
+    With `cfg.pretrained` the ImageNet weights are loaded (all but the classifier) and the
+    stem is adapted to `in_chans` (1 channel: RGB filters summed, so a grey image gives the
+    activations of its RGB copy; N != 3: filters repeated cyclically and scaled by 3/N).
+    The head is re-initialised from normal(0, cfg.head_init_std) with zero bias so the
+    first predictions sit near probability 0.5, and every BatchNorm gets `cfg.bn_momentum`.
+    Weights that are not loaded come from torch's global RNG: call `set_seed` first.
+    """
+    if in_chans < 1:
+        raise ValueError(f"in_chans must be >= 1, got {in_chans}")
+    model = timm.create_model(ARCH, pretrained=False, num_classes=NUM_CLASSES,
+                              in_chans=in_chans)
+    if cfg.pretrained:
+        _load_imagenet_backbone(model, in_chans)
+    init_head(model.get_classifier(), cfg.head_init_std)
+    set_bn_momentum(model, cfg.bn_momentum)
+    return model
+
+
+def _load_imagenet_backbone(model: nn.Module, in_chans: int) -> None:
+    state = imagenet_state_dict()
+    for key in _HEAD:
+        del state[key]
+    state[_STEM] = adapt_input_conv(in_chans, state[_STEM])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if set(missing) != set(_HEAD) or unexpected:
+        raise RuntimeError(
+            f"ImageNet backbone did not load cleanly: missing {missing}, unexpected {unexpected}")
+    logger.debug("ImageNet backbone loaded, stem adapted to %d channel(s)", in_chans)
+
+
+def init_head(head: nn.Module, std: float) -> None:
+    """Weights ~ normal(0, std), bias 0: near-equal logits so pseudo-labels start below 0.95."""
+    if not isinstance(head, nn.Linear):
+        raise TypeError(f"expected a Linear classifier, got {type(head).__name__}")
+    nn.init.normal_(head.weight, mean=0.0, std=std)
+    nn.init.zeros_(head.bias)
+
+
+def set_bn_momentum(model: nn.Module, momentum: float) -> int:
+    """Set PyTorch BatchNorm momentum (weight of the new batch statistic) on every BN layer.
+
+    Returns the number of layers changed.
+    """
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"bn_momentum must be in [0, 1], got {momentum}")
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for layer in layers:
+        layer.momentum = momentum
+    return len(layers)
+
+
+def anomaly_probability(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax probability of the anomaly class, (B, 2) logits -> (B,) float32 in [0, 1].
+
+    NaN logits give NaN probabilities.
+    """
+    if logits.ndim != 2 or logits.shape[1] != NUM_CLASSES:
+        raise ValueError(f"expected logits of shape (B, 2), got {tuple(logits.shape)}")
+    return torch.softmax(logits.float(), dim=1)[:, ANOMALY_INDEX]
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """"auto" -> cuda when available else cpu; "cpu", "cuda", "cuda:1" pass through.
+
+    Raises ValueError for CUDA requested on a machine without it.
+    """
+    if str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(name)!r} requested but CUDA is not available")
+    return device
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python's `random`, NumPy's global RNG and torch (CPU and all CUDA devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

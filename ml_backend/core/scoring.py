@@ -1,0 +1,170 @@
+"""Anomaly scores for images and whole stores: streamed, batched, bounded memory.
+
+Score = softmax probability of the "anomaly" logit, float32 in [0, 1]. A store is read in
+batches by its prefetching reader, so memory holds one batch of images (plus the prefetched
+ones) and one float32 per scored image, whatever the store's size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from ml_backend.core.checkpoint import ModelMeta
+from ml_backend.core.model import anomaly_probability, resolve_device
+from ml_backend.core.preprocess import to_model_input
+from ml_backend.core.progress import progress
+
+logger = logging.getLogger(__name__)
+
+# Device results are copied to the host every this many batches (fewer synchronisations).
+_FLUSH_EVERY = 8
+
+
+class ScorableStore(Protocol):
+    """What scoring needs from a `CutoutStore`."""
+
+    stretch: dict[str, Any]
+    shape: tuple[int, int, int]
+
+    def __len__(self) -> int: ...
+
+    def iter_batches(self, batch_size: int, *, indices: np.ndarray | None = None,
+                     prefetch: int = 2) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
+
+
+def check_compatible(store: ScorableStore, meta: ModelMeta) -> None:
+    """Raise ValueError if the store's channels or stretch differ from the model's."""
+    channels = int(store.shape[-1])
+    if channels != meta.channels:
+        raise ValueError(f"store images have {channels} channel(s) but model {meta.version} "
+                         f"was trained on {meta.channels}")
+    if dict(store.stretch) != dict(meta.stretch):
+        raise ValueError(f"store stretch {store.stretch} differs from the stretch model "
+                         f"{meta.version} was trained on: {meta.stretch}")
+
+
+@torch.inference_mode()
+def score_images(model: nn.Module, images_uint8: np.ndarray | torch.Tensor, image_size: int,
+                 device: str | torch.device = "cpu", *, batch_size: int = 256) -> np.ndarray:
+    """Anomaly probabilities of uint8 images (n, H, W, C) as float32 (n,), in input order.
+
+    Puts the model in eval mode; it must already be on `device`. Runs `batch_size` images
+    per forward pass (bf16 autocast on CUDA). NaN logits give NaN scores; no images, an
+    empty array.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = torch.device(device)
+    model.eval()
+    parts = [_forward_scores(model, images_uint8[i:i + batch_size], image_size, device)
+             for i in range(0, len(images_uint8), batch_size)]
+    if not parts:
+        return np.zeros(0, dtype=np.float32)
+    return torch.cat(parts).float().cpu().numpy()
+
+
+def score_store(store: ScorableStore, model: nn.Module, meta: ModelMeta, *,
+                indices: np.ndarray | None = None, batch_size: int = 256,
+                device: str | torch.device = "auto", compile: bool = False,
+                progress_desc: str = "scoring") -> np.ndarray:
+    """Anomaly probabilities for a store's images, float32, in store order or `indices` order.
+
+    `indices`: store rows to score (default all; any order, repeats allowed). Each distinct
+    row is read once, in ascending order (sequential HDF5 chunks). Moves the model to
+    `device` ("auto": CUDA when available) in eval mode and channels_last; on CUDA the
+    forward pass runs under bf16 autocast. `compile=True` wraps it in `torch.compile`.
+    Raises ValueError if the store's channels or stretch differ from `meta`.
+    """
+    check_compatible(store, meta)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    rows, inverse = _distinct_rows(indices, len(store))
+    n = len(store) if rows is None else len(rows)
+    scores = np.full(n, np.nan, dtype=np.float32)
+    filled = np.zeros(n, dtype=bool)
+    if n > 0:
+        device = resolve_device(device)
+        net = _prepare(model, device, compile)
+        start = time.perf_counter()
+        _score_batches(store, net, device, meta.image_size, rows, batch_size, scores, filled,
+                       progress_desc)
+        seconds = time.perf_counter() - start
+        logger.debug("scored %d images on %s in %.2f s (%.0f images/s)", n, device, seconds,
+                     n / max(seconds, 1e-9))
+    if not filled.all():
+        raise RuntimeError(f"the store reader skipped {int((~filled).sum())} of {n} images")
+    return scores if inverse is None else scores[inverse]
+
+
+def _score_batches(store: ScorableStore, net: nn.Module, device: torch.device, image_size: int,
+                   rows: np.ndarray | None, batch_size: int, scores: np.ndarray,
+                   filled: np.ndarray, progress_desc: str) -> None:
+    """Fill scores[k] for the k-th of `rows` (or store row k when rows is None)."""
+    pending: list[tuple[np.ndarray, torch.Tensor]] = []
+    with torch.inference_mode(), progress(total=len(scores), desc=progress_desc,
+                                          unit="img") as bar:
+        for batch_rows, images in store.iter_batches(batch_size, indices=rows, prefetch=2):
+            pending.append((_positions(batch_rows, rows),
+                            _forward_scores(net, images, image_size, device)))
+            if len(pending) >= _FLUSH_EVERY:
+                _flush(pending, scores, filled)
+            bar.update(len(batch_rows))
+        _flush(pending, scores, filled)
+
+
+def _prepare(model: nn.Module, device: torch.device, compile: bool) -> nn.Module:
+    model.to(device=device, memory_format=torch.channels_last).eval()
+    return torch.compile(model) if compile else model
+
+
+def _forward_scores(model: nn.Module, images: np.ndarray | torch.Tensor, image_size: int,
+                    device: torch.device) -> torch.Tensor:
+    x = to_model_input(images, image_size, device)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
+    with autocast:
+        logits = model(x)
+    return anomaly_probability(logits)
+
+
+def _distinct_rows(indices: np.ndarray | None,
+                   size: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(sorted distinct rows, map from `indices` into them); (None, None) for all rows."""
+    if indices is None:
+        return None, None
+    indices = np.asarray(indices)
+    if indices.ndim != 1 or not (np.issubdtype(indices.dtype, np.integer) or indices.size == 0):
+        raise ValueError(f"indices must be a 1-D integer array, got {indices.dtype} "
+                         f"{indices.shape}")
+    indices = indices.astype(np.int64)
+    if len(indices) and (indices.min() < 0 or indices.max() >= size):
+        raise ValueError(f"indices must lie in [0, {size}), got {indices.min()}..{indices.max()}")
+    rows, inverse = np.unique(indices, return_inverse=True)
+    return rows, inverse.reshape(-1)
+
+
+def _positions(batch_rows: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
+    """Positions in the score array of the store rows in a batch."""
+    batch_rows = np.asarray(batch_rows)
+    if rows is None:
+        return batch_rows
+    found = np.searchsorted(rows, batch_rows).clip(max=len(rows) - 1)
+    if not np.array_equal(rows[found], batch_rows):
+        raise RuntimeError("the store reader returned rows that were not requested")
+    return found
+
+
+def _flush(pending: list[tuple[np.ndarray, torch.Tensor]], scores: np.ndarray,
+           filled: np.ndarray) -> None:
+    for positions, probabilities in pending:
+        scores[positions] = probabilities.float().cpu().numpy()
+        filled[positions] = True
+    pending.clear()

@@ -1,0 +1,345 @@
+"""One active-learning training cycle: weighted labelled sampling, FixMatch steps, EMA.
+
+The loop in `train_cycle` reads top to bottom:
+    sample labelled batch -> read unlabelled batch -> weak / strong views -> normalise ->
+    fixmatch_step (forward, backward, SGD step) -> EMA update -> progress.
+A cycle starts from ImageNet weights or continues from a saved model directory (student,
+EMA and SGD momentum), and `save_cycle` writes the result as a new model directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ml_backend.core.augment import WeakStrong
+from ml_backend.core.checkpoint import (
+    ModelMeta,
+    TrainingState,
+    load_training_state,
+    new_version,
+    save_model_dir,
+    utc_now_iso,
+)
+from ml_backend.core.config import TrainConfig
+from ml_backend.core.fixmatch import StepStats, fixmatch_step
+from ml_backend.core.model import build_model, set_seed
+from ml_backend.core.preprocess import normalise, resize, to_unit_tensor
+from ml_backend.core.progress import progress
+from ml_backend.core.store import ImageSource
+
+logger = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[int, int, StepStats], None]
+_MOMENTUM = "momentum_buffer"
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> cuda when available, else cpu; any other name is passed to torch."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
+    """SGD(lr, momentum, nesterov) with weight decay on weight matrices / kernels only.
+
+    Parameters with fewer than two dimensions (BatchNorm scales and shifts, all biases) get
+    no weight decay: shrinking them towards zero only fights the normalisation.
+    """
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+
+class ModelEMA:
+    """Exponential moving average of a model's weights AND buffers (BatchNorm statistics).
+
+    After each step: ema = decay * ema + (1 - decay) * student, for every floating-point
+    tensor in the state dict; integer buffers (BN's num_batches_tracked) are copied.
+    `module` is a frozen copy in eval mode; it is what scoring uses.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1], got {decay}")
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval()
+        self.module.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        student = model.state_dict()
+        for name, value in self.module.state_dict().items():
+            if value.is_floating_point():
+                value.lerp_(student[name].detach(), 1.0 - self.decay)
+            else:
+                value.copy_(student[name])
+
+
+class WeightedLabeledSampler:
+    """Labelled batches (with replacement) in which anomalies make up ~anomaly_fraction.
+
+    Each anomaly has weight anomaly_fraction / n_anomalies and each normal
+    (1 - anomaly_fraction) / n_normals, so the expected anomaly share of a batch is
+    anomaly_fraction whatever the class balance of the labels.
+    """
+
+    def __init__(self, labels: np.ndarray, batch_size: int, anomaly_fraction: float,
+                 generator: torch.Generator) -> None:
+        if not 0.0 < anomaly_fraction < 1.0:
+            raise ValueError(f"anomaly_fraction must be in (0, 1), got {anomaly_fraction}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        is_anomaly = torch.as_tensor(np.asarray(labels) == 1)
+        n_anomalies = int(is_anomaly.sum())
+        n_normals = len(is_anomaly) - n_anomalies
+        if n_anomalies == 0 or n_normals == 0:
+            raise ValueError("need at least one anomaly and one normal label")
+        self.weights = torch.where(is_anomaly, anomaly_fraction / n_anomalies,
+                                   (1.0 - anomaly_fraction) / n_normals).double()
+        self.batch_size = batch_size
+        self.generator = generator
+
+    def sample(self) -> torch.Tensor:
+        """Indices (batch_size,) int64 into the labelled set."""
+        return torch.multinomial(self.weights, self.batch_size, replacement=True,
+                                 generator=self.generator)
+
+
+@dataclass
+class CycleResult:
+    """A finished cycle. Models are on the training device; optimizer_state is flat tensors."""
+
+    ema: nn.Module
+    student: nn.Module
+    optimizer_state: dict[str, torch.Tensor]
+    steps: list[StepStats]
+    seconds: float
+    iterations: int
+    channels: int = 0  # image channels the models take
+    init_meta: ModelMeta | None = field(default=None, repr=False)  # the model continued from
+
+
+def train_cycle(cfg: TrainConfig, labeled: np.ndarray, labels: np.ndarray,
+                unlabeled: ImageSource, *, init_dir: Path | None = None,
+                on_progress: ProgressCallback | None = None) -> CycleResult:
+    """Train cfg.iterations FixMatch steps and return student, EMA model and statistics.
+
+    labeled: uint8 (n, H, W, C) images with labels (n,) in {0 = normal, 1 = anomaly}; at least
+    one of each. unlabeled: images of the same (H, W, C), read cfg.uratio * cfg.batch_size
+    random rows per step; an empty pool trains supervised only. init_dir: a model directory to
+    continue from (its image size and channels must match). Seeds Python, NumPy and torch
+    with cfg.seed. Raises ValueError on bad inputs.
+    """
+    channels = _check_inputs(labeled, labels, unlabeled)
+    device = resolve_device(cfg.device)
+    set_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)  # sampling and augmentation
+
+    init = load_training_state(init_dir) if init_dir is not None else None
+    if init is not None:
+        _check_compatible(init.meta, cfg, channels, init_dir)
+    student, ema, optimizer = _start_models(cfg, channels, init, device)
+
+    augment = WeakStrong(cfg)
+    sampler = WeightedLabeledSampler(labels, cfg.batch_size, cfg.anomaly_fraction, gen)
+    x_all = resize(to_unit_tensor(labeled, device), cfg.image_size)  # (n, C, S, S) in [0, 1]
+    y_all = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=device)
+    n_unlabeled = cfg.uratio * cfg.batch_size if len(unlabeled) else 0
+    if n_unlabeled == 0:
+        logger.warning("unlabelled pool is empty: training supervised only")
+    logger.info("training %d iterations on %s: %d labelled (%d anomalies), %d unlabelled",
+                cfg.iterations, device, len(labels), int(y_all.sum()), len(unlabeled))
+
+    steps: list[StepStats] = []
+    start = time.perf_counter()
+    with (_PoolReader(unlabeled, n_unlabeled, gen) as pool,
+          progress(range(cfg.iterations), desc="train", unit="it") as bar):
+        for it in bar:
+            idx = sampler.sample().to(device)
+            x = augment.weak(x_all[idx], gen)
+            u01 = _unit_images(pool.next(), x_all.shape[1:], device)
+            u_weak, u_strong = augment(u01, gen)
+            stats = fixmatch_step(student, _model_input(x), y_all[idx], _model_input(u_weak),
+                                  _model_input(u_strong), optimizer, cfg)
+            if not math.isfinite(stats.loss):
+                raise FloatingPointError(f"training loss became {stats.loss} at iteration "
+                                         f"{it + 1}; try a lower learning rate")
+            ema.update(student)
+            steps.append(stats)
+            bar.set_postfix(loss=f"{stats.loss:.3f}", mask=f"{stats.mask_rate:.2f}")
+            if on_progress is not None:
+                on_progress(it + 1, cfg.iterations, stats)
+    seconds = time.perf_counter() - start
+    logger.info("cycle done in %.1f s, final loss %.4f, mask rate %.2f", seconds,
+                steps[-1].loss if steps else float("nan"),
+                steps[-1].mask_rate if steps else float("nan"))
+    return CycleResult(ema=ema.module, student=student,
+                       optimizer_state=_momentum_state(optimizer, student), steps=steps,
+                       seconds=seconds, iterations=cfg.iterations, channels=channels,
+                       init_meta=init.meta if init is not None else None)
+
+
+def save_cycle(result: CycleResult, out_dir: str | Path, *, cfg: TrainConfig,
+               stretch: dict[str, Any], parent: ModelMeta | None,
+               label_counts: dict[str, int], metrics: dict[str, Any] | None = None) -> ModelMeta:
+    """Write `result` as a new model directory; returns its ModelMeta.
+
+    parent: the meta of the model this cycle continued from (None for a fresh model);
+    iterations_total = parent's iterations_total + result.iterations. metrics are stored
+    alongside the cycle's own summary (seconds, final loss / mask rate).
+    """
+    if result.channels < 1:
+        raise ValueError(f"CycleResult.channels must be >= 1, got {result.channels}")
+    last = result.steps[-1] if result.steps else None
+    summary: dict[str, Any] = {
+        "seconds": round(result.seconds, 3),
+        "final_loss": last.loss if last else None,
+        "final_mask_rate": last.mask_rate if last else None,
+        "final_pseudo_anomaly_rate": last.pseudo_anomaly_rate if last else None,
+    }
+    meta = ModelMeta(
+        version=new_version(),
+        parent=parent.version if parent is not None else None,
+        created=utc_now_iso(),
+        config=cfg.to_dict(),
+        image_size=cfg.image_size,
+        channels=result.channels,
+        stretch=dict(stretch),
+        label_counts=dict(label_counts),
+        metrics={**summary, **(metrics or {})},
+        iterations_total=(parent.iterations_total if parent is not None else 0)
+        + result.iterations,
+    )
+    save_model_dir(out_dir, ema=result.ema, student=result.student, meta=meta,
+                   optimizer_state=result.optimizer_state)
+    return meta
+
+
+def _start_models(cfg: TrainConfig, channels: int, init: TrainingState | None,
+                  device: torch.device) -> tuple[nn.Module, ModelEMA, torch.optim.SGD]:
+    """Student, EMA and optimiser: fresh (ImageNet weights if cfg.pretrained) or continued
+    from `init` (student, EMA and SGD momentum exactly as saved)."""
+    student = build_model(cfg.replace(pretrained=cfg.pretrained and init is None), channels)
+    if init is not None:
+        student.load_state_dict(init.student)
+    student.to(device, memory_format=torch.channels_last)
+    ema = ModelEMA(student, cfg.ema_decay)
+    if init is not None:
+        ema.module.load_state_dict(init.ema)
+    optimizer = make_optimizer(student, cfg)
+    if init is not None and init.optimizer is not None:
+        _load_momentum(optimizer, student, init.optimizer)
+    return student, ema, optimizer
+
+
+def _model_input(x01: torch.Tensor) -> torch.Tensor:
+    return normalise(x01).contiguous(memory_format=torch.channels_last)
+
+
+class _PoolReader:
+    """Random unlabelled batches (rows drawn with replacement), read one step ahead.
+
+    Row indices come from `gen` in the calling thread, so the sequence is reproducible; the
+    store read of the next batch runs in a background thread while the current step computes.
+    """
+
+    def __init__(self, source: ImageSource, n: int, gen: torch.Generator) -> None:
+        self.source, self.n, self.gen = source, n, gen
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pool-reader")
+        self.pending: Future[np.ndarray] | None = None
+
+    def __enter__(self) -> _PoolReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+    def _submit(self) -> Future[np.ndarray]:
+        rows = torch.randint(0, len(self.source), (self.n,), generator=self.gen).numpy()
+        return self.executor.submit(self.source.read, rows)
+
+    def next(self) -> np.ndarray | None:
+        """uint8 (n, H, W, C) images, or None when n is 0 (no unlabelled pool)."""
+        if self.n == 0:
+            return None
+        current = self.pending if self.pending is not None else self._submit()
+        self.pending = self._submit()
+        return current.result()
+
+
+def _unit_images(images: np.ndarray | None, chw: torch.Size,
+                 device: torch.device) -> torch.Tensor:
+    """uint8 (n, H, W, C) -> (n, C, S, S) in [0, 1] on device; None -> an empty batch."""
+    if images is None:
+        return torch.zeros(0, *chw, device=device)
+    return resize(to_unit_tensor(images, device), chw[-1])
+
+
+def _check_inputs(labeled: np.ndarray, labels: np.ndarray, unlabeled: ImageSource) -> int:
+    """Validate shapes and labels; returns the channel count."""
+    if not isinstance(labeled, np.ndarray) or labeled.dtype != np.uint8 or labeled.ndim != 4:
+        raise ValueError("labelled images must be a uint8 array (n, H, W, C), got "
+                         f"{getattr(labeled, 'dtype', type(labeled))} "
+                         f"{getattr(labeled, 'shape', '')}")
+    labels = np.asarray(labels)
+    if labels.shape != (len(labeled),):
+        raise ValueError(f"labels have shape {labels.shape}, expected ({len(labeled)},) "
+                         "to match the labelled images")
+    bad = set(np.unique(labels).tolist()) - {0, 1}
+    if bad:
+        raise ValueError(f"labels must be 0 (normal) or 1 (anomaly), found {sorted(bad)}")
+    n_anomalies = int((labels == 1).sum())
+    if n_anomalies == 0 or n_anomalies == len(labels):
+        raise ValueError(f"need at least one anomaly and one normal label, got {n_anomalies} "
+                         f"anomalies and {len(labels) - n_anomalies} normals")
+    if len(unlabeled):
+        pool_shape = tuple(unlabeled.read(np.array([0])).shape[1:])
+        if pool_shape != labeled.shape[1:]:
+            raise ValueError(f"unlabelled images have shape (H, W, C) = {pool_shape}, "
+                             f"labelled images {labeled.shape[1:]}")
+    return int(labeled.shape[-1])
+
+
+def _check_compatible(meta: ModelMeta, cfg: TrainConfig, channels: int,
+                      init_dir: Path | None) -> None:
+    if meta.channels != channels:
+        raise ValueError(f"cannot continue from {init_dir}: it takes {meta.channels}-channel "
+                         f"images, these have {channels}")
+    if meta.image_size != cfg.image_size:
+        raise ValueError(f"cannot continue from {init_dir}: it was trained at image size "
+                         f"{meta.image_size}, this cycle uses {cfg.image_size}")
+
+
+def _momentum_state(optimizer: torch.optim.SGD, model: nn.Module) -> dict[str, torch.Tensor]:
+    """SGD momentum buffers keyed "<parameter name>.momentum_buffer"."""
+    state = {}
+    for name, param in model.named_parameters():
+        buffer = optimizer.state.get(param, {}).get(_MOMENTUM)
+        if buffer is not None:
+            state[f"{name}.{_MOMENTUM}"] = buffer.detach()
+    return state
+
+
+def _load_momentum(optimizer: torch.optim.SGD, model: nn.Module,
+                   state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    for key, buffer in state.items():
+        name = key.removesuffix(f".{_MOMENTUM}")
+        if name not in params or params[name].shape != buffer.shape:
+            raise ValueError(f"saved optimiser state {key!r} does not fit the model")
+        optimizer.state[params[name]][_MOMENTUM] = buffer.to(params[name].device).clone()

@@ -1,0 +1,188 @@
+"""Model directories: round trips, atomic replacement, refusal of damaged directories."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pytest
+import torch
+
+from ml_backend.core import checkpoint
+from ml_backend.core.checkpoint import (
+    CheckpointError,
+    ModelMeta,
+    load_model_dir,
+    load_training_state,
+    new_version,
+    read_meta,
+    save_model_dir,
+)
+from ml_backend.core.config import TrainConfig
+from ml_backend.core.model import build_model, set_seed
+
+CFG = TrainConfig(pretrained=False, image_size=32)
+
+
+def make_meta(version: str | None = None, channels: int = 3) -> ModelMeta:
+    return ModelMeta(version=version or new_version(), parent=None,
+                     created=checkpoint.utc_now_iso(), config=CFG.to_dict(), image_size=32,
+                     channels=channels, stretch={"name": "asinh", "a": 0.1},
+                     label_counts={"anomaly": 2, "normal": 5}, metrics={"loss_x": 0.3},
+                     iterations_total=100)
+
+
+def trained_pair(seed: int, channels: int = 3) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A student and an EMA model with distinct, non-default weights and BN statistics."""
+    set_seed(seed)
+    student, ema = build_model(CFG, channels), build_model(CFG, channels)
+    with torch.no_grad():
+        student.train()(torch.randn(4, channels, 32, 32))
+        ema.train()(torch.randn(4, channels, 32, 32) * 2)
+    return student, ema
+
+
+@pytest.fixture
+def saved(tmp_path):
+    student, ema = trained_pair(0)
+    momentum = {"conv_stem.weight.momentum_buffer": torch.randn(32, 3, 3, 3)}
+    meta = make_meta()
+    path = save_model_dir(tmp_path / "model", ema=ema, student=student, meta=meta,
+                          optimizer_state=momentum)
+    return path, student, ema, meta, momentum
+
+
+def test_version_is_sortable_and_unique():
+    t0 = datetime(2026, 11, 25, 12, 3, 1, tzinfo=UTC)
+    v0, v1 = new_version(t0), new_version(t0 + timedelta(seconds=1))
+    assert re.fullmatch(r"amls-20261125T120301Z-[0-9a-f]{4}", v0)
+    assert v0 < v1
+    assert len({new_version(t0) for _ in range(20)}) > 1
+
+
+def test_round_trip_gives_identical_outputs(saved):
+    path, _student, ema, meta, _ = saved
+    model, loaded_meta = load_model_dir(path)
+    assert loaded_meta == meta
+    assert not model.training
+    x = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), ema.eval()(x), rtol=0, atol=0)
+
+
+def test_training_state_round_trip(saved):
+    path, student, ema, meta, momentum = saved
+    state = load_training_state(path)
+    assert state.meta == meta
+    for saved_state, module in ((state.student, student), (state.ema, ema)):
+        expected = module.state_dict()
+        assert saved_state.keys() == expected.keys()
+        assert all(torch.equal(saved_state[k], expected[k]) for k in expected)
+    assert torch.equal(state.optimizer["conv_stem.weight.momentum_buffer"],
+                       momentum["conv_stem.weight.momentum_buffer"])
+
+
+def test_optimizer_state_is_optional(tmp_path):
+    student, ema = trained_pair(1, channels=1)
+    path = save_model_dir(tmp_path / "m", ema=ema, student=student, meta=make_meta(channels=1))
+    assert load_training_state(path).optimizer is None
+    model, meta = load_model_dir(path)
+    assert meta.channels == 1 and model.conv_stem.in_channels == 1
+
+
+def test_loading_leaves_global_rng_alone(saved):
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    load_model_dir(saved[0])
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_numpy_metrics_are_stored_as_numbers(tmp_path):
+    student, ema = trained_pair(2)
+    meta = make_meta()
+    meta.metrics = {"auroc": np.float32(0.75), "n": np.int64(3)}
+    path = save_model_dir(tmp_path / "m", ema=ema, student=student, meta=meta)
+    assert read_meta(path).metrics == {"auroc": 0.75, "n": 3}
+
+
+def test_replacing_a_directory(saved):
+    path, *_ = saved
+    student, ema = trained_pair(9)
+    new_meta = make_meta()
+    save_model_dir(path, ema=ema, student=student, meta=new_meta)
+    assert read_meta(path) == new_meta
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model"]  # no temp leftovers
+
+
+def test_failure_midway_leaves_old_directory_intact(saved, monkeypatch):
+    path, _student, ema, meta, _ = saved
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    real_save = checkpoint.save_file
+    calls = []
+
+    def failing_save(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 2:  # the EMA file is written, then the disk "fills up"
+            raise OSError(28, "No space left on device")
+        real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(checkpoint, "save_file", failing_save)
+    student2, ema2 = trained_pair(3)
+    with pytest.raises(OSError, match="No space"):
+        save_model_dir(path, ema=ema2, student=student2, meta=make_meta())
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model"]
+    model, loaded = load_model_dir(path)
+    assert loaded == meta
+
+
+def test_corrupt_weights_are_refused(saved):
+    path, *_ = saved
+    weights = path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is corrupt"):
+        load_model_dir(path)
+
+
+def test_truncated_student_is_refused(saved):
+    path, *_ = saved
+    student = path / "student.safetensors"
+    student.write_bytes(student.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="student.safetensors"):
+        load_training_state(path)
+
+
+def test_missing_file_is_refused(saved):
+    path, *_ = saved
+    (path / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="missing file"):
+        load_model_dir(path)
+
+
+def test_half_written_directory_is_refused(saved):
+    path, *_ = saved
+    (path / "meta.json").unlink()
+    with pytest.raises(CheckpointError, match="not a complete model directory"):
+        load_model_dir(path)
+
+
+def test_damaged_meta_is_refused(saved):
+    path, *_ = saved
+    meta_path = path / "meta.json"
+    meta_path.write_text(meta_path.read_text()[:50])
+    with pytest.raises(CheckpointError, match="meta.json"):
+        load_model_dir(path)
+    meta_path.write_text(json.dumps({"format": 1, "files": {}}))
+    with pytest.raises(CheckpointError, match="version"):
+        read_meta(path)
+
+
+def test_absent_directory_is_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model_dir(tmp_path / "nope")
+

@@ -1,0 +1,103 @@
+"""FixMatch loss against hand-computed values, masking, gradient paths and one step on CPU."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ml_backend.core.config import TrainConfig
+from ml_backend.core.fixmatch import fixmatch_loss, fixmatch_step
+
+
+def _ce(logits: list[float], label: int) -> float:
+    """Cross-entropy of one example, by hand."""
+    return math.log(sum(math.exp(v) for v in logits)) - logits[label]
+
+
+def test_loss_matches_hand_computation():
+    logits_x = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    y = torch.tensor([0, 1])
+    # Weak confidences: softmax(4, 0) = 0.982 (normal), softmax(0, 0) = 0.5, softmax(-1, 3) = 0.982.
+    weak = torch.tensor([[4.0, 0.0], [0.0, 0.0], [-1.0, 3.0]])
+    strong = torch.tensor([[0.5, 0.0], [1.0, -1.0], [0.2, 0.3]])
+    loss, loss_x, loss_u, mask = fixmatch_loss(logits_x, y, weak, strong, 0.95, 2.0)
+
+    expected_x = (_ce([2.0, 0.0], 0) + _ce([0.0, 1.0], 1)) / 2
+    expected_u = (_ce([0.5, 0.0], 0) + 0.0 + _ce([0.2, 0.3], 1)) / 3
+    assert mask.tolist() == [1.0, 0.0, 1.0]
+    assert loss_x.item() == pytest.approx(expected_x, rel=1e-6)
+    assert loss_u.item() == pytest.approx(expected_u, rel=1e-6)
+    assert loss.item() == pytest.approx(expected_x + 2.0 * expected_u, rel=1e-6)
+
+
+def test_nothing_confident_means_empty_mask_and_zero_unlabelled_loss():
+    weak = torch.tensor([[0.3, 0.0], [0.0, 0.1]])
+    strong = torch.tensor([[5.0, -5.0], [-5.0, 5.0]])
+    loss, loss_x, loss_u, mask = fixmatch_loss(
+        torch.zeros(1, 2), torch.tensor([1]), weak, strong, 0.95, 1.0)
+    assert mask.sum() == 0 and loss_u.item() == 0.0
+    assert loss.item() == pytest.approx(loss_x.item())
+
+
+def test_gradients_flow_through_strong_view_only():
+    logits_x = torch.zeros(2, 2, requires_grad=True)
+    weak = torch.tensor([[5.0, 0.0], [0.0, 5.0]], requires_grad=True)
+    strong = torch.zeros(2, 2, requires_grad=True)
+    loss, *_ = fixmatch_loss(logits_x, torch.tensor([0, 1]), weak, strong, 0.9, 1.0)
+    loss.backward()
+    assert weak.grad is None
+    assert strong.grad is not None and strong.grad.abs().sum() > 0
+    assert logits_x.grad is not None and logits_x.grad.abs().sum() > 0
+
+
+def test_no_unlabelled_images_is_supervised_only():
+    loss, loss_x, loss_u, mask = fixmatch_loss(
+        torch.zeros(2, 2), torch.tensor([0, 1]), torch.zeros(0, 2), torch.zeros(0, 2), 0.95, 1.0)
+    assert mask.numel() == 0 and loss_u.item() == 0.0 and loss.item() == loss_x.item()
+
+
+class _Tiny(nn.Module):
+    """Mean-pooled pixels -> linear -> 2 logits, with a BatchNorm to exercise train mode."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(channels)
+        self.fc = nn.Linear(channels, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.bn(x.mean(dim=(2, 3))))
+
+
+def _step_inputs(n_u: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 8, 8, generator=g)
+    u = torch.randn(n_u, 3, 8, 8, generator=g)
+    return x, torch.tensor([0, 1, 0, 1]), u, u + 0.1
+
+
+@pytest.mark.parametrize("n_u", [0, 6])
+def test_step_updates_weights_and_reports_stats(n_u):
+    torch.manual_seed(0)
+    model = _Tiny(3)
+    model.eval()
+    before = model.fc.weight.detach().clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    stats = fixmatch_step(model, *_step_inputs(n_u), opt, TrainConfig(threshold=0.0))
+    assert model.training
+    assert not torch.equal(model.fc.weight, before)
+    assert stats.lr == 0.1 and math.isfinite(stats.loss)
+    assert stats.loss == pytest.approx(stats.loss_x + stats.loss_u, rel=1e-5)
+    # threshold 0: every unlabelled image is masked in.
+    assert stats.mask_rate == (1.0 if n_u else 0.0)
+    assert 0.0 <= stats.pseudo_anomaly_rate <= 1.0
+
+
+def test_step_with_high_threshold_masks_everything_out():
+    torch.manual_seed(0)
+    model = _Tiny(3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    stats = fixmatch_step(model, *_step_inputs(6), opt, TrainConfig(threshold=1.0))
+    assert stats.mask_rate == 0.0 and stats.loss_u == 0.0 and stats.pseudo_anomaly_rate == 0.0

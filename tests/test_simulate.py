@@ -1,0 +1,109 @@
+import json
+
+import numpy as np
+import pytest
+
+from ml_backend.cli import main
+from ml_backend.core.config import TrainConfig
+from ml_backend.core.csvio import write_labels_csv
+from ml_backend.core.simulate import SimulationPlan, choose_pool, oracle_picks, run_simulation
+from ml_backend.core.store import CutoutStore
+
+
+def make_toy_store(path, n=120, n_anomalies=12, size=24, seed=0):
+    """Dark noise images; anomalies carry a bright square. Returns (store path, truth)."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 60, size=(n, size, size, 1), dtype=np.uint8)
+    truth = np.zeros(n, dtype=np.int64)
+    truth[rng.choice(n, n_anomalies, replace=False)] = 1
+    images[truth == 1, 6:18, 6:18, :] = 250
+    ids = [f"obj{i:04d}" for i in range(n)]
+    with CutoutStore.create(path, height=size, width=size, channels=1,
+                            stretch={"name": "none"}) as store:
+        store.append(ids, images)
+    return ids, truth
+
+
+def test_choose_pool_draws_the_planned_labels_reproducibly():
+    truth = np.array([1] * 10 + [0] * 90 + [-1] * 20)
+    plan = SimulationPlan(initial_anomalies=3, initial_normals=7, pool=50, seed=1)
+    pool, labelled = choose_pool(truth, plan)
+    assert len(pool) == 50 and set(pool) <= set(range(100))  # rows without truth never drawn
+    assert set(labelled) <= set(pool)
+    assert (truth[labelled] == 1).sum() == 3 and (truth[labelled] == 0).sum() == 7
+    again = choose_pool(truth, plan)
+    assert np.array_equal(pool, again[0]) and np.array_equal(labelled, again[1])
+
+
+def test_choose_pool_refuses_a_plan_the_pool_cannot_start():
+    truth = np.array([1, 0, 0, 0])
+    with pytest.raises(ValueError, match="needs 2 and 1"):
+        choose_pool(truth, SimulationPlan(initial_anomalies=2, initial_normals=1))
+
+
+def test_oracle_picks_top_anomalies_and_top_false_positives():
+    candidates = np.array([10, 11, 12, 13, 14, 15])
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    truth = np.zeros(20, dtype=np.int64)
+    truth[[11, 14, 15]] = 1
+    picks = oracle_picks(candidates, scores, truth, per_cycle=2)
+    assert list(picks) == [11, 14, 10, 12]
+
+
+def test_plan_rejects_unknown_method():
+    with pytest.raises(ValueError, match="isolation-forest"):
+        SimulationPlan(method="svm")
+
+
+@pytest.mark.slow
+def test_fixmatch_simulation_finds_bright_anomalies_and_labels_grow(tmp_path):
+    _, truth = make_toy_store(tmp_path / "toy.h5")
+    plan = SimulationPlan(initial_anomalies=3, initial_normals=20, cycles=2, per_cycle=2)
+    cfg = TrainConfig(image_size=32, iterations=8, batch_size=8, uratio=2, pretrained=False,
+                      bn_momentum=0.1, ema_decay=0.5, device="cpu")
+    with CutoutStore.open(tmp_path / "toy.h5") as store:
+        rows = list(run_simulation(store, truth, plan, cfg))
+    assert [r["cycle"] for r in rows] == [1, 2]
+    assert rows[1]["labelled_anomalies"] == 5 and rows[1]["labelled_normals"] == 22
+    assert rows[1]["n"] == len(truth) - 27
+    assert rows[-1]["auroc"] > 0.8
+
+
+def test_isolation_forest_method_uses_the_baseline_scores(tmp_path):
+    _, truth = make_toy_store(tmp_path / "toy.h5")
+    calls = []
+
+    def brightness(cfg, store, indices):
+        calls.append(len(indices))
+        return store.read(indices).reshape(len(indices), -1).mean(axis=1).astype(np.float32)
+
+    plan = SimulationPlan(method="isolation-forest", initial_anomalies=3, initial_normals=20,
+                          cycles=2, per_cycle=2)
+    with CutoutStore.open(tmp_path / "toy.h5") as store:
+        rows = list(run_simulation(store, truth, plan, TrainConfig(), score_fn=brightness))
+    assert calls == [len(truth) - 23, len(truth) - 27]
+    assert rows[-1]["auroc"] == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_simulate_command_prints_cycles_then_final_summary(tmp_path, capsys):
+    ids, truth = make_toy_store(tmp_path / "toy.h5")
+    write_labels_csv(tmp_path / "truth.csv", dict(zip(ids, truth.tolist(), strict=True)))
+    code = main(["simulate", str(tmp_path / "toy.h5"), "--truth", str(tmp_path / "truth.csv"),
+                 "--initial-anomalies", "3", "--initial-normals", "20", "--cycles", "2",
+                 "--per-cycle", "2", "--iterations", "2", "--size", "32", "--device", "cpu"])
+    assert code == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line.get("cycle") for line in lines[:2]] == [1, 2]
+    final = lines[-1]
+    assert set(final) >= {"auroc", "ap", "precision_top_0_1pct", "precision_top_1pct",
+                          "seconds_per_cycle", "score_images_per_second"}
+    assert 0.0 <= final["auroc"] <= 1.0 and final["score_images_per_second"] > 0
+
+
+def test_simulate_command_reports_truth_ids_missing_from_the_store(tmp_path, caplog):
+    make_toy_store(tmp_path / "toy.h5")
+    write_labels_csv(tmp_path / "truth.csv", {"nope": 1})
+    code = main(["simulate", str(tmp_path / "toy.h5"), "--truth", str(tmp_path / "truth.csv")])
+    assert code == 2
+    assert "not in" in caplog.text and "nope" in caplog.text
