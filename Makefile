@@ -22,10 +22,10 @@ $(LS_VENV)/.installed:
 install: $(VENV)/.installed
 
 lint: install
-	$(BIN)/ruff check ml_backend import_tools tests benchmarks
+	$(BIN)/ruff check ml_backend import_tools tests benchmarks demo
 
 test: $(VENV)/.installed $(LS_VENV)/.installed
-	$(BIN)/ruff check ml_backend import_tools tests benchmarks
+	$(BIN)/ruff check ml_backend import_tools tests benchmarks demo
 	AMLS_LABEL_STUDIO_BIN=$(abspath $(LS_VENV))/bin/label-studio $(BIN)/pytest -q $(PYTEST_ARGS)
 
 # Headless active-learning simulation on real FIRST radio galaxies (bent-tailed = rare).
@@ -33,7 +33,9 @@ simulate: install
 	test -f runs/first/store.h5 || $(BIN)/python -m benchmarks.datasets first --rare Bent --out runs/first
 	$(BIN)/amls simulate runs/first/store.h5 --truth runs/first/truth.csv --cycles 3
 
-demo: simulate
+# The product: Label Studio + this backend on real FIRST radio galaxies (Ctrl-C stops all).
+demo: $(VENV)/.installed $(LS_VENV)/.installed
+	$(BIN)/python -m demo.run_demo
 
 clean:
 	rm -rf $(VENV) $(LS_VENV) runs .pytest_cache

@@ -42,12 +42,11 @@ def dataset_paths(spec: str, root: Path, rare_fraction: float) -> tuple[Path, Pa
 
 
 def run_one(store_path: Path, truth_path: Path, method: str, seed: int,
-            cfg: TrainConfig, initial_normals: int) -> dict:
+            cfg: TrainConfig, initial_normals: int) -> list[dict]:
     plan = SimulationPlan(method=method, seed=seed, initial_normals=initial_normals)
     with CutoutStore.open(store_path) as store:
         truth = truth_vector(store, str(truth_path))
-        results = list(run_simulation(store, truth, plan, cfg))
-    return results[-1]
+        return list(run_simulation(store, truth, plan, cfg))
 
 
 def summarise(rows: list[dict]) -> dict[str, str]:
@@ -89,10 +88,12 @@ def main() -> None:
             rows = []
             for seed in range(args.seeds):
                 started = time.perf_counter()
-                row = run_one(store, truth, method, seed, cfg, args.initial_normals)
-                row.update(dataset=spec, seed=seed, wall_seconds=time.perf_counter() - started)
+                cycles = run_one(store, truth, method, seed, cfg, args.initial_normals)
                 with log_path.open("a") as fh:
-                    fh.write(json.dumps(row) + "\n")
+                    for row in cycles:
+                        row.update(dataset=spec, seed=seed)
+                        fh.write(json.dumps(row) + "\n")
+                row = cycles[-1] | {"wall_seconds": round(time.perf_counter() - started, 1)}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
             summary = summarise(rows)

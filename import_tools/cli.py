@@ -1,9 +1,195 @@
-"""Subcommands of `amls` (filled in by this room)."""
+"""`amls import fits | hdf5 | zarr | images | push`: survey data into a store, previews, tasks."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from import_tools import fits_reader, plan
+from import_tools.pipeline import Output, Settings, Writer, open_existing, run_jobs
+from import_tools.report import ImportSummary, write_report
+from ml_backend.core.stretch import make_stretch, parse_stretch_params
+
+log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add this room's subcommands to the `amls` parser."""
+    """Add `amls import ...` to the `amls` parser."""
+    parser = sub.add_parser("import", help="import FITS / HDF5 / Zarr / image folders; push tasks",
+                            description="Import survey data as a cutout store + PNG previews "
+                                        "+ Label Studio tasks, or push those tasks.")
+    kinds = parser.add_subparsers(dest="import_kind", required=True, metavar="KIND")
+
+    fits_p = kinds.add_parser("fits", help="FITS images or catalogue cutouts from frames")
+    fits_p.add_argument("files", nargs="+", type=Path, help="FITS files (or frames)")
+    fits_p.add_argument("--catalog", type=Path,
+                        help="CSV ra,dec[,size][,id] (ICRS degrees, pixels): cut these "
+                             "positions")
+    fits_p.add_argument("--hdu", help="HDU index or name, or a comma list for channels "
+                                      "(SCI,ERR,DQ; a repeated name means EXTVER 1, 2, ...)")
+    fits_p.add_argument("--files-per-object", type=int, default=1, metavar="N",
+                        help="N consecutive files form one object, one channel each")
+    _add_common(fits_p, stretch_default="asinh")
+    fits_p.set_defaults(func=guarded(_cmd_fits))
+
+    for kind in ("hdf5", "zarr"):
+        arr = kinds.add_parser(kind, help=f"an {kind.upper()} image stack or group-per-image file")
+        arr.add_argument("path", type=Path)
+        arr.add_argument("--dataset", help="dataset (N,H,W[,C]) or group of per-image groups")
+        arr.add_argument("--ids", dest="ids_path", help="dataset of N ids")
+        arr.add_argument("--image-key", default="Img",
+                         help="image dataset inside each per-image group (default Img)")
+        _add_common(arr, stretch_default="none")
+        arr.set_defaults(func=guarded(_cmd_array), kind=kind)
+
+    images = kinds.add_parser("images", help="a PNG / JPEG / TIFF folder tree")
+    images.add_argument("directory", type=Path)
+    images.add_argument("--channels", type=int, default=3, choices=(1, 3))
+    _add_common(images, stretch_default=None)
+    images.set_defaults(func=guarded(_cmd_images))
+
+    from import_tools import push
+
+    push.register(kinds)
+
+
+def _add_common(parser: argparse.ArgumentParser, *, stretch_default: str | None) -> None:
+    parser.add_argument("--store", type=Path, required=True, help="cutout store (.h5)")
+    parser.add_argument("--previews", type=Path, required=True, help="PNG preview folder")
+    parser.add_argument("--document-root", type=Path,
+                        help="LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT (default: previews' parent)")
+    parser.add_argument("--url-prefix", help="preview URL prefix for cloud storage instead")
+    parser.add_argument("--size", type=int, help="cutout size in pixels (N x N)")
+    if stretch_default is not None:
+        parser.add_argument("--stretch", default=stretch_default,
+                            help=f"none, linear, log, asinh, zscale (default {stretch_default})")
+        parser.add_argument("--stretch-param", action="append", metavar="KEY=VALUE",
+                            help="stretch parameter, e.g. a=0.1 (repeatable)")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    parser.add_argument("--allow-failures", action="store_true",
+                        help="exit 0 even when some items failed")
+    parser.add_argument("--report", type=Path,
+                        help="failure report, JSON lines (default: <store>.report.jsonl)")
+
+
+def guarded(command: Callable[[argparse.Namespace], int]
+            ) -> Callable[[argparse.Namespace], int]:
+    """Run a command; input errors become one clear message and exit status 2."""
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as err:
+            log.debug("import failed", exc_info=True)
+            print(f"amls import {args.import_kind}: error: {err}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def _finish(args: argparse.Namespace, summary: ImportSummary) -> int:
+    report = args.report or args.store.with_name(args.store.name + ".report.jsonl")
+    write_report(report, summary.failures)
+    print(summary.line())
+    for failure in summary.failures[:5]:
+        print(f"  failed: {failure.file} {failure.item}: {failure.reason}")
+    if summary.failed:
+        print(f"  ({summary.failed} failures in {report})")
+    return 1 if summary.failed and not args.allow_failures else 0
+
+
+def _stretch_spec(args: argparse.Namespace) -> dict:
+    spec = parse_stretch_params(args.stretch, args.stretch_param)
+    return make_stretch(spec).spec  # validates before any work starts
+
+
+def _square(size: int | None) -> tuple[int, int] | None:
+    if size is not None and size < 1:
+        raise ValueError(f"--size must be >= 1, got {size}")
+    return None if size is None else (size, size)
+
+
+def _resolve_size(args: argparse.Namespace, store_shape: tuple[int, ...] | None,
+                  fallback: tuple[int, int] | None) -> tuple[int, int]:
+    wanted = _square(args.size)
+    if store_shape is not None:
+        if wanted is not None and wanted != tuple(store_shape[:2]):
+            raise ValueError(f"--size {args.size} differs from store {args.store}'s "
+                             f"{store_shape[0]}x{store_shape[1]}; a store holds one size")
+        return (int(store_shape[0]), int(store_shape[1]))
+    size = wanted or fallback
+    if size is None:
+        raise ValueError("cannot tell the cutout size: pass --size")
+    return size
+
+
+def _run(args: argparse.Namespace, spec: dict, build) -> int:
+    """Open the store, plan with `build(existing, store_shape)`, run, report."""
+    store = open_existing(args.store, spec)
+    try:
+        existing = set(store.ids()) if store is not None else set()
+        shape = store.shape if store is not None else None
+        work, size = build(existing, shape)
+    except BaseException:
+        if store is not None:
+            store.close()
+        raise
+    output = Output(store=args.store, previews=args.previews,
+                    document_root=args.document_root, url_prefix=args.url_prefix)
+    settings = Settings(stretch=spec, size=size, previews=args.previews)
+    writer = Writer(output, settings, store)
+    summary = run_jobs(work.jobs, writer, workers=args.workers, total=work.n_items)
+    summary.skipped += work.skipped
+    summary.failures[:0] = work.failures
+    return _finish(args, summary)
+
+
+def _cmd_fits(args: argparse.Namespace) -> int:
+    spec = _stretch_spec(args)
+    keys = fits_reader.parse_hdu_spec(args.hdu)
+    if args.files_per_object < 1:
+        raise ValueError(f"--files-per-object must be >= 1, got {args.files_per_object}")
+
+    def build(existing, shape):
+        if args.catalog is None:
+            work = plan.fits_image_plan(args.files, keys, args.files_per_object, existing)
+            fallback = None
+            if shape is None and args.size is None:
+                # None when no file reads: then every job fails per item and no store is made
+                fallback = fits_reader.first_shape([job.paths for job in work.jobs], keys)
+                fallback = fallback or (1, 1)
+            return work, _resolve_size(args, shape, fallback)
+        rows = fits_reader.read_catalog(args.catalog)
+        sizes = [r.size for r in rows if r.size]
+        size = _resolve_size(args, shape, (sizes[0], sizes[0]) if sizes else None)
+        groups = [tuple(args.files[i:i + args.files_per_object])
+                  for i in range(0, len(args.files), args.files_per_object)]
+        return plan.fits_catalog_plan(groups, keys, rows, size[0], existing), size
+
+    return _run(args, spec, build)
+
+
+def _cmd_array(args: argparse.Namespace) -> int:
+    spec = _stretch_spec(args)
+
+    def build(existing, shape):
+        work, stack_size = plan.array_plan(args.kind, args.path, args.dataset, args.ids_path,
+                                           args.image_key, existing)
+        fallback = stack_size
+        if fallback is None and shape is None and args.size is None:
+            fallback = plan.first_group_shape(args.kind, args.path, work.jobs)
+        return work, _resolve_size(args, shape, fallback)
+
+    return _run(args, spec, build)
+
+
+def _cmd_images(args: argparse.Namespace) -> int:
+    from import_tools.images import import_image_folder
+
+    output = Output(store=args.store, previews=args.previews,
+                    document_root=args.document_root, url_prefix=args.url_prefix)
+    summary = import_image_folder(args.directory, output, size=args.size,
+                                  channels=args.channels)
+    return _finish(args, summary)

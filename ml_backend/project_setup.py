@@ -1,9 +1,275 @@
-"""Subcommands of `amls` (filled in by this room)."""
+"""`amls setup-project`: a Label Studio project wired to the AnomalyMatch backend, idempotently.
+
+One run leaves the project in this state, creating or fixing only what differs:
+
+1. the project (found by `--project ID` or by exact title) uses the given label config;
+2. training starts on every submitted annotation (`min_annotations_to_start_training = 1`,
+   shown in the UI as "Start model training on annotation submission");
+3. the ML backend at `--backend-url` is connected, with HTTP basic auth when
+   BASIC_AUTH_USER / BASIC_AUTH_PASS are set;
+4. the webhook Label Studio creates for that backend (`<backend>/webhook`, created without
+   credentials) carries the backend's `Authorization` header;
+5. the preview folder is registered as local-files import storage (when `--previews` is given);
+6. the Data Manager tab "Most anomalous first" exists.
+
+A second run with the same arguments changes nothing and creates no duplicates.
+"""
 
 from __future__ import annotations
 
 import argparse
+import base64
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ml_backend.config import Config, ConfigError
+from ml_backend.labelstudio import LabelConfigError, LabelStudioClient, parse_label_config
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TITLE = "AnomalyMatch"
+# Relative to the working directory: the repository root, or /app in the Docker image.
+DEFAULT_CONFIG = Path("label_config") / "anomaly_binary.xml"
+DEFAULT_BACKEND_URL = "http://localhost:9090"
+# Label Studio calls the backend's train hook after every N-th annotation; 1 = each one (the
+# backend debounces bursts into one job).
+TRAIN_EVERY_N_ANNOTATIONS = 1
+BACKEND_TITLE = "AnomalyMatch"
+
+
+@dataclass(frozen=True)
+class SetupRequest:
+    """What the project should look like."""
+
+    title: str
+    label_config: str
+    backend_url: str
+    project_id: int | None = None           # update this project instead of finding by title
+    previews: Path | None = None            # folder under LOCAL_FILES_DOCUMENT_ROOT, or None
+    basic_auth: tuple[str, str] | None = None  # (user, password) the backend requires
+    anomaly_label: str = "anomaly"
+
+
+@dataclass
+class SetupResult:
+    """What exists after the run, and which parts this run created or changed."""
+
+    project_id: int
+    project_url: str
+    ml_backend_id: int
+    webhook_id: int
+    view_id: int
+    changes: list[str] = field(default_factory=list)  # empty when nothing had to change
+
+
+def basic_auth_header(user: str, password: str) -> str:
+    """The value of an HTTP `Authorization` header for basic auth (RFC 7617, UTF-8)."""
+    token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+    return f"Basic {token}"
+
+
+def setup_project(client: LabelStudioClient, request: SetupRequest) -> SetupResult:
+    """Create or update the project described by `request`; see the module docstring."""
+    parse_label_config(request.label_config, request.anomaly_label)  # fail before any write
+    sdk = client.sdk
+    changes: list[str] = []
+    project = _ensure_project(sdk, request, changes)
+    project_id = int(project.id)
+    # Label Studio never returns the backend's stored password; a webhook header that differs
+    # from the wanted one is how a changed BASIC_AUTH_PASS shows, so re-send it then.
+    hook = _find_webhook(sdk, project_id, request.backend_url)
+    wanted = _auth_headers(request).get("Authorization")
+    stale = hook is not None and (hook.headers or {}).get("Authorization") != wanted
+    backend = _ensure_ml_backend(sdk, project_id, request, changes, resend_auth=stale)
+    webhook_id = _ensure_webhook_auth(sdk, project_id, request, changes)
+    if request.previews is not None:
+        from import_tools.push import ensure_local_storage
+
+        if ensure_local_storage(sdk, project_id, request.previews.resolve()):
+            changes.append(f"registered local-files storage {request.previews}")
+    views_before = {int(v.id) for v in sdk.views.list(project=project_id)}
+    view_id = client.ensure_view(project_id)
+    if view_id not in views_before:
+        changes.append(f"created view {view_id}")
+    url = f"{client.url}/projects/{project_id}/data?tab={view_id}"
+    return SetupResult(project_id=project_id, project_url=url, ml_backend_id=int(backend.id),
+                       webhook_id=webhook_id, view_id=view_id, changes=changes)
+
+
+def _find_project(sdk: Any, request: SetupRequest) -> Any | None:
+    if request.project_id is not None:
+        return sdk.projects.get(id=request.project_id)
+    matches = [p for p in sdk.projects.list(title=request.title) if p.title == request.title]
+    if len(matches) > 1:
+        ids = ", ".join(str(p.id) for p in sorted(matches, key=lambda p: p.id))
+        raise ValueError(f"{len(matches)} projects are titled {request.title!r} (ids {ids}); "
+                         "pick one with --project ID")
+    return matches[0] if matches else None
+
+
+def _ensure_project(sdk: Any, request: SetupRequest, changes: list[str]) -> Any:
+    project = _find_project(sdk, request)
+    if project is None:
+        project = sdk.projects.create(
+            title=request.title, label_config=request.label_config,
+            min_annotations_to_start_training=TRAIN_EVERY_N_ANNOTATIONS,
+            show_collab_predictions=True)
+        changes.append(f"created project {project.id}")
+        logger.info("created project %d %r", project.id, request.title)
+        return project
+    updates: dict[str, Any] = {}
+    if _normalise_xml(project.label_config) != _normalise_xml(request.label_config):
+        updates["label_config"] = request.label_config
+    if project.min_annotations_to_start_training != TRAIN_EVERY_N_ANNOTATIONS:
+        updates["min_annotations_to_start_training"] = TRAIN_EVERY_N_ANNOTATIONS
+    if updates:
+        project = sdk.projects.update(id=project.id, **updates)
+        changes.append(f"updated project {project.id}: {', '.join(sorted(updates))}")
+        logger.info("project %d: updated %s", project.id, ", ".join(sorted(updates)))
+    return project
+
+
+def _normalise_xml(xml: str | None) -> str:
+    return " ".join((xml or "").split())
+
+
+def _ensure_ml_backend(sdk: Any, project_id: int, request: SetupRequest,
+                       changes: list[str], resend_auth: bool = False) -> Any:
+    """Connect the backend; Label Studio checks its /health and /setup while doing so."""
+    url = request.backend_url.rstrip("/")
+    auth: dict[str, Any] = {"auth_method": "NONE"}
+    if request.basic_auth is not None:
+        auth = {"auth_method": "BASIC_AUTH", "basic_auth_user": request.basic_auth[0],
+                "basic_auth_pass": request.basic_auth[1]}
+    for backend in sdk.ml.list(project=project_id):
+        if backend.url.rstrip("/") != url:
+            continue
+        same_auth = (backend.auth_method == auth["auth_method"]
+                     and (backend.basic_auth_user or None) == auth.get("basic_auth_user"))
+        if same_auth and not backend.is_interactive and not resend_auth:
+            return backend
+        # `project` must be sent again: Label Studio 1.23 re-runs /setup on update and needs it.
+        backend = sdk.ml.update(id=backend.id, project=project_id, url=url, is_interactive=False,
+                                **auth)
+        changes.append(f"updated ML backend {backend.id} auth")
+        return backend
+    backend = sdk.ml.create(project=project_id, url=url, title=BACKEND_TITLE,
+                            is_interactive=False, **auth)
+    changes.append(f"connected ML backend {backend.id} at {url}")
+    logger.info("project %d: connected ML backend %s", project_id, url)
+    return backend
+
+
+def _ensure_webhook_auth(sdk: Any, project_id: int, request: SetupRequest,
+                         changes: list[str]) -> int:
+    """Give the backend's webhook the backend's credentials; create it if it is missing."""
+    headers = _auth_headers(request)
+    hook = _find_webhook(sdk, project_id, request.backend_url)
+    if hook is None:
+        hook = sdk.webhooks.create(project=project_id, url=_webhook_url(request.backend_url),
+                                   send_payload=True, send_for_all_actions=True,
+                                   headers=headers)
+        changes.append(f"created webhook {hook.id}")
+        return int(hook.id)
+    current = dict(hook.headers or {})
+    wanted = {**current, **headers}  # keep headers someone else added
+    if request.basic_auth is None:
+        wanted.pop("Authorization", None)
+    if current != wanted:
+        sdk.webhooks.update(id=hook.id, url=hook.url, headers=wanted)
+        changes.append(f"set webhook {hook.id} headers")
+    return int(hook.id)
+
+
+def _webhook_url(backend_url: str) -> str:
+    """The URL Label Studio gives the webhook it creates for an ML backend."""
+    return backend_url.rstrip("/") + "/webhook"
+
+
+def _find_webhook(sdk: Any, project_id: int, backend_url: str) -> Any | None:
+    url = _webhook_url(backend_url)
+    for hook in sdk.webhooks.list(project=str(project_id)):
+        if hook.url.rstrip("/") == url and hook.project == project_id:
+            return hook
+    return None
+
+
+def _auth_headers(request: SetupRequest) -> dict[str, str]:
+    if request.basic_auth is None:
+        return {}
+    return {"Authorization": basic_auth_header(*request.basic_auth)}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add this room's subcommands to the `amls` parser."""
+    """Add `setup-project` to the `amls` parser."""
+    p = sub.add_parser(
+        "setup-project", help="create / update a Label Studio project wired to the backend",
+        description="Create (or bring up to date) a Label Studio project: label config, ML "
+                    "backend connection, training on submit, webhook auth, preview storage "
+                    "and the 'Most anomalous first' view. Safe to re-run. Reads "
+                    "LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY, BASIC_AUTH_USER/PASS and "
+                    "ANOMALY_LABEL from the environment.")
+    p.add_argument("--title", default=DEFAULT_TITLE,
+                   help=f"project title, used to find it again (default {DEFAULT_TITLE!r})")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
+                   help="label config XML (default ./label_config/anomaly_binary.xml)")
+    p.add_argument("--project", type=int, help="update this project id instead")
+    p.add_argument("--backend-url", default=DEFAULT_BACKEND_URL,
+                   help="the backend's URL as Label Studio reaches it "
+                        f"(default {DEFAULT_BACKEND_URL})")
+    p.add_argument("--previews", type=Path,
+                   help="preview PNG folder to register as local-files storage; must be a "
+                        "subfolder of Label Studio's LOCAL_FILES_DOCUMENT_ROOT, as Label "
+                        "Studio sees it")
+    p.set_defaults(func=setup_project_command)
+
+
+def setup_project_command(args: argparse.Namespace) -> int:
+    import httpx
+    from label_studio_sdk.core.api_error import ApiError
+
+    try:
+        cfg = Config.from_env()
+    except ConfigError as err:
+        logger.error("invalid configuration: %s", err)
+        return 2
+    try:
+        label_config = args.config.read_text(encoding="utf-8")
+    except OSError as err:
+        logger.error("cannot read label config %s: %s", args.config, err)
+        return 2
+    if not getattr(args, "verbose", False):
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request
+    basic_auth = (cfg.basic_auth_user, cfg.basic_auth_pass) if cfg.auth_enabled else None
+    request = SetupRequest(title=args.title, label_config=label_config,
+                           backend_url=args.backend_url, project_id=args.project,
+                           previews=args.previews, basic_auth=basic_auth,
+                           anomaly_label=cfg.anomaly_label)
+    try:
+        client = LabelStudioClient(cfg.label_studio_url, cfg.label_studio_api_key)
+        result = setup_project(client, request)
+    except LabelConfigError as err:
+        logger.error("%s: %s", args.config, err)
+        return 2
+    except ValueError as err:
+        logger.error("%s", err)
+        return 2
+    except (ApiError, httpx.HTTPError) as err:
+        # Label Studio refused (status + body) or could not be reached: say so, no traceback.
+        logger.error("setting up project %r on %s failed: %s", args.title,
+                     cfg.label_studio_url, _api_error_text(err))
+        return 1
+    for change in result.changes or ["nothing to change: project already set up"]:
+        print(f"- {change}")
+    print(f"Project {result.project_id}: {result.project_url}")
+    return 0
+
+
+def _api_error_text(err: Exception) -> str:
+    body = getattr(err, "body", None)
+    status = getattr(err, "status_code", None)
+    if status is not None:
+        return f"HTTP {status}: {body}"
+    return f"{type(err).__name__}: {err}"

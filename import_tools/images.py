@@ -1,0 +1,64 @@
+"""`amls import images`: a PNG / JPEG / TIFF folder tree through the core's store builder.
+
+The store is built by :func:`ml_backend.core.image_folder.build_store_from_folder` (ids are
+relative paths without extension). Previews and task lines are then written for every stored
+cutout that has no task line yet, which also finishes a run interrupted after the store step.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from import_tools.pipeline import Output
+from import_tools.previews import write_preview
+from import_tools.report import Failure, ImportSummary
+from import_tools.tasks import append_tasks, make_task, read_tasks, tasks_path
+from ml_backend.core.image_folder import build_store_from_folder
+from ml_backend.core.progress import progress
+from ml_backend.core.store import CutoutStore
+
+log = logging.getLogger(__name__)
+_BATCH = 256
+
+
+def import_image_folder(directory: Path, output: Output, *, size: int | None,
+                        channels: int) -> ImportSummary:
+    """Build / extend the store from ``directory``, then write missing previews and tasks."""
+    built = build_store_from_folder(directory, output.store, size=size, channels=channels,
+                                    skip_bad=True)
+    summary = ImportSummary(imported=built.added, skipped=built.skipped_existing,
+                            failures=[Failure(path, "", reason) for path, reason in built.failed])
+    if not output.store.exists():
+        return summary
+    done = read_tasks(tasks_path(output.store)) if tasks_path(output.store).exists() else {}
+    with CutoutStore.open(output.store, "r") as store:
+        todo = np.array([i for i, cid in enumerate(store.ids()) if cid not in done],
+                        dtype=np.int64)
+        with progress(total=todo.size, desc="previews", unit="img") as bar:
+            for indices, images in store.iter_batches(_BATCH, indices=todo):
+                summary.failures.extend(_previews(store, output, indices, images))
+                bar.update(len(indices))
+    return summary
+
+
+def _previews(store: CutoutStore, output: Output, indices: np.ndarray,
+              images: np.ndarray) -> list[Failure]:
+    ids = store.ids()
+    meta = store.meta_table(indices)
+    tasks, failures = [], []
+    for k, i in enumerate(indices):
+        cid = ids[int(i)]
+        try:
+            path = write_preview(output.previews, cid, images[k])
+        except (ValueError, OSError) as err:
+            failures.append(Failure(str(meta["source"][k]), f"id={cid}", str(err)))
+            continue
+        tasks.append(make_task(image_url=output.url(path), cutout_id=cid,
+                               store_path=output.store, source=str(meta["source"][k]),
+                               hdu=str(meta["hdu"][k]), ra=float(meta["ra"][k]),
+                               dec=float(meta["dec"][k])))
+    append_tasks(tasks_path(output.store), tasks)
+    return failures

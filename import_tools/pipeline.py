@@ -1,0 +1,201 @@
+"""Read -> stretch -> resize -> preview in worker processes; store + tasks in the main process.
+
+A *job* is a small picklable description of some items (a FITS file, a catalogue chunk of a
+frame, an index range of a stack). Workers run :func:`run_job`: decode, stretch to uint8,
+resize to the store's size, write each preview PNG atomically. The main process alone writes
+the store and the tasks file, in job order as results arrive, with at most ``2 * workers``
+jobs in flight so memory stays bounded.
+
+Resuming: job builders leave out ids already in the store, so re-running an interrupted
+import continues where it stopped. Task lines are appended before the store rows; an item cut
+off between the two is imported again on the next run and its task line rewritten (readers
+keep the last line per id).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from import_tools.jobs import Job
+from import_tools.previews import preview_url, write_preview
+from import_tools.report import Failure, ImportSummary
+from import_tools.tasks import append_tasks, make_task, tasks_path
+from ml_backend.core.progress import progress
+from ml_backend.core.store import CutoutStore
+from ml_backend.core.stretch import make_stretch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DoneItem:
+    """A stretched, resized uint8 cutout whose preview is on disk."""
+
+    id: str
+    pixels: np.ndarray
+    source: str
+    hdu: str
+    ra: float | None
+    dec: float | None
+    preview: Path
+    n_nonfinite: int
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every worker needs: the stretch spec, the store's (H, W), the preview root."""
+
+    stretch: dict
+    size: tuple[int, int]
+    previews: Path
+
+
+# ---- the worker ---------------------------------------------------------------------------
+
+def resize_uint8(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of uint8 ``(H, W, C)`` to ``size`` = (H, W), channel by channel."""
+    if pixels.shape[:2] == size:
+        return pixels
+    h, w = size
+    planes = [np.asarray(Image.fromarray(np.ascontiguousarray(pixels[..., c]), mode="L")
+                         .resize((w, h), Image.Resampling.BILINEAR))
+              for c in range(pixels.shape[-1])]
+    return np.stack(planes, axis=-1)
+
+
+def run_job(job: Job, settings: Settings) -> list[DoneItem | Failure]:
+    """Decode, stretch, resize and write previews for one job (runs in a worker process)."""
+    stretch = make_stretch(settings.stretch)
+    out: list[DoneItem | Failure] = []
+    for raw in job.load():
+        if isinstance(raw, Failure):
+            out.append(raw)
+            continue
+        try:
+            result = stretch.apply(raw.pixels)
+            pixels = resize_uint8(result.pixels, settings.size)
+            preview = write_preview(settings.previews, raw.id, pixels)
+        except (ValueError, OSError) as err:
+            out.append(Failure(raw.source, f"{raw.hdu} id={raw.id}", str(err)))
+            continue
+        out.append(DoneItem(raw.id, pixels, raw.source, raw.hdu, raw.ra, raw.dec, preview,
+                            result.n_nonfinite))
+    return out
+
+
+# ---- the main process ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Output:
+    """Where results go: the store, the previews and how their URLs are made."""
+
+    store: Path
+    previews: Path
+    document_root: Path | None = None
+    url_prefix: str | None = None
+
+    def url(self, preview: Path) -> str:
+        root = self.document_root if self.document_root is not None else self.previews.parent
+        return preview_url(preview, document_root=root, url_prefix=self.url_prefix,
+                           previews_root=self.previews)
+
+
+def open_existing(store_path: Path, stretch_spec: dict) -> CutoutStore | None:
+    """The store opened for appending, or None if absent; ValueError on another stretch."""
+    if not store_path.exists():
+        return None
+    store = CutoutStore.open(store_path, mode="a")
+    wanted = make_stretch(stretch_spec).spec
+    if store.stretch != wanted:
+        store.close()
+        raise ValueError(f"store {store_path} holds pixels made with stretch {store.stretch}; "
+                         f"this import asks for {wanted}. Use another --store or the same "
+                         "stretch.")
+    return store
+
+
+class Writer:
+    """Appends finished items to the store (created on first use) and the tasks file."""
+
+    def __init__(self, output: Output, settings: Settings, store: CutoutStore | None) -> None:
+        self.output = output
+        self.settings = settings
+        self.store = store
+        self.summary = ImportSummary()
+
+    def add(self, results: list[DoneItem | Failure]) -> None:
+        done = [r for r in results if isinstance(r, DoneItem)]
+        self.summary.failures.extend(r for r in results if isinstance(r, Failure))
+        if not done:
+            return
+        if self.store is None:
+            h, w = self.settings.size
+            self.store = CutoutStore.create(self.output.store, height=h, width=w,
+                                            channels=done[0].pixels.shape[-1],
+                                            stretch=make_stretch(self.settings.stretch).spec)
+        accepted = []
+        for item in done:
+            if item.pixels.shape != self.store.shape:
+                self.summary.failures.append(Failure(
+                    item.source, f"{item.hdu} id={item.id}",
+                    f"shape {item.pixels.shape} does not match the store's {self.store.shape} "
+                    "(H, W, C): channel counts must agree"))
+            elif item.id in self.store:
+                self.summary.skipped += 1
+            else:
+                accepted.append(item)
+        if not accepted:
+            return
+        append_tasks(tasks_path(self.output.store), (make_task(
+            image_url=self.output.url(i.preview), cutout_id=i.id, store_path=self.output.store,
+            source=i.source, hdu=i.hdu, ra=i.ra, dec=i.dec) for i in accepted))
+        self.store.append([i.id for i in accepted], np.stack([i.pixels for i in accepted]),
+                          ra=[np.nan if i.ra is None else i.ra for i in accepted],
+                          dec=[np.nan if i.dec is None else i.dec for i in accepted],
+                          source=[i.source for i in accepted], hdu=[i.hdu for i in accepted])
+        self.summary.imported += len(accepted)
+        self.summary.nonfinite += sum(i.n_nonfinite for i in accepted)
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+
+
+def run_jobs(jobs: Iterable[Job], writer: Writer, *, workers: int = 1,
+             total: int | None = None) -> ImportSummary:
+    """Run jobs inline (workers <= 1) or in a process pool; returns the writer's summary."""
+    bar = progress(total=total, desc="import", unit="cutout")
+    try:
+        if workers <= 1:
+            for job in jobs:
+                results = run_job(job, writer.settings)
+                writer.add(results)
+                bar.update(len(results))
+        else:
+            _run_pool(jobs, writer, workers, bar)
+    finally:
+        bar.close()
+        writer.close()
+    return writer.summary
+
+
+def _run_pool(jobs: Iterable[Job], writer: Writer, workers: int, bar) -> None:
+    pending: list[Future] = []
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for job in jobs:
+            pending.append(pool.submit(run_job, job, writer.settings))
+            if len(pending) >= 2 * workers:
+                results = pending.pop(0).result()
+                writer.add(results)
+                bar.update(len(results))
+        for future in pending:
+            results = future.result()
+            writer.add(results)
+            bar.update(len(results))

@@ -1,0 +1,200 @@
+"""`amls import push`: create Label Studio tasks from ``<store>.tasks.jsonl``, idempotently.
+
+The project's existing tasks are listed first and any ``cutout_id`` already there is left
+out, so a second push (or one after an interrupted push) adds nothing twice. Only tasks whose
+cutout is in the store are pushed. When task images are local-files URLs, a local-files
+import storage covering the previews is registered (once) so Label Studio serves them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+from import_tools.previews import LOCAL_FILES_PREFIX
+from import_tools.tasks import read_tasks, tasks_path
+from ml_backend.core.progress import progress
+from ml_backend.core.store import CutoutStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PushSummary:
+    created: int = 0
+    already_in_project: int = 0
+    not_in_store: int = 0
+    repeated: int = 0
+
+    def line(self) -> str:
+        return (f"created {self.created} tasks, skipped {self.already_in_project} already in "
+                f"the project, {self.repeated} ids repeated across stores, "
+                f"{self.not_in_store} task rows without a stored cutout")
+
+
+def project_cutout_ids(client: Any, project_id: int, page_size: int = 1000) -> set[str]:
+    """``data.cutout_id`` of every task already in the project."""
+    ids: set[str] = set()
+    for task in client.tasks.list(project=project_id, page_size=page_size):
+        data = task.data if hasattr(task, "data") else task.get("data", {})
+        if data and data.get("cutout_id") is not None:
+            ids.add(str(data["cutout_id"]))
+    return ids
+
+
+def pending_tasks(store_paths: Sequence[Path], existing: set[str],
+                  summary: PushSummary) -> list[dict[str, Any]]:
+    """Task data rows of the stores that the project lacks, in store order, each id once."""
+    rows: list[dict[str, Any]] = []
+    queued: set[str] = set()
+    for store_path in store_paths:
+        tasks = read_tasks(tasks_path(store_path))
+        with CutoutStore.open(store_path, "r") as store:
+            stored = store.ids()
+        summary.not_in_store += len(set(tasks) - set(stored))
+        for cid in stored:
+            if cid not in tasks:
+                continue
+            if cid in existing:
+                summary.already_in_project += 1
+            elif cid in queued:
+                summary.repeated += 1  # the same id in two stores: the first store wins
+            else:
+                queued.add(cid)
+                rows.append(tasks[cid])
+    return rows
+
+
+def local_files_dir(rows: Iterable[dict[str, Any]], document_root: Path) -> Path | None:
+    """The deepest folder holding every local-files preview (None if no local-files URL)."""
+    paths = [str(document_root / unquote(row["image"][len(LOCAL_FILES_PREFIX):]))
+             for row in rows if str(row.get("image", "")).startswith(LOCAL_FILES_PREFIX)]
+    if not paths:
+        return None
+    folder = Path(os.path.commonpath([os.path.dirname(p) for p in paths])).resolve()
+    if not folder.is_dir():
+        raise ValueError(f"previews folder {folder} (from the tasks' local-files URLs and "
+                         f"document root {document_root}) does not exist: push with the "
+                         "--document-root the import used")
+    return folder
+
+
+def ensure_local_storage(client: Any, project_id: int, folder: Path) -> bool:
+    """Register ``folder`` as a local-files import storage unless one already covers it.
+
+    Label Studio serves ``/data/local-files/?d=...`` only below a registered storage path.
+    The storage is not synced: tasks come from this push, not from scanning the folder.
+    Returns True when a storage was created.
+    """
+    for storage in client.import_storage.local.list(project=project_id):
+        path = getattr(storage, "path", None)
+        if path and (folder == Path(path).resolve() or Path(path).resolve() in folder.parents):
+            return False
+    client.import_storage.local.create(project=project_id, path=str(folder),
+                                       title="amls previews", use_blob_urls=False)
+    log.info("registered local-files storage %s for project %d", folder, project_id)
+    return True
+
+
+def attach_predictions(rows: list[dict[str, Any]], store_paths: Sequence[Path],
+                       model_dir: Path, schema: Any) -> list[dict[str, Any]]:
+    """Tasks ``{"data", "predictions": [{model_version, score, result}]}`` from scoring."""
+    from ml_backend.core.checkpoint import load_model_dir
+    from ml_backend.core.scoring import score_store
+
+    model, meta = load_model_dir(model_dir)
+    scores: dict[str, float] = {}
+    wanted = {row["cutout_id"] for row in rows}
+    for store_path in store_paths:
+        with CutoutStore.open(store_path, "r") as store:
+            ids = store.ids()
+            indices = [i for i, cid in enumerate(ids) if cid in wanted]
+            if not indices:
+                continue
+            values = score_store(store, model, meta, indices=_as_array(indices))
+            scores.update((ids[i], float(s)) for i, s in zip(indices, values, strict=True))
+    return [{"data": row, "predictions": [{
+        "model_version": meta.version, "score": scores[row["cutout_id"]],
+        "result": schema.prediction_result(scores[row["cutout_id"]])}]} for row in rows]
+
+
+def _as_array(indices: list[int]) -> Any:
+    import numpy as np
+
+    return np.asarray(indices, dtype=np.int64)
+
+
+def push(client: Any, project_id: int, store_paths: Sequence[Path], *, batch_size: int = 1000,
+         document_root: Path | None = None, model_dir: Path | None = None,
+         anomaly_label: str = "anomaly") -> PushSummary:
+    """Create the stores' tasks the project lacks, in batches; see the module docstring."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    summary = PushSummary()
+    existing = project_cutout_ids(client, project_id)
+    rows = pending_tasks(store_paths, existing, summary)
+    if not rows:
+        return summary
+    if document_root is not None:
+        folder = local_files_dir(rows, document_root)
+        if folder is not None:
+            ensure_local_storage(client, project_id, folder)
+    if model_dir is not None:
+        from ml_backend.labelstudio import parse_label_config
+
+        project = client.projects.get(id=project_id)
+        schema = parse_label_config(str(project.label_config), anomaly_label)
+        tasks = attach_predictions(rows, store_paths, model_dir, schema)
+    else:
+        tasks = [{"data": row} for row in rows]
+    with progress(total=len(tasks), desc="push", unit="task") as bar:
+        for start in range(0, len(tasks), batch_size):
+            batch = tasks[start:start + batch_size]
+            client.projects.import_tasks(id=project_id, request=batch)
+            summary.created += len(batch)
+            bar.update(len(batch))
+    return summary
+
+
+def register(kinds: argparse._SubParsersAction) -> None:
+    """Add `amls import push`."""
+    p = kinds.add_parser("push", help="create Label Studio tasks from imported stores")
+    p.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    p.add_argument("--store", type=Path, action="append", required=True, dest="stores",
+                   help="cutout store whose <store>.tasks.jsonl to push (repeatable)")
+    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--with-predictions", type=Path, metavar="MODEL_DIR",
+                   help="score the stores with this model and attach predictions")
+    p.add_argument("--anomaly-label", default="anomaly",
+                   help="choice value meaning anomaly in the label config (default anomaly)")
+    p.add_argument("--document-root", type=Path,
+                   help="LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT, to register local-files storage "
+                        "(default: the environment variable, if set)")
+    p.add_argument("--url", help="Label Studio URL (default: $LABEL_STUDIO_URL)")
+    p.add_argument("--api-key", help="API token (default: $LABEL_STUDIO_API_KEY)")
+    from import_tools.cli import guarded
+
+    p.set_defaults(func=guarded(_cmd_push))
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from label_studio_sdk import LabelStudio
+
+    url = args.url or os.environ.get("LABEL_STUDIO_URL")
+    key = args.api_key or os.environ.get("LABEL_STUDIO_API_KEY")
+    if not url or not key:
+        raise ValueError("need --url/--api-key or LABEL_STUDIO_URL and "
+                         "LABEL_STUDIO_API_KEY")
+    root = args.document_root or os.environ.get("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT")
+    client = LabelStudio(base_url=url, api_key=key)
+    summary = push(client, args.project, args.stores, batch_size=args.batch_size,
+                   document_root=Path(root) if root else None,
+                   model_dir=args.with_predictions, anomaly_label=args.anomaly_label)
+    print(summary.line())
+    return 0

@@ -1,0 +1,194 @@
+"""The Label Studio ML backend protocol on Flask: JSON in, JSON out.
+
+Routes (all optionally behind HTTP basic auth):
+
+    GET  /health, GET /    {"status": "UP", "model_class": ...}
+    POST /setup            {"model_version": <serving version or "untrained">}
+    POST /predict          {"results": [one prediction per task, in order]}
+    POST /webhook          annotation events and START_TRAINING -> queue a training job
+    POST /train            legacy "train now" -> queue a training job
+    GET  /versions         {"versions": [...]} for ?project= (or a JSON body's "project")
+    GET  /metrics          per-project serving version, queue state and last job outcome
+
+Label Studio identifies a project as an int, as "<id>.<created timestamp>" (ML API calls)
+or as a serialized project object (webhooks); `project_id_of` accepts all three.
+Bad requests get a 4xx JSON `{"error": ...}` naming what is wrong, never a traceback.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from ml_backend.config import Config
+from ml_backend.labelstudio import LabelConfigError, parse_label_config
+from ml_backend.service import AnomalyService
+
+logger = logging.getLogger(__name__)
+
+TRAINING_ACTIONS = frozenset({"ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED",
+                              "ANNOTATIONS_DELETED", "START_TRAINING"})
+# The payload key each annotation action must carry (Label Studio's webhook serializers).
+ACTION_PAYLOAD_KEY = {"ANNOTATION_CREATED": "annotation", "ANNOTATIONS_CREATED": "annotation",
+                      "ANNOTATION_UPDATED": "annotation", "ANNOTATIONS_DELETED": "annotations"}
+
+
+class BadRequest(ValueError):
+    """A request body the backend cannot act on; becomes a 400 with the message."""
+
+
+def create_app(service: AnomalyService, cfg: Config) -> Flask:
+    """Build the Flask app around an existing service (one per process; tests build many)."""
+    app = Flask(__name__)
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    _register_auth(app, cfg)
+    _register_errors(app)
+
+    @app.get("/")
+    @app.get("/health")
+    def health() -> Response:
+        return jsonify(service.health())
+
+    @app.post("/setup")
+    def setup() -> Response:
+        body = _json_object()
+        project_id = project_id_of(body.get("project"))
+        schema = body.get("schema")
+        if isinstance(schema, str) and schema.strip():
+            parse_label_config(schema, cfg.anomaly_label)  # LabelConfigError -> 400
+        return jsonify({"model_version": service.model_version(project_id)})
+
+    @app.post("/predict")
+    def predict() -> Response:
+        body = _json_object()
+        tasks = body.get("tasks")
+        if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
+            raise BadRequest("'tasks' must be a list of task objects")
+        label_config = body.get("label_config")
+        if not isinstance(label_config, str) or not label_config.strip():
+            raise BadRequest("'label_config' must be the project's label config XML")
+        project_id = project_id_of(body.get("project", _first_task_project(tasks)))
+        return jsonify({"results": service.predict(project_id, tasks, label_config)})
+
+    @app.post("/webhook")
+    def webhook() -> Response:
+        body = _json_object()
+        action = body.get("action")
+        if not isinstance(action, str):
+            raise BadRequest("webhook body needs an 'action' string")
+        if action not in TRAINING_ACTIONS:
+            return jsonify({"status": "ignored", "action": action})
+        key = ACTION_PAYLOAD_KEY.get(action)
+        if key is not None and not body.get(key):
+            raise BadRequest(f"{action} webhook lacks its {key!r} payload")
+        project_id = project_id_of(_webhook_project(body))
+        outcome = service.request_training(project_id)
+        return jsonify({"status": outcome, "project": project_id, "action": action})
+
+    @app.post("/train")
+    def train() -> Response:
+        body = _json_object()
+        project_id = project_id_of(body.get("project"))
+        outcome = service.request_training(project_id)
+        return jsonify({"status": outcome, "project": project_id})
+
+    @app.get("/versions")
+    def versions() -> Response:
+        raw = request.args.get("project")
+        if raw is None:
+            body = request.get_json(silent=True)
+            raw = body.get("project") if isinstance(body, dict) else None
+        return jsonify(service.versions(project_id_of(raw)))
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return jsonify(service.metrics())
+
+    return app
+
+
+def project_id_of(value: Any) -> int:
+    """Project id from an int, "7", "7.1700000000" or {"id": 7}; BadRequest otherwise."""
+    if isinstance(value, dict):
+        value = value.get("id")
+    if isinstance(value, bool):
+        raise BadRequest("'project' must be a project id, got a boolean")
+    if isinstance(value, int):
+        project_id = value
+    elif isinstance(value, str) and value.split(".", 1)[0].isdigit():
+        project_id = int(value.split(".", 1)[0])
+    else:
+        raise BadRequest(f"'project' must be a project id like 7 or '7.1700000000', got "
+                         f"{_short(value)}")
+    if project_id < 1:
+        raise BadRequest(f"project id must be positive, got {project_id}")
+    return project_id
+
+
+def _webhook_project(body: dict[str, Any]) -> Any:
+    """The project of a webhook: its "project" object, else the annotation's / task's field."""
+    if body.get("project") is not None:
+        return body["project"]
+    for key in ("annotation", "task"):
+        item = body.get(key)
+        if isinstance(item, dict) and item.get("project") is not None:
+            return item["project"]
+    raise BadRequest("webhook body names no project")
+
+
+def _first_task_project(tasks: list[dict[str, Any]]) -> Any:
+    return tasks[0].get("project") if tasks else None
+
+
+def _json_object() -> dict[str, Any]:
+    body = request.get_json(silent=True)
+    if body is None:
+        raise BadRequest("request body must be JSON (Content-Type: application/json)")
+    if not isinstance(body, dict):
+        raise BadRequest(f"request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _register_auth(app: Flask, cfg: Config) -> None:
+    if not cfg.auth_enabled:
+        return
+    user, password = cfg.basic_auth_user.encode(), cfg.basic_auth_pass.encode()
+
+    @app.before_request
+    def require_basic_auth() -> Response | None:
+        auth = request.authorization
+        given_user = (auth.username or "").encode() if auth else b""
+        given_pass = (auth.password or "").encode() if auth else b""
+        # Compare both fields always, so timing says nothing about which one was wrong.
+        ok = hmac.compare_digest(given_user, user) & hmac.compare_digest(given_pass, password)
+        if auth is not None and auth.type == "basic" and ok:
+            return None
+        response = jsonify({"error": "authentication required"})
+        response.status_code = 401
+        response.headers["WWW-Authenticate"] = 'Basic realm="amls"'
+        return response
+
+
+def _register_errors(app: Flask) -> None:
+    @app.errorhandler(BadRequest)
+    @app.errorhandler(LabelConfigError)
+    def bad_request(err: ValueError) -> tuple[Response, int]:
+        return jsonify({"error": str(err)}), 400
+
+    @app.errorhandler(HTTPException)
+    def http_error(err: HTTPException) -> tuple[Response, int]:
+        return jsonify({"error": err.description or err.name}), err.code or 500
+
+    @app.errorhandler(Exception)
+    def internal_error(err: Exception) -> tuple[Response, int]:
+        logger.exception("unhandled error on %s %s", request.method, request.path)
+        return jsonify({"error": f"internal error: {type(err).__name__}"}), 500

@@ -1,0 +1,163 @@
+"""Backend settings: one frozen dataclass, read from the environment once at startup.
+
+`Config.from_env()` is the only code in the project that reads `os.environ`. Every other
+module receives a `Config` (or plain values taken from it) as an argument.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+
+class ConfigError(ValueError):
+    """An environment variable has a value the backend cannot use."""
+
+
+@dataclass(frozen=True)
+class Config:
+    # Base URL of Label Studio, e.g. http://localhost:8080 (no trailing slash needed).
+    label_studio_url: str = ""
+    # Label Studio API token (legacy token or personal access token); never logged.
+    label_studio_api_key: str = dataclasses.field(default="", repr=False)
+    # Root of the model registry: MODEL_DIR/<project_id>/<version>/.
+    model_dir: Path = Path("./models")
+    # Redis URL for RQ jobs; empty means jobs run in a worker thread inside the server.
+    redis_url: str = dataclasses.field(default="", repr=False)
+    # HTTP basic auth that Label Studio must send; both empty means no auth.
+    basic_auth_user: str = ""
+    basic_auth_pass: str = dataclasses.field(default="", repr=False)
+    # Choice value that means "anomaly" in the project's label config.
+    anomaly_label: str = "anomaly"
+    # FixMatch iterations per training job (one active-learning cycle).
+    iterations: int = 100
+    # Model input side in pixels; images are resized to image_size x image_size.
+    image_size: int = 64
+    # Labelled images per FixMatch step.
+    batch_size: int = 16
+    # Images per forward pass when scoring unlabelled tasks.
+    score_batch_size: int = 256
+    # Model versions kept per project on disk and as predictions in Label Studio.
+    versions_kept: int = 3
+    # Predictions written to Label Studio per API request.
+    prediction_write_batch: int = 500
+    # RQ queue name.
+    queue_name: str = "amls"
+    # Seconds an RQ training job may run before RQ kills it.
+    job_timeout_s: int = 3600
+    # A queued job starts once no training request came for this many seconds (a burst of
+    # annotations becomes one job); it waits at most 30 s in total.
+    debounce_s: float = 2.0
+    # Extra hosts (besides LABEL_STUDIO_URL's) that task images may be downloaded from.
+    allowed_image_hosts: tuple[str, ...] = ()
+    # Torch device for training and scoring: "cpu", "cuda" or "auto".
+    device: str = "auto"
+    # Directories that task `data.store` paths must resolve into (symlinks followed);
+    # AMLS_STORE_ROOTS, os.pathsep-separated. Empty means model_dir and the current working
+    # directory (unless that is the filesystem root). See `store_root_dirs`.
+    store_roots: tuple[Path, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("iterations", "image_size", "batch_size", "score_batch_size",
+                     "versions_kept", "prediction_write_batch", "job_timeout_s"):
+            value = getattr(self, name)
+            if value < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}")
+        if not 0.0 <= self.debounce_s <= 30.0:
+            raise ConfigError(f"debounce_s must be in [0, 30] seconds, got {self.debounce_s}")
+        if self.image_size < 32:
+            raise ConfigError(f"image_size must be >= 32 pixels, got {self.image_size}")
+        if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
+            raise ConfigError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together")
+        if self.label_studio_url:
+            parsed = urlparse(self.label_studio_url)
+            if parsed.scheme not in ("http", "https") or not parsed.netloc:
+                raise ConfigError(
+                    f"LABEL_STUDIO_URL must be an http(s) URL, got {self.label_studio_url!r}")
+        if self.redis_url and urlparse(self.redis_url).scheme not in ("redis", "rediss", "unix"):
+            raise ConfigError("REDIS_URL must start with redis://, rediss:// or unix://")
+        if not self.anomaly_label.strip():
+            raise ConfigError("ANOMALY_LABEL must not be empty")
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise ConfigError(f"AMLS_DEVICE must be cpu, cuda or auto, got {self.device!r}")
+        if not self.queue_name:
+            raise ConfigError("AMLS_QUEUE must not be empty")
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.basic_auth_user)
+
+    @property
+    def image_hosts(self) -> frozenset[str]:
+        """Host[:port] names that task images may be fetched from."""
+        hosts = set(self.allowed_image_hosts)
+        if self.label_studio_url:
+            hosts.add(urlparse(self.label_studio_url).netloc)
+        return frozenset(hosts)
+
+    @property
+    def store_root_dirs(self) -> tuple[Path, ...]:
+        """Resolved directories that cutout stores named by task data may live in."""
+        if self.store_roots:
+            return tuple(Path(root).resolve() for root in self.store_roots)
+        cwd = Path.cwd().resolve()
+        defaults = [self.model_dir.resolve()] + ([cwd] if cwd != Path(cwd.anchor) else [])
+        return tuple(defaults)
+
+    def replace(self, **changes: object) -> Config:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
+        """Read settings from `environ` (default `os.environ`); raise ConfigError if invalid."""
+        env = os.environ if environ is None else environ
+        return cls(
+            label_studio_url=env.get("LABEL_STUDIO_URL", "").rstrip("/"),
+            label_studio_api_key=env.get("LABEL_STUDIO_API_KEY", ""),
+            model_dir=Path(env.get("MODEL_DIR", "./models")),
+            redis_url=env.get("REDIS_URL", ""),
+            basic_auth_user=env.get("BASIC_AUTH_USER", ""),
+            basic_auth_pass=env.get("BASIC_AUTH_PASS", ""),
+            anomaly_label=env.get("ANOMALY_LABEL", "anomaly"),
+            iterations=_int(env, "AMLS_ITERATIONS", 100),
+            image_size=_int(env, "AMLS_IMAGE_SIZE", 64),
+            batch_size=_int(env, "AMLS_BATCH_SIZE", 16),
+            score_batch_size=_int(env, "AMLS_SCORE_BATCH_SIZE", 256),
+            versions_kept=_int(env, "AMLS_VERSIONS_KEPT", 3),
+            prediction_write_batch=_int(env, "AMLS_PREDICTION_WRITE_BATCH", 500),
+            queue_name=env.get("AMLS_QUEUE", "amls"),
+            job_timeout_s=_int(env, "AMLS_JOB_TIMEOUT_S", 3600),
+            debounce_s=_float(env, "AMLS_DEBOUNCE_S", 2.0),
+            allowed_image_hosts=tuple(
+                h.strip() for h in env.get("AMLS_ALLOWED_IMAGE_HOSTS", "").split(",") if h.strip()),
+            device=env.get("AMLS_DEVICE", "auto"),
+            store_roots=tuple(Path(p) for p in env.get("AMLS_STORE_ROOTS", "").split(os.pathsep)
+                              if p.strip()),
+        )
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if value != value:  # NaN
+        raise ConfigError(f"{name} must be a number, got NaN")
+    return value

@@ -1,0 +1,535 @@
+"""Training jobs: `run_training` (a plain function) and two coalescing submitters.
+
+`run_training(project_id, ...)` reads the project's labels from Label Studio, runs one FixMatch
+cycle continuing from the project's LATEST model, scores every unlabelled task, writes the
+scores back as predictions of a new model version and only then publishes that version.
+It takes plain, picklable arguments, so an RQ worker or a thread can run it.
+
+Both submitters promise the same thing per project: at most one job queued and one running.
+A request while a job is queued does nothing; a request while one runs queues exactly one more,
+so the labels that arrived during a run are always trained on, and a burst of webhooks costs
+at most two jobs. A queued job also waits until requests have been quiet for `debounce_s`
+(at most MAX_DEBOUNCE_S in total), so an annotator's burst of labels is trained on at once.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import queue
+import secrets
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from ml_backend.config import Config
+from ml_backend.labelstudio import (
+    ChoiceSchema,
+    LabelStudioClient,
+    latest_labels,
+    parse_label_config,
+)
+from ml_backend.registry import ModelRegistry
+
+logger = logging.getLogger(__name__)
+
+QUEUED, ALREADY_QUEUED = "queued", "already-queued"
+MAX_DEBOUNCE_S = 30.0
+# Side in pixels of images cached from Label Studio (plain projects); the model resizes them.
+CACHE_SIDE = 128
+# Prefix of model versions written by this backend (core.checkpoint.new_version); only these
+# prediction versions are ever deleted from Label Studio.
+OUR_VERSION_PREFIX = "amls-"
+
+
+def job_kwargs(cfg: Config) -> dict[str, Any]:
+    """The settings `run_training` needs, as plain values (the API key is NOT included)."""
+    return {
+        "label_studio_url": cfg.label_studio_url, "model_dir": str(cfg.model_dir),
+        "anomaly_label": cfg.anomaly_label, "iterations": cfg.iterations,
+        "image_size": cfg.image_size, "batch_size": cfg.batch_size,
+        "score_batch_size": cfg.score_batch_size, "versions_kept": cfg.versions_kept,
+        "write_batch": cfg.prediction_write_batch,
+        "image_hosts": sorted(cfg.image_hosts), "device": cfg.device,
+    }
+
+
+def run_training(project_id: int, *, label_studio_url: str, model_dir: str,
+                 anomaly_label: str = "anomaly", iterations: int = 100, image_size: int = 64,
+                 batch_size: int = 16, score_batch_size: int = 256, versions_kept: int = 3,
+                 write_batch: int = 500, image_hosts: list[str] | None = None,
+                 device: str = "auto", api_key: str | None = None) -> dict[str, Any]:
+    """Train one cycle for a project and publish it; returns a JSON-able summary.
+
+    `api_key` None reads LABEL_STUDIO_API_KEY via `Config.from_env()` (RQ workers: keeps the key
+    out of Redis). The outcome (duration, error) is recorded in MODEL_DIR/<project>/status.json;
+    on any error the previous version keeps serving and the exception propagates.
+    """
+    registry = ModelRegistry(Path(model_dir))
+    key = api_key if api_key is not None else Config.from_env().label_studio_api_key
+    started = time.time()
+    previous = registry.read_status(project_id)
+    jobs_total = int(previous.get("jobs_total", 0)) + 1
+    registry.write_status(project_id, {**previous, "running_since": started,
+                                       "jobs_total": jobs_total})
+    try:
+        summary = train_and_publish(
+            project_id, registry=registry, label_studio_url=label_studio_url, api_key=key,
+            anomaly_label=anomaly_label, iterations=iterations, image_size=image_size,
+            batch_size=batch_size, score_batch_size=score_batch_size,
+            versions_kept=versions_kept, write_batch=write_batch,
+            image_hosts=frozenset(image_hosts or []), device=device,
+            on_progress=_report_progress)
+    except Exception as err:
+        duration = time.time() - started
+        logger.error("project %d: training job failed after %.1f s: %s", project_id, duration, err)
+        registry.write_status(project_id, {
+            "jobs_total": jobs_total, "last_finished": time.time(),
+            "last_duration_s": round(duration, 3),
+            "last_error": f"{type(err).__name__}: {err}",
+            "last_traceback": traceback.format_exc(limit=8), "last_result": None})
+        raise
+    duration = time.time() - started
+    registry.write_status(project_id, {"jobs_total": jobs_total, "last_finished": time.time(),
+                                       "last_duration_s": round(duration, 3),
+                                       "last_error": None, "last_result": summary})
+    logger.info("project %d: training job done in %.1f s: %s", project_id, duration, summary)
+    return {**summary, "duration_s": round(duration, 3)}
+
+
+def _report_progress(stage: str, done: int, total: int) -> None:
+    """Progress into the RQ job's meta (a no-op outside an RQ worker)."""
+    from rq import get_current_job
+
+    job = get_current_job()
+    if job is None:
+        return
+    job.meta["progress"] = {"stage": stage, "done": done, "total": total}
+    job.save_meta()
+
+
+# ---- one training cycle ----------------------------------------------------------------------
+
+@dataclass
+class _ProjectPixels:
+    """A project's tasks resolved to store rows; stores stay open until `close()`."""
+
+    stores: dict[str, Any]                         # store path -> open CutoutStore
+    rows: dict[int, tuple[str, int]]               # task id -> (store path, row)
+
+    def close(self) -> None:
+        for store in self.stores.values():
+            store.close()
+
+
+def train_and_publish(project_id: int, *, registry: ModelRegistry, label_studio_url: str,
+                      api_key: str, anomaly_label: str, iterations: int, image_size: int,
+                      batch_size: int, score_batch_size: int, versions_kept: int,
+                      write_batch: int, image_hosts: frozenset[str], device: str,
+                      on_progress: Callable[[str, int, int], None]) -> dict[str, Any]:
+    """The body of `run_training`: labels in, new version published, predictions out."""
+    from ml_backend.core.checkpoint import load_model_dir
+    from ml_backend.core.config import TrainConfig
+    from ml_backend.core.train import save_cycle, train_cycle
+
+    client = LabelStudioClient(label_studio_url, api_key)
+    schema = parse_label_config(client.label_config(project_id), anomaly_label)
+    tasks = list(client.iter_tasks(project_id))
+    labels = latest_labels(tasks, schema)
+    n_anomaly = sum(labels.values())
+    if n_anomaly == 0 or n_anomaly == len(labels):
+        reason = (f"needs at least one {anomaly_label!r} and one other label; has {n_anomaly} "
+                  f"{anomaly_label!r} of {len(labels)}")
+        logger.info("project %d: not training yet: %s", project_id, reason)
+        return {"project": project_id, "status": "skipped", "reason": reason}
+    pixels = _resolve_pixels(project_id, tasks, schema, registry, client, image_hosts)
+    staging = registry.staging_dir(project_id)
+    new_version = None
+    try:
+        labeled_ids = sorted(t for t in labels if t in pixels.rows)
+        labeled = _read_tasks(pixels, labeled_ids)
+        y = np.array([labels[t] for t in labeled_ids], dtype=np.int64)
+        unlabeled = sorted(t for t in pixels.rows if t not in labels)
+        pool = _unlabeled_pool(pixels, unlabeled, default=pixels.rows[labeled_ids[0]][0])
+        cfg = TrainConfig(iterations=iterations, image_size=image_size, batch_size=batch_size,
+                          score_batch_size=score_batch_size, device=device)
+        parent_dir = registry.latest_dir(project_id)
+        result = train_cycle(cfg, labeled, y, pool, init_dir=parent_dir,
+                             on_progress=lambda i, n, _stats: on_progress("train", i, n))
+        stretch = pixels.stores[pixels.rows[labeled_ids[0]][0]].stretch
+        counts = {anomaly_label: int(y.sum()), schema.normal_choice: int((y == 0).sum())}
+        meta = save_cycle(result, staging, cfg=cfg, stretch=stretch, parent=result.init_meta,
+                          label_counts=counts)
+        new_version = meta.version
+        model, meta = load_model_dir(staging)
+        scores = _score_tasks(pixels, unlabeled, model, meta, score_batch_size, device)
+        on_progress("write", 0, len(scores))
+        written = client.write_predictions(project_id, schema, scores, meta.version,
+                                           write_batch)
+        client.set_model_version(project_id, meta.version)
+        registry.publish(project_id, staging, meta.version)
+    except BaseException:
+        registry.discard(staging)
+        if new_version is not None:
+            _forget_version(client, project_id, new_version)
+        raise
+    finally:
+        pixels.close()
+    kept = set(registry.versions(project_id)) - set(registry.prune(project_id, versions_kept))
+    _delete_old_predictions(client, project_id, kept)
+    client.ensure_view(project_id)
+    return {"project": project_id, "status": "trained", "model_version": meta.version,
+            "labels": counts,
+            "predictions": written, "unlabeled": len(unlabeled),
+            "skipped_tasks": len(tasks) - len(pixels.rows)}
+
+
+def _resolve_pixels(project_id: int, tasks: list[dict[str, Any]], schema: ChoiceSchema,
+                    registry: ModelRegistry, client: LabelStudioClient,
+                    image_hosts: frozenset[str]) -> _ProjectPixels:
+    """Map every task to a store row: its own cutout store, or the project's image cache."""
+    from ml_backend.core.store import CutoutStore
+
+    stores: dict[str, Any] = {}
+    rows: dict[int, tuple[str, int]] = {}
+    to_fetch: list[dict[str, Any]] = []
+    try:
+        for task in tasks:
+            data = task.get("data") or {}
+            if data.get("store") and data.get("cutout_id") is not None:
+                path = str(Path(data["store"]).resolve())
+                if path not in stores:
+                    stores[path] = CutoutStore.open(path)
+                cid = str(data["cutout_id"])
+                if cid not in stores[path]:
+                    logger.warning("task %s: cutout %r is not in %s; skipped", task["id"], cid,
+                                   path)
+                    continue
+                rows[int(task["id"])] = (path, stores[path].index_of(cid))
+            elif isinstance(data.get(schema.image_key), str):
+                to_fetch.append(task)
+            else:
+                logger.warning("task %s has neither store/cutout_id nor an image URL in %r; "
+                               "skipped", task["id"], schema.image_key)
+        if to_fetch:
+            path = str(registry.cache_path(project_id))
+            cache = _fill_cache(path, to_fetch, schema, client, image_hosts)
+            stores[path] = cache
+            rows.update({int(t["id"]): (path, cache.index_of(f"task-{t['id']}"))
+                         for t in to_fetch if f"task-{t['id']}" in cache})
+    except BaseException:
+        for store in stores.values():
+            store.close()
+        raise
+    _check_same_pixels(stores)
+    return _ProjectPixels(stores=stores, rows=rows)
+
+
+def _fill_cache(path: str, tasks: list[dict[str, Any]], schema: ChoiceSchema,
+                client: LabelStudioClient, image_hosts: frozenset[str]) -> Any:
+    """Download task images missing from the project's cache store; return it open."""
+    from ml_backend.core.store import CutoutStore
+
+    if Path(path).exists():
+        cache = CutoutStore.open(path, mode="a")
+    else:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        cache = CutoutStore.create(path, height=CACHE_SIDE, width=CACHE_SIDE, channels=3,
+                                   stretch={"name": "none"})
+    missing = [t for t in tasks if f"task-{t['id']}" not in cache]
+    for start in range(0, len(missing), 64):
+        ids, images = [], []
+        for task in missing[start:start + 64]:
+            url = task["data"][schema.image_key]
+            try:
+                images.append(_decode(client.fetch_image(url, image_hosts)))
+            except (OSError, PermissionError, ValueError) as err:
+                logger.warning("task %s: cannot use image %r: %s", task["id"], url, err)
+                continue
+            ids.append(f"task-{task['id']}")
+        if ids:
+            cache.append(ids, np.stack(images))
+    return cache
+
+
+def _decode(data: bytes) -> np.ndarray:
+    """PNG/JPEG bytes -> uint8 (CACHE_SIDE, CACHE_SIDE, 3)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        rgb = img.convert("RGB").resize((CACHE_SIDE, CACHE_SIDE), Image.Resampling.BILINEAR)
+        return np.asarray(rgb, dtype=np.uint8)
+
+
+def _check_same_pixels(stores: dict[str, Any]) -> None:
+    kinds = {(json.dumps(s.stretch, sort_keys=True), tuple(s.shape)) for s in stores.values()}
+    if len(kinds) > 1:
+        raise ValueError(f"the project's tasks come from stores with different stretches or "
+                         f"image shapes ({', '.join(stores)}); one model cannot serve them")
+
+
+def _read_tasks(pixels: _ProjectPixels, task_ids: list[int]) -> np.ndarray:
+    """uint8 images (n, H, W, C) of tasks, read store by store."""
+    out: np.ndarray | None = None
+    for path, store in pixels.stores.items():
+        positions = [i for i, t in enumerate(task_ids) if pixels.rows[t][0] == path]
+        if not positions:
+            continue
+        rows = np.array([pixels.rows[task_ids[i]][1] for i in positions], dtype=np.int64)
+        order = np.argsort(rows, kind="stable")  # HDF5 reads want increasing rows
+        images = store.read(rows[order])
+        if out is None:
+            out = np.empty((len(task_ids), *images.shape[1:]), dtype=np.uint8)
+        out[np.array(positions)[order]] = images
+    if out is None:
+        raise ValueError("no labelled task has readable pixels")
+    return out
+
+
+def _unlabeled_pool(pixels: _ProjectPixels, task_ids: list[int], default: str) -> Any:
+    """FixMatch's unlabelled images: the tasks' rows in the store holding most of them
+    (`default`'s empty subset if there are none)."""
+    from ml_backend.core.store import StoreSubset
+
+    counts: dict[str, int] = {}
+    for t in task_ids:
+        counts[pixels.rows[t][0]] = counts.get(pixels.rows[t][0], 0) + 1
+    path = max(counts, key=counts.__getitem__) if counts else default
+    rows = sorted(pixels.rows[t][1] for t in task_ids if pixels.rows[t][0] == path)
+    return StoreSubset(pixels.stores[path], np.array(rows, dtype=np.int64))
+
+
+def _score_tasks(pixels: _ProjectPixels, task_ids: list[int], model: Any, meta: Any,
+                 batch_size: int, device: str) -> list[tuple[int, float]]:
+    """(task id, P(anomaly)) for tasks, scored store by store in streaming batches."""
+    from ml_backend.core.scoring import score_store
+
+    scores: list[tuple[int, float]] = []
+    for path, store in pixels.stores.items():
+        tids = [t for t in task_ids if pixels.rows[t][0] == path]
+        if not tids:
+            continue
+        rows = np.array([pixels.rows[t][1] for t in tids], dtype=np.int64)
+        probs = score_store(store, model, meta, indices=rows, batch_size=batch_size,
+                            device=device)
+        scores.extend(zip(tids, (float(p) for p in probs), strict=True))
+    return scores
+
+
+def _forget_version(client: LabelStudioClient, project_id: int, version: str) -> None:
+    """Best-effort removal of a failed version's predictions (the error is re-raised anyway)."""
+    try:
+        client.delete_predictions(project_id, version)
+    except Exception as err:  # noqa: BLE001 - we are already handling the original failure
+        logger.warning("project %d: could not delete predictions of failed version %s: %s",
+                       project_id, version, err)
+
+
+def _delete_old_predictions(client: LabelStudioClient, project_id: int, kept: set[str]) -> None:
+    """Delete this backend's predictions whose version is no longer kept on disk."""
+    for version in client.prediction_versions(project_id):
+        if version.startswith(OUR_VERSION_PREFIX) and version not in kept:
+            client.delete_predictions(project_id, version)
+            logger.info("project %d: deleted predictions of old version %s", project_id, version)
+
+
+# ---- submitters ------------------------------------------------------------------------------
+
+class JobSubmitter(Protocol):
+    """Coalescing training-job queue (see the module docstring for the semantics)."""
+
+    def submit(self, project_id: int) -> str: ...
+    def state(self, project_id: int) -> dict[str, bool]: ...
+    def close(self) -> None: ...
+
+
+@dataclass
+class _ProjectState:
+    queued: bool = False
+    running: bool = False
+
+
+@dataclass
+class InProcessSubmitter:
+    """Runs jobs one at a time in a daemon thread of this process (the default, no Redis).
+
+    `run(project_id)` is called in the worker thread; its exceptions are logged (with the
+    traceback) and the thread goes on with the next job.
+    """
+
+    run: Callable[[int], Any]
+    debounce_s: float = 0.0
+    _states: dict[int, _ProjectState] = field(default_factory=dict)
+    _last_request: dict[int, float] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _queue: queue.Queue[int | None] = field(default_factory=queue.Queue)
+    _thread: threading.Thread | None = None
+
+    def submit(self, project_id: int) -> str:
+        with self._lock:
+            state = self._states.setdefault(project_id, _ProjectState())
+            self._last_request[project_id] = time.monotonic()
+            if state.queued:
+                return ALREADY_QUEUED
+            state.queued = True
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="amls-jobs", daemon=True)
+                self._thread.start()
+        self._queue.put(project_id)
+        return QUEUED
+
+    def state(self, project_id: int) -> dict[str, bool]:
+        with self._lock:
+            state = self._states.get(project_id, _ProjectState())
+            return {"queued": state.queued, "running": state.running}
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Block until no job is queued or running (tests, benchmarks); False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not any(s.queued or s.running for s in self._states.values()):
+                    return True
+            time.sleep(0.05)
+        return False
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+
+    def _work(self) -> None:
+        while (project_id := self._queue.get()) is not None:
+            wait_for_quiet(lambda p=project_id: self._last_request[p], time.monotonic,
+                           self.debounce_s)
+            with self._lock:
+                state = self._states[project_id]
+                state.queued, state.running = False, True
+            try:
+                self.run(project_id)
+            except Exception:
+                logger.exception("project %d: training job failed", project_id)
+            finally:
+                with self._lock:
+                    state.running = False
+
+
+class RQSubmitter:
+    """Enqueues jobs on an RQ queue in Redis; `amls worker` processes run them.
+
+    A Redis key per project marks "a job is queued" (set with NX, so concurrent webhooks in
+    several server processes still enqueue one job); the job clears it when it starts and holds
+    a per-project Redis lock while it runs, so several workers never train one project at once.
+    """
+
+    def __init__(self, redis_url: str, queue_name: str, func: Callable[..., Any],
+                 kwargs: dict[str, Any], job_timeout_s: int = 3600,
+                 debounce_s: float = 0.0) -> None:
+        from redis import Redis
+        from rq import Queue
+
+        self.connection = Redis.from_url(redis_url)
+        self.queue = Queue(queue_name, connection=self.connection)
+        self.func = func
+        self.kwargs = dict(kwargs)
+        self.job_timeout_s = job_timeout_s
+        self.debounce_s = debounce_s
+
+    def submit(self, project_id: int) -> str:
+        key = queued_key(self.queue.name, project_id)
+        job_id = f"amls-train-{project_id}-{secrets.token_hex(6)}"
+        ttl = 4 * self.job_timeout_s
+        self.connection.set(last_request_key(self.queue.name, project_id), time.time(), ex=ttl)
+        if not self.connection.set(key, job_id, nx=True, ex=ttl):
+            if self._queued_job_alive(key):
+                return ALREADY_QUEUED
+            self.connection.set(key, job_id, ex=ttl)  # the marked job vanished: replace it
+        self.queue.enqueue(rq_entry, project_id, self.func, self.kwargs, self.queue.name,
+                           self.job_timeout_s, self.debounce_s, job_id=job_id,
+                           job_timeout=self.job_timeout_s,
+                           result_ttl=24 * 3600, failure_ttl=7 * 24 * 3600,
+                           description=f"train project {project_id}")
+        return QUEUED
+
+    def state(self, project_id: int) -> dict[str, bool]:
+        return {"queued": bool(self.connection.exists(queued_key(self.queue.name, project_id))),
+                "running": bool(self.connection.exists(running_key(self.queue.name, project_id)))}
+
+    def close(self) -> None:
+        self.connection.close()
+
+    def _queued_job_alive(self, key: str) -> bool:
+        from rq.exceptions import NoSuchJobError
+        from rq.job import Job
+
+        raw = self.connection.get(key)
+        if raw is None:
+            return False
+        try:
+            status = Job.fetch(raw.decode(), connection=self.connection).get_status()
+        except NoSuchJobError:
+            return False
+        return str(status) in ("queued", "deferred", "scheduled",
+                               "JobStatus.QUEUED", "JobStatus.DEFERRED", "JobStatus.SCHEDULED")
+
+
+def queued_key(queue_name: str, project_id: int) -> str:
+    return f"amls:{queue_name}:queued:{project_id}"
+
+
+def running_key(queue_name: str, project_id: int) -> str:
+    return f"amls:{queue_name}:running:{project_id}"
+
+
+def last_request_key(queue_name: str, project_id: int) -> str:
+    return f"amls:{queue_name}:last-request:{project_id}"
+
+
+def wait_for_quiet(last_request: Callable[[], float], now: Callable[[], float],
+                   quiet_s: float) -> float:
+    """Sleep until `quiet_s` passed since `last_request()` (at most MAX_DEBOUNCE_S); returns
+    the seconds waited. Both callables use the same clock."""
+    start = time.monotonic()
+    while quiet_s > 0:
+        remaining = last_request() + quiet_s - now()
+        waited = time.monotonic() - start
+        if remaining <= 0 or waited >= MAX_DEBOUNCE_S:
+            break
+        time.sleep(min(remaining, 0.1, MAX_DEBOUNCE_S - waited))
+    return time.monotonic() - start
+
+
+def rq_entry(project_id: int, func: Callable[..., Any], kwargs: dict[str, Any],
+             queue_name: str, job_timeout_s: int, debounce_s: float = 0.0) -> Any:
+    """What RQ runs: wait for quiet, clear the "queued" mark, take the project's lock, call
+    `func(project_id, **kwargs)`."""
+    from rq import get_current_job
+
+    job = get_current_job()
+    if job is None:
+        raise RuntimeError("rq_entry must run inside an RQ worker")
+    connection = job.connection
+    key = queued_key(queue_name, project_id)
+
+    def last_request() -> float:
+        raw = connection.get(last_request_key(queue_name, project_id))
+        return float(raw) if raw is not None else 0.0
+
+    wait_for_quiet(last_request, time.time, debounce_s)
+    if connection.get(key) == job.id.encode():
+        connection.delete(key)
+    lock = connection.lock(running_key(queue_name, project_id), timeout=job_timeout_s,
+                           blocking_timeout=job_timeout_s)
+    if not lock.acquire():
+        raise TimeoutError(f"project {project_id}: another job held the lock for "
+                           f"{job_timeout_s} s")
+    try:
+        return func(project_id, **kwargs)
+    finally:
+        lock.release()

@@ -1,0 +1,202 @@
+"""Label Studio through label-studio-sdk 2.x: labels in; predictions, model version, views out.
+
+Everything that knows Label Studio's data shapes lives here: the label config (which tags to
+answer with), task/annotation JSON (which label a task has), the prediction JSON we write and
+the Data Manager view that sorts the queue by our score.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urljoin, urlparse
+
+import requests
+from label_studio_sdk.label_interface import LabelInterface
+
+logger = logging.getLogger(__name__)
+
+VIEW_TITLE = "Most anomalous first"
+# Data Manager view: unlabelled tasks only, highest prediction score (of the project's
+# model_version) first.
+VIEW_DATA: dict[str, Any] = {
+    "title": VIEW_TITLE,
+    "ordering": ["-tasks:predictions_score"],
+    "filters": {
+        "conjunction": "and",
+        "items": [{"filter": "filter:tasks:total_annotations", "operator": "equal",
+                   "type": "Number", "value": 0}],
+    },
+}
+HTTP_TIMEOUT_S = 60.0
+
+
+class LabelConfigError(ValueError):
+    """The project's label config has no Image + Choices pair we can answer."""
+
+
+@dataclass(frozen=True)
+class ChoiceSchema:
+    """The tags our predictions refer to, read from a project's label config."""
+
+    from_name: str        # name of the <Choices> control
+    to_name: str          # name of the <Image> object it labels
+    image_key: str        # task data key holding the image URL ("$image" -> "image")
+    anomaly_choice: str   # choice value meaning "anomaly" (ANOMALY_LABEL)
+    normal_choice: str    # first other choice value, e.g. "normal"
+
+    def prediction_result(self, score: float) -> list[dict[str, Any]]:
+        """The `result` list of a prediction: the more likely choice for P(anomaly) = score."""
+        choice = self.anomaly_choice if score >= 0.5 else self.normal_choice
+        return [{"from_name": self.from_name, "to_name": self.to_name, "type": "choices",
+                 "value": {"choices": [choice]}}]
+
+    def label_of(self, result: Sequence[dict[str, Any]]) -> int | None:
+        """1 for the anomaly choice, 0 for any other choice, None if our control is absent."""
+        for region in result:
+            if region.get("from_name") != self.from_name or region.get("type") != "choices":
+                continue
+            choices = (region.get("value") or {}).get("choices") or []
+            if choices:
+                return int(self.anomaly_choice in choices)
+        return None
+
+
+def parse_label_config(label_config: str, anomaly_label: str) -> ChoiceSchema:
+    """Find the first <Choices> that labels an <Image> and offers `anomaly_label`."""
+    try:
+        interface = LabelInterface(label_config)
+    except Exception as err:  # the SDK raises assorted XML / validation errors
+        raise LabelConfigError(f"label config does not parse: {err}") from err
+    images = {obj.name: obj for obj in interface.objects if obj.tag.lower() == "image"}
+    for control in interface.controls:
+        if control.tag.lower() != "choices":
+            continue
+        targets = [name for name in control.to_name if name in images]
+        labels = list(getattr(control, "labels", []) or [])
+        if not targets or anomaly_label not in labels:
+            continue
+        others = [c for c in labels if c != anomaly_label]
+        if not others:
+            raise LabelConfigError(f"<Choices name={control.name!r}> offers only "
+                                   f"{anomaly_label!r}; it needs a second choice")
+        return ChoiceSchema(from_name=control.name, to_name=targets[0],
+                            image_key=images[targets[0]].value.lstrip("$"),
+                            anomaly_choice=anomaly_label, normal_choice=others[0])
+    raise LabelConfigError(f"label config has no <Choices> with a {anomaly_label!r} choice "
+                           "that labels an <Image>")
+
+
+def latest_labels(tasks: Sequence[dict[str, Any]], schema: ChoiceSchema) -> dict[int, int]:
+    """Task id -> label (1 anomaly, 0 normal) from each task's most recent valid annotation.
+
+    Cancelled (skipped) annotations and annotations without our control are ignored;
+    "most recent" is the latest `updated_at` (then `created_at`, then id).
+    """
+    labels: dict[int, int] = {}
+    for task in tasks:
+        valid = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
+        valid.sort(key=lambda a: (a.get("updated_at") or "", a.get("created_at") or "",
+                                  a.get("id") or 0))
+        for annotation in reversed(valid):
+            label = schema.label_of(annotation.get("result") or [])
+            if label is not None:
+                labels[int(task["id"])] = label
+                break
+    return labels
+
+
+class LabelStudioClient:
+    """The few Label Studio operations a training job needs."""
+
+    def __init__(self, url: str, api_key: str) -> None:
+        if not url or not api_key:
+            raise ValueError("LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY are required to talk "
+                             "to Label Studio")
+        from label_studio_sdk import LabelStudio
+
+        self.url = url.rstrip("/")
+        self._api_key = api_key
+        self.sdk = LabelStudio(base_url=self.url, api_key=api_key, timeout=HTTP_TIMEOUT_S)
+
+    def label_config(self, project_id: int) -> str:
+        return str(self.sdk.projects.get(id=project_id).label_config)
+
+    def iter_tasks(self, project_id: int, page_size: int = 500) -> Iterator[dict[str, Any]]:
+        """Every task of the project as a dict with `data` and `annotations`."""
+        pager = self.sdk.tasks.list(project=project_id, fields="all", page_size=page_size)
+        for task in pager:
+            yield task.dict() if hasattr(task, "dict") else dict(task)
+
+    def write_predictions(self, project_id: int, schema: ChoiceSchema,
+                          scores: Sequence[tuple[int, float]], model_version: str,
+                          batch_size: int) -> int:
+        """Bulk-import one prediction per (task id, P(anomaly)); returns the number written."""
+        from label_studio_sdk import PredictionRequest
+
+        written = 0
+        for start in range(0, len(scores), batch_size):
+            batch = [PredictionRequest(task=task_id, score=float(score),
+                                       model_version=model_version,
+                                       result=schema.prediction_result(score))
+                     for task_id, score in scores[start:start + batch_size]]
+            self.sdk.projects.import_predictions(id=project_id, request=batch)
+            written += len(batch)
+        return written
+
+    def set_model_version(self, project_id: int, model_version: str) -> None:
+        """Make `model_version` the project's current version (used for ordering by score)."""
+        self.sdk.projects.update(id=project_id, model_version=model_version)
+
+    def prediction_versions(self, project_id: int) -> dict[str, int]:
+        """Model version -> number of predictions in the project."""
+        response = self._http("GET", f"api/projects/{project_id}/model-versions/")
+        data = response.json()
+        return {str(k): int(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+    def delete_predictions(self, project_id: int, model_version: str) -> None:
+        """Delete every prediction of `model_version` in the project."""
+        self._http("DELETE", f"api/projects/{project_id}/model-versions/",
+                   json={"model_version": model_version})
+
+    def ensure_view(self, project_id: int) -> int:
+        """Create (or reset) the "Most anomalous first" Data Manager tab; return its id."""
+        for view in self.sdk.views.list(project=project_id):
+            data = view.data or {}
+            if isinstance(data, dict) and data.get("title") == VIEW_TITLE:
+                if data.get("ordering") != VIEW_DATA["ordering"]:
+                    self.sdk.views.update(id=str(view.id), project=project_id,
+                                          data={**data, **VIEW_DATA})
+                return int(view.id)
+        view = self.sdk.views.create(project=project_id, data=VIEW_DATA)
+        logger.info("project %d: created view %r (id %s)", project_id, VIEW_TITLE, view.id)
+        return int(view.id)
+
+    def fetch_image(self, url: str, allowed_hosts: frozenset[str]) -> bytes:
+        """Download a task image; relative URLs resolve against Label Studio.
+
+        Only hosts in `allowed_hosts` are contacted, and the API key is sent only to
+        Label Studio itself.
+        """
+        absolute = urljoin(self.url + "/", url)
+        host = urlparse(absolute).netloc
+        if host not in allowed_hosts:
+            raise PermissionError(f"image host {host!r} of {url!r} is not allowed "
+                                  "(set AMLS_ALLOWED_IMAGE_HOSTS)")
+        headers = {}
+        if host == urlparse(self.url).netloc:
+            headers["Authorization"] = f"Token {self._api_key}"
+        response = requests.get(absolute, headers=headers, timeout=HTTP_TIMEOUT_S)
+        response.raise_for_status()
+        return response.content
+
+    def _http(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        response = requests.request(method, f"{self.url}/{path}",
+                                    headers={"Authorization": f"Token {self._api_key}"},
+                                    timeout=HTTP_TIMEOUT_S, **kwargs)
+        if not response.ok:
+            raise RuntimeError(f"Label Studio {method} /{path} answered {response.status_code}: "
+                               f"{response.text[:300]}")
+        return response

@@ -1,0 +1,151 @@
+"""Model versions per project on disk: `MODEL_DIR/<project_id>/<version>/` plus a LATEST pointer.
+
+Layout of one project directory::
+
+    MODEL_DIR/7/
+        amls-20261125T114500Z-3f9a/   model directory (meta.json + safetensors, core.checkpoint)
+        amls-20261125T115012Z-07c1/   version names sort by creation time
+        LATEST                    text file holding the serving version name
+        status.json               last job outcome (duration, error) for /metrics
+        cache.h5                  images fetched from Label Studio (plain LS projects)
+
+A new version is built in a hidden staging directory, renamed into place, and only then does
+LATEST change (write to a temp file + `os.replace`), so a reader sees either the old or the new
+version, never half of one, and a job that fails before `publish` leaves LATEST untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+META = "meta.json"
+LATEST = "LATEST"
+STATUS = "status.json"
+
+
+class ModelRegistry:
+    """Versioned model directories for each Label Studio project under one root."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def project_dir(self, project_id: int) -> Path:
+        if project_id < 1:
+            raise ValueError(f"project id must be a positive integer, got {project_id}")
+        return self.root / str(project_id)
+
+    def cache_path(self, project_id: int) -> Path:
+        """Per-project CutoutStore of images downloaded from Label Studio."""
+        return self.project_dir(project_id) / "cache.h5"
+
+    def versions(self, project_id: int) -> list[str]:
+        """Published version names (directories holding a meta.json), oldest first."""
+        pdir = self.project_dir(project_id)
+        if not pdir.is_dir():
+            return []
+        return sorted(p.name for p in pdir.iterdir()
+                      if VERSION_RE.match(p.name) and (p / META).is_file())
+
+    def latest(self, project_id: int) -> str | None:
+        """The serving version, or None before the first successful training job."""
+        pointer = self.project_dir(project_id) / LATEST
+        try:
+            name = pointer.read_text().strip()
+        except FileNotFoundError:
+            return None
+        if not VERSION_RE.match(name) or not (self.project_dir(project_id) / name).is_dir():
+            raise RuntimeError(f"{pointer} names {name!r}, which is not a model directory "
+                               f"under {self.project_dir(project_id)}")
+        return name
+
+    def version_dir(self, project_id: int, version: str) -> Path:
+        if not VERSION_RE.match(version):
+            raise ValueError(f"not a model version name: {version!r}")
+        return self.project_dir(project_id) / version
+
+    def latest_dir(self, project_id: int) -> Path | None:
+        version = self.latest(project_id)
+        return None if version is None else self.version_dir(project_id, version)
+
+    def staging_dir(self, project_id: int) -> Path:
+        """An empty hidden directory in the project dir for building the next version."""
+        pdir = self.project_dir(project_id)
+        pdir.mkdir(parents=True, exist_ok=True)
+        return pdir / f".staging-{secrets.token_hex(4)}"
+
+    def publish(self, project_id: int, staging: Path, version: str) -> Path:
+        """Move a finished model dir `staging` to `<version>/` and point LATEST at it."""
+        final = self.version_dir(project_id, version)
+        if final.exists():
+            raise FileExistsError(f"model version {final} already exists")
+        if not (staging / META).is_file():
+            raise FileNotFoundError(f"{staging} holds no {META}; refusing to publish it")
+        os.replace(staging, final)
+        _atomic_write(self.project_dir(project_id) / LATEST, version + "\n")
+        logger.info("project %d: serving model version %s", project_id, version)
+        return final
+
+    def discard(self, staging: Path) -> None:
+        """Remove an unfinished staging dir (a failed job)."""
+        shutil.rmtree(staging, ignore_errors=True)
+
+    def prune(self, project_id: int, keep: int) -> list[str]:
+        """Delete all but the newest `keep` versions (never LATEST); return the removed names."""
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        latest = self.latest(project_id)
+        versions = self.versions(project_id)
+        doomed = [v for v in versions[:-keep] if v != latest]
+        for version in doomed:
+            shutil.rmtree(self.version_dir(project_id, version))
+            logger.info("project %d: pruned model version %s", project_id, version)
+        return doomed
+
+    def read_meta(self, project_id: int, version: str) -> dict[str, Any]:
+        """A version's meta.json as a dict ({} if it has none)."""
+        path = self.version_dir(project_id, version) / META
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return {}
+
+    def write_status(self, project_id: int, status: dict[str, Any]) -> None:
+        """Record the outcome of the last job (JSON-serialisable dict)."""
+        self.project_dir(project_id).mkdir(parents=True, exist_ok=True)
+        _atomic_write(self.project_dir(project_id) / STATUS, json.dumps(status, indent=1))
+
+    def read_status(self, project_id: int) -> dict[str, Any]:
+        try:
+            return json.loads((self.project_dir(project_id) / STATUS).read_text())
+        except FileNotFoundError:
+            return {}
+
+    def projects(self) -> list[int]:
+        """Project ids that have a directory under the root."""
+        if not self.root.is_dir():
+            return []
+        return sorted(int(p.name) for p in self.root.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

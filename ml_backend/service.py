@@ -1,0 +1,194 @@
+"""`AnomalyService`: the backend's only stateful object.
+
+It holds the loaded model of each project (cached by version and reloaded when the registry's
+LATEST pointer moves), turns Label Studio tasks into predictions, and hands training requests
+to a coalescing job submitter. Built once at startup and passed to `create_app`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ml_backend.config import Config
+from ml_backend.jobs import (
+    InProcessSubmitter,
+    JobSubmitter,
+    RQSubmitter,
+    job_kwargs,
+    run_training,
+)
+from ml_backend.labelstudio import ChoiceSchema, parse_label_config
+from ml_backend.registry import ModelRegistry
+
+logger = logging.getLogger(__name__)
+
+UNTRAINED = "untrained"
+MODEL_CLASS = "AnomalyMatch"
+
+
+class AnomalyService:
+    """Predictions from each project's latest model; training requests to `submitter`."""
+
+    def __init__(self, cfg: Config, registry: ModelRegistry, submitter: JobSubmitter) -> None:
+        self.cfg = cfg
+        self.registry = registry
+        self.submitter = submitter
+        self._models: dict[int, tuple[str, Any, Any]] = {}  # project -> (version, model, meta)
+        self._lock = threading.Lock()
+        self._seen: set[int] = set()
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> AnomalyService:
+        """Registry under cfg.model_dir; RQ jobs when cfg.redis_url is set, else a thread."""
+        registry = ModelRegistry(cfg.model_dir)
+        submitter: JobSubmitter
+        if cfg.redis_url:
+            submitter = RQSubmitter(cfg.redis_url, cfg.queue_name, run_training, job_kwargs(cfg),
+                                    cfg.job_timeout_s, cfg.debounce_s)
+        else:
+            submitter = InProcessSubmitter(functools.partial(
+                run_training, **job_kwargs(cfg), api_key=cfg.label_studio_api_key),
+                debounce_s=cfg.debounce_s)
+        return cls(cfg, registry, submitter)
+
+    def close(self) -> None:
+        self.submitter.close()
+
+    # ---- what Label Studio asks ----------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "UP", "model_class": MODEL_CLASS,
+                "queue": "rq" if self.cfg.redis_url else "in-process",
+                "anomaly_label": self.cfg.anomaly_label}
+
+    def model_version(self, project_id: int) -> str:
+        """The serving version, or "untrained" before the project's first training job."""
+        return self.registry.latest(project_id) or UNTRAINED
+
+    def request_training(self, project_id: int) -> str:
+        """Queue a training job unless one is already queued: "queued" / "already-queued"."""
+        self._seen.add(project_id)
+        outcome = self.submitter.submit(project_id)
+        logger.info("project %d: training %s", project_id, outcome)
+        return outcome
+
+    def predict(self, project_id: int, tasks: list[dict[str, Any]],
+                label_config: str) -> list[dict[str, Any]]:
+        """One prediction per task, in order.
+
+        Before the first model, or for a task whose pixels we cannot find, the prediction has
+        an empty `result` and no score: Label Studio accepts it and nothing is invented.
+        """
+        schema = parse_label_config(label_config, self.cfg.anomaly_label)
+        loaded = self._model(project_id)
+        if loaded is None:
+            return [{"result": [], "model_version": UNTRAINED} for _ in tasks]
+        version, model, meta = loaded
+        scores = self._score(project_id, tasks, model, meta)
+        return [_prediction(schema, version, score) for score in scores]
+
+    def versions(self, project_id: int) -> dict[str, Any]:
+        names = self.registry.versions(project_id)
+        return {"versions": names, "latest": self.registry.latest(project_id),
+                "details": {v: _meta_summary(self.registry.read_meta(project_id, v))
+                            for v in names}}
+
+    def metrics(self) -> dict[str, Any]:
+        """Per project: serving version, queue state, last job outcome, label counts."""
+        projects = sorted(set(self.registry.projects()) | self._seen)
+        return {"projects": {str(p): self._project_metrics(p) for p in projects}}
+
+    # ---- internals -------------------------------------------------------------------------
+
+    def _project_metrics(self, project_id: int) -> dict[str, Any]:
+        latest = self.registry.latest(project_id)
+        meta = self.registry.read_meta(project_id, latest) if latest else {}
+        status = self.registry.read_status(project_id)
+        return {
+            "model_version": latest or UNTRAINED,
+            "versions": self.registry.versions(project_id),
+            "queue": {**self.submitter.state(project_id),
+                      "last_duration_s": status.get("last_duration_s"),
+                      "last_finished": status.get("last_finished"),
+                      "last_error": status.get("last_error"),
+                      "jobs_total": status.get("jobs_total", 0),
+                      "last_result": status.get("last_result")},
+            "label_counts": meta.get("label_counts", {}),
+            "metrics": meta.get("metrics", {}),
+        }
+
+    def _model(self, project_id: int) -> tuple[str, Any, Any] | None:
+        """(version, model, meta) of LATEST, loading it when LATEST moved; None if untrained."""
+        from ml_backend.core.checkpoint import load_model_dir
+        from ml_backend.core.model import resolve_device
+
+        version = self.registry.latest(project_id)
+        if version is None:
+            return None
+        with self._lock:
+            cached = self._models.get(project_id)
+            if cached is not None and cached[0] == version:
+                return cached
+            model, meta = load_model_dir(self.registry.version_dir(project_id, version),
+                                         device=resolve_device(self.cfg.device))
+            self._models[project_id] = (version, model, meta)
+            logger.info("project %d: loaded model version %s", project_id, version)
+            return self._models[project_id]
+
+    def _score(self, project_id: int, tasks: list[dict[str, Any]], model: Any,
+               meta: Any) -> list[float | None]:
+        """P(anomaly) per task (None where its pixels are unavailable), batched per store."""
+        from ml_backend.core.model import resolve_device
+        from ml_backend.core.scoring import check_compatible, score_images
+        from ml_backend.core.store import CutoutStore
+
+        by_store: dict[str, list[tuple[int, str]]] = {}
+        for i, task in enumerate(tasks):
+            path, cid = self._locate(project_id, task)
+            if path is not None:
+                by_store.setdefault(path, []).append((i, cid))
+        scores: list[float | None] = [None] * len(tasks)
+        device = resolve_device(self.cfg.device)
+        for path, items in by_store.items():
+            with CutoutStore.open(path) as store:
+                try:
+                    check_compatible(store, meta)
+                except ValueError as err:
+                    logger.warning("project %d: not scoring %d task(s) from %s: %s",
+                                   project_id, len(items), path, err)
+                    continue
+                found = [(i, cid) for i, cid in items if cid in store]
+                for start in range(0, len(found), self.cfg.score_batch_size):
+                    chunk = found[start:start + self.cfg.score_batch_size]
+                    images = store.read_ids([cid for _, cid in chunk])
+                    probs = score_images(model, images, meta.image_size, device)
+                    for (i, _), p in zip(chunk, probs, strict=True):
+                        scores[i] = float(p) if np.isfinite(p) else None
+        return scores
+
+    def _locate(self, project_id: int, task: dict[str, Any]) -> tuple[str | None, str]:
+        """(store path, cutout id) of a task's pixels, or (None, "") if we have none."""
+        data = task.get("data") or {}
+        if data.get("store") and data.get("cutout_id") is not None:
+            return str(Path(data["store"]).resolve()), str(data["cutout_id"])
+        cache = self.registry.cache_path(project_id)
+        if task.get("id") is not None and cache.is_file():
+            return str(cache), f"task-{task['id']}"
+        return None, ""
+
+
+def _prediction(schema: ChoiceSchema, version: str, score: float | None) -> dict[str, Any]:
+    if score is None:
+        return {"result": [], "model_version": version}
+    return {"result": schema.prediction_result(score), "score": score, "model_version": version}
+
+
+def _meta_summary(meta: dict[str, Any]) -> dict[str, Any]:
+    return {k: meta.get(k) for k in ("parent", "created", "label_counts", "iterations_total",
+                                     "metrics")}

@@ -1,0 +1,200 @@
+"""Live Redis and Label Studio servers for integration tests.
+
+Fixture API (registered in ``tests/conftest.py``; both are session-scoped):
+
+``redis_url`` -> ``str``
+    ``redis://127.0.0.1:<port>/0`` of a throw-away ``redis-server`` (Debian's
+    ``/usr/bin/redis-server``, or ``AMLS_REDIS_SERVER_BIN``) on a free loopback port, no
+    persistence, working directory in a temp dir. Killed at the end of the session.
+
+``label_studio`` -> :class:`LiveLabelStudio`
+    A real Label Studio started from the binary named by ``AMLS_LABEL_STUDIO_BIN`` (default
+    ``.ls-venv/bin/label-studio``, as ``make test`` installs it) on a free loopback port, with a
+    fresh data dir, local-file serving from a temp document root and loopback ML backends
+    allowed. Fields: ``url`` (no trailing slash), ``token`` (legacy API token, also the
+    ``LABEL_STUDIO_API_KEY`` the backend needs), ``document_root`` (a :class:`~pathlib.Path`;
+    files under it are served as ``/data/local-files/?d=<path relative to it>``), ``client``
+    (a ready ``label_studio_sdk.LabelStudio``), ``username``, ``password``. Start-up waits for
+    ``/health`` up to ``AMLS_LS_START_TIMEOUT_S`` seconds (default 300: first start migrates a
+    fresh SQLite database, slow on a busy machine). Stopped with SIGTERM (then SIGKILL).
+
+Outside pytest, ``running_redis()`` and ``running_label_studio()`` are the same servers as
+context managers (the benchmarks use them).
+
+A missing binary makes the dependent tests SKIP locally with the reason, but FAIL when the
+environment says ``CI=true``: in CI a silently skipped integration test is a lost test.
+Tests that use these fixtures are marked ``@pytest.mark.e2e``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_LS_BIN = REPO_ROOT / ".ls-venv" / "bin" / "label-studio"
+DEFAULT_REDIS_BIN = Path("/usr/bin/redis-server")
+LS_START_TIMEOUT_S = float(os.environ.get("AMLS_LS_START_TIMEOUT_S", "300"))
+REDIS_START_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class LiveLabelStudio:
+    """A running Label Studio: where it is and how to talk to it."""
+
+    url: str
+    token: str
+    document_root: Path
+    client: object  # label_studio_sdk.LabelStudio (imported lazily: the SDK import is slow)
+    username: str
+    password: str
+
+
+def missing_service(reason: str) -> None:
+    """Skip the test locally; fail it in CI, where every integration test must run."""
+    if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
+        pytest.fail(f"{reason} (CI=true: integration tests must not be skipped)", pytrace=False)
+    pytest.skip(reason)
+
+
+def free_port() -> int:
+    """A TCP port that was free on 127.0.0.1 a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(check, timeout_s: float, what: str, proc: subprocess.Popen | None = None,
+             log_path: Path | None = None) -> None:
+    """Poll `check()` every 0.5 s until it is true; raise with the server's log tail if not."""
+    start = time.monotonic()
+    deadline = start + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            break
+        if check():
+            return
+        time.sleep(0.5)
+    tail = ""
+    if log_path is not None and log_path.exists():
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
+    state = "exited" if proc is not None and proc.poll() is not None else "not ready"
+    elapsed = time.monotonic() - start
+    raise RuntimeError(f"{what} {state} after {elapsed:.0f} s; log tail:\n{tail}")
+
+
+def stop_process(proc: subprocess.Popen, timeout_s: float = 20.0) -> None:
+    """SIGTERM the process group, wait, then SIGKILL it if it is still there."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        logger.warning("process %d ignored SIGTERM; killing it", proc.pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=timeout_s)
+
+
+@contextlib.contextmanager
+def running_redis() -> Iterator[str]:
+    """Start a private redis-server and yield its URL."""
+    binary = Path(os.environ.get("AMLS_REDIS_SERVER_BIN", DEFAULT_REDIS_BIN))
+    if not binary.exists():
+        missing_service(f"redis-server not found at {binary} (apt-get install redis-server)")
+    import redis
+
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="amls-redis-") as workdir:
+        log_path = Path(workdir) / "redis.log"
+        cmd = [str(binary), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+               "--appendonly", "no", "--dir", workdir, "--logfile", str(log_path)]
+        proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.STDOUT)
+        url = f"redis://127.0.0.1:{port}/0"
+
+        def ready() -> bool:
+            try:
+                return bool(redis.Redis.from_url(url, socket_timeout=1).ping())
+            except redis.exceptions.ConnectionError:
+                return False
+
+        try:
+            wait_for(ready, REDIS_START_TIMEOUT_S, "redis-server", proc, log_path)
+            yield url
+        finally:
+            stop_process(proc)
+
+
+@contextlib.contextmanager
+def running_label_studio() -> Iterator[LiveLabelStudio]:
+    """Start a private Label Studio and yield how to reach it."""
+    binary = Path(os.environ.get("AMLS_LABEL_STUDIO_BIN", DEFAULT_LS_BIN))
+    if not binary.exists():
+        missing_service(f"Label Studio binary not found at {binary}; run `make test` or set "
+                        "AMLS_LABEL_STUDIO_BIN")
+    from label_studio_sdk import LabelStudio
+
+    port = free_port()
+    token = secrets.token_hex(20)
+    # Hex, not urlsafe: a password starting with "-" would be read as a command-line option.
+    username, password = "amls-test@localhost", secrets.token_hex(12)
+    base = Path(tempfile.mkdtemp(prefix="amls-ls-"))
+    document_root = base / "docroot"
+    document_root.mkdir()
+    log_path = base / "label-studio.log"
+    env = {
+        **os.environ,
+        "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
+        "LABEL_STUDIO_USERNAME": username,
+        "LABEL_STUDIO_PASSWORD": password,
+        "LABEL_STUDIO_USER_TOKEN": token,
+        "LABEL_STUDIO_BASE_DATA_DIR": str(base / "data"),
+        "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
+        "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(document_root),
+        # Label Studio refuses ML backends on loopback addresses unless this is off.
+        "USE_DEFAULT_BANNED_SUBNETS": "false",
+        "SSRF_PROTECTION_ENABLED": "false",
+        "DJANGO_DB": "sqlite",
+    }
+    cmd = [str(binary), "start", "--no-browser", "--port", str(port),
+           "--internal-host", "127.0.0.1", "--data-dir", str(base / "data"),
+           "--username", username, "--password", password, "--user-token", token,
+           "--enable-legacy-api-token", "--log-level", "WARNING"]
+    url = f"http://127.0.0.1:{port}"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, env=env, cwd=base, start_new_session=True,
+                                stdout=log, stderr=subprocess.STDOUT)
+
+    def ready() -> bool:
+        try:
+            return requests.get(f"{url}/health", timeout=2).ok
+        except requests.RequestException:
+            return False
+
+    try:
+        wait_for(ready, LS_START_TIMEOUT_S, "Label Studio", proc, log_path)
+        client = LabelStudio(base_url=url, api_key=token)
+        yield LiveLabelStudio(url=url, token=token, document_root=document_root,
+                              client=client, username=username, password=password)
+    finally:
+        stop_process(proc)
+        shutil.rmtree(base, ignore_errors=True)

@@ -1,0 +1,250 @@
+"""Training jobs: coalescing semantics of both submitters, label extraction, failure handling."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ml_backend.jobs import (
+    ALREADY_QUEUED,
+    MAX_DEBOUNCE_S,
+    QUEUED,
+    InProcessSubmitter,
+    RQSubmitter,
+    run_training,
+    wait_for_quiet,
+)
+from ml_backend.labelstudio import LabelConfigError, latest_labels, parse_label_config
+from ml_backend.registry import ModelRegistry
+
+LABEL_CONFIG = """<View><Image name="image" value="$image"/>
+<Choices name="class" toName="image"><Choice value="normal"/><Choice value="anomaly"/>
+<Choice value="artefact"/></Choices></View>"""
+
+
+# ---- in-process submitter ----------------------------------------------------------------------
+
+class BlockingRun:
+    """A job body that records calls and blocks until released."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, project_id: int) -> None:
+        self.calls.append(project_id)
+        self.started.set()
+        assert self.release.wait(10), "test never released the job"
+
+
+def test_in_process_while_running_queues_exactly_one_more():
+    run = BlockingRun()
+    submitter = InProcessSubmitter(run)
+    assert submitter.submit(1) == QUEUED
+    assert run.started.wait(5)
+    assert submitter.state(1) == {"queued": False, "running": True}
+    outcomes = [submitter.submit(1) for _ in range(5)]
+    assert outcomes == [QUEUED] + [ALREADY_QUEUED] * 4
+    assert submitter.state(1) == {"queued": True, "running": True}
+    run.release.set()
+    assert submitter.wait_idle(10)
+    assert run.calls == [1, 1]
+    submitter.close()
+
+
+def test_in_process_while_queued_does_nothing():
+    run = BlockingRun()
+    submitter = InProcessSubmitter(run)
+    submitter.submit(1)
+    assert run.started.wait(5)
+    # Project 2 waits behind project 1 in the single worker thread.
+    assert [submitter.submit(2) for _ in range(4)] == [QUEUED] + [ALREADY_QUEUED] * 3
+    assert submitter.state(2) == {"queued": True, "running": False}
+    run.release.set()
+    assert submitter.wait_idle(10)
+    assert sorted(run.calls) == [1, 2]
+
+
+def test_in_process_failed_job_does_not_stop_the_worker():
+    calls: list[int] = []
+
+    def flaky(project_id: int) -> None:
+        calls.append(project_id)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+
+    submitter = InProcessSubmitter(flaky)
+    submitter.submit(4)
+    assert submitter.wait_idle(10)
+    submitter.submit(4)
+    assert submitter.wait_idle(10)
+    assert calls == [4, 4]
+    assert submitter.state(4) == {"queued": False, "running": False}
+
+
+# ---- RQ submitter (live Redis) -----------------------------------------------------------------
+
+def rq_job_body(project_id: int, *, redis_url: str, queue_name: str) -> str:
+    """Recorded in Redis; on its first run it gets two more submissions, like webhooks would."""
+    from redis import Redis
+
+    conn = Redis.from_url(redis_url)
+    runs = conn.rpush(f"test:{queue_name}:runs", project_id)
+    if runs == 1:
+        submitter = RQSubmitter(redis_url, queue_name, rq_job_body,
+                                {"redis_url": redis_url, "queue_name": queue_name})
+        state = submitter.state(project_id)
+        outcomes = [submitter.submit(project_id), submitter.submit(project_id)]
+        conn.rpush(f"test:{queue_name}:during", json.dumps({"state": state,
+                                                            "outcomes": outcomes}))
+    return "done"
+
+
+@pytest.fixture
+def rq_submitter(redis_url, request):
+    queue_name = f"test-{request.node.name[:40]}"
+    submitter = RQSubmitter(redis_url, queue_name, rq_job_body,
+                            {"redis_url": redis_url, "queue_name": queue_name})
+    submitter.connection.flushdb()
+    yield submitter
+    submitter.connection.flushdb()
+    submitter.close()
+
+
+def burst(submitter: RQSubmitter) -> None:
+    from rq import SimpleWorker
+
+    SimpleWorker([submitter.queue], connection=submitter.connection).work(
+        burst=True, logging_level="WARNING")
+
+
+def test_rq_while_queued_does_nothing(rq_submitter):
+    outcomes = [rq_submitter.submit(7) for _ in range(5)]
+    assert outcomes == [QUEUED] + [ALREADY_QUEUED] * 4
+    assert rq_submitter.queue.count == 1
+    assert rq_submitter.state(7) == {"queued": True, "running": False}
+    assert rq_submitter.submit(8) == QUEUED  # other projects are independent
+    assert rq_submitter.queue.count == 2
+
+
+def test_rq_while_running_queues_exactly_one_more(rq_submitter):
+    conn = rq_submitter.connection
+    name = rq_submitter.queue.name
+    rq_submitter.submit(7)
+    burst(rq_submitter)
+    runs = [int(x) for x in conn.lrange(f"test:{name}:runs", 0, -1)]
+    assert runs == [7, 7]
+    during = json.loads(conn.lindex(f"test:{name}:during", 0))
+    assert during["state"] == {"queued": False, "running": True}
+    assert during["outcomes"] == [QUEUED, ALREADY_QUEUED]
+    assert rq_submitter.state(7) == {"queued": False, "running": False}
+
+
+def test_rq_replaces_a_vanished_queued_job(rq_submitter):
+    rq_submitter.submit(3)
+    rq_submitter.queue.empty()  # the queued job is lost (e.g. an operator emptied the queue)
+    assert rq_submitter.queue.count == 0
+    assert rq_submitter.submit(3) == QUEUED
+    assert rq_submitter.queue.count == 1
+
+
+# ---- labels from Label Studio annotations ------------------------------------------------------
+
+def choice(value: str, from_name: str = "class") -> list[dict]:
+    return [{"from_name": from_name, "to_name": "image", "type": "choices",
+             "value": {"choices": [value]}}]
+
+
+def test_parse_label_config_reads_tag_names():
+    schema = parse_label_config(LABEL_CONFIG, "anomaly")
+    assert (schema.from_name, schema.to_name, schema.image_key) == ("class", "image", "image")
+    assert (schema.anomaly_choice, schema.normal_choice) == ("anomaly", "normal")
+    assert parse_label_config(LABEL_CONFIG, "artefact").normal_choice == "normal"
+
+
+@pytest.mark.parametrize("config", [
+    "<View><Image name='i' value='$i'/></View>",
+    "<View><Text name='t' value='$t'/><Choices name='c' toName='t'><Choice value='anomaly'/>"
+    "<Choice value='normal'/></Choices></View>",
+    "<View><Image name='i' value='$i'/><Choices name='c' toName='i'><Choice value='anomaly'/>"
+    "</Choices></View>",
+    "<View><Image",
+])
+def test_parse_label_config_rejects_unusable_configs(config):
+    with pytest.raises(LabelConfigError):
+        parse_label_config(config, "anomaly")
+
+
+def test_latest_annotation_wins_and_skips_are_ignored():
+    schema = parse_label_config(LABEL_CONFIG, "anomaly")
+    tasks = [
+        {"id": 1, "annotations": [
+            {"id": 10, "updated_at": "2026-01-02T00:00:00Z", "result": choice("anomaly")},
+            {"id": 11, "updated_at": "2026-01-01T00:00:00Z", "result": choice("normal")}]},
+        {"id": 2, "annotations": [
+            {"id": 12, "updated_at": "2026-01-03T00:00:00Z", "result": [],
+             "was_cancelled": True},
+            {"id": 13, "updated_at": "2026-01-01T00:00:00Z", "result": choice("normal")}]},
+        {"id": 3, "annotations": [{"id": 14, "was_cancelled": True, "result": []}]},
+        {"id": 4, "annotations": []},
+        {"id": 5, "annotations": [{"id": 15, "result": choice("artefact")}]},
+        {"id": 6, "annotations": [{"id": 16, "result": choice("anomaly", from_name="x")}]},
+    ]
+    assert latest_labels(tasks, schema) == {1: 1, 2: 0, 5: 0}
+
+
+# ---- a failed job keeps the serving version ----------------------------------------------------
+
+def test_failed_job_keeps_latest_and_records_the_error(tmp_path: Path):
+    registry = ModelRegistry(tmp_path)
+    staging = registry.staging_dir(2)
+    staging.mkdir()
+    (staging / "meta.json").write_text("{}")
+    registry.publish(2, staging, "amls-20260101T000000Z-abcd")
+    with pytest.raises(ValueError, match="LABEL_STUDIO_API_KEY"):
+        run_training(2, label_studio_url="http://127.0.0.1:9", model_dir=str(tmp_path),
+                     api_key="")
+    assert registry.latest(2) == "amls-20260101T000000Z-abcd"
+    status = registry.read_status(2)
+    assert "LABEL_STUDIO_API_KEY" in status["last_error"]
+    assert status["last_duration_s"] >= 0
+    assert not [p for p in registry.project_dir(2).iterdir() if p.name.startswith(".staging")]
+
+
+# ---- debounce: a burst of requests becomes one job ---------------------------------------------
+
+def test_in_process_debounce_waits_for_a_quiet_period():
+    starts: list[float] = []
+    submitter = InProcessSubmitter(lambda p: starts.append(time.monotonic()), debounce_s=0.3)
+    first = time.monotonic()
+    for _ in range(4):
+        submitter.submit(1)
+        time.sleep(0.1)
+    last = time.monotonic() - 0.1
+    assert submitter.wait_idle(10)
+    assert len(starts) == 1
+    assert starts[0] - last >= 0.3 - 0.02
+    assert starts[0] - first < MAX_DEBOUNCE_S
+
+
+@pytest.mark.parametrize("quiet_s, expected", [(0.0, 0.0), (0.2, 0.2)])
+def test_wait_for_quiet_counts_from_the_last_request(quiet_s, expected):
+    last = time.monotonic()
+    waited = wait_for_quiet(lambda: last, time.monotonic, quiet_s)
+    assert expected - 0.01 <= waited <= expected + 0.15
+
+
+def test_rq_debounce_records_every_request(rq_submitter):
+    from ml_backend.jobs import last_request_key
+
+    rq_submitter.submit(5)
+    key = last_request_key(rq_submitter.queue.name, 5)
+    first = float(rq_submitter.connection.get(key))
+    time.sleep(0.05)
+    assert rq_submitter.submit(5) == ALREADY_QUEUED
+    assert float(rq_submitter.connection.get(key)) > first
