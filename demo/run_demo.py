@@ -267,7 +267,7 @@ def run(args: argparse.Namespace) -> int:
               "DJANGO_DB": "sqlite"}
     backend_env = {**base_env,
                    "LABEL_STUDIO_URL": ls_url, "LABEL_STUDIO_API_KEY": creds.token,
-                   "MODEL_DIR": str(data / "models")}
+                   "MODEL_DIR": str(data / "models"), "AMLS_STORE_ROOTS": str(data)}
     with children() as procs:
         procs.append(start(
             [str(args.ls_bin), "start", "--no-browser", "--port", str(args.ls_port),

@@ -17,6 +17,8 @@ Bad requests get a 4xx JSON `{"error": ...}` naming what is wrong, never a trace
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import logging
 from typing import Any
@@ -161,21 +163,50 @@ def _short(value: Any) -> str:
 def _register_auth(app: Flask, cfg: Config) -> None:
     if not cfg.auth_enabled:
         return
-    user, password = cfg.basic_auth_user.encode(), cfg.basic_auth_pass.encode()
+    users, passwords = _encodings(cfg.basic_auth_user), _encodings(cfg.basic_auth_pass)
 
     @app.before_request
     def require_basic_auth() -> Response | None:
-        auth = request.authorization
-        given_user = (auth.username or "").encode() if auth else b""
-        given_pass = (auth.password or "").encode() if auth else b""
+        given_user, given_pass = _basic_credentials(request.headers.get("Authorization", ""))
         # Compare both fields always, so timing says nothing about which one was wrong.
-        ok = hmac.compare_digest(given_user, user) & hmac.compare_digest(given_pass, password)
-        if auth is not None and auth.type == "basic" and ok:
+        ok = _matches(given_user, users) & _matches(given_pass, passwords)
+        if given_user is not None and ok:
             return None
         response = jsonify({"error": "authentication required"})
         response.status_code = 401
         response.headers["WWW-Authenticate"] = 'Basic realm="amls"'
         return response
+
+
+def _basic_credentials(header: str) -> tuple[bytes | None, bytes]:
+    """(user, password) bytes of a Basic Authorization header, left undecoded because
+    clients differ: `requests` (Label Studio) sends latin-1, browsers and curl UTF-8.
+    (None, b"") when the header is absent or not valid Basic."""
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None, b""
+    try:
+        raw = base64.b64decode(token.strip(" \t"), validate=True)
+    except binascii.Error:
+        return None, b""
+    user, _, password = raw.partition(b":")
+    return user, password
+
+
+def _encodings(text: str) -> list[bytes]:
+    """`text` as UTF-8 and, where it can be, latin-1."""
+    try:
+        return [text.encode(), text.encode("latin-1")]
+    except UnicodeEncodeError:
+        return [text.encode()]
+
+
+def _matches(given: bytes | None, candidates: list[bytes]) -> bool:
+    """Constant-time: does `given` equal any candidate? (Every candidate is compared.)"""
+    ok = False
+    for candidate in candidates:
+        ok |= hmac.compare_digest(given or b"", candidate)
+    return ok
 
 
 def _register_errors(app: Flask) -> None:

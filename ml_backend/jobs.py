@@ -22,7 +22,7 @@ import secrets
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -58,22 +58,53 @@ def job_kwargs(cfg: Config) -> dict[str, Any]:
         "score_batch_size": cfg.score_batch_size, "versions_kept": cfg.versions_kept,
         "write_batch": cfg.prediction_write_batch,
         "image_hosts": sorted(cfg.image_hosts), "device": cfg.device,
+        "store_roots": [str(root) for root in cfg.store_root_dirs],
     }
+
+
+class StoreRefused(ValueError):
+    """A task's `data.store` is not a path we may open (type, location or file kind)."""
+
+
+def allowed_store_path(raw: object, roots: Sequence[Path]) -> Path:
+    """The resolved path of a task's `data.store`, if it is a file inside one of `roots`.
+
+    Symlinks and `..` are resolved first, so neither can lead outside the roots. Raises
+    StoreRefused naming the reason; whether the file really is a cutout store is left to
+    `CutoutStore.open`.
+    """
+    if not isinstance(raw, str) or not raw.strip():
+        raise StoreRefused(f"store must be a path string, got {type(raw).__name__}")
+    try:
+        path = Path(raw).resolve()
+    except (OSError, ValueError) as err:  # NUL bytes, symlink loops, over-long names
+        raise StoreRefused(f"store path cannot be resolved: {err}") from None
+    if not any(path.is_relative_to(root) for root in roots):
+        raise StoreRefused(f"store {path} is outside the allowed store roots "
+                           f"({', '.join(map(str, roots))}; set AMLS_STORE_ROOTS)")
+    if not path.is_file():
+        raise StoreRefused(f"store {path} is not an existing regular file")
+    return path
 
 
 def run_training(project_id: int, *, label_studio_url: str, model_dir: str,
                  anomaly_label: str = "anomaly", iterations: int = 100, image_size: int = 64,
                  batch_size: int = 16, score_batch_size: int = 256, versions_kept: int = 3,
                  write_batch: int = 500, image_hosts: list[str] | None = None,
-                 device: str = "auto", api_key: str | None = None) -> dict[str, Any]:
+                 device: str = "auto", store_roots: list[str] | None = None,
+                 api_key: str | None = None) -> dict[str, Any]:
     """Train one cycle for a project and publish it; returns a JSON-able summary.
 
+    Task stores must lie under `store_roots` (default: MODEL_DIR and the working directory,
+    as `Config.store_root_dirs`); tasks with other stores are skipped with a warning.
     `api_key` None reads LABEL_STUDIO_API_KEY via `Config.from_env()` (RQ workers: keeps the key
     out of Redis). The outcome (duration, error) is recorded in MODEL_DIR/<project>/status.json;
     on any error the previous version keeps serving and the exception propagates.
     """
     registry = ModelRegistry(Path(model_dir))
     key = api_key if api_key is not None else Config.from_env().label_studio_api_key
+    roots = (tuple(Path(r) for r in store_roots) if store_roots is not None
+             else Config(model_dir=Path(model_dir)).store_root_dirs)
     started = time.time()
     previous = registry.read_status(project_id)
     jobs_total = int(previous.get("jobs_total", 0)) + 1
@@ -85,7 +116,7 @@ def run_training(project_id: int, *, label_studio_url: str, model_dir: str,
             anomaly_label=anomaly_label, iterations=iterations, image_size=image_size,
             batch_size=batch_size, score_batch_size=score_batch_size,
             versions_kept=versions_kept, write_batch=write_batch,
-            image_hosts=frozenset(image_hosts or []), device=device,
+            image_hosts=frozenset(image_hosts or []), device=device, store_roots=roots,
             on_progress=_report_progress)
     except Exception as err:
         duration = time.time() - started
@@ -133,6 +164,7 @@ def train_and_publish(project_id: int, *, registry: ModelRegistry, label_studio_
                       api_key: str, anomaly_label: str, iterations: int, image_size: int,
                       batch_size: int, score_batch_size: int, versions_kept: int,
                       write_batch: int, image_hosts: frozenset[str], device: str,
+                      store_roots: Sequence[Path],
                       on_progress: Callable[[str, int, int], None]) -> dict[str, Any]:
     """The body of `run_training`: labels in, new version published, predictions out."""
     from ml_backend.core.checkpoint import load_model_dir
@@ -149,7 +181,8 @@ def train_and_publish(project_id: int, *, registry: ModelRegistry, label_studio_
                   f"{anomaly_label!r} of {len(labels)}")
         logger.info("project %d: not training yet: %s", project_id, reason)
         return {"project": project_id, "status": "skipped", "reason": reason}
-    pixels = _resolve_pixels(project_id, tasks, schema, registry, client, image_hosts)
+    pixels = _resolve_pixels(project_id, tasks, schema, registry, client, image_hosts,
+                             store_roots)
     staging = registry.staging_dir(project_id)
     new_version = None
     try:
@@ -193,20 +226,38 @@ def train_and_publish(project_id: int, *, registry: ModelRegistry, label_studio_
 
 def _resolve_pixels(project_id: int, tasks: list[dict[str, Any]], schema: ChoiceSchema,
                     registry: ModelRegistry, client: LabelStudioClient,
-                    image_hosts: frozenset[str]) -> _ProjectPixels:
-    """Map every task to a store row: its own cutout store, or the project's image cache."""
+                    image_hosts: frozenset[str], store_roots: Sequence[Path]) -> _ProjectPixels:
+    """Map every task to a store row: its own cutout store, or the project's image cache.
+
+    Tasks whose store is refused (outside `store_roots`, missing, not a cutout store) are
+    skipped, with one warning per store.
+    """
     from ml_backend.core.store import CutoutStore
 
     stores: dict[str, Any] = {}
+    refused: set[str] = set()  # repr of refused `data.store` values, warned about once
     rows: dict[int, tuple[str, int]] = {}
     to_fetch: list[dict[str, Any]] = []
     try:
         for task in tasks:
-            data = task.get("data") or {}
+            data = task.get("data")
+            if not isinstance(data, dict):
+                logger.warning("project %d: task %s: data is not an object; skipped",
+                               project_id, task.get("id"))
+                continue
             if data.get("store") and data.get("cutout_id") is not None:
-                path = str(Path(data["store"]).resolve())
-                if path not in stores:
-                    stores[path] = CutoutStore.open(path)
+                key = repr(data["store"])
+                if key in refused:
+                    continue
+                try:
+                    path = str(allowed_store_path(data["store"], store_roots))
+                    if path not in stores:
+                        stores[path] = CutoutStore.open(path)
+                except (OSError, ValueError) as err:  # StoreRefused is a ValueError
+                    refused.add(key)
+                    logger.warning("project %d: task %s: skipping tasks of store %s: %s",
+                                   project_id, task.get("id"), key, err)
+                    continue
                 cid = str(data["cutout_id"])
                 if cid not in stores[path]:
                     logger.warning("task %s: cutout %r is not in %s; skipped", task["id"], cid,

@@ -31,6 +31,8 @@ VIEW_DATA: dict[str, Any] = {
     },
 }
 HTTP_TIMEOUT_S = 60.0
+# Redirects followed when downloading a task image; every hop must be an allowed host.
+MAX_REDIRECTS = 3
 
 
 class LabelConfigError(ValueError):
@@ -177,20 +179,31 @@ class LabelStudioClient:
     def fetch_image(self, url: str, allowed_hosts: frozenset[str]) -> bytes:
         """Download a task image; relative URLs resolve against Label Studio.
 
-        Only hosts in `allowed_hosts` are contacted, and the API key is sent only to
-        Label Studio itself.
+        Only http(s) URLs on hosts in `allowed_hosts` are contacted, and the API key is sent
+        only to Label Studio itself. Redirects (e.g. Label Studio's presigned cloud-storage
+        URLs) are followed by hand, at most MAX_REDIRECTS, each hop checked again.
+        Raises PermissionError for a host or redirect that is not allowed.
         """
-        absolute = urljoin(self.url + "/", url)
-        host = urlparse(absolute).netloc
-        if host not in allowed_hosts:
-            raise PermissionError(f"image host {host!r} of {url!r} is not allowed "
-                                  "(set AMLS_ALLOWED_IMAGE_HOSTS)")
-        headers = {}
-        if host == urlparse(self.url).netloc:
-            headers["Authorization"] = f"Token {self._api_key}"
-        response = requests.get(absolute, headers=headers, timeout=HTTP_TIMEOUT_S)
-        response.raise_for_status()
-        return response.content
+        target = urljoin(self.url + "/", url)
+        for _hop in range(MAX_REDIRECTS + 1):
+            host = urlparse(target).netloc
+            if urlparse(target).scheme not in ("http", "https") or host not in allowed_hosts:
+                raise PermissionError(f"image host {host!r} of {target!r} (task URL {url!r}) "
+                                      "is not allowed (set AMLS_ALLOWED_IMAGE_HOSTS)")
+            headers = {}
+            if host == urlparse(self.url).netloc:
+                headers["Authorization"] = f"Token {self._api_key}"
+            response = requests.get(target, headers=headers, timeout=HTTP_TIMEOUT_S,
+                                    allow_redirects=False)
+            if not 300 <= response.status_code < 400:
+                response.raise_for_status()
+                return response.content
+            location = response.headers.get("Location")
+            if not location:
+                raise ValueError(f"image {target!r} answered {response.status_code} "
+                                 "without a Location")
+            target = urljoin(target, location)
+        raise PermissionError(f"image {url!r} redirects more than {MAX_REDIRECTS} times")
 
     def _http(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         response = requests.request(method, f"{self.url}/{path}",

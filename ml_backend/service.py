@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +19,8 @@ from ml_backend.jobs import (
     InProcessSubmitter,
     JobSubmitter,
     RQSubmitter,
+    StoreRefused,
+    allowed_store_path,
     job_kwargs,
     run_training,
 )
@@ -82,8 +83,10 @@ class AnomalyService:
                 label_config: str) -> list[dict[str, Any]]:
         """One prediction per task, in order.
 
-        Before the first model, or for a task whose pixels we cannot find, the prediction has
-        an empty `result` and no score: Label Studio accepts it and nothing is invented.
+        Before the first model, or for a task whose pixels we cannot find or may not read
+        (unusable `data`, a store outside `cfg.store_root_dirs` or not a cutout store), the
+        prediction has an empty `result` and no score: Label Studio accepts it and nothing is
+        invented.
         """
         schema = parse_label_config(label_config, self.cfg.anomaly_label)
         loaded = self._model(project_id)
@@ -149,14 +152,29 @@ class AnomalyService:
         from ml_backend.core.store import CutoutStore
 
         by_store: dict[str, list[tuple[int, str]]] = {}
+        refused: set[str] = set()  # repr of refused `data.store` values, warned about once
         for i, task in enumerate(tasks):
-            path, cid = self._locate(project_id, task)
+            try:
+                path, cid = self._locate(project_id, task)
+            except StoreRefused as err:
+                key = repr(task["data"]["store"])
+                if key not in refused:
+                    refused.add(key)
+                    logger.warning("project %d: task %s: not predicting from store %s: %s",
+                                   project_id, task.get("id"), key, err)
+                continue
             if path is not None:
                 by_store.setdefault(path, []).append((i, cid))
         scores: list[float | None] = [None] * len(tasks)
         device = resolve_device(self.cfg.device)
         for path, items in by_store.items():
-            with CutoutStore.open(path) as store:
+            try:
+                store = CutoutStore.open(path)
+            except (OSError, ValueError) as err:
+                logger.warning("project %d: task %s: not predicting %d task(s) from %s: %s",
+                               project_id, tasks[items[0][0]].get("id"), len(items), path, err)
+                continue
+            with store:
                 try:
                     check_compatible(store, meta)
                 except ValueError as err:
@@ -173,10 +191,16 @@ class AnomalyService:
         return scores
 
     def _locate(self, project_id: int, task: dict[str, Any]) -> tuple[str | None, str]:
-        """(store path, cutout id) of a task's pixels, or (None, "") if we have none."""
-        data = task.get("data") or {}
+        """(store path, cutout id) of a task's pixels, or (None, "") if we have none.
+
+        Raises StoreRefused when the task names a store we may not open.
+        """
+        data = task.get("data")
+        if not isinstance(data, dict):
+            return None, ""
         if data.get("store") and data.get("cutout_id") is not None:
-            return str(Path(data["store"]).resolve()), str(data["cutout_id"])
+            path = allowed_store_path(data["store"], self.cfg.store_root_dirs)
+            return str(path), str(data["cutout_id"])
         cache = self.registry.cache_path(project_id)
         if task.get("id") is not None and cache.is_file():
             return str(cache), f"task-{task['id']}"

@@ -116,9 +116,11 @@ def rq_worker(env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen]
 
 
 @pytest.fixture(params=["rq", "in-process"])
-def backend(request, label_studio: LiveLabelStudio, tmp_path: Path) -> Iterator[Backend]:
+def backend(request, label_studio: LiveLabelStudio, galaxy_store: tuple[Path, Path],
+            tmp_path: Path) -> Iterator[Backend]:
     env = {"LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.token,
-           "MODEL_DIR": str(tmp_path / "models"), **SETTINGS}
+           "MODEL_DIR": str(tmp_path / "models"),
+           "AMLS_STORE_ROOTS": str(galaxy_store[0].parent), **SETTINGS}
     if request.param == "rq":
         env["REDIS_URL"] = request.getfixturevalue("redis_url")
         env["AMLS_QUEUE"] = f"e2e-{time.time_ns()}"

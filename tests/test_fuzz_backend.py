@@ -79,7 +79,7 @@ def served(tmp_path_factory) -> tuple[Any, Path, list[str]]:
     with CutoutStore.create(store_path, height=SIZE, width=SIZE, channels=3,
                             stretch=STRETCH) as store:
         store.append(ids, np.zeros((8, SIZE, SIZE, 3), np.uint8))
-    cfg = Config(model_dir=root / "models", device="cpu")
+    cfg = Config(model_dir=root / "models", device="cpu", store_roots=(root,))
     service = AnomalyService(cfg, registry, StubSubmitter())  # type: ignore[arg-type]
     torch.set_num_threads(1)
     return create_app(service, cfg).test_client(), store_path, ids
@@ -103,13 +103,15 @@ label_configs = st.one_of(st.just(LABEL_CONFIG), st.text(max_size=40),
 
 @st.composite
 def task_data(draw: st.DrawFn, store: str, ids: list[str]) -> Any:
-    """Task data with a fuzzed cutout id and image URL.
-
-    `data` is always an object and `store` always the real store: other values crash today
-    (PREDICT_CRASHES below, strict xfail); widen this strategy once they are fixed.
-    """
+    """Task data: mostly the real store with a fuzzed cutout id and image URL; sometimes
+    a hostile or broken `store`, or `data` that is not an object at all."""
+    if draw(st.integers(0, 9)) == 0:
+        return draw(json_values)
+    hostile = st.sampled_from(["/etc/passwd", "/", "/nonexistent.h5", store + "/..",
+                               str(Path(store).parent), "", "a\x00b", "../" * 40 + "etc"])
+    store_value = draw(st.one_of(st.just(store), st.just(store), hostile, json_values))
     cutout = draw(st.one_of(st.sampled_from(ids + ["nope", "../c0", ""]), json_values))
-    return {"store": store, "cutout_id": cutout,
+    return {"store": store_value, "cutout_id": cutout,
             "image": draw(st.one_of(st.sampled_from(["http://169.254.169.254/x",
                                                      "file:///etc/passwd", "/data/upload/1.png",
                                                      ""]), json_values))}
@@ -188,26 +190,32 @@ def test_non_json_bodies_are_4xx(served, raw, path):
     assert response.status_code < 500
 
 
-# Bodies the fuzzer found that crash /predict today (a 500 from AnomalyService._locate /
-# CutoutStore.open on task-controlled `data.store`); see SECURITY.md, "Known gaps".
+# Task data the fuzzer once found to crash /predict with a 500 (AnomalyService._locate /
+# CutoutStore.open on task-controlled `data.store`).
 PREDICT_CRASHES = {
     "data is not an object": {"id": 1, "data": "x"},
     "store is not a string": {"id": 1, "data": {"store": 7, "cutout_id": "a"}},
     "store is not a cutout store": {"id": 1, "data": {"store": "/etc/passwd", "cutout_id": "a"}},
     "store is a directory": {"id": 1, "data": {"store": "/", "cutout_id": "a"}},
     "store does not exist": {"id": 1, "data": {"store": "/nonexistent.h5", "cutout_id": "a"}},
+    "data is a list": {"id": 1, "data": ["/etc/passwd"]},
+    "store has a NUL byte": {"id": 1, "data": {"store": "a\x00b.h5", "cutout_id": "a"}},
+    "store is a list": {"id": 1, "data": {"store": ["/etc/passwd"], "cutout_id": "a"}},
 }
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: unusable task data gives a 500, not an "
-                                        "empty prediction (ml_backend/service.py)")
 @pytest.mark.parametrize("task", PREDICT_CRASHES.values(), ids=PREDICT_CRASHES.keys())
 def test_predict_task_with_unusable_data_gets_an_empty_prediction(served, task):
-    client = served[0]
-    response = client.post("/predict", json={"tasks": [task], "label_config": LABEL_CONFIG,
-                                             "project": 1})
+    client, store, _ = served
+    good = {"id": 2, "data": {"store": str(store), "cutout_id": "c1"}}
+    response = client.post("/predict", json={"tasks": [good, task, good],
+                                             "label_config": LABEL_CONFIG, "project": 1})
     assert response.status_code == 200, response.get_json()
-    assert response.get_json()["results"][0]["result"] == []
+    first, bad, last = response.get_json()["results"]
+    assert bad["result"] == [] and "score" not in bad
+    assert bad["model_version"] == first["model_version"]
+    for result in (first, last):
+        assert 0.0 <= result["score"] <= 1.0 and result["result"], "the others are predicted"
 
 
 # ---- FITS headers -----------------------------------------------------------------------

@@ -248,3 +248,74 @@ def test_rq_debounce_records_every_request(rq_submitter):
     time.sleep(0.05)
     assert rq_submitter.submit(5) == ALREADY_QUEUED
     assert float(rq_submitter.connection.get(key)) > first
+
+
+# ---- task stores: only allowed roots, bad stores skip the task, not the job --------------------
+
+def make_store(path: Path, ids: list[str]) -> Path:
+    import numpy as np
+
+    from ml_backend.core.store import CutoutStore
+
+    with CutoutStore.create(path, height=8, width=8, channels=1,
+                            stretch={"name": "none"}) as store:
+        store.append(ids, np.zeros((len(ids), 8, 8, 1), np.uint8))
+    return path
+
+
+def test_training_skips_tasks_whose_store_is_refused(tmp_path: Path, caplog):
+    from ml_backend.jobs import _resolve_pixels
+
+    root = tmp_path / "stores"
+    root.mkdir()
+    good = make_store(root / "good.h5", ["a", "b"])
+    outside = make_store(tmp_path / "outside.h5", ["a"])
+    (root / "text.h5").write_text("not a store")
+    (root / "escape.h5").symlink_to(outside)
+    stores: list[object] = [str(good), str(outside), str(root / "text.h5"),
+                            str(root / "escape.h5"), "/etc/passwd", 7, str(root)]
+    tasks = [{"id": i + 10, "data": {"store": s, "cutout_id": "a"}} for i, s in enumerate(stores)]
+    tasks += [{"id": 20, "data": {"store": str(good), "cutout_id": "b"}},
+              {"id": 21, "data": {"store": str(outside), "cutout_id": "a"}},
+              {"id": 22, "data": "not an object"}]
+    schema = parse_label_config(LABEL_CONFIG, "anomaly")
+    with caplog.at_level("WARNING"):
+        pixels = _resolve_pixels(1, tasks, schema, ModelRegistry(tmp_path / "models"),
+                                 None, frozenset(), (root.resolve(),))  # type: ignore[arg-type]
+    try:
+        assert pixels.rows == {10: (str(good.resolve()), 0), 20: (str(good.resolve()), 1)}
+        assert list(pixels.stores) == [str(good.resolve())]
+    finally:
+        pixels.close()
+    messages = [r.getMessage() for r in caplog.records]
+    # One warning per refused store, naming the first task that used it.
+    assert sum(repr(str(outside)) in m for m in messages) == 1
+    assert any("task 11" in m and "outside the allowed store roots" in m for m in messages)
+    assert any("task 12" in m and "not a readable HDF5 file" in m for m in messages)
+    assert any("task 13" in m and "outside" in m for m in messages)
+    assert any("task 15" in m and "path string" in m for m in messages)
+    assert any("task 16" in m and "regular file" in m for m in messages)
+    assert any("task 22" in m for m in messages)
+
+
+def test_store_roots_from_the_environment_reach_the_job(tmp_path: Path, monkeypatch):
+    import os
+    import pickle
+
+    from ml_backend.config import Config
+    from ml_backend.jobs import job_kwargs
+
+    env = {"MODEL_DIR": str(tmp_path / "m"),
+           "AMLS_STORE_ROOTS": os.pathsep.join([str(tmp_path / "a"), "", str(tmp_path / "b")])}
+    cfg = Config.from_env(env)
+    assert cfg.store_roots == (tmp_path / "a", tmp_path / "b")
+    kwargs = job_kwargs(cfg)
+    assert kwargs["store_roots"] == [str((tmp_path / "a").resolve()),
+                                     str((tmp_path / "b").resolve())]
+    assert pickle.loads(pickle.dumps(kwargs)) == kwargs
+    # Unset: MODEL_DIR and the working directory, but never the filesystem root.
+    monkeypatch.chdir(tmp_path)
+    assert Config(model_dir=tmp_path / "m").store_root_dirs == ((tmp_path / "m").resolve(),
+                                                                tmp_path.resolve())
+    monkeypatch.chdir("/")
+    assert Config(model_dir=tmp_path / "m").store_root_dirs == ((tmp_path / "m").resolve(),)

@@ -105,7 +105,7 @@ def test_status_round_trip(tmp_path: Path):
 # ---- the service on top of the registry --------------------------------------------------------
 
 def make_service(tmp_path: Path) -> AnomalyService:
-    cfg = Config(model_dir=tmp_path / "models", device="cpu")
+    cfg = Config(model_dir=tmp_path / "models", device="cpu", store_roots=(tmp_path,))
     return AnomalyService(cfg, ModelRegistry(cfg.model_dir), InProcessSubmitter(lambda p: None))
 
 

@@ -1,8 +1,8 @@
 """Security properties of the backend: auth on every route, no leaked secrets, SSRF and paths.
 
-Tests marked ``xfail(strict=True)`` describe protections that are missing today (see
-SECURITY.md, "Known gaps"); they turn into failures the day the protection lands, so the
-marker is removed together with the gap.
+A protection that is missing gets a test marked ``xfail(strict=True)`` and an entry in
+SECURITY.md, "Known gaps"; the test fails the day the protection lands, so the marker is
+removed together with the gap.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from import_tools.previews import preview_relpath
 from ml_backend.app import BadRequest, create_app, project_id_of
 from ml_backend.config import Config
-from ml_backend.labelstudio import LabelStudioClient
+from ml_backend.labelstudio import MAX_REDIRECTS, LabelStudioClient
 from ml_backend.registry import ModelRegistry
 from ml_backend.service import AnomalyService
 
@@ -82,6 +82,50 @@ def test_with_basic_auth_no_route_answers_without_it(service):
         assert response.status_code != 401, (method, path)
 
 
+def raw_basic(user: str, password: str, encoding: str) -> dict[str, str]:
+    token = base64.b64encode(f"{user}:{password}".encode(encoding)).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+# (configured password, encoding the client sends, HTTP status). `requests` (so Label Studio)
+# encodes basic auth as latin-1, browsers and curl as UTF-8; "€" has no latin-1 form.
+NON_ASCII_AUTH = [
+    ("pässwörd", "latin-1", 200),
+    ("pässwörd", "utf-8", 200),
+    ("naïve-€", "utf-8", 200),
+    ("pässwörd", "cp1252", 200),  # same bytes as latin-1 for these characters
+    ("pässwörd", "utf-16", 401),
+]
+
+
+@pytest.mark.parametrize("password, encoding, status", NON_ASCII_AUTH)
+def test_non_ascii_passwords_are_accepted_as_utf8_or_latin1(tmp_path, password, encoding,
+                                                           status):
+    cfg = Config(model_dir=tmp_path, basic_auth_user="ls-ü", basic_auth_pass=password)
+    svc = AnomalyService.from_config(cfg)
+    try:
+        client = create_app(svc, cfg).test_client()
+        given = client.get("/health", headers=raw_basic("ls-ü", password, encoding))
+        assert given.status_code == status
+        wrong = client.get("/health", headers=raw_basic("ls-ü", password + "x", encoding))
+        assert wrong.status_code == 401
+    finally:
+        svc.close()
+
+
+def test_label_studio_style_requests_auth_is_accepted(tmp_path):
+    cfg = Config(model_dir=tmp_path, basic_auth_user="ls", basic_auth_pass="pässwörd")
+    svc = AnomalyService.from_config(cfg)
+    try:
+        client = create_app(svc, cfg).test_client()
+        prepared = requests.Request("GET", "http://backend/health",
+                                    auth=("ls", "pässwörd")).prepare()
+        headers = {"Authorization": prepared.headers["Authorization"]}
+        assert client.get("/health", headers=headers).status_code == 200
+    finally:
+        svc.close()
+
+
 def test_without_auth_configured_health_is_open(tmp_path):
     cfg = Config(model_dir=tmp_path)
     svc = AnomalyService.from_config(cfg)
@@ -128,7 +172,8 @@ def test_secrets_never_reach_logs_or_metrics(service, caplog):
 # ---- SSRF: where task images may come from ----------------------------------------------
 
 class Recorder(http.server.BaseHTTPRequestHandler):
-    """Answers GET with a PNG-ish body, or a redirect to `redirect_to`; records requests."""
+    """Answers GET with a PNG-ish body, or a redirect to `redirect_to` ("{host}" is this
+    server's host:port); records requests."""
 
     seen: list[tuple[str, dict[str, str]]]
     redirect_to: str | None = None
@@ -137,7 +182,8 @@ class Recorder(http.server.BaseHTTPRequestHandler):
         self.seen.append((self.path, dict(self.headers)))
         if self.redirect_to:
             self.send_response(302)
-            self.send_header("Location", self.redirect_to)
+            host = f"127.0.0.1:{self.server.server_address[1]}"
+            self.send_header("Location", self.redirect_to.format(host=host))
             self.end_headers()
             return
         self.send_response(200)
@@ -204,15 +250,43 @@ def test_the_api_key_goes_only_to_label_studio():
     assert "Authorization" not in seen[0][1]
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: fetch_image follows redirects, so an allowed "
-                                        "host can bounce the backend to any address")
 def test_a_redirect_from_an_allowed_host_to_another_host_is_not_followed():
     with http_server() as (target, target_seen), \
             http_server(redirect_to=f"http://{target}/secret") as (allowed, _):
         client = LabelStudioClient(f"http://{allowed}", API_KEY)
-        with contextlib.suppress(PermissionError, OSError):
+        with pytest.raises(PermissionError, match="not allowed"):
             client.fetch_image("/data/upload/a.png", frozenset({allowed}))
     assert target_seen == [], "the backend followed a redirect to a host not on the list"
+
+
+@pytest.mark.parametrize("location", ["file:///etc/passwd", "http://169.254.169.254/x",
+                                      "gopher://{host}/x", "http://{host}@169.254.169.254/x",
+                                      "//127.0.0.1:6379/"])
+def test_redirects_to_hostile_urls_are_refused(location):
+    with http_server(redirect_to=location) as (allowed, seen):
+        client = LabelStudioClient(f"http://{allowed}", API_KEY)
+        with pytest.raises(PermissionError, match="not allowed"):
+            client.fetch_image("/data/upload/a.png", frozenset({allowed}))
+    assert len(seen) == 1
+
+
+def test_redirect_loops_stop_after_max_redirects():
+    with http_server(redirect_to="/again") as (allowed, seen):
+        client = LabelStudioClient(f"http://{allowed}", API_KEY)
+        with pytest.raises(PermissionError, match="redirects more than"):
+            client.fetch_image("/data/upload/a.png", frozenset({allowed}))
+    assert len(seen) == MAX_REDIRECTS + 1
+
+
+def test_a_redirect_to_another_allowed_host_is_followed_without_the_key():
+    with http_server() as (cdn, cdn_seen), \
+            http_server(redirect_to=f"http://{cdn}/presigned.png") as (ls_host, ls_seen):
+        client = LabelStudioClient(f"http://{ls_host}", API_KEY)
+        data = client.fetch_image("/tasks/1/presign/?fileuri=x", frozenset({ls_host, cdn}))
+    assert data == b"image-bytes"
+    assert ls_seen[0][1].get("Authorization") == f"Token {API_KEY}"
+    assert [path for path, _ in cdn_seen] == ["/presigned.png"]
+    assert "Authorization" not in cdn_seen[0][1]
 
 
 # ---- ids and paths from task data -------------------------------------------------------
@@ -247,10 +321,8 @@ def test_versions_route_refuses_a_path_as_project(service):
     assert response.status_code == 400
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: task data `store` paths are opened wherever "
-                                        "they point (no allow-listed store roots in Config)")
 def test_task_data_store_paths_outside_allowed_roots_are_not_opened(service, monkeypatch,
-                                                                    tmp_path):
+                                                                    tmp_path, caplog):
     from ml_backend.core import store as store_module
 
     opened: list[str] = []
@@ -260,8 +332,21 @@ def test_task_data_store_paths_outside_allowed_roots_are_not_opened(service, mon
         raise FileNotFoundError(path)
 
     monkeypatch.setattr(store_module.CutoutStore, "open", staticmethod(record))
+    root = tmp_path / "stores"
+    root.mkdir()
+    (root / "ok.h5").write_bytes(b"not really a store")
+    (tmp_path / "outside.h5").write_bytes(b"x")
+    (root / "link.h5").symlink_to(tmp_path / "outside.h5")
+    (root / "dir.h5").mkdir()
+    service.cfg = service.cfg.replace(store_roots=(root,))
     service._model = lambda project_id: ("v", None, None)  # type: ignore[method-assign]
-    tasks = [{"id": 1, "data": {"store": "/etc/../etc/shadow", "cutout_id": "a"}}]
-    with contextlib.suppress(FileNotFoundError):
-        service.predict(1, tasks, LABEL_CONFIG)
-    assert opened == []
+    stores = ["/etc/../etc/shadow", f"{root}/../outside.h5", str(root / "link.h5"),
+              str(root / "dir.h5"), str(root / "missing.h5"), str(root), 7, ["/etc/passwd"],
+              str(root / "ok.h5")]
+    tasks = [{"id": i, "data": {"store": p, "cutout_id": "a"}} for i, p in enumerate(stores)]
+    with caplog.at_level(logging.WARNING):
+        results = service.predict(1, tasks + tasks[:1], LABEL_CONFIG)
+    assert opened == [str(root / "ok.h5")], "only the regular file inside the root is opened"
+    assert results == [{"result": [], "model_version": "v"}] * (len(tasks) + 1)
+    warnings = [r.getMessage() for r in caplog.records if "shadow" in r.getMessage()]
+    assert len(warnings) == 1 and "task 0" in warnings[0] and "outside" in warnings[0]
