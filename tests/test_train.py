@@ -239,3 +239,28 @@ def test_cli_names_ids_missing_from_the_store(store_and_labels, tmp_path):
     labels.write_text("id,label\nc000,normal\nnope1,anomaly\nnope2,normal\n")
     with pytest.raises(SystemExit, match=r"2 id\(s\) .* not in store .*'nope1', 'nope2'"):
         main(["train", str(store), "--labels", str(labels), "-o", str(tmp_path / "m")])
+
+
+def test_ema_warmup_follows_lifetime_steps_and_caps_at_decay():
+    model = nn.Linear(2, 2)
+    fresh = ModelEMA(model, decay=0.99, warmup=True)
+    assert fresh.current_decay() == pytest.approx(1 / 10)
+    fresh.update(model)
+    assert fresh.step == 1 and fresh.current_decay() == pytest.approx(2 / 11)
+    # A continued model resumes the schedule where its parent stopped.
+    continued = ModelEMA(model, decay=0.99, warmup=True, step=5000)
+    assert continued.current_decay() == 0.99
+    assert ModelEMA(model, decay=0.99).current_decay() == 0.99
+
+
+def test_ema_warmup_tracks_the_student_early():
+    model = nn.Linear(2, 2, bias=False)
+    ema = ModelEMA(model, decay=0.99, warmup=True)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    start = ema.module.weight.clone()
+    for _ in range(30):
+        ema.update(model)
+    # Without warm-up 0.99**30 = 74 % of the start would remain; with it, under 15 %.
+    remaining = (ema.module.weight - 1.0) / (start - 1.0)
+    assert remaining.abs().max() < 0.15
