@@ -34,7 +34,7 @@ from ml_backend.core.checkpoint import (
 )
 from ml_backend.core.config import TrainConfig
 from ml_backend.core.fixmatch import StepStats, fixmatch_step
-from ml_backend.core.model import build_model, set_seed
+from ml_backend.core.model import build_model, resolve_device, set_seed
 from ml_backend.core.preprocess import normalise, resize, to_unit_tensor
 from ml_backend.core.progress import progress
 from ml_backend.core.store import ImageSource
@@ -43,13 +43,6 @@ logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int, StepStats], None]
 _MOMENTUM = "momentum_buffer"
-
-
-def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu; any other name is passed to torch."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
