@@ -11,6 +11,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
+	# Animal-MNIST data for the benchmarks; --no-deps: its metadata pulls in tensorflow.
+	$(BIN)/pip install -q --no-deps animal-mnist
 	touch $@
 
 # Label Studio pins its own dependencies, so it lives in its own venv.
