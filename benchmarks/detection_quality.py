@@ -68,6 +68,8 @@ def main() -> None:
                         default=[f"first:{c}" for c in FIRST_CLASSES] + ["animal:Zebra"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="seeds run are first-seed .. first-seed + seeds - 1")
     parser.add_argument("--rare-fraction", type=float, default=0.05,
                         help="the rare class is subsampled to this fraction of the set")
     parser.add_argument("--initial-normals", type=int, default=495)
@@ -86,7 +88,7 @@ def main() -> None:
         store, truth = dataset_paths(spec, args.out / "data", fraction)
         for method in args.methods:
             rows = []
-            for seed in range(args.seeds):
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 started = time.perf_counter()
                 cycles = run_one(store, truth, method, seed, cfg, args.initial_normals)
                 with log_path.open("a") as fh:

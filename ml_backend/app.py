@@ -13,6 +13,9 @@ Routes (all optionally behind HTTP basic auth):
 Label Studio identifies a project as an int, as "<id>.<created timestamp>" (ML API calls)
 or as a serialized project object (webhooks); `project_id_of` accepts all three.
 Bad requests get a 4xx JSON `{"error": ...}` naming what is wrong, never a traceback.
+An unreachable job queue (Redis) is a 503 `{"status": "error", "error": ...}`, logged as one
+line: the request was fine but nothing was queued, and a 503 says "try again later" honestly
+(Label Studio only logs a webhook's status, and shows it for "Start Training").
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from ml_backend.config import Config
+from ml_backend.jobs import QueueUnavailable
 from ml_backend.labelstudio import LabelConfigError, parse_label_config
 from ml_backend.service import AnomalyService
 
@@ -214,6 +218,11 @@ def _register_errors(app: Flask) -> None:
     @app.errorhandler(LabelConfigError)
     def bad_request(err: ValueError) -> tuple[Response, int]:
         return jsonify({"error": str(err)}), 400
+
+    @app.errorhandler(QueueUnavailable)
+    def queue_unavailable(err: QueueUnavailable) -> tuple[Response, int]:
+        logger.error("%s %s: no training job queued: %s", request.method, request.path, err)
+        return jsonify({"status": "error", "error": str(err)}), 503
 
     @app.errorhandler(HTTPException)
     def http_error(err: HTTPException) -> tuple[Response, int]:

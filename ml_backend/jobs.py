@@ -47,6 +47,13 @@ CACHE_SIDE = 128
 # Prefix of model versions written by this backend (core.checkpoint.new_version); only these
 # prediction versions are ever deleted from Label Studio.
 OUR_VERSION_PREFIX = "amls-"
+# Seconds the web process waits for Redis when queueing a job; Label Studio gives a webhook
+# about a second, so an unreachable Redis must fail fast rather than hang the request.
+REDIS_TIMEOUT_S = 0.5
+
+
+class QueueUnavailable(RuntimeError):
+    """The job queue (Redis) cannot be reached; no job was queued."""
 
 
 def job_kwargs(cfg: Config) -> dict[str, Any]:
@@ -485,7 +492,8 @@ class RQSubmitter:
         from redis import Redis
         from rq import Queue
 
-        self.connection = Redis.from_url(redis_url)
+        self.connection = Redis.from_url(redis_url, socket_timeout=REDIS_TIMEOUT_S,
+                                         socket_connect_timeout=REDIS_TIMEOUT_S)
         self.queue = Queue(queue_name, connection=self.connection)
         self.func = func
         self.kwargs = dict(kwargs)
@@ -493,19 +501,35 @@ class RQSubmitter:
         self.debounce_s = debounce_s
 
     def submit(self, project_id: int) -> str:
+        """Queue a job (see the module docstring); QueueUnavailable if Redis is unreachable."""
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+
+        try:
+            return self._submit(project_id)
+        except (RedisConnectionError, RedisTimeoutError) as err:
+            raise QueueUnavailable(f"job queue at Redis is unreachable: {err}") from err
+
+    def _submit(self, project_id: int) -> str:
         key = queued_key(self.queue.name, project_id)
-        job_id = f"amls-train-{project_id}-{secrets.token_hex(6)}"
         ttl = 4 * self.job_timeout_s
         self.connection.set(last_request_key(self.queue.name, project_id), time.time(), ex=ttl)
-        if not self.connection.set(key, job_id, nx=True, ex=ttl):
+        # The job is saved before the mark names it, so a concurrent submit never sees a mark
+        # whose job does not exist yet (it would take it for a vanished job and enqueue twice).
+        job = self.queue.create_job(rq_entry, args=(project_id, self.func, self.kwargs,
+                                                    self.queue.name, self.job_timeout_s,
+                                                    self.debounce_s),
+                                    job_id=f"amls-train-{project_id}-{secrets.token_hex(6)}",
+                                    timeout=self.job_timeout_s, result_ttl=24 * 3600,
+                                    failure_ttl=7 * 24 * 3600,
+                                    description=f"train project {project_id}")
+        job.save()
+        if not self.connection.set(key, job.id, nx=True, ex=ttl):
             if self._queued_job_alive(key):
+                job.delete()
                 return ALREADY_QUEUED
-            self.connection.set(key, job_id, ex=ttl)  # the marked job vanished: replace it
-        self.queue.enqueue(rq_entry, project_id, self.func, self.kwargs, self.queue.name,
-                           self.job_timeout_s, self.debounce_s, job_id=job_id,
-                           job_timeout=self.job_timeout_s,
-                           result_ttl=24 * 3600, failure_ttl=7 * 24 * 3600,
-                           description=f"train project {project_id}")
+            self.connection.set(key, job.id, ex=ttl)  # the marked job vanished: replace it
+        self.queue.enqueue_job(job)
         return QUEUED
 
     def state(self, project_id: int) -> dict[str, bool]:
@@ -526,8 +550,11 @@ class RQSubmitter:
             status = Job.fetch(raw.decode(), connection=self.connection).get_status()
         except NoSuchJobError:
             return False
-        return str(status) in ("queued", "deferred", "scheduled",
-                               "JobStatus.QUEUED", "JobStatus.DEFERRED", "JobStatus.SCHEDULED")
+        # "started" still counts while the mark names the job: it is waiting for quiet and
+        # has not read any labels yet (it clears the mark before it does).
+        return str(status) in ("queued", "deferred", "scheduled", "started",
+                               "JobStatus.QUEUED", "JobStatus.DEFERRED", "JobStatus.SCHEDULED",
+                               "JobStatus.STARTED")
 
 
 def queued_key(queue_name: str, project_id: int) -> str:

@@ -8,6 +8,7 @@ the Data Manager view that sorts the queue by our score.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,32 @@ VIEW_DATA: dict[str, Any] = {
 HTTP_TIMEOUT_S = 60.0
 # Redirects followed when downloading a task image; every hop must be an allowed host.
 MAX_REDIRECTS = 3
+# Prediction writes: tries per batch, and the first wait between them (doubling, at most
+# WRITE_BACKOFF_MAX_S): 0.5, 1, 2, 4 s. Only transient failures (`is_transient`) are retried.
+WRITE_TRIES = 5
+WRITE_BACKOFF_S = 0.5
+WRITE_BACKOFF_MAX_S = 4.0
+
+
+class LabelStudioError(RuntimeError):
+    """Label Studio answered a plain-HTTP call with an error status (`status_code`)."""
+
+    def __init__(self, message: str, status_code: int) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+def is_transient(err: BaseException) -> bool:
+    """True for failures worth retrying: no connection, a timeout, a 5xx or a 429."""
+    import httpx
+    from label_studio_sdk.core.api_error import ApiError
+
+    if isinstance(err, (httpx.TransportError, requests.ConnectionError, requests.Timeout)):
+        return True
+    if isinstance(err, (ApiError, LabelStudioError)):
+        status = err.status_code or 0
+        return status >= 500 or status == 429
+    return False
 
 
 class LabelConfigError(ValueError):
@@ -134,8 +161,18 @@ class LabelStudioClient:
 
     def write_predictions(self, project_id: int, schema: ChoiceSchema,
                           scores: Sequence[tuple[int, float]], model_version: str,
-                          batch_size: int) -> int:
-        """Bulk-import one prediction per (task id, P(anomaly)); returns the number written."""
+                          batch_size: int, tries: int = WRITE_TRIES,
+                          backoff_s: float = WRITE_BACKOFF_S) -> int:
+        """Bulk-import one prediction per (task id, P(anomaly)); returns the number written.
+
+        `model_version` must be new (no predictions in Label Studio yet), as a training job's
+        version is. Batches are sent in order; a batch that fails transiently is retried up to
+        `tries` times with exponential backoff (`backoff_s`, doubling, at most
+        WRITE_BACKOFF_MAX_S). Batches already written are never re-sent, and a retried batch
+        is sent again only if it did not land: before each retry the version's prediction
+        count is read, and since only this call writes the version, count = written + batch
+        means the failed attempt actually succeeded server-side. Any other count raises.
+        """
         from label_studio_sdk import PredictionRequest
 
         written = 0
@@ -144,9 +181,40 @@ class LabelStudioClient:
                                        model_version=model_version,
                                        result=schema.prediction_result(score))
                      for task_id, score in scores[start:start + batch_size]]
-            self.sdk.projects.import_predictions(id=project_id, request=batch)
+            self._import_batch(project_id, batch, model_version, written, tries, backoff_s)
             written += len(batch)
         return written
+
+    def _import_batch(self, project_id: int, batch: list[Any], model_version: str,
+                      written: int, tries: int, backoff_s: float) -> None:
+        """One batch of `write_predictions`, retried without duplicates."""
+        import httpx
+        from label_studio_sdk.core.api_error import ApiError
+
+        for attempt in range(tries):
+            try:
+                if attempt > 0:
+                    landed = self.prediction_versions(project_id).get(model_version, 0)
+                    if landed == written + len(batch):
+                        logger.info("project %d: batch of %d predictions had landed despite "
+                                    "the error; not re-sent", project_id, len(batch))
+                        return
+                    if landed != written:
+                        raise RuntimeError(
+                            f"version {model_version} has {landed} predictions in Label "
+                            f"Studio; expected {written} or {written + len(batch)}")
+                # The SDK's own retries would re-send blindly; ours check first.
+                self.sdk.projects.import_predictions(id=project_id, request=batch,
+                                                     request_options={"max_retries": 0})
+                return
+            except (httpx.HTTPError, requests.RequestException, ApiError,
+                    LabelStudioError) as err:
+                if not is_transient(err) or attempt == tries - 1:
+                    raise
+                delay = min(backoff_s * 2 ** attempt, WRITE_BACKOFF_MAX_S)
+                logger.warning("project %d: writing predictions failed (%s); try %d of %d "
+                               "in %.1f s", project_id, err, attempt + 2, tries, delay)
+                time.sleep(delay)
 
     def set_model_version(self, project_id: int, model_version: str) -> None:
         """Make `model_version` the project's current version (used for ordering by score)."""
@@ -210,6 +278,7 @@ class LabelStudioClient:
                                     headers={"Authorization": f"Token {self._api_key}"},
                                     timeout=HTTP_TIMEOUT_S, **kwargs)
         if not response.ok:
-            raise RuntimeError(f"Label Studio {method} /{path} answered {response.status_code}: "
-                               f"{response.text[:300]}")
+            raise LabelStudioError(f"Label Studio {method} /{path} answered "
+                                   f"{response.status_code}: {response.text[:300]}",
+                                   response.status_code)
         return response
