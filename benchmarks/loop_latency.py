@@ -119,7 +119,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rare = [t["id"] for t in tasks if t["data"]["cutout_id"].startswith(RARE)]
         common = [t["id"] for t in tasks if not t["data"]["cutout_id"].startswith(RARE)]
         cfg = Config(label_studio_url=ls.url, label_studio_api_key=ls.token,
-                     model_dir=Path(tmp) / "models", iterations=args.iterations,
+                     model_dir=Path(tmp) / "models", store_roots=(Path(tmp),),
+                     iterations=args.iterations,
                      image_size=args.image_size, debounce_s=args.debounce, device="cpu")
         with serve(cfg) as (url, _service):
             client.ml.create(url=url, project=project.id)
@@ -131,6 +132,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             last = time.time()
             metrics = wait_for_job(url, project.id, last, args.timeout)
             loop_s = time.time() - last
+            if metrics["model_version"] == "untrained" or metrics["queue"]["last_error"]:
+                raise RuntimeError(f"the training job did not publish a model: {metrics}")
             latencies = webhook_burst(url, project.id, args.webhooks, args.concurrency)
         return {
             "tasks": len(tasks), "iterations": args.iterations, "image_size": args.image_size,
@@ -149,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=1000)
     parser.add_argument("--webhooks", type=int, default=500)
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--iterations", type=int, default=30)
+    parser.add_argument("--iterations", type=int, default=100)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--debounce", type=float, default=2.0)
     parser.add_argument("--timeout", type=float, default=900.0)
