@@ -33,6 +33,7 @@ from ml_backend.config import Config
 from ml_backend.labelstudio import (
     ChoiceSchema,
     LabelStudioClient,
+    ground_truth_labels,
     latest_labels,
     parse_label_config,
 )
@@ -181,7 +182,8 @@ def train_and_publish(project_id: int, *, registry: ModelRegistry, label_studio_
     client = LabelStudioClient(label_studio_url, api_key)
     schema = parse_label_config(client.label_config(project_id), anomaly_label)
     tasks = list(client.iter_tasks(project_id))
-    labels = latest_labels(tasks, schema)
+    held_out = ground_truth_labels(tasks, schema)
+    labels = {t: y for t, y in latest_labels(tasks, schema).items() if t not in held_out}
     n_anomaly = sum(labels.values())
     if n_anomaly == 0 or n_anomaly == len(labels):
         reason = (f"needs at least one {anomaly_label!r} and one other label; has {n_anomaly} "
@@ -196,7 +198,7 @@ def train_and_publish(project_id: int, *, registry: ModelRegistry, label_studio_
         labeled_ids = sorted(t for t in labels if t in pixels.rows)
         labeled = _read_tasks(pixels, labeled_ids)
         y = np.array([labels[t] for t in labeled_ids], dtype=np.int64)
-        unlabeled = sorted(t for t in pixels.rows if t not in labels)
+        unlabeled = sorted(t for t in pixels.rows if t not in labels and t not in held_out)
         pool = _unlabeled_pool(pixels, unlabeled, default=pixels.rows[labeled_ids[0]][0])
         cfg = TrainConfig(iterations=iterations, image_size=image_size, batch_size=batch_size,
                           score_batch_size=score_batch_size, device=device)
@@ -209,6 +211,8 @@ def train_and_publish(project_id: int, *, registry: ModelRegistry, label_studio_
                           label_counts=counts)
         new_version = meta.version
         model, meta = load_model_dir(staging)
+        evaluation = _evaluate_held_out(project_id, pixels, held_out, model, meta,
+                                        score_batch_size, device)
         scores = _score_tasks(pixels, unlabeled, model, meta, score_batch_size, device)
         on_progress("write", 0, len(scores))
         written = client.write_predictions(project_id, schema, scores, meta.version,
@@ -227,7 +231,7 @@ def train_and_publish(project_id: int, *, registry: ModelRegistry, label_studio_
     client.ensure_view(project_id)
     return {"project": project_id, "status": "trained", "model_version": meta.version,
             "labels": counts,
-            "predictions": written, "unlabeled": len(unlabeled),
+            "predictions": written, "unlabeled": len(unlabeled), "evaluation": evaluation,
             "skipped_tasks": len(tasks) - len(pixels.rows)}
 
 
@@ -379,6 +383,23 @@ def _score_tasks(pixels: _ProjectPixels, task_ids: list[int], model: Any, meta: 
                             device=device)
         scores.extend(zip(tids, (float(p) for p in probs), strict=True))
     return scores
+
+
+def _evaluate_held_out(project_id: int, pixels: _ProjectPixels, held_out: dict[int, int],
+                       model: Any, meta: Any, batch_size: int, device: str
+                       ) -> dict[str, Any] | None:
+    """AUROC, AP and top-k precision of the new model on the ground-truth tasks, or None."""
+    from ml_backend.core.metrics import evaluate
+
+    task_ids = sorted(t for t in held_out if t in pixels.rows)
+    if not task_ids:
+        return None
+    scored = _score_tasks(pixels, task_ids, model, meta, batch_size, device)
+    result = evaluate(np.array([held_out[t] for t, _ in scored]),
+                      np.array([p for _, p in scored], dtype=np.float32))
+    logger.info("project %d: held-out evaluation on %d ground-truth tasks: %s", project_id,
+                len(scored), result)
+    return result
 
 
 def _forget_version(client: LabelStudioClient, project_id: int, version: str) -> None:

@@ -137,6 +137,16 @@ def latest_labels(tasks: Sequence[dict[str, Any]], schema: ChoiceSchema) -> dict
     return labels
 
 
+def ground_truth_labels(tasks: Sequence[dict[str, Any]], schema: ChoiceSchema) -> dict[int, int]:
+    """Task id -> label from the task's most recent annotation marked as ground truth.
+
+    These form the held-out set: they are scored after each cycle, never trained on.
+    """
+    marked = [{**task, "annotations": [a for a in task.get("annotations") or []
+                                       if a.get("ground_truth")]} for task in tasks]
+    return latest_labels(marked, schema)
+
+
 class LabelStudioClient:
     """The few Label Studio operations a training job needs."""
 

@@ -18,7 +18,12 @@ from ml_backend.jobs import (
     run_training,
     wait_for_quiet,
 )
-from ml_backend.labelstudio import LabelConfigError, latest_labels, parse_label_config
+from ml_backend.labelstudio import (
+    LabelConfigError,
+    ground_truth_labels,
+    latest_labels,
+    parse_label_config,
+)
 from ml_backend.registry import ModelRegistry
 
 LABEL_CONFIG = """<View><Image name="image" value="$image"/>
@@ -319,3 +324,54 @@ def test_store_roots_from_the_environment_reach_the_job(tmp_path: Path, monkeypa
                                                                 tmp_path.resolve())
     monkeypatch.chdir("/")
     assert Config(model_dir=tmp_path / "m").store_root_dirs == ((tmp_path / "m").resolve(),)
+
+
+# ---- held-out evaluation on ground-truth annotations ---------------------------------------
+
+
+def test_ground_truth_annotations_form_the_held_out_set():
+    schema = parse_label_config(LABEL_CONFIG, "anomaly")
+    tasks = [
+        {"id": 1, "annotations": [{"id": 10, "ground_truth": True, "result": choice("anomaly")},
+                                  {"id": 11, "updated_at": "2026-01-02T00:00:00Z",
+                                   "result": choice("normal")}]},
+        {"id": 2, "annotations": [{"id": 12, "result": choice("anomaly")}]},
+        {"id": 3, "annotations": [{"id": 13, "ground_truth": True, "was_cancelled": True,
+                                   "result": []}]},
+        {"id": 4, "annotations": [{"id": 14, "ground_truth": True, "result": choice("normal")}]},
+    ]
+    assert ground_truth_labels(tasks, schema) == {1: 1, 4: 0}
+
+
+def test_held_out_evaluation_scores_the_ground_truth_tasks(tmp_path: Path, caplog):
+    import numpy as np
+
+    from ml_backend.core.checkpoint import ModelMeta
+    from ml_backend.core.config import TrainConfig
+    from ml_backend.core.model import build_model
+    from ml_backend.core.store import CutoutStore
+    from ml_backend.jobs import _evaluate_held_out, _ProjectPixels
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, size=(6, 32, 32, 1), dtype=np.uint8)
+    path = tmp_path / "s.h5"
+    with CutoutStore.create(path, height=32, width=32, channels=1,
+                            stretch={"name": "none"}) as store:
+        store.append([f"c{i}" for i in range(6)], images)
+    cfg = TrainConfig(image_size=32, pretrained=False, device="cpu")
+    meta = ModelMeta(version="v1", parent=None, created="", config=cfg.to_dict(), image_size=32,
+                     channels=1, stretch={"name": "none"}, label_counts={}, metrics={},
+                     iterations_total=0)
+    pixels = _ProjectPixels(stores={str(path): CutoutStore.open(path)},
+                            rows={10 + i: (str(path), i) for i in range(6)})
+    try:
+        model = build_model(cfg, 1).eval()
+        held_out = {10: 1, 11: 0, 12: 0, 13: 1, 99: 0}  # task 99 has no pixels: ignored
+        with caplog.at_level("INFO"):
+            result = _evaluate_held_out(7, pixels, held_out, model, meta, 4, "cpu")
+        assert result["n"] == 4 and result["n_anomalies"] == 2
+        assert 0.0 <= result["auroc"] <= 1.0 and 0.0 < result["ap"] <= 1.0
+        assert "held-out evaluation on 4 ground-truth tasks" in caplog.text
+        assert _evaluate_held_out(7, pixels, {}, model, meta, 4, "cpu") is None
+    finally:
+        pixels.close()
