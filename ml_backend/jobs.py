@@ -493,6 +493,9 @@ class InProcessSubmitter:
             try:
                 self.run(project_id)
             except Exception:
+                # Not swallowed: run_training has already recorded the error in the project's
+                # status (shown in /metrics); the worker thread must survive to serve the
+                # next job, so we log the traceback and carry on.
                 logger.exception("project %d: training job failed", project_id)
             finally:
                 with self._lock:
