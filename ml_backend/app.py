@@ -30,9 +30,9 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from ml_backend.config import Config
-from ml_backend.jobs import QueueUnavailable
 from ml_backend.labelstudio import LabelConfigError, parse_label_config
 from ml_backend.service import AnomalyService
+from ml_backend.submitters import QueueUnavailable
 
 logger = logging.getLogger(__name__)
 

@@ -1,15 +1,10 @@
-"""Training jobs: `run_training` (a plain function) and two coalescing submitters.
+"""Training jobs: `run_training`, one cycle for one Label Studio project.
 
 `run_training(project_id, ...)` reads the project's labels from Label Studio, runs one FixMatch
 cycle continuing from the project's LATEST model, scores every unlabelled task, writes the
 scores back as predictions of a new model version and only then publishes that version.
-It takes plain, picklable arguments, so an RQ worker or a thread can run it.
-
-Both submitters promise the same thing per project: at most one job queued and one running.
-A request while a job is queued does nothing; a request while one runs queues exactly one more,
-so the labels that arrived during a run are always trained on, and a burst of webhooks costs
-at most two jobs. A queued job also waits until requests have been quiet for `debounce_s`
-(at most MAX_DEBOUNCE_S in total), so an annotator's burst of labels is trained on at once.
+It takes plain, picklable arguments, so an RQ worker or a thread can run it
+(`ml_backend.submitters` queues it).
 """
 
 from __future__ import annotations
@@ -17,15 +12,12 @@ from __future__ import annotations
 import io
 import json
 import logging
-import queue
-import secrets
-import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -41,22 +33,11 @@ from ml_backend.registry import ModelRegistry
 
 logger = logging.getLogger(__name__)
 
-QUEUED, ALREADY_QUEUED = "queued", "already-queued"
-MAX_DEBOUNCE_S = 30.0
 # Side in pixels of images cached from Label Studio (plain projects); the model resizes them.
 CACHE_SIDE = 128
 # Prefix of model versions written by this backend (core.checkpoint.new_version); only these
 # prediction versions are ever deleted from Label Studio.
 OUR_VERSION_PREFIX = "amls-"
-# Seconds the web process waits for Redis when queueing a job; Label Studio gives a webhook
-# about a second, so an unreachable Redis must fail fast rather than hang the request.
-REDIS_TIMEOUT_S = 0.5
-
-
-class QueueUnavailable(RuntimeError):
-    """The job queue (Redis) cannot be reached; no job was queued."""
-
-
 def job_kwargs(cfg: Config) -> dict[str, Any]:
     """The settings `run_training` needs, as plain values (the API key is NOT included)."""
     return {
@@ -417,221 +398,3 @@ def _delete_old_predictions(client: LabelStudioClient, project_id: int, kept: se
         if version.startswith(OUR_VERSION_PREFIX) and version not in kept:
             client.delete_predictions(project_id, version)
             logger.info("project %d: deleted predictions of old version %s", project_id, version)
-
-
-# ---- submitters ------------------------------------------------------------------------------
-
-class JobSubmitter(Protocol):
-    """Coalescing training-job queue (see the module docstring for the semantics)."""
-
-    def submit(self, project_id: int) -> str: ...
-    def state(self, project_id: int) -> dict[str, bool]: ...
-    def close(self) -> None: ...
-
-
-@dataclass
-class _ProjectState:
-    queued: bool = False
-    running: bool = False
-
-
-@dataclass
-class InProcessSubmitter:
-    """Runs jobs one at a time in a daemon thread of this process (the default, no Redis).
-
-    `run(project_id)` is called in the worker thread; its exceptions are logged (with the
-    traceback) and the thread goes on with the next job.
-    """
-
-    run: Callable[[int], Any]
-    debounce_s: float = 0.0
-    _states: dict[int, _ProjectState] = field(default_factory=dict)
-    _last_request: dict[int, float] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _queue: queue.Queue[int | None] = field(default_factory=queue.Queue)
-    _thread: threading.Thread | None = None
-
-    def submit(self, project_id: int) -> str:
-        with self._lock:
-            state = self._states.setdefault(project_id, _ProjectState())
-            self._last_request[project_id] = time.monotonic()
-            if state.queued:
-                return ALREADY_QUEUED
-            state.queued = True
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._work, name="amls-jobs", daemon=True)
-                self._thread.start()
-        self._queue.put(project_id)
-        return QUEUED
-
-    def state(self, project_id: int) -> dict[str, bool]:
-        with self._lock:
-            state = self._states.get(project_id, _ProjectState())
-            return {"queued": state.queued, "running": state.running}
-
-    def wait_idle(self, timeout_s: float) -> bool:
-        """Block until no job is queued or running (tests, benchmarks); False on timeout."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with self._lock:
-                if not any(s.queued or s.running for s in self._states.values()):
-                    return True
-            time.sleep(0.05)
-        return False
-
-    def close(self) -> None:
-        if self._thread is not None:
-            self._queue.put(None)
-
-    def _work(self) -> None:
-        while (project_id := self._queue.get()) is not None:
-            wait_for_quiet(lambda p=project_id: self._last_request[p], time.monotonic,
-                           self.debounce_s)
-            with self._lock:
-                state = self._states[project_id]
-                state.queued, state.running = False, True
-            try:
-                self.run(project_id)
-            except Exception:
-                # Not swallowed: run_training has already recorded the error in the project's
-                # status (shown in /metrics); the worker thread must survive to serve the
-                # next job, so we log the traceback and carry on.
-                logger.exception("project %d: training job failed", project_id)
-            finally:
-                with self._lock:
-                    state.running = False
-
-
-class RQSubmitter:
-    """Enqueues jobs on an RQ queue in Redis; `amls worker` processes run them.
-
-    A Redis key per project marks "a job is queued" (set with NX, so concurrent webhooks in
-    several server processes still enqueue one job); the job clears it when it starts and holds
-    a per-project Redis lock while it runs, so several workers never train one project at once.
-    """
-
-    def __init__(self, redis_url: str, queue_name: str, func: Callable[..., Any],
-                 kwargs: dict[str, Any], job_timeout_s: int = 3600,
-                 debounce_s: float = 0.0) -> None:
-        from redis import Redis
-        from rq import Queue
-
-        self.connection = Redis.from_url(redis_url, socket_timeout=REDIS_TIMEOUT_S,
-                                         socket_connect_timeout=REDIS_TIMEOUT_S)
-        self.queue = Queue(queue_name, connection=self.connection)
-        self.func = func
-        self.kwargs = dict(kwargs)
-        self.job_timeout_s = job_timeout_s
-        self.debounce_s = debounce_s
-
-    def submit(self, project_id: int) -> str:
-        """Queue a job (see the module docstring); QueueUnavailable if Redis is unreachable."""
-        from redis.exceptions import ConnectionError as RedisConnectionError
-        from redis.exceptions import TimeoutError as RedisTimeoutError
-
-        try:
-            return self._submit(project_id)
-        except (RedisConnectionError, RedisTimeoutError) as err:
-            raise QueueUnavailable(f"job queue at Redis is unreachable: {err}") from err
-
-    def _submit(self, project_id: int) -> str:
-        key = queued_key(self.queue.name, project_id)
-        ttl = 4 * self.job_timeout_s
-        self.connection.set(last_request_key(self.queue.name, project_id), time.time(), ex=ttl)
-        # The job is saved before the mark names it, so a concurrent submit never sees a mark
-        # whose job does not exist yet (it would take it for a vanished job and enqueue twice).
-        job = self.queue.create_job(rq_entry, args=(project_id, self.func, self.kwargs,
-                                                    self.queue.name, self.job_timeout_s,
-                                                    self.debounce_s),
-                                    job_id=f"amls-train-{project_id}-{secrets.token_hex(6)}",
-                                    timeout=self.job_timeout_s, result_ttl=24 * 3600,
-                                    failure_ttl=7 * 24 * 3600,
-                                    description=f"train project {project_id}")
-        job.save()
-        if not self.connection.set(key, job.id, nx=True, ex=ttl):
-            if self._queued_job_alive(key):
-                job.delete()
-                return ALREADY_QUEUED
-            self.connection.set(key, job.id, ex=ttl)  # the marked job vanished: replace it
-        self.queue.enqueue_job(job)
-        return QUEUED
-
-    def state(self, project_id: int) -> dict[str, bool]:
-        return {"queued": bool(self.connection.exists(queued_key(self.queue.name, project_id))),
-                "running": bool(self.connection.exists(running_key(self.queue.name, project_id)))}
-
-    def close(self) -> None:
-        self.connection.close()
-
-    def _queued_job_alive(self, key: str) -> bool:
-        from rq.exceptions import NoSuchJobError
-        from rq.job import Job
-
-        raw = self.connection.get(key)
-        if raw is None:
-            return False
-        try:
-            status = Job.fetch(raw.decode(), connection=self.connection).get_status()
-        except NoSuchJobError:
-            return False
-        # "started" still counts while the mark names the job: it is waiting for quiet and
-        # has not read any labels yet (it clears the mark before it does).
-        return str(status) in ("queued", "deferred", "scheduled", "started",
-                               "JobStatus.QUEUED", "JobStatus.DEFERRED", "JobStatus.SCHEDULED",
-                               "JobStatus.STARTED")
-
-
-def queued_key(queue_name: str, project_id: int) -> str:
-    return f"amls:{queue_name}:queued:{project_id}"
-
-
-def running_key(queue_name: str, project_id: int) -> str:
-    return f"amls:{queue_name}:running:{project_id}"
-
-
-def last_request_key(queue_name: str, project_id: int) -> str:
-    return f"amls:{queue_name}:last-request:{project_id}"
-
-
-def wait_for_quiet(last_request: Callable[[], float], now: Callable[[], float],
-                   quiet_s: float) -> float:
-    """Sleep until `quiet_s` passed since `last_request()` (at most MAX_DEBOUNCE_S); returns
-    the seconds waited. Both callables use the same clock."""
-    start = time.monotonic()
-    while quiet_s > 0:
-        remaining = last_request() + quiet_s - now()
-        waited = time.monotonic() - start
-        if remaining <= 0 or waited >= MAX_DEBOUNCE_S:
-            break
-        time.sleep(min(remaining, 0.1, MAX_DEBOUNCE_S - waited))
-    return time.monotonic() - start
-
-
-def rq_entry(project_id: int, func: Callable[..., Any], kwargs: dict[str, Any],
-             queue_name: str, job_timeout_s: int, debounce_s: float = 0.0) -> Any:
-    """What RQ runs: wait for quiet, clear the "queued" mark, take the project's lock, call
-    `func(project_id, **kwargs)`."""
-    from rq import get_current_job
-
-    job = get_current_job()
-    if job is None:
-        raise RuntimeError("rq_entry must run inside an RQ worker")
-    connection = job.connection
-    key = queued_key(queue_name, project_id)
-
-    def last_request() -> float:
-        raw = connection.get(last_request_key(queue_name, project_id))
-        return float(raw) if raw is not None else 0.0
-
-    wait_for_quiet(last_request, time.time, debounce_s)
-    if connection.get(key) == job.id.encode():
-        connection.delete(key)
-    lock = connection.lock(running_key(queue_name, project_id), timeout=job_timeout_s,
-                           blocking_timeout=job_timeout_s)
-    if not lock.acquire():
-        raise TimeoutError(f"project {project_id}: another job held the lock for "
-                           f"{job_timeout_s} s")
-    try:
-        return func(project_id, **kwargs)
-    finally:
-        lock.release()

@@ -15,17 +15,10 @@ from typing import Any
 import numpy as np
 
 from ml_backend.config import Config
-from ml_backend.jobs import (
-    InProcessSubmitter,
-    JobSubmitter,
-    RQSubmitter,
-    StoreRefused,
-    allowed_store_path,
-    job_kwargs,
-    run_training,
-)
+from ml_backend.jobs import StoreRefused, allowed_store_path, job_kwargs, run_training
 from ml_backend.labelstudio import ChoiceSchema, parse_label_config
 from ml_backend.registry import ModelRegistry
+from ml_backend.submitters import InProcessSubmitter, JobSubmitter, RQSubmitter
 
 logger = logging.getLogger(__name__)
 

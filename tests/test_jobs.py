@@ -9,15 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ml_backend.jobs import (
-    ALREADY_QUEUED,
-    MAX_DEBOUNCE_S,
-    QUEUED,
-    InProcessSubmitter,
-    RQSubmitter,
-    run_training,
-    wait_for_quiet,
-)
+from ml_backend.jobs import run_training
 from ml_backend.labelstudio import (
     LabelConfigError,
     ground_truth_labels,
@@ -25,6 +17,14 @@ from ml_backend.labelstudio import (
     parse_label_config,
 )
 from ml_backend.registry import ModelRegistry
+from ml_backend.submitters import (
+    ALREADY_QUEUED,
+    MAX_DEBOUNCE_S,
+    QUEUED,
+    InProcessSubmitter,
+    RQSubmitter,
+    wait_for_quiet,
+)
 
 LABEL_CONFIG = """<View><Image name="image" value="$image"/>
 <Choices name="class" toName="image"><Choice value="normal"/><Choice value="anomaly"/>
@@ -126,6 +126,30 @@ def burst(submitter: RQSubmitter) -> None:
 
     SimpleWorker([submitter.queue], connection=submitter.connection).work(
         burst=True, logging_level="WARNING")
+
+
+def test_project_lock_is_renewed_while_the_job_runs(rq_submitter):
+    from ml_backend.submitters import project_lock
+
+    conn, name, ttl = rq_submitter.connection, "test:lock:renewed", 0.6
+    with project_lock(conn, name, ttl_s=ttl, wait_s=1):
+        for _ in range(8):  # 2.4 s: four lifetimes of an unrenewed lock
+            time.sleep(0.3)
+            assert conn.pttl(name) > 0
+            assert not conn.lock(name, timeout=ttl).acquire(blocking=False)
+    assert not conn.exists(name)
+
+
+def test_project_lock_waits_for_the_holder_then_times_out(rq_submitter):
+    from ml_backend.submitters import project_lock
+
+    conn, name = rq_submitter.connection, "test:lock:busy"
+    with project_lock(conn, name, ttl_s=5, wait_s=1):
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match="another job held the lock"), \
+                project_lock(conn, name, ttl_s=5, wait_s=0.5):
+            pass
+        assert 0.4 < time.monotonic() - started < 3
 
 
 def test_rq_while_queued_does_nothing(rq_submitter):
@@ -245,7 +269,7 @@ def test_wait_for_quiet_counts_from_the_last_request(quiet_s, expected):
 
 
 def test_rq_debounce_records_every_request(rq_submitter):
-    from ml_backend.jobs import last_request_key
+    from ml_backend.submitters import last_request_key
 
     rq_submitter.submit(5)
     key = last_request_key(rq_submitter.queue.name, 5)

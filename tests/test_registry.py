@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from ml_backend.config import Config
-from ml_backend.jobs import InProcessSubmitter
 from ml_backend.registry import ModelRegistry
 from ml_backend.service import UNTRAINED, AnomalyService
+from ml_backend.submitters import InProcessSubmitter
 
 LABEL_CONFIG = """<View><Image name="image" value="$image"/>
 <Choices name="choice" toName="image"><Choice value="anomaly"/><Choice value="normal"/>

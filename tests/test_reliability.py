@@ -24,12 +24,14 @@ from live_services import DEFAULT_REDIS_BIN, free_port, missing_service
 
 from ml_backend.app import create_app
 from ml_backend.config import Config
-from ml_backend.jobs import QUEUED, InProcessSubmitter, JobSubmitter, RQSubmitter
 from ml_backend.labelstudio import LabelStudioClient, parse_label_config
 from ml_backend.registry import ModelRegistry
 from ml_backend.service import AnomalyService
+from ml_backend.submitters import QUEUED, InProcessSubmitter, JobSubmitter, RQSubmitter
 
 PROJECT = 5
+# Lock time-to-live of the job that is killed: the next job must start within about this.
+KILLED_LOCK_TTL_S = 2.0
 N_WEBHOOKS = 1000
 N_THREADS = 8
 DEBOUNCE_S = 0.5  # the job waits for this much quiet, so it starts after the burst
@@ -307,7 +309,8 @@ def half_write(project_id: int, *, model_dir: str, started: str) -> None:
     staging = registry.staging_dir(project_id)
     staging.mkdir(parents=True)
     (staging / "model.safetensors").write_bytes(b"half a checkpoint")
-    Path(started).touch()
+    Path(f"{started}.tmp").write_text(str(os.getpid()))
+    Path(f"{started}.tmp").rename(started)  # whole, so the test reads a complete pid
     time.sleep(60)
     (staging / "meta.json").write_text("{}")
     registry.publish(project_id, staging, "amls-never")
@@ -323,7 +326,8 @@ def test_sigkilled_worker_leaves_the_previous_version_serving(tmp_path, redis_ur
     started = tmp_path / "started"
     queue_name = "test-reliability-kill"
     submitter = RQSubmitter(redis_url, queue_name, half_write,
-                            {"model_dir": str(registry.root), "started": str(started)})
+                            {"model_dir": str(registry.root), "started": str(started)},
+                            lock_ttl_s=KILLED_LOCK_TTL_S)
     submitter.connection.flushdb()
     assert submitter.submit(PROJECT) == QUEUED
     tests_dir = Path(__file__).resolve().parent
@@ -338,11 +342,38 @@ def test_sigkilled_worker_leaves_the_previous_version_serving(tmp_path, redis_ur
             time.sleep(0.05)
         assert started.exists(), "the job never started"
     finally:
-        os.killpg(worker.pid, signal.SIGKILL)  # the worker and its work horse
+        # The worker, and its work horse, which RQ puts in a process group of its own.
+        os.killpg(worker.pid, signal.SIGKILL)
         worker.wait(10)
+        if started.exists():
+            os.kill(int(started.read_text()), signal.SIGKILL)
+    killed = time.time()
     service = AnomalyService(Config(model_dir=registry.root), registry, submitter)
     assert registry.latest(PROJECT) == "amls-old"
     assert registry.versions(PROJECT) == ["amls-old"]
     assert service.model_version(PROJECT) == "amls-old"
+    next_start = run_next_job(redis_url, queue_name)
     submitter.connection.flushdb()
     submitter.close()
+    # The dead job's project lock expired on its own: the next job did not wait for the job
+    # timeout (it would have failed after 30 s) but at most about the lock's time-to-live.
+    assert next_start is not None, "the next job never ran"
+    assert next_start - killed < KILLED_LOCK_TTL_S + 5
+
+
+def run_next_job(redis_url: str, queue_name: str) -> float | None:
+    """Queue another job for PROJECT, run it in this process; the time it started, if it did."""
+    from redis import Redis
+    from rq import SimpleWorker
+
+    key = f"test:{queue_name}:starts"
+    submitter = RQSubmitter(redis_url, queue_name, record_start,
+                            {"redis_url": redis_url, "key": key}, job_timeout_s=30)
+    try:
+        assert submitter.submit(PROJECT) == QUEUED
+        SimpleWorker([submitter.queue], connection=Redis.from_url(redis_url)).work(
+            burst=True, logging_level="WARNING")
+        starts = submitter.connection.lrange(key, 0, -1)
+        return json.loads(starts[0])[1] if starts else None
+    finally:
+        submitter.close()
