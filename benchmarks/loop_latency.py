@@ -29,10 +29,11 @@ from typing import Any
 import numpy as np
 import requests
 
+from demo.local_servers import free_port
 from ml_backend.app import create_app
 from ml_backend.config import Config
 from ml_backend.service import AnomalyService
-from tests.live_services import free_port, running_label_studio
+from tests.live_services import running_label_studio
 
 logger = logging.getLogger("benchmarks.loop_latency")
 

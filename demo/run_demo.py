@@ -22,7 +22,6 @@ import os
 import random
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,7 +32,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-import requests
+from demo.local_servers import (
+    http_ok,
+    label_studio_command,
+    label_studio_env,
+    port_is_free,
+    start_process,
+    stop_process,
+    wait_for,
+)
 
 logger = logging.getLogger("demo")
 
@@ -44,7 +51,6 @@ FIRST_CLASSES = ("Bent", "Compact", "FRI", "FRII")
 PROJECT_TITLE = "AnomalyMatch demo: FIRST radio galaxies"
 LS_START_TIMEOUT_S = 300.0
 BACKEND_START_TIMEOUT_S = 120.0
-STOP_TIMEOUT_S = 20.0
 
 
 @dataclass(frozen=True)
@@ -147,49 +153,6 @@ def credentials(path: Path) -> Credentials:
 
 # ---- processes ---------------------------------------------------------------------------
 
-def port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        return sock.connect_ex(("127.0.0.1", port)) != 0
-
-
-def start(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
-    """Start `cmd` in its own process group (so Ctrl-C reaches us, and we stop it)."""
-    logger.info("starting %s (log: %s)", " ".join(cmd[:3]), log_path)
-    with log_path.open("ab") as log:
-        return subprocess.Popen(cmd, env=env, cwd=REPO, start_new_session=True,
-                                stdout=log, stderr=subprocess.STDOUT)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the process group; SIGKILL it if it is still alive after STOP_TIMEOUT_S."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        logger.warning("pid %d ignored SIGTERM; killing it", proc.pid)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=STOP_TIMEOUT_S)
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float, what: str,
-                 log_path: Path, auth: tuple[str, str] | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with status {proc.returncode}; see {log_path}")
-        try:
-            if requests.get(url, auth=auth, timeout=2).ok:
-                return
-        except requests.RequestException:
-            pass  # not listening yet
-        time.sleep(1.0)
-    raise RuntimeError(f"{what} not healthy after {timeout_s:.0f} s; see {log_path}")
-
-
 @contextlib.contextmanager
 def children() -> Iterator[list[subprocess.Popen]]:
     """A list to put started processes in; all are stopped on exit, Ctrl-C and SIGTERM."""
@@ -205,7 +168,7 @@ def children() -> Iterator[list[subprocess.Popen]]:
         for s in old:  # a second Ctrl-C must not interrupt the clean-up
             signal.signal(s, signal.SIG_IGN)
         for proc in reversed(procs):
-            stop(proc)
+            stop_process(proc)
         for s, handler in old.items():
             signal.signal(s, handler)
 
@@ -258,33 +221,25 @@ def run(args: argparse.Namespace) -> int:
     creds = credentials(data / "credentials.json")
     ls_url = f"http://127.0.0.1:{args.ls_port}"
     backend_url = f"http://127.0.0.1:{args.backend_port}"
-    ls_env = {**base_env,
-              "LABEL_STUDIO_BASE_DATA_DIR": str(data / "label-studio"),
-              "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
-              "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
-              "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(data),
-              "USE_DEFAULT_BANNED_SUBNETS": "false",
-              "DJANGO_DB": "sqlite"}
+    ls_env = label_studio_env(base_env, data / "label-studio", data)
     backend_env = {**base_env,
                    "LABEL_STUDIO_URL": ls_url, "LABEL_STUDIO_API_KEY": creds.token,
                    "MODEL_DIR": str(data / "models"), "AMLS_STORE_ROOTS": str(data)}
     with children() as procs:
-        procs.append(start(
-            [str(args.ls_bin), "start", "--no-browser", "--port", str(args.ls_port),
-             "--internal-host", "127.0.0.1", "--data-dir", str(data / "label-studio"),
-             # `--opt=value`: a random password may start with "-".
-             f"--username={creds.username}", f"--password={creds.password}",
-             f"--user-token={creds.token}", "--enable-legacy-api-token"],
-            ls_env, logs / "label-studio.log"))
-        procs.append(start(
+        procs.append(start_process(
+            label_studio_command(args.ls_bin, args.ls_port, data / "label-studio",
+                                 username=creds.username, password=creds.password,
+                                 token=creds.token),
+            ls_env, logs / "label-studio.log", cwd=REPO))
+        procs.append(start_process(
             [sys.executable, "-m", "ml_backend.cli", "serve", "--host", "127.0.0.1",
-             "--port", str(args.backend_port)], backend_env, logs / "backend.log"))
+             "--port", str(args.backend_port)], backend_env, logs / "backend.log", cwd=REPO))
         print("Waiting for Label Studio (the first start migrates its database, "
               "a minute or two) ...")
-        wait_healthy(f"{ls_url}/health", procs[0], LS_START_TIMEOUT_S, "Label Studio",
-                     logs / "label-studio.log")
-        wait_healthy(f"{backend_url}/health", procs[1], BACKEND_START_TIMEOUT_S,
-                     "amls serve", logs / "backend.log")
+        wait_for(lambda: http_ok(f"{ls_url}/health"), LS_START_TIMEOUT_S, "Label Studio",
+                 procs[0], logs / "label-studio.log")
+        wait_for(lambda: http_ok(f"{backend_url}/health"), BACKEND_START_TIMEOUT_S,
+                 "amls serve", procs[1], logs / "backend.log")
 
         project_id, project_url = set_up(ls_url, creds.token, backend_url, previews)
         # The token goes through the environment, not argv (which `ps` shows).

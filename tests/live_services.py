@@ -33,17 +33,23 @@ import logging
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import requests
+
+from demo.local_servers import (
+    free_port,
+    http_ok,
+    label_studio_command,
+    label_studio_env,
+    start_process,
+    stop_process,
+    wait_for,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,47 +77,6 @@ def missing_service(reason: str) -> None:
     if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
         pytest.fail(f"{reason} (CI=true: integration tests must not be skipped)", pytrace=False)
     pytest.skip(reason)
-
-
-def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(check, timeout_s: float, what: str, proc: subprocess.Popen | None = None,
-             log_path: Path | None = None) -> None:
-    """Poll `check()` every 0.5 s until it is true; raise with the server's log tail if not."""
-    start = time.monotonic()
-    deadline = start + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            break
-        if check():
-            return
-        time.sleep(0.5)
-    tail = ""
-    if log_path is not None and log_path.exists():
-        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
-    state = "exited" if proc is not None and proc.poll() is not None else "not ready"
-    elapsed = time.monotonic() - start
-    raise RuntimeError(f"{what} {state} after {elapsed:.0f} s; log tail:\n{tail}")
-
-
-def stop_process(proc: subprocess.Popen, timeout_s: float = 20.0) -> None:
-    """SIGTERM the process group, wait, then SIGKILL it if it is still there."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        logger.warning("process %d ignored SIGTERM; killing it", proc.pid)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=timeout_s)
 
 
 @contextlib.contextmanager
@@ -161,37 +126,15 @@ def running_label_studio() -> Iterator[LiveLabelStudio]:
     document_root = base / "docroot"
     document_root.mkdir()
     log_path = base / "label-studio.log"
-    env = {
-        **os.environ,
-        "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
-        "LABEL_STUDIO_USERNAME": username,
-        "LABEL_STUDIO_PASSWORD": password,
-        "LABEL_STUDIO_USER_TOKEN": token,
-        "LABEL_STUDIO_BASE_DATA_DIR": str(base / "data"),
-        "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
-        "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(document_root),
-        # Label Studio refuses ML backends on loopback addresses unless this is off.
-        "USE_DEFAULT_BANNED_SUBNETS": "false",
-        "SSRF_PROTECTION_ENABLED": "false",
-        "DJANGO_DB": "sqlite",
-    }
-    cmd = [str(binary), "start", "--no-browser", "--port", str(port),
-           "--internal-host", "127.0.0.1", "--data-dir", str(base / "data"),
-           "--username", username, "--password", password, "--user-token", token,
-           "--enable-legacy-api-token", "--log-level", "WARNING"]
+    env = label_studio_env(os.environ, base / "data", document_root)
+    env["SSRF_PROTECTION_ENABLED"] = "false"  # allow URL imports from loopback addresses
+    cmd = label_studio_command(binary, port, base / "data", username=username,
+                               password=password, token=token) + ["--log-level", "WARNING"]
     url = f"http://127.0.0.1:{port}"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, env=env, cwd=base, start_new_session=True,
-                                stdout=log, stderr=subprocess.STDOUT)
-
-    def ready() -> bool:
-        try:
-            return requests.get(f"{url}/health", timeout=2).ok
-        except requests.RequestException:
-            return False
-
+    proc = start_process(cmd, env, log_path, cwd=base)
     try:
-        wait_for(ready, LS_START_TIMEOUT_S, "Label Studio", proc, log_path)
+        wait_for(lambda: http_ok(f"{url}/health"), LS_START_TIMEOUT_S, "Label Studio", proc,
+                 log_path)
         client = LabelStudio(base_url=url, api_key=token)
         yield LiveLabelStudio(url=url, token=token, document_root=document_root,
                               client=client, username=username, password=password)

@@ -20,8 +20,9 @@ from typing import Any
 
 import pytest
 import requests
-from live_services import REPO_ROOT, LiveLabelStudio, free_port, stop_process
+from live_services import REPO_ROOT, LiveLabelStudio
 
+from demo.local_servers import free_port, stop_process
 from ml_backend.app import create_app
 from ml_backend.config import Config
 from ml_backend.labelstudio import VIEW_TITLE

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from live_services import DEFAULT_REDIS_BIN, free_port, missing_service
+from live_services import DEFAULT_REDIS_BIN, missing_service
 
+from demo.local_servers import free_port
 from ml_backend.app import create_app
 from ml_backend.config import Config
 from ml_backend.labelstudio import LabelStudioClient, parse_label_config

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import requests
-from live_services import free_port, stop_process, wait_for
 
+from demo.local_servers import free_port, stop_process, wait_for
 from ml_backend.cli import main
 from ml_backend.labelstudio import VIEW_TITLE, LabelStudioClient
 from ml_backend.project_setup import (
