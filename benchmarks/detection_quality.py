@@ -49,9 +49,10 @@ def run_one(store_path: Path, truth_path: Path, method: str, seed: int,
         return list(run_simulation(store, truth, plan, cfg))
 
 
-def summarise(rows: list[dict]) -> dict[str, str]:
+def summarise(rows: list[dict], keys: tuple[str, ...] = METRICS) -> dict[str, str]:
+    """'mean ± std' over rows for each key ('n/a' where no row has it)."""
     out = {}
-    for key in METRICS:
+    for key in keys:
         values = [r[key] for r in rows if r.get(key) is not None]
         if not values:
             out[key] = "n/a"
