@@ -37,6 +37,7 @@ RARE_CLASS = "Bent"
 COMMON_CLASSES = ("Compact",)
 N_RARE, N_PER_COMMON = 24, 210
 N_LABEL_RARE, N_LABEL_COMMON = 5, 20
+N_HELD_OUT_RARE, N_HELD_OUT_COMMON = 3, 6  # marked as ground truth
 LABEL_CONFIG = """<View>
   <Image name="image" value="$image"/>
   <Choices name="morphology" toName="image" choice="single">
@@ -193,8 +194,15 @@ def test_annotations_reorder_the_queue(label_studio: LiveLabelStudio, galaxy_sto
     to_label = ([(t, "anomaly") for t in rare[:N_LABEL_RARE]]
                 + [(t, "normal") for t in common[::len(common) // N_LABEL_COMMON]
                    [:N_LABEL_COMMON]])
+    # Ground-truth annotations are the held-out set: scored each cycle, never trained on.
+    held_out = ([(t, "anomaly") for t in rare[N_LABEL_RARE:N_LABEL_RARE + N_HELD_OUT_RARE]]
+                + [(t, "normal") for t in common[1::len(common) // N_HELD_OUT_COMMON]
+                   [:N_HELD_OUT_COMMON]])
+    assert not {t for t, _ in held_out} & {t for t, _ in to_label}
     for task_id, value in to_label:
         client.annotations.create(id=task_id, result=choice(value))
+    for task_id, value in held_out:
+        client.annotations.create(id=task_id, result=choice(value), ground_truth=True)
     last_annotation = time.time()
 
     project_metrics = wait_for_jobs(backend, project_id, last_annotation)
@@ -207,9 +215,15 @@ def test_annotations_reorder_the_queue(label_studio: LiveLabelStudio, galaxy_sto
     assert project_metrics["label_counts"] == {"anomaly": N_LABEL_RARE,
                                                "normal": N_LABEL_COMMON}
 
-    labelled = {t for t, _ in to_label}
+    evaluation = queue["last_result"]["evaluation"]
+    assert evaluation["n"] == N_HELD_OUT_RARE + N_HELD_OUT_COMMON, evaluation
+    assert evaluation["n_anomalies"] == N_HELD_OUT_RARE, evaluation
+    assert 0.0 <= evaluation["auroc"] <= 1.0, evaluation
+
+    labelled = {t for t, _ in to_label} | {t for t, _ in held_out}
     tasks = {int(t.id): t.dict() for t in client.tasks.list(project=project_id, fields="all",
                                                               page_size=1000)}
+    assert all(latest_score(tasks[t], version) is None for t, _ in held_out)
     unlabelled = set(tasks) - labelled
     # (b) every unlabelled task has a prediction of the new version
     scores = {t: latest_score(tasks[t], version) for t in unlabelled}
