@@ -1,0 +1,49 @@
+"""Merge detection-quality logs (runs.jsonl of several runs) into one mean ± std table.
+
+    python -m benchmarks.summarise runs/q*/runs.jsonl
+
+Keeps the final cycle of each (dataset, method, seed); a seed logged twice counts once (the
+later line wins).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from benchmarks.detection_quality import summarise
+
+COLUMNS = ("auroc", "ap", "precision_top_1pct", "precision_top_0_1pct", "seconds_per_cycle")
+
+
+def final_rows(paths: list[Path]) -> dict[tuple[str, str], list[dict]]:
+    """(dataset, method) -> the last-cycle row of every seed."""
+    last: dict[tuple[str, str, int], dict] = {}
+    for path in paths:
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            key = (row["dataset"], row["method"], row["seed"])
+            if key not in last or row["cycle"] >= last[key]["cycle"]:
+                last[key] = row
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for (dataset, method, _), row in sorted(last.items()):
+        groups[(dataset, method)].append(row)
+    return groups
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("logs", type=Path, nargs="+", help="runs.jsonl files")
+    args = parser.parse_args()
+    print("| dataset | method | seeds | " + " | ".join(COLUMNS) + " |")
+    print("|---|---|---|" + "---|" * len(COLUMNS))
+    for (dataset, method), rows in final_rows(args.logs).items():
+        cells = summarise(rows, COLUMNS)
+        print(f"| {dataset} | {method} | {len(rows)} | "
+              + " | ".join(cells[k] for k in COLUMNS) + " |")
+
+
+if __name__ == "__main__":
+    main()
