@@ -339,7 +339,7 @@ def _read_tasks(pixels: _ProjectPixels, task_ids: list[int]) -> np.ndarray:
 def _unlabeled_pool(pixels: _ProjectPixels, task_ids: list[int], default: str) -> Any:
     """FixMatch's unlabelled images: the tasks' rows in the store holding most of them
     (`default`'s empty subset if there are none)."""
-    from ml_backend.core.store import StoreSubset
+    from ml_backend.core.sources import StoreSubset
 
     counts: dict[str, int] = {}
     for t in task_ids:

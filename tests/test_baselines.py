@@ -3,7 +3,8 @@ import pytest
 
 from ml_backend.core.baselines import isolation_forest_scores, pretrained_feature_fn
 from ml_backend.core.config import TrainConfig
-from ml_backend.core.store import ArraySource, CutoutStore
+from ml_backend.core.sources import ArraySource
+from ml_backend.core.store import CutoutStore
 
 
 def toy_images(n_normal=120, n_odd=4, size=32, seed=0):

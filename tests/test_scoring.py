@@ -15,7 +15,8 @@ from ml_backend.core.config import TrainConfig
 from ml_backend.core.model import anomaly_probability, build_model, set_seed
 from ml_backend.core.preprocess import normalise, to_model_input, to_unit_tensor
 from ml_backend.core.scoring import score_images, score_store
-from ml_backend.core.store import ArraySource, CutoutStore
+from ml_backend.core.sources import ArraySource
+from ml_backend.core.store import CutoutStore
 
 SIZE = 32
 STRETCH = {"name": "asinh", "a": 0.1}

@@ -7,7 +7,8 @@ import h5py
 import numpy as np
 import pytest
 
-from ml_backend.core.store import ArraySource, CutoutStore, ImageSource, StoreSubset
+from ml_backend.core.sources import ArraySource, ImageSource, StoreSubset
+from ml_backend.core.store import CutoutStore
 
 SHAPE = (12, 10, 3)
 
@@ -193,7 +194,7 @@ class FailingSource:
 
 
 def test_iter_batches_propagates_reader_errors():
-    from ml_backend.core.store import prefetch_batches
+    from ml_backend.core.sources import prefetch_batches
 
     seen = []
     with pytest.raises(OSError, match="disk on fire"):

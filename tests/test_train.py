@@ -16,7 +16,8 @@ from ml_backend.core.config import TrainConfig
 from ml_backend.core.csvio import write_labels_csv
 from ml_backend.core.model import anomaly_probability
 from ml_backend.core.preprocess import to_model_input
-from ml_backend.core.store import ArraySource, CutoutStore
+from ml_backend.core.sources import ArraySource
+from ml_backend.core.store import CutoutStore
 from ml_backend.core.train import (
     ModelEMA,
     WeightedLabeledSampler,

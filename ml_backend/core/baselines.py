@@ -17,7 +17,7 @@ from sklearn.ensemble import IsolationForest
 
 from ml_backend.core.config import TrainConfig
 from ml_backend.core.progress import progress
-from ml_backend.core.store import ImageSource, prefetch_batches
+from ml_backend.core.sources import ImageSource, prefetch_batches
 
 log = logging.getLogger(__name__)
 

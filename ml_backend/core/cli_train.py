@@ -20,7 +20,8 @@ import numpy as np
 
 from ml_backend.core.config import TrainConfig
 from ml_backend.core.csvio import LABEL_NAMES, read_labels_csv
-from ml_backend.core.store import CutoutStore, StoreSubset
+from ml_backend.core.sources import StoreSubset
+from ml_backend.core.store import CutoutStore
 
 if TYPE_CHECKING:
     from ml_backend.core.checkpoint import ModelMeta

@@ -22,7 +22,8 @@ from ml_backend.core import metrics
 from ml_backend.core.checkpoint import load_model_dir, read_meta
 from ml_backend.core.config import TrainConfig
 from ml_backend.core.scoring import score_store
-from ml_backend.core.store import CutoutStore, StoreSubset
+from ml_backend.core.sources import StoreSubset
+from ml_backend.core.store import CutoutStore
 from ml_backend.core.train import save_cycle, train_cycle
 
 log = logging.getLogger(__name__)

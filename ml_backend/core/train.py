@@ -37,7 +37,7 @@ from ml_backend.core.fixmatch import StepStats, fixmatch_step
 from ml_backend.core.model import build_model, resolve_device, set_seed
 from ml_backend.core.preprocess import normalise, resize, to_unit_tensor
 from ml_backend.core.progress import progress
-from ml_backend.core.store import ImageSource
+from ml_backend.core.sources import ImageSource
 
 logger = logging.getLogger(__name__)
 
