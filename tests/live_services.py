@@ -33,6 +33,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -77,6 +78,29 @@ def missing_service(reason: str) -> None:
     if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
         pytest.fail(f"{reason} (CI=true: integration tests must not be skipped)", pytrace=False)
     pytest.skip(reason)
+
+
+def kill_rq_worker(proc: subprocess.Popen) -> None:
+    """SIGKILL an RQ worker and its work horse, as a lost machine would lose them.
+
+    RQ moves the horse into a process group of its own, so killing the worker's group alone
+    leaves the horse running its job to the end.
+    """
+    horses = [int(stat.parent.name) for stat in Path("/proc").glob("[0-9]*/stat")
+              if _parent_pid(stat) == proc.pid]
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    for pid in horses:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+
+
+def _parent_pid(stat: Path) -> int | None:
+    try:  # /proc/<pid>/stat: "pid (comm) state ppid ..."; comm may contain spaces
+        return int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 @contextlib.contextmanager

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from live_services import DEFAULT_REDIS_BIN, missing_service
+from live_services import DEFAULT_REDIS_BIN, kill_rq_worker, missing_service
 
 from demo.local_servers import free_port
 from ml_backend.app import create_app
@@ -310,8 +309,7 @@ def half_write(project_id: int, *, model_dir: str, started: str) -> None:
     staging = registry.staging_dir(project_id)
     staging.mkdir(parents=True)
     (staging / "model.safetensors").write_bytes(b"half a checkpoint")
-    Path(f"{started}.tmp").write_text(str(os.getpid()))
-    Path(f"{started}.tmp").rename(started)  # whole, so the test reads a complete pid
+    Path(started).touch()
     time.sleep(60)
     (staging / "meta.json").write_text("{}")
     registry.publish(project_id, staging, "amls-never")
@@ -343,11 +341,7 @@ def test_sigkilled_worker_leaves_the_previous_version_serving(tmp_path, redis_ur
             time.sleep(0.05)
         assert started.exists(), "the job never started"
     finally:
-        # The worker, and its work horse, which RQ puts in a process group of its own.
-        os.killpg(worker.pid, signal.SIGKILL)
-        worker.wait(10)
-        if started.exists():
-            os.kill(int(started.read_text()), signal.SIGKILL)
+        kill_rq_worker(worker)
     killed = time.time()
     service = AnomalyService(Config(model_dir=registry.root), registry, submitter)
     assert registry.latest(PROJECT) == "amls-old"

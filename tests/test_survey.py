@@ -17,6 +17,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from live_services import kill_rq_worker
 
 from import_tools.tasks import append_tasks, make_task, tasks_path
 from ml_backend import survey
@@ -370,8 +371,7 @@ def test_a_worker_killed_mid_shard_is_resumed_and_every_shard_is_done_once(
     while not started.get_job_ids() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert started.get_job_ids(), log.read_text()[-3000:]
-    os.killpg(victim.pid, signal.SIGKILL)  # the worker and its work horse: a lost machine
-    victim.wait(timeout=10)
+    kill_rq_worker(victim)  # the worker and its work horse: a lost machine
     state = survey.survey_state(tmp_path / "s")
     assert len(state.done) < 2, "the kill came too late to interrupt a shard"
     assert not list((tmp_path / "s" / survey.SHARDS).glob("shard-*.csv.tmp*"))
