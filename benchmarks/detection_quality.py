@@ -15,6 +15,7 @@ import json
 import logging
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from benchmarks.datasets import FIRST_CLASSES, build_animal, build_first
@@ -62,6 +63,20 @@ def summarise(rows: list[dict], keys: tuple[str, ...] = METRICS) -> dict[str, st
     return out
 
 
+def table_header(labels: Sequence[str], keys: tuple[str, ...] = METRICS) -> list[str]:
+    """The two header lines of a markdown table: `labels`, 'seeds', then `keys`."""
+    names = [*labels, "seeds", *keys]
+    return ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
+
+
+def table_row(labels: Sequence[object], rows: list[dict],
+              keys: tuple[str, ...] = METRICS) -> str:
+    """One markdown row: `labels`, the number of rows (seeds), mean ± std of each key."""
+    summary = summarise(rows, keys)
+    return "| " + " | ".join([*map(str, labels), str(len(rows)),
+                              *(summary[k] for k in keys)]) + " |"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/quality"))
@@ -82,8 +97,7 @@ def main() -> None:
     cfg = TrainConfig(image_size=args.size, iterations=args.iterations)
     args.out.mkdir(parents=True, exist_ok=True)
     log_path = args.out / "runs.jsonl"
-    table = ["| dataset | method | " + " | ".join(METRICS) + " |",
-             "|---|---|" + "---|" * len(METRICS)]
+    table = table_header(["dataset", "method"])
     for spec in args.datasets:
         fraction = 0.01 if spec.startswith("animal") else args.rare_fraction
         store, truth = dataset_paths(spec, args.out / "data", fraction)
@@ -99,9 +113,7 @@ def main() -> None:
                 row = cycles[-1] | {"wall_seconds": round(time.perf_counter() - started, 1)}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-            summary = summarise(rows)
-            table.append(f"| {spec} | {method} | "
-                         + " | ".join(summary[k] for k in METRICS) + " |")
+            table.append(table_row([spec, method], rows))
             print(table[-1], flush=True)
     print("\n".join(table))
 

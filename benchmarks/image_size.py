@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.datasets import FIRST_CLASSES
-from benchmarks.detection_quality import dataset_paths, run_one, summarise
+from benchmarks.detection_quality import dataset_paths, run_one, table_header, table_row
 from ml_backend.core import metrics
 from ml_backend.core.baselines import extract_features, pretrained_feature_fn
 from ml_backend.core.cli_simulate import truth_vector
@@ -75,8 +75,7 @@ def main() -> None:
     store, truth = dataset_paths(args.dataset, args.out / "data", fraction)
     args.out.mkdir(parents=True, exist_ok=True)
     log_path = args.out / "runs.jsonl"
-    table = ["| size | method | seeds | " + " | ".join(COLUMNS) + " |",
-             "|---|---|---|" + "---|" * len(COLUMNS)]
+    table = table_header(["size", "method"], COLUMNS)
     for size in args.sizes:
         methods = ["linear-probe"] + (args.methods if size <= args.max_train_size else [])
         for method in methods:
@@ -91,9 +90,7 @@ def main() -> None:
                 with log_path.open("a") as fh:
                     fh.write(json.dumps(row) + "\n")
                 rows.append(row)
-            summary = summarise(rows, COLUMNS)
-            table.append(f"| {size} | {method} | {len(rows)} | "
-                         + " | ".join(summary[k] for k in COLUMNS) + " |")
+            table.append(table_row([size, method], rows, COLUMNS))
             print(table[-1], flush=True)
     print("\n".join(table))
 

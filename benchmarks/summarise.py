@@ -13,9 +13,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from benchmarks.detection_quality import summarise
-
-COLUMNS = ("auroc", "ap", "precision_top_1pct", "precision_top_0_1pct", "seconds_per_cycle")
+from benchmarks.detection_quality import table_header, table_row
 
 
 def final_rows(paths: list[Path]) -> dict[tuple[str, str], list[dict]]:
@@ -37,12 +35,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("logs", type=Path, nargs="+", help="runs.jsonl files")
     args = parser.parse_args()
-    print("| dataset | method | seeds | " + " | ".join(COLUMNS) + " |")
-    print("|---|---|---|" + "---|" * len(COLUMNS))
+    print("\n".join(table_header(["dataset", "method"])))
     for (dataset, method), rows in final_rows(args.logs).items():
-        cells = summarise(rows, COLUMNS)
-        print(f"| {dataset} | {method} | {len(rows)} | "
-              + " | ".join(cells[k] for k in COLUMNS) + " |")
+        print(table_row([dataset, method], rows))
 
 
 if __name__ == "__main__":
