@@ -20,7 +20,7 @@ from pathlib import Path
 
 from benchmarks.datasets import FIRST_CLASSES, build_animal, build_first
 from ml_backend.core.cli_simulate import truth_vector
-from ml_backend.core.config import TrainConfig
+from ml_backend.core.config import TrainConfig, center_crop_arg
 from ml_backend.core.simulate import METHODS, SimulationPlan, run_simulation
 from ml_backend.core.store import CutoutStore
 
@@ -90,11 +90,14 @@ def main() -> None:
                         help="the rare class is subsampled to this fraction of the set")
     parser.add_argument("--initial-normals", type=int, default=495)
     parser.add_argument("--size", type=int, default=TrainConfig.image_size)
+    parser.add_argument("--center-crop", type=center_crop_arg, default=TrainConfig.center_crop,
+                        help="fraction of each cutout side kept around the centre (default 1)")
     parser.add_argument("--iterations", type=int, default=TrainConfig.iterations)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    cfg = TrainConfig(image_size=args.size, iterations=args.iterations)
+    cfg = TrainConfig(image_size=args.size, center_crop=args.center_crop,
+                      iterations=args.iterations)
     args.out.mkdir(parents=True, exist_ok=True)
     log_path = args.out / "runs.jsonl"
     table = table_header(["dataset", "method"])
@@ -108,7 +111,7 @@ def main() -> None:
                 cycles = run_one(store, truth, method, seed, cfg, args.initial_normals)
                 with log_path.open("a") as fh:
                     for row in cycles:
-                        row.update(dataset=spec, seed=seed)
+                        row.update(dataset=spec, seed=seed, center_crop=cfg.center_crop)
                         fh.write(json.dumps(row) + "\n")
                 row = cycles[-1] | {"wall_seconds": round(time.perf_counter() - started, 1)}
                 print(json.dumps(row), flush=True)

@@ -1,6 +1,7 @@
-"""Image size: detection quality vs cost at 64 / 96 / 128 / 224 px, to choose the default.
+"""Model input: detection quality vs cost at 64 / 96 / 128 / 224 px and centre crops.
 
-For each size it measures, on one dataset and seed:
+For each size and centre crop (--center-crops, fractions of the cutout side) it measures, on
+one dataset and seed:
 - a linear probe: logistic regression on frozen ImageNet features of the initial labels
   (5 anomalies + 495 normals), metrics on the rest of the pool; cheap, so every size gets
   it. It has no oracle cycles, so compare it across sizes, not with the simulate rows;
@@ -8,11 +9,13 @@ For each size it measures, on one dataset and seed:
   above --max-train-size (training cost grows with the square of the side).
 
     python -m benchmarks.image_size --dataset first:Bent --sizes 64 96 128 224 --max-train-size 128
+    python -m benchmarks.image_size --dataset first:Bent --sizes 64 --center-crops 1 0.5 0.33
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import time
@@ -25,7 +28,7 @@ from benchmarks.detection_quality import dataset_paths, run_one, table_header, t
 from ml_backend.core import metrics
 from ml_backend.core.baselines import extract_features, pretrained_feature_fn
 from ml_backend.core.cli_simulate import truth_vector
-from ml_backend.core.config import TrainConfig
+from ml_backend.core.config import TrainConfig, center_crop_arg
 from ml_backend.core.simulate import SimulationPlan, choose_pool
 from ml_backend.core.store import CutoutStore
 
@@ -63,6 +66,7 @@ def main() -> None:
                         help=f"first:<{'|'.join(FIRST_CLASSES)}> or animal:<class>")
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 96, 128, 224])
     parser.add_argument("--methods", nargs="*", default=["fixmatch", "supervised"])
+    parser.add_argument("--center-crops", type=center_crop_arg, nargs="+", default=[1.0])
     parser.add_argument("--max-train-size", type=int, default=128,
                         help="run --methods only at sizes up to this (the probe runs at all)")
     parser.add_argument("--seeds", type=int, default=3)
@@ -75,22 +79,23 @@ def main() -> None:
     store, truth = dataset_paths(args.dataset, args.out / "data", fraction)
     args.out.mkdir(parents=True, exist_ok=True)
     log_path = args.out / "runs.jsonl"
-    table = table_header(["size", "method"], COLUMNS)
-    for size in args.sizes:
+    table = table_header(["size", "crop", "method"], COLUMNS)
+    for size, crop in itertools.product(args.sizes, args.center_crops):
         methods = ["linear-probe"] + (args.methods if size <= args.max_train_size else [])
         for method in methods:
             rows = []
             for seed in range(args.seeds):
-                cfg = TrainConfig(image_size=size, seed=seed)
+                cfg = TrainConfig(image_size=size, center_crop=crop, seed=seed)
                 if method == "linear-probe":
                     row = linear_probe(store, truth, cfg, args.initial_normals)
                 else:
                     row = run_one(store, truth, method, seed, cfg, args.initial_normals)[-1]
-                row |= {"dataset": args.dataset, "size": size, "seed": seed}
+                row |= {"dataset": args.dataset, "size": size, "center_crop": crop,
+                        "seed": seed}
                 with log_path.open("a") as fh:
                     fh.write(json.dumps(row) + "\n")
                 rows.append(row)
-            table.append(table_row([size, method], rows, COLUMNS))
+            table.append(table_row([size, f"{crop:g}", method], rows, COLUMNS))
             print(table[-1], flush=True)
     print("\n".join(table))
 

@@ -37,6 +37,8 @@ class Config:
     iterations: int = 100
     # Model input side in pixels; images are resized to image_size x image_size.
     image_size: int = 64
+    # Fraction of each cutout side kept around its centre before resizing (1 = whole cutout).
+    center_crop: float = 1.0
     # Labelled images per FixMatch step.
     batch_size: int = 16
     # Images per forward pass when scoring unlabelled tasks.
@@ -71,6 +73,8 @@ class Config:
             raise ConfigError(f"debounce_s must be in [0, 30] seconds, got {self.debounce_s}")
         if self.image_size < 32:
             raise ConfigError(f"image_size must be >= 32 pixels, got {self.image_size}")
+        if not 0.0 < self.center_crop <= 1.0:
+            raise ConfigError(f"AMLS_CENTER_CROP must be in (0, 1], got {self.center_crop}")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise ConfigError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together")
         if self.label_studio_url:
@@ -125,6 +129,7 @@ class Config:
             anomaly_label=env.get("ANOMALY_LABEL", "anomaly"),
             iterations=_int(env, "AMLS_ITERATIONS", 100),
             image_size=_int(env, "AMLS_IMAGE_SIZE", 64),
+            center_crop=_float(env, "AMLS_CENTER_CROP", 1.0),
             batch_size=_int(env, "AMLS_BATCH_SIZE", 16),
             score_batch_size=_int(env, "AMLS_SCORE_BATCH_SIZE", 256),
             versions_kept=_int(env, "AMLS_VERSIONS_KEPT", 3),

@@ -43,7 +43,8 @@ def job_kwargs(cfg: Config) -> dict[str, Any]:
     return {
         "label_studio_url": cfg.label_studio_url, "model_dir": str(cfg.model_dir),
         "anomaly_label": cfg.anomaly_label, "iterations": cfg.iterations,
-        "image_size": cfg.image_size, "batch_size": cfg.batch_size,
+        "image_size": cfg.image_size, "center_crop": cfg.center_crop,
+        "batch_size": cfg.batch_size,
         "score_batch_size": cfg.score_batch_size, "versions_kept": cfg.versions_kept,
         "write_batch": cfg.prediction_write_batch,
         "image_hosts": sorted(cfg.image_hosts), "device": cfg.device,
@@ -78,9 +79,10 @@ def allowed_store_path(raw: object, roots: Sequence[Path]) -> Path:
 
 def run_training(project_id: int, *, label_studio_url: str, model_dir: str,
                  anomaly_label: str = "anomaly", iterations: int = 100, image_size: int = 64,
-                 batch_size: int = 16, score_batch_size: int = 256, versions_kept: int = 3,
-                 write_batch: int = 500, image_hosts: list[str] | None = None,
-                 device: str = "auto", store_roots: list[str] | None = None,
+                 center_crop: float = 1.0, batch_size: int = 16, score_batch_size: int = 256,
+                 versions_kept: int = 3, write_batch: int = 500,
+                 image_hosts: list[str] | None = None, device: str = "auto",
+                 store_roots: list[str] | None = None,
                  api_key: str | None = None) -> dict[str, Any]:
     """Train one cycle for a project and publish it; returns a JSON-able summary.
 
@@ -103,7 +105,7 @@ def run_training(project_id: int, *, label_studio_url: str, model_dir: str,
         summary = train_and_publish(
             project_id, registry=registry, label_studio_url=label_studio_url, api_key=key,
             anomaly_label=anomaly_label, iterations=iterations, image_size=image_size,
-            batch_size=batch_size, score_batch_size=score_batch_size,
+            center_crop=center_crop, batch_size=batch_size, score_batch_size=score_batch_size,
             versions_kept=versions_kept, write_batch=write_batch,
             image_hosts=frozenset(image_hosts or []), device=device, store_roots=roots,
             on_progress=_report_progress)
@@ -151,9 +153,9 @@ class _ProjectPixels:
 
 def train_and_publish(project_id: int, *, registry: ModelRegistry, label_studio_url: str,
                       api_key: str, anomaly_label: str, iterations: int, image_size: int,
-                      batch_size: int, score_batch_size: int, versions_kept: int,
-                      write_batch: int, image_hosts: frozenset[str], device: str,
-                      store_roots: Sequence[Path],
+                      center_crop: float, batch_size: int, score_batch_size: int,
+                      versions_kept: int, write_batch: int, image_hosts: frozenset[str],
+                      device: str, store_roots: Sequence[Path],
                       on_progress: Callable[[str, int, int], None]) -> dict[str, Any]:
     """The body of `run_training`: labels in, new version published, predictions out."""
     from ml_backend.core.checkpoint import load_model_dir
@@ -181,7 +183,8 @@ def train_and_publish(project_id: int, *, registry: ModelRegistry, label_studio_
         y = np.array([labels[t] for t in labeled_ids], dtype=np.int64)
         unlabeled = sorted(t for t in pixels.rows if t not in labels and t not in held_out)
         pool = _unlabeled_pool(pixels, unlabeled, default=pixels.rows[labeled_ids[0]][0])
-        cfg = TrainConfig(iterations=iterations, image_size=image_size, batch_size=batch_size,
+        cfg = TrainConfig(iterations=iterations, image_size=image_size,
+                          center_crop=center_crop, batch_size=batch_size,
                           score_batch_size=score_batch_size, device=device)
         parent_dir = registry.latest_dir(project_id)
         result = train_cycle(cfg, labeled, y, pool, init_dir=parent_dir,

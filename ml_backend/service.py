@@ -178,7 +178,8 @@ class AnomalyService:
                 for start in range(0, len(found), self.cfg.score_batch_size):
                     chunk = found[start:start + self.cfg.score_batch_size]
                     images = store.read_ids([cid for _, cid in chunk])
-                    probs = score_images(model, images, meta.image_size, device)
+                    probs = score_images(model, images, meta.image_size, device,
+                                         crop=meta.center_crop)
                     for (i, _), p in zip(chunk, probs, strict=True):
                         scores[i] = float(p) if np.isfinite(p) else None
         return scores

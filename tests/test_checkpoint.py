@@ -182,6 +182,15 @@ def test_damaged_meta_is_refused(saved):
         read_meta(path)
 
 
+def test_meta_written_before_center_crop_existed_reads_as_the_whole_cutout(saved):
+    path, *_ = saved
+    meta_path = path / "meta.json"
+    data = json.loads(meta_path.read_text())
+    del data["center_crop"]
+    meta_path.write_text(json.dumps(data))
+    assert read_meta(path).center_crop == 1.0
+
+
 def test_absent_directory_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_model_dir(tmp_path / "nope")

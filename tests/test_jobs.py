@@ -399,3 +399,14 @@ def test_held_out_evaluation_scores_the_ground_truth_tasks(tmp_path: Path, caplo
         assert _evaluate_held_out(7, pixels, {}, model, meta, 4, "cpu") is None
     finally:
         pixels.close()
+
+
+def test_every_job_setting_is_a_run_training_parameter():
+    import inspect
+
+    from ml_backend.config import Config
+    from ml_backend.jobs import job_kwargs
+
+    kwargs = job_kwargs(Config(center_crop=0.5))
+    accepted = inspect.signature(run_training).parameters
+    assert set(kwargs) <= set(accepted) and kwargs["center_crop"] == 0.5

@@ -13,7 +13,7 @@ from ml_backend.core import cli_score
 from ml_backend.core.checkpoint import ModelMeta, new_version, save_model_dir, utc_now_iso
 from ml_backend.core.config import TrainConfig
 from ml_backend.core.model import anomaly_probability, build_model, set_seed
-from ml_backend.core.preprocess import normalise, to_model_input, to_unit_tensor
+from ml_backend.core.preprocess import center_crop, normalise, to_model_input, to_unit_tensor
 from ml_backend.core.scoring import score_images, score_store
 from ml_backend.core.sources import ArraySource
 from ml_backend.core.store import CutoutStore
@@ -27,10 +27,10 @@ def random_images(n: int, size: int = SIZE, channels: int = 3, seed: int = 0) ->
     return np.random.default_rng(seed).integers(0, 256, (n, size, size, channels), np.uint8)
 
 
-def make_meta(channels: int = 3, stretch: dict | None = None) -> ModelMeta:
+def make_meta(channels: int = 3, stretch: dict | None = None, crop: float = 1.0) -> ModelMeta:
     return ModelMeta(version=new_version(), parent=None, created=utc_now_iso(),
-                     config=CFG.to_dict(), image_size=SIZE, channels=channels,
-                     stretch=dict(stretch or STRETCH))
+                     config=CFG.replace(center_crop=crop).to_dict(), image_size=SIZE,
+                     channels=channels, stretch=dict(stretch or STRETCH), center_crop=crop)
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +85,29 @@ def test_unit_tensor_and_normalise():
     assert torch.isnan(normalise(torch.tensor([float("nan")]))).all()
 
 
+def test_center_crop_keeps_the_central_pixels():
+    x = torch.arange(2 * 10 * 8, dtype=torch.float32).reshape(2, 1, 10, 8)
+    assert center_crop(x, 1.0) is x
+    half = center_crop(x, 0.5)
+    assert half.shape == (2, 1, 5, 4)
+    torch.testing.assert_close(half, x[..., 2:7, 2:6])
+    assert center_crop(x, 0.01).shape == (2, 1, 1, 1)  # never empty
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.5, 1.5, float("nan")])
+def test_center_crop_refuses_fractions_outside_0_1(fraction):
+    with pytest.raises(ValueError, match="center_crop"):
+        center_crop(torch.zeros(1, 1, 4, 4), fraction)
+    with pytest.raises(ValueError, match="center_crop"):
+        TrainConfig(center_crop=fraction)
+
+
+def test_cropped_input_equals_cropping_the_pixels_first():
+    images = random_images(3, size=48)
+    torch.testing.assert_close(to_model_input(images, 16, crop=0.5),
+                               to_model_input(images[:, 12:36, 12:36], 16))
+
+
 @pytest.mark.parametrize("bad, error", [
     (np.zeros((2, 8, 8, 3), np.float32), TypeError),
     (np.zeros((8, 8, 3), np.uint8), ValueError),
@@ -119,6 +142,17 @@ def test_score_store_matches_score_images_in_any_batching(model, tmp_path):
         for batch_size in (1, 7, 64):
             scores = score_store(store, model, make_meta(), batch_size=batch_size, device="cpu")
             np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_score_store_applies_the_models_center_crop(model, tmp_path):
+    images = random_images(6, size=2 * SIZE)
+    source = ArraySource(images, STRETCH)
+    scores = score_store(source, model, make_meta(crop=0.5), batch_size=4, device="cpu")
+    centres = images[:, SIZE // 2:SIZE // 2 + SIZE, SIZE // 2:SIZE // 2 + SIZE]
+    np.testing.assert_allclose(scores, score_images(model, centres, SIZE), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(score_images(model, images, SIZE, crop=0.5), scores, rtol=1e-5,
+                               atol=1e-6)
+    assert not np.allclose(scores, score_images(model, images, SIZE), atol=1e-4)
 
 
 def test_score_store_follows_the_order_of_indices(model):

@@ -107,3 +107,21 @@ def test_simulate_command_reports_truth_ids_missing_from_the_store(tmp_path, cap
     code = main(["simulate", str(tmp_path / "toy.h5"), "--truth", str(tmp_path / "truth.csv")])
     assert code == 2
     assert "not in" in caplog.text and "nope" in caplog.text
+
+
+def test_simulate_command_passes_size_and_center_crop_to_training(tmp_path, monkeypatch):
+    from ml_backend.core import simulate
+
+    ids, truth = make_toy_store(tmp_path / "toy.h5")
+    write_labels_csv(tmp_path / "truth.csv", dict(zip(ids, truth.tolist(), strict=True)))
+    seen = []
+
+    def fake_run(store, truth, plan, cfg):
+        seen.append(cfg)
+        yield dict.fromkeys(("auroc", "ap", "precision_top_0_1pct", "precision_top_1pct",
+                             "seconds_per_cycle", "score_images_per_second"), 0.0)
+
+    monkeypatch.setattr(simulate, "run_simulation", fake_run)
+    assert main(["simulate", str(tmp_path / "toy.h5"), "--truth", str(tmp_path / "truth.csv"),
+                 "--size", "48", "--center-crop", "0.5"]) == 0
+    assert (seen[0].image_size, seen[0].center_crop) == (48, 0.5)

@@ -233,6 +233,34 @@ def test_cli_trains_then_continues(store_and_labels, tmp_path, capsys):
     with pytest.raises(SystemExit, match="differs from the image size 32"):
         main(["train", str(store), "--labels", str(labels), "--image-size", "64",
               "--init", str(tmp_path / "m1"), "-o", str(tmp_path / "m3")])
+    with pytest.raises(SystemExit, match="differs from the center crop 1.0"):
+        main(["train", str(store), "--labels", str(labels), "--center-crop", "0.5",
+              "--init", str(tmp_path / "m1"), "-o", str(tmp_path / "m3")])
+
+
+def test_cli_center_crop_is_recorded_and_kept_by_continuations(store_and_labels, tmp_path,
+                                                               capsys):
+    store, labels = store_and_labels
+    common = ["--labels", str(labels), "--device", "cpu", "--iterations", "1"]
+    _amls_train(capsys, str(store), *common, "--image-size", "32", "--center-crop", "0.5",
+                "-o", str(tmp_path / "m1"))
+    assert read_meta(tmp_path / "m1").center_crop == 0.5
+    _amls_train(capsys, str(store), *common, "--init", str(tmp_path / "m1"),
+                "-o", str(tmp_path / "m2"))
+    assert read_meta(tmp_path / "m2").center_crop == 0.5
+    # The core refuses to continue a lineage at another crop, whoever calls it.
+    images, y = toy_images(4, 2, seed=1)
+    with pytest.raises(ValueError, match="centre crop 0.5"):
+        train_cycle(TrainConfig(pretrained=False, image_size=32, iterations=1, device="cpu"),
+                    images, y, ArraySource(images[:0], {"name": "none"}),
+                    init_dir=tmp_path / "m1")
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "half"])
+def test_cli_refuses_a_center_crop_outside_0_1(value, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "s.h5", "--labels", "l.csv", "--center-crop", value, "-o", "m"])
+    assert "--center-crop" in capsys.readouterr().err
 
 
 def test_cli_names_ids_missing_from_the_store(store_and_labels, tmp_path):

@@ -26,7 +26,7 @@ FeatureFn = Callable[[np.ndarray], np.ndarray]
 
 
 def pretrained_feature_fn(cfg: TrainConfig, in_chans: int) -> FeatureFn:
-    """Pooled EfficientNet-Lite0 features (n, 1280) float32 at `cfg.image_size` on `cfg.device`.
+    """Pooled EfficientNet-Lite0 features (n, 1280) float32 of cfg's model input, on cfg.device.
 
     The backbone is ImageNet-pretrained when `cfg.pretrained` (random otherwise) and runs in
     eval mode (BatchNorm running statistics).
@@ -40,7 +40,7 @@ def pretrained_feature_fn(cfg: TrainConfig, in_chans: int) -> FeatureFn:
 
     @torch.inference_mode()
     def features(images: np.ndarray) -> np.ndarray:
-        x = to_model_input(images, cfg.image_size, device)
+        x = to_model_input(images, cfg.image_size, device, cfg.center_crop)
         pooled = model.forward_head(model.forward_features(x), pre_logits=True)  # (n, 1280)
         return pooled.float().cpu().numpy()
 

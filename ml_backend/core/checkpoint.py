@@ -63,6 +63,7 @@ class ModelMeta:
     label_counts: dict[str, int] = field(default_factory=dict)  # e.g. {"anomaly": 5, ...}
     metrics: dict[str, Any] = field(default_factory=dict)       # last cycle's statistics
     iterations_total: int = 0         # training iterations over the whole lineage
+    center_crop: float = 1.0          # fraction of each cutout side kept before resizing
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from ml_backend.core.config import TrainConfig
+from ml_backend.core.config import TrainConfig, center_crop_arg
 
 FINAL_KEYS = ("auroc", "ap", "precision_top_0_1pct", "precision_top_1pct",
               "seconds_per_cycle", "score_images_per_second")
@@ -35,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pool", type=int, default=10_000, help="images drawn from the store")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--size", type=int, default=TrainConfig.image_size, help="model input size")
+    p.add_argument("--center-crop", type=center_crop_arg, default=TrainConfig.center_crop,
+                   metavar="F", help="keep this fraction of each side around the centre "
+                   "before resizing (default 1: whole cutout)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.set_defaults(func=run)
 
@@ -63,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
         initial_normals=args.initial_normals, cycles=args.cycles, per_cycle=args.per_cycle,
         pool=args.pool, seed=args.seed,
     )
-    cfg = TrainConfig(iterations=args.iterations, image_size=args.size, seed=args.seed,
-                      device=args.device)
+    cfg = TrainConfig(iterations=args.iterations, image_size=args.size,
+                      center_crop=args.center_crop, seed=args.seed, device=args.device)
     with CutoutStore.open(args.store) as store:
         truth = truth_vector(store, args.truth)
         last: dict = {}

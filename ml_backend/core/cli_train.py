@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ml_backend.core.config import TrainConfig
+from ml_backend.core.config import TrainConfig, center_crop_arg
 from ml_backend.core.csvio import LABEL_NAMES, read_labels_csv
 from ml_backend.core.sources import StoreSubset
 from ml_backend.core.store import CutoutStore
@@ -37,9 +37,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", type=Path, required=True, metavar="LABELS.csv",
                    help="CSV with columns id,label (label: anomaly or normal)")
     p.add_argument("--init", type=Path, metavar="MODEL_DIR",
-                   help="continue from this model directory (same image size and channels)")
+                   help="continue from this model directory (same image size, crop and "
+                   "channels)")
     p.add_argument("--iterations", type=int, help="training steps (default 100)")
     p.add_argument("--image-size", type=int, metavar="S", help="model input side (default 64)")
+    p.add_argument("--center-crop", type=center_crop_arg, metavar="F",
+                   help="fraction of each cutout side kept around the centre before resizing "
+                   "(default 1: whole cutout)")
     p.add_argument("--seed", type=int, help="random seed (default 42)")
     p.add_argument("--device", help='"auto" (default), "cpu" or "cuda"')
     p.add_argument("-o", "--output", type=Path, required=True, metavar="MODEL_DIR",
@@ -61,8 +65,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, object]:
-    given = {"iterations": args.iterations, "image_size": args.image_size, "seed": args.seed,
-             "device": args.device}
+    given = {"iterations": args.iterations, "image_size": args.image_size,
+             "center_crop": args.center_crop, "seed": args.seed, "device": args.device}
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -100,10 +104,13 @@ def _config(parent: ModelMeta | None, overrides: dict[str, object],
     # The device is where this run happens, not part of the lineage's hyperparameters.
     base = (TrainConfig() if parent is None
             else TrainConfig.from_dict(parent.config).replace(device="auto"))
-    if parent is not None and overrides.get("image_size", parent.image_size) != parent.image_size:
-        raise ValueError(f"--image-size {overrides['image_size']} differs from the image size "
-                         f"{parent.image_size} of {init_dir}; continue at that size or start "
-                         "a new model without --init")
+    for name in ("image_size", "center_crop"):
+        inherited = getattr(parent, name, None)
+        if parent is not None and overrides.get(name, inherited) != inherited:
+            option, words = "--" + name.replace("_", "-"), name.replace("_", " ")
+            raise ValueError(f"{option} {overrides[name]} differs from the {words} "
+                             f"{inherited} of {init_dir}; continue with it or start a new "
+                             "model without --init")
     return base.replace(**overrides)
 
 

@@ -1,8 +1,8 @@
 """The one place where store pixels become model tensors (training and scoring both use it).
 
 uint8 (n, H, W, C)  --to_unit_tensor-->  float32 (n, C, H, W) in [0, 1]
-                    --resize to S x S (bilinear, antialiased) and normalise-->
-                    float32 (n, C, S, S) in [-1, 1], channels_last.
+                    --fit: centre crop (optional), resize to S x S (bilinear, antialiased)-->
+                    --normalise-->  float32 (n, C, S, S) in [-1, 1], channels_last.
 Normalisation is (x - 0.5) / 0.5, the ImageNet weights' convention.
 """
 
@@ -44,10 +44,34 @@ def resize(x: torch.Tensor, image_size: int) -> torch.Tensor:
                          antialias=True, align_corners=False)
 
 
+def center_crop(x: torch.Tensor, fraction: float) -> torch.Tensor:
+    """(n, C, H, W) -> the central round(fraction * H) x round(fraction * W) pixels (>= 1).
+
+    fraction in (0, 1]; 1 returns `x` itself. Cutouts centred on a small source (FIRST radio
+    galaxies keep most of their flux in the central sixth) gain resolution from it.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"center_crop must be in (0, 1], got {fraction}")
+    if fraction == 1:
+        return x
+    height, width = x.shape[-2:]
+    h, w = max(1, round(height * fraction)), max(1, round(width * fraction))
+    top, left = (height - h) // 2, (width - w) // 2
+    return x[..., top:top + h, left:left + w]
+
+
+def fit(x: torch.Tensor, image_size: int, crop: float = 1.0) -> torch.Tensor:
+    """(n, C, H, W) in [0, 1] -> centre-cropped to `crop` of each side, resized to S x S."""
+    return resize(center_crop(x, crop), image_size)
+
+
 def to_model_input(images: np.ndarray | torch.Tensor, image_size: int,
-                   device: str | torch.device = "cpu") -> torch.Tensor:
-    """uint8 (n, H, W, C) -> normalised float32 (n, C, S, S), channels_last, on `device`."""
-    x = normalise(resize(to_unit_tensor(images, device), image_size))
+                   device: str | torch.device = "cpu", crop: float = 1.0) -> torch.Tensor:
+    """uint8 (n, H, W, C) -> normalised float32 (n, C, S, S), channels_last, on `device`.
+
+    crop: fraction of each side kept around the centre before resizing (1 = whole cutout).
+    """
+    x = normalise(fit(to_unit_tensor(images, device), image_size, crop))
     return x.contiguous(memory_format=torch.channels_last)
 
 

@@ -53,8 +53,11 @@ def check_compatible(store: ScorableStore, meta: ModelMeta) -> None:
 
 @torch.inference_mode()
 def score_images(model: nn.Module, images_uint8: np.ndarray | torch.Tensor, image_size: int,
-                 device: str | torch.device = "cpu", *, batch_size: int = 256) -> np.ndarray:
+                 device: str | torch.device = "cpu", *, batch_size: int = 256,
+                 crop: float = 1.0) -> np.ndarray:
     """Anomaly probabilities of uint8 images (n, H, W, C) as float32 (n,), in input order.
+
+    image_size and crop: the model's input (`ModelMeta.image_size`, `.center_crop`).
 
     Puts the model in eval mode; it must already be on `device`. Runs `batch_size` images
     per forward pass (bf16 autocast on CUDA). NaN logits give NaN scores; no images, an
@@ -64,7 +67,7 @@ def score_images(model: nn.Module, images_uint8: np.ndarray | torch.Tensor, imag
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device)
     model.eval()
-    parts = [_forward_scores(model, images_uint8[i:i + batch_size], image_size, device)
+    parts = [_forward_scores(model, images_uint8[i:i + batch_size], image_size, crop, device)
              for i in range(0, len(images_uint8), batch_size)]
     if not parts:
         return np.zeros(0, dtype=np.float32)
@@ -94,7 +97,7 @@ def score_store(store: ScorableStore, model: nn.Module, meta: ModelMeta, *,
         device = resolve_device(device)
         net = _prepare(model, device, compile)
         start = time.perf_counter()
-        _score_batches(store, net, device, meta.image_size, rows, batch_size, scores, filled,
+        _score_batches(store, net, device, meta, rows, batch_size, scores, filled,
                        progress_desc)
         seconds = time.perf_counter() - start
         logger.debug("scored %d images on %s in %.2f s (%.0f images/s)", n, device, seconds,
@@ -104,7 +107,7 @@ def score_store(store: ScorableStore, model: nn.Module, meta: ModelMeta, *,
     return scores if inverse is None else scores[inverse]
 
 
-def _score_batches(store: ScorableStore, net: nn.Module, device: torch.device, image_size: int,
+def _score_batches(store: ScorableStore, net: nn.Module, device: torch.device, meta: ModelMeta,
                    rows: np.ndarray | None, batch_size: int, scores: np.ndarray,
                    filled: np.ndarray, progress_desc: str) -> None:
     """Fill scores[k] for the k-th of `rows` (or store row k when rows is None)."""
@@ -113,7 +116,8 @@ def _score_batches(store: ScorableStore, net: nn.Module, device: torch.device, i
                                           unit="img") as bar:
         for batch_rows, images in store.iter_batches(batch_size, indices=rows, prefetch=2):
             pending.append((_positions(batch_rows, rows),
-                            _forward_scores(net, images, image_size, device)))
+                            _forward_scores(net, images, meta.image_size, meta.center_crop,
+                                            device)))
             if len(pending) >= _FLUSH_EVERY:
                 _flush(pending, scores, filled)
             bar.update(len(batch_rows))
@@ -126,8 +130,8 @@ def _prepare(model: nn.Module, device: torch.device, compile: bool) -> nn.Module
 
 
 def _forward_scores(model: nn.Module, images: np.ndarray | torch.Tensor, image_size: int,
-                    device: torch.device) -> torch.Tensor:
-    x = to_model_input(images, image_size, device)
+                    crop: float, device: torch.device) -> torch.Tensor:
+    x = to_model_input(images, image_size, device, crop)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
     with autocast:

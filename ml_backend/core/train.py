@@ -35,7 +35,7 @@ from ml_backend.core.checkpoint import (
 from ml_backend.core.config import TrainConfig
 from ml_backend.core.fixmatch import StepStats, fixmatch_step
 from ml_backend.core.model import build_model, resolve_device, set_seed
-from ml_backend.core.preprocess import normalise, resize, to_unit_tensor
+from ml_backend.core.preprocess import fit, normalise, to_unit_tensor
 from ml_backend.core.progress import progress
 from ml_backend.core.sources import ImageSource
 
@@ -166,7 +166,7 @@ def train_cycle(cfg: TrainConfig, labeled: np.ndarray, labels: np.ndarray,
 
     augment = WeakStrong(cfg)
     sampler = WeightedLabeledSampler(labels, cfg.batch_size, cfg.anomaly_fraction, gen)
-    x_all = resize(to_unit_tensor(labeled, device), cfg.image_size)  # (n, C, S, S) in [0, 1]
+    x_all = fit(to_unit_tensor(labeled, device), cfg.image_size, cfg.center_crop)  # [0, 1]
     y_all = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=device)
     n_unlabeled = cfg.uratio * cfg.batch_size if len(unlabeled) else 0
     if n_unlabeled == 0:
@@ -181,7 +181,7 @@ def train_cycle(cfg: TrainConfig, labeled: np.ndarray, labels: np.ndarray,
         for it in bar:
             idx = sampler.sample().to(device)
             x = augment.weak(x_all[idx], gen)
-            u01 = _unit_images(pool.next(), x_all.shape[1:], device)
+            u01 = _unit_images(pool.next(), cfg, x_all.shape[1:], device)
             u_weak, u_strong = augment(u01, gen)
             stats = fixmatch_step(student, _model_input(x), y_all[idx], _model_input(u_weak),
                                   _model_input(u_strong), optimizer, cfg)
@@ -227,6 +227,7 @@ def save_cycle(result: CycleResult, out_dir: str | Path, *, cfg: TrainConfig,
         created=utc_now_iso(),
         config=cfg.to_dict(),
         image_size=cfg.image_size,
+        center_crop=cfg.center_crop,
         channels=result.channels,
         stretch=dict(stretch),
         label_counts=dict(label_counts),
@@ -292,12 +293,12 @@ class _PoolReader:
         return current.result()
 
 
-def _unit_images(images: np.ndarray | None, chw: torch.Size,
+def _unit_images(images: np.ndarray | None, cfg: TrainConfig, chw: torch.Size,
                  device: torch.device) -> torch.Tensor:
     """uint8 (n, H, W, C) -> (n, C, S, S) in [0, 1] on device; None -> an empty batch."""
     if images is None:
         return torch.zeros(0, *chw, device=device)
-    return resize(to_unit_tensor(images, device), chw[-1])
+    return fit(to_unit_tensor(images, device), cfg.image_size, cfg.center_crop)
 
 
 def _check_inputs(labeled: np.ndarray, labels: np.ndarray, unlabeled: ImageSource) -> int:
@@ -333,6 +334,9 @@ def _check_compatible(meta: ModelMeta, cfg: TrainConfig, channels: int,
     if meta.image_size != cfg.image_size:
         raise ValueError(f"cannot continue from {init_dir}: it was trained at image size "
                          f"{meta.image_size}, this cycle uses {cfg.image_size}")
+    if meta.center_crop != cfg.center_crop:
+        raise ValueError(f"cannot continue from {init_dir}: it was trained with centre crop "
+                         f"{meta.center_crop}, this cycle uses {cfg.center_crop}")
 
 
 def _momentum_state(optimizer: torch.optim.SGD, model: nn.Module) -> dict[str, torch.Tensor]:
