@@ -9,13 +9,10 @@ It takes plain, picklable arguments, so an RQ worker or a thread can run it
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,21 +20,27 @@ import numpy as np
 
 from ml_backend.config import Config
 from ml_backend.labelstudio import (
-    ChoiceSchema,
     LabelStudioClient,
     ground_truth_labels,
     latest_labels,
     parse_label_config,
 )
 from ml_backend.registry import ModelRegistry
+from ml_backend.task_pixels import (
+    ProjectPixels,
+    read_tasks,
+    resolve_pixels,
+    score_tasks,
+    unlabeled_pool,
+)
 
 logger = logging.getLogger(__name__)
 
-# Side in pixels of images cached from Label Studio (plain projects); the model resizes them.
-CACHE_SIDE = 128
 # Prefix of model versions written by this backend (core.checkpoint.new_version); only these
 # prediction versions are ever deleted from Label Studio.
 OUR_VERSION_PREFIX = "amls-"
+
+
 def job_kwargs(cfg: Config) -> dict[str, Any]:
     """The settings `run_training` needs, as plain values (the API key is NOT included)."""
     return {
@@ -50,31 +53,6 @@ def job_kwargs(cfg: Config) -> dict[str, Any]:
         "image_hosts": sorted(cfg.image_hosts), "device": cfg.device,
         "store_roots": [str(root) for root in cfg.store_root_dirs],
     }
-
-
-class StoreRefused(ValueError):
-    """A task's `data.store` is not a path we may open (type, location or file kind)."""
-
-
-def allowed_store_path(raw: object, roots: Sequence[Path]) -> Path:
-    """The resolved path of a task's `data.store`, if it is a file inside one of `roots`.
-
-    Symlinks and `..` are resolved first, so neither can lead outside the roots. Raises
-    StoreRefused naming the reason; whether the file really is a cutout store is left to
-    `CutoutStore.open`.
-    """
-    if not isinstance(raw, str) or not raw.strip():
-        raise StoreRefused(f"store must be a path string, got {type(raw).__name__}")
-    try:
-        path = Path(raw).resolve()
-    except (OSError, ValueError) as err:  # NUL bytes, symlink loops, over-long names
-        raise StoreRefused(f"store path cannot be resolved: {err}") from None
-    if not any(path.is_relative_to(root) for root in roots):
-        raise StoreRefused(f"store {path} is outside the allowed store roots "
-                           f"({', '.join(map(str, roots))}; set AMLS_STORE_ROOTS)")
-    if not path.is_file():
-        raise StoreRefused(f"store {path} is not an existing regular file")
-    return path
 
 
 def run_training(project_id: int, *, label_studio_url: str, model_dir: str,
@@ -139,18 +117,6 @@ def _report_progress(stage: str, done: int, total: int) -> None:
 
 # ---- one training cycle ----------------------------------------------------------------------
 
-@dataclass
-class _ProjectPixels:
-    """A project's tasks resolved to store rows; stores stay open until `close()`."""
-
-    stores: dict[str, Any]                         # store path -> open CutoutStore
-    rows: dict[int, tuple[str, int]]               # task id -> (store path, row)
-
-    def close(self) -> None:
-        for store in self.stores.values():
-            store.close()
-
-
 def train_and_publish(project_id: int, *, registry: ModelRegistry, label_studio_url: str,
                       api_key: str, anomaly_label: str, iterations: int, image_size: int,
                       center_crop: float, batch_size: int, score_batch_size: int,
@@ -173,16 +139,16 @@ def train_and_publish(project_id: int, *, registry: ModelRegistry, label_studio_
                   f"{anomaly_label!r} of {len(labels)}")
         logger.info("project %d: not training yet: %s", project_id, reason)
         return {"project": project_id, "status": "skipped", "reason": reason}
-    pixels = _resolve_pixels(project_id, tasks, schema, registry, client, image_hosts,
+    pixels = resolve_pixels(project_id, tasks, schema, registry, client, image_hosts,
                              store_roots)
     staging = registry.staging_dir(project_id)
     new_version = None
     try:
         labeled_ids = sorted(t for t in labels if t in pixels.rows)
-        labeled = _read_tasks(pixels, labeled_ids)
+        labeled = read_tasks(pixels, labeled_ids)
         y = np.array([labels[t] for t in labeled_ids], dtype=np.int64)
         unlabeled = sorted(t for t in pixels.rows if t not in labels and t not in held_out)
-        pool = _unlabeled_pool(pixels, unlabeled, default=pixels.rows[labeled_ids[0]][0])
+        pool = unlabeled_pool(pixels, unlabeled, default=pixels.rows[labeled_ids[0]][0])
         cfg = TrainConfig(iterations=iterations, image_size=image_size,
                           center_crop=center_crop, batch_size=batch_size,
                           score_batch_size=score_batch_size, device=device)
@@ -197,7 +163,7 @@ def train_and_publish(project_id: int, *, registry: ModelRegistry, label_studio_
         model, meta = load_model_dir(staging)
         evaluation = _evaluate_held_out(project_id, pixels, held_out, model, meta,
                                         score_batch_size, device)
-        scores = _score_tasks(pixels, unlabeled, model, meta, score_batch_size, device)
+        scores = score_tasks(pixels, unlabeled, model, meta, score_batch_size, device)
         on_progress("write", 0, len(scores))
         written = client.write_predictions(project_id, schema, scores, meta.version,
                                            write_batch)
@@ -219,157 +185,7 @@ def train_and_publish(project_id: int, *, registry: ModelRegistry, label_studio_
             "skipped_tasks": len(tasks) - len(pixels.rows)}
 
 
-def _resolve_pixels(project_id: int, tasks: list[dict[str, Any]], schema: ChoiceSchema,
-                    registry: ModelRegistry, client: LabelStudioClient,
-                    image_hosts: frozenset[str], store_roots: Sequence[Path]) -> _ProjectPixels:
-    """Map every task to a store row: its own cutout store, or the project's image cache.
-
-    Tasks whose store is refused (outside `store_roots`, missing, not a cutout store) are
-    skipped, with one warning per store.
-    """
-    from ml_backend.core.store import CutoutStore
-
-    stores: dict[str, Any] = {}
-    refused: set[str] = set()  # repr of refused `data.store` values, warned about once
-    rows: dict[int, tuple[str, int]] = {}
-    to_fetch: list[dict[str, Any]] = []
-    try:
-        for task in tasks:
-            data = task.get("data")
-            if not isinstance(data, dict):
-                logger.warning("project %d: task %s: data is not an object; skipped",
-                               project_id, task.get("id"))
-                continue
-            if data.get("store") and data.get("cutout_id") is not None:
-                key = repr(data["store"])
-                if key in refused:
-                    continue
-                try:
-                    path = str(allowed_store_path(data["store"], store_roots))
-                    if path not in stores:
-                        stores[path] = CutoutStore.open(path)
-                except (OSError, ValueError) as err:  # StoreRefused is a ValueError
-                    refused.add(key)
-                    logger.warning("project %d: task %s: skipping tasks of store %s: %s",
-                                   project_id, task.get("id"), key, err)
-                    continue
-                cid = str(data["cutout_id"])
-                if cid not in stores[path]:
-                    logger.warning("task %s: cutout %r is not in %s; skipped", task["id"], cid,
-                                   path)
-                    continue
-                rows[int(task["id"])] = (path, stores[path].index_of(cid))
-            elif isinstance(data.get(schema.image_key), str):
-                to_fetch.append(task)
-            else:
-                logger.warning("task %s has neither store/cutout_id nor an image URL in %r; "
-                               "skipped", task["id"], schema.image_key)
-        if to_fetch:
-            path = str(registry.cache_path(project_id))
-            cache = _fill_cache(path, to_fetch, schema, client, image_hosts)
-            stores[path] = cache
-            rows.update({int(t["id"]): (path, cache.index_of(f"task-{t['id']}"))
-                         for t in to_fetch if f"task-{t['id']}" in cache})
-    except BaseException:
-        for store in stores.values():
-            store.close()
-        raise
-    _check_same_pixels(stores)
-    return _ProjectPixels(stores=stores, rows=rows)
-
-
-def _fill_cache(path: str, tasks: list[dict[str, Any]], schema: ChoiceSchema,
-                client: LabelStudioClient, image_hosts: frozenset[str]) -> Any:
-    """Download task images missing from the project's cache store; return it open."""
-    from ml_backend.core.store import CutoutStore
-
-    if Path(path).exists():
-        cache = CutoutStore.open(path, mode="a")
-    else:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        cache = CutoutStore.create(path, height=CACHE_SIDE, width=CACHE_SIDE, channels=3,
-                                   stretch={"name": "none"})
-    missing = [t for t in tasks if f"task-{t['id']}" not in cache]
-    for start in range(0, len(missing), 64):
-        ids, images = [], []
-        for task in missing[start:start + 64]:
-            url = task["data"][schema.image_key]
-            try:
-                images.append(_decode(client.fetch_image(url, image_hosts)))
-            except (OSError, PermissionError, ValueError) as err:
-                logger.warning("task %s: cannot use image %r: %s", task["id"], url, err)
-                continue
-            ids.append(f"task-{task['id']}")
-        if ids:
-            cache.append(ids, np.stack(images))
-    return cache
-
-
-def _decode(data: bytes) -> np.ndarray:
-    """PNG/JPEG bytes -> uint8 (CACHE_SIDE, CACHE_SIDE, 3)."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as img:
-        rgb = img.convert("RGB").resize((CACHE_SIDE, CACHE_SIDE), Image.Resampling.BILINEAR)
-        return np.asarray(rgb, dtype=np.uint8)
-
-
-def _check_same_pixels(stores: dict[str, Any]) -> None:
-    kinds = {(json.dumps(s.stretch, sort_keys=True), tuple(s.shape)) for s in stores.values()}
-    if len(kinds) > 1:
-        raise ValueError(f"the project's tasks come from stores with different stretches or "
-                         f"image shapes ({', '.join(stores)}); one model cannot serve them")
-
-
-def _read_tasks(pixels: _ProjectPixels, task_ids: list[int]) -> np.ndarray:
-    """uint8 images (n, H, W, C) of tasks, read store by store."""
-    out: np.ndarray | None = None
-    for path, store in pixels.stores.items():
-        positions = [i for i, t in enumerate(task_ids) if pixels.rows[t][0] == path]
-        if not positions:
-            continue
-        rows = np.array([pixels.rows[task_ids[i]][1] for i in positions], dtype=np.int64)
-        order = np.argsort(rows, kind="stable")  # HDF5 reads want increasing rows
-        images = store.read(rows[order])
-        if out is None:
-            out = np.empty((len(task_ids), *images.shape[1:]), dtype=np.uint8)
-        out[np.array(positions)[order]] = images
-    if out is None:
-        raise ValueError("no labelled task has readable pixels")
-    return out
-
-
-def _unlabeled_pool(pixels: _ProjectPixels, task_ids: list[int], default: str) -> Any:
-    """FixMatch's unlabelled images: the tasks' rows in the store holding most of them
-    (`default`'s empty subset if there are none)."""
-    from ml_backend.core.sources import StoreSubset
-
-    counts: dict[str, int] = {}
-    for t in task_ids:
-        counts[pixels.rows[t][0]] = counts.get(pixels.rows[t][0], 0) + 1
-    path = max(counts, key=counts.__getitem__) if counts else default
-    rows = sorted(pixels.rows[t][1] for t in task_ids if pixels.rows[t][0] == path)
-    return StoreSubset(pixels.stores[path], np.array(rows, dtype=np.int64))
-
-
-def _score_tasks(pixels: _ProjectPixels, task_ids: list[int], model: Any, meta: Any,
-                 batch_size: int, device: str) -> list[tuple[int, float]]:
-    """(task id, P(anomaly)) for tasks, scored store by store in streaming batches."""
-    from ml_backend.core.scoring import score_store
-
-    scores: list[tuple[int, float]] = []
-    for path, store in pixels.stores.items():
-        tids = [t for t in task_ids if pixels.rows[t][0] == path]
-        if not tids:
-            continue
-        rows = np.array([pixels.rows[t][1] for t in tids], dtype=np.int64)
-        probs = score_store(store, model, meta, indices=rows, batch_size=batch_size,
-                            device=device)
-        scores.extend(zip(tids, (float(p) for p in probs), strict=True))
-    return scores
-
-
-def _evaluate_held_out(project_id: int, pixels: _ProjectPixels, held_out: dict[int, int],
+def _evaluate_held_out(project_id: int, pixels: ProjectPixels, held_out: dict[int, int],
                        model: Any, meta: Any, batch_size: int, device: str
                        ) -> dict[str, Any] | None:
     """AUROC, AP and top-k precision of the new model on the ground-truth tasks, or None."""
@@ -378,7 +194,7 @@ def _evaluate_held_out(project_id: int, pixels: _ProjectPixels, held_out: dict[i
     task_ids = sorted(t for t in held_out if t in pixels.rows)
     if not task_ids:
         return None
-    scored = _score_tasks(pixels, task_ids, model, meta, batch_size, device)
+    scored = score_tasks(pixels, task_ids, model, meta, batch_size, device)
     result = evaluate(np.array([held_out[t] for t, _ in scored]),
                       np.array([p for _, p in scored], dtype=np.float32))
     logger.info("project %d: held-out evaluation on %d ground-truth tasks: %s", project_id,

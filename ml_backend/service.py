@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 
 from ml_backend.config import Config
-from ml_backend.jobs import StoreRefused, allowed_store_path, job_kwargs, run_training
+from ml_backend.jobs import job_kwargs, run_training
 from ml_backend.labelstudio import ChoiceSchema, parse_label_config
 from ml_backend.registry import ModelRegistry
 from ml_backend.submitters import InProcessSubmitter, JobSubmitter, RQSubmitter
+from ml_backend.task_pixels import StoreRefused, allowed_store_path
 
 logger = logging.getLogger(__name__)
 

@@ -293,7 +293,7 @@ def make_store(path: Path, ids: list[str]) -> Path:
 
 
 def test_training_skips_tasks_whose_store_is_refused(tmp_path: Path, caplog):
-    from ml_backend.jobs import _resolve_pixels
+    from ml_backend.task_pixels import resolve_pixels
 
     root = tmp_path / "stores"
     root.mkdir()
@@ -309,7 +309,7 @@ def test_training_skips_tasks_whose_store_is_refused(tmp_path: Path, caplog):
               {"id": 22, "data": "not an object"}]
     schema = parse_label_config(LABEL_CONFIG, "anomaly")
     with caplog.at_level("WARNING"):
-        pixels = _resolve_pixels(1, tasks, schema, ModelRegistry(tmp_path / "models"),
+        pixels = resolve_pixels(1, tasks, schema, ModelRegistry(tmp_path / "models"),
                                  None, frozenset(), (root.resolve(),))  # type: ignore[arg-type]
     try:
         assert pixels.rows == {10: (str(good.resolve()), 0), 20: (str(good.resolve()), 1)}
@@ -374,7 +374,8 @@ def test_held_out_evaluation_scores_the_ground_truth_tasks(tmp_path: Path, caplo
     from ml_backend.core.config import TrainConfig
     from ml_backend.core.model import build_model
     from ml_backend.core.store import CutoutStore
-    from ml_backend.jobs import _evaluate_held_out, _ProjectPixels
+    from ml_backend.jobs import _evaluate_held_out
+    from ml_backend.task_pixels import ProjectPixels
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, size=(6, 32, 32, 1), dtype=np.uint8)
@@ -386,7 +387,7 @@ def test_held_out_evaluation_scores_the_ground_truth_tasks(tmp_path: Path, caplo
     meta = ModelMeta(version="v1", parent=None, created="", config=cfg.to_dict(), image_size=32,
                      channels=1, stretch={"name": "none"}, label_counts={}, metrics={},
                      iterations_total=0)
-    pixels = _ProjectPixels(stores={str(path): CutoutStore.open(path)},
+    pixels = ProjectPixels(stores={str(path): CutoutStore.open(path)},
                             rows={10 + i: (str(path), i) for i in range(6)})
     try:
         model = build_model(cfg, 1).eval()
