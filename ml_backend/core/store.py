@@ -33,6 +33,7 @@ import h5py
 import numpy as np
 
 from ml_backend.core.sources import as_index_array, prefetch_batches
+from ml_backend.core.text_column import TextColumn
 
 log = logging.getLogger(__name__)
 
@@ -50,66 +51,6 @@ _TEXT_COLUMNS = ("ids", "source", "hdu")
 _FLOAT_COLUMNS = ("ra", "dec")
 
 
-class _TextColumn:
-    """A resizable column of UTF-8 strings: concatenated bytes plus end offsets."""
-
-    def __init__(self, group: h5py.Group) -> None:
-        self.data: h5py.Dataset = group["data"]
-        self.ends: h5py.Dataset = group["ends"]
-
-    @staticmethod
-    def create(parent: h5py.Group, name: str) -> None:
-        group = parent.create_group(name)
-        group.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.uint8,
-                             chunks=(65536,), compression=COMPRESSION)
-        group.create_dataset("ends", shape=(0,), maxshape=(None,), dtype=np.int64,
-                             chunks=(8192,), compression=COMPRESSION)
-
-    def __len__(self) -> int:
-        return self.ends.shape[0]
-
-    def refresh(self) -> None:
-        self.data.refresh()
-        self.ends.refresh()
-
-    def all(self) -> list[str]:
-        return self.span(0, len(self))
-
-    def span(self, start: int, stop: int) -> list[str]:
-        """Rows start..stop-1 as strings."""
-        if stop <= start:
-            return []
-        ends = self.ends[start:stop]
-        first = int(self.ends[start - 1]) if start > 0 else 0
-        raw = self.data[first:int(ends[-1])].tobytes()
-        offsets = np.concatenate([[0], ends - first])
-        return [raw[a:b].decode("utf-8") for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
-
-    def get(self, indices: np.ndarray) -> list[str]:
-        """Rows at `indices` (any order) by reading the span that covers them."""
-        if len(indices) == 0:
-            return []
-        lo, hi = int(indices.min()), int(indices.max())
-        rows = self.span(lo, hi + 1)
-        return [rows[i - lo] for i in indices]
-
-    def append(self, values: Sequence[str], n_rows: int) -> None:
-        """Write `values` as rows n_rows, n_rows + 1, ... (overwriting anything beyond)."""
-        encoded = [v.encode("utf-8") for v in values]
-        start = int(self.ends[n_rows - 1]) if n_rows > 0 else 0
-        lengths = np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(encoded))
-        blob = np.frombuffer(b"".join(encoded), dtype=np.uint8)
-        self.data.resize((start + blob.size,))
-        self.data[start:] = blob
-        self.ends.resize((n_rows + len(encoded),))
-        self.ends[n_rows:] = start + np.cumsum(lengths)
-
-    def truncate(self, n_rows: int) -> None:
-        end = int(self.ends[n_rows - 1]) if n_rows > 0 else 0
-        self.ends.resize((n_rows,))
-        self.data.resize((end,))
-
-
 class CutoutStore:
     """An HDF5 cutout store; see the module docstring for the layout and concurrency."""
 
@@ -118,7 +59,7 @@ class CutoutStore:
         self._path = path
         self._images: h5py.Dataset = file["images"]
         self._floats = {name: file[name] for name in _FLOAT_COLUMNS}
-        self._texts = {name: _TextColumn(file[name]) for name in _TEXT_COLUMNS}
+        self._texts = {name: TextColumn(file[name]) for name in _TEXT_COLUMNS}
         self._stretch: dict[str, Any] = json.loads(file.attrs["stretch"])
         self._ids_cache: list[str] | None = None
         self._index_cache: dict[str, int] | None = None
@@ -164,7 +105,7 @@ class CutoutStore:
                 file.create_dataset(name, shape=(0,), maxshape=(None,), dtype=np.float64,
                                     chunks=(8192,), compression=COMPRESSION)
             for name in _TEXT_COLUMNS:
-                _TextColumn.create(file, name)
+                TextColumn.create(file, name)
             file.swmr_mode = True
         except BaseException:
             file.close()
