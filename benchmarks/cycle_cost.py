@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from ml_backend.core.config import TrainConfig
+from ml_backend.core.fixmatch import make_optimizer
 from ml_backend.core.model import build_model, resolve_device, set_seed
 from ml_backend.core.store import CutoutStore
-from ml_backend.core.train import make_optimizer, train_cycle
+from ml_backend.core.train import train_cycle
 
 
 def bare_seconds(cfg: TrainConfig, channels: int, device: torch.device) -> float:

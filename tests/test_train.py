@@ -14,17 +14,12 @@ from ml_backend.cli import main
 from ml_backend.core.checkpoint import load_training_state, read_meta
 from ml_backend.core.config import TrainConfig
 from ml_backend.core.csvio import write_labels_csv
+from ml_backend.core.fixmatch import ModelEMA, WeightedLabeledSampler, make_optimizer
 from ml_backend.core.model import anomaly_probability
 from ml_backend.core.preprocess import to_model_input
 from ml_backend.core.sources import ArraySource
 from ml_backend.core.store import CutoutStore
-from ml_backend.core.train import (
-    ModelEMA,
-    WeightedLabeledSampler,
-    make_optimizer,
-    save_cycle,
-    train_cycle,
-)
+from ml_backend.core.train import save_cycle, train_cycle
 
 SIZE = 32
 # Small and fast: random init, tiny batches; only the learning test trains for real.

@@ -9,7 +9,6 @@ EMA and SGD momentum), and `save_cycle` writes the result as a new model directo
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -33,7 +32,13 @@ from ml_backend.core.checkpoint import (
     utc_now_iso,
 )
 from ml_backend.core.config import TrainConfig
-from ml_backend.core.fixmatch import StepStats, fixmatch_step
+from ml_backend.core.fixmatch import (
+    ModelEMA,
+    StepStats,
+    WeightedLabeledSampler,
+    fixmatch_step,
+    make_optimizer,
+)
 from ml_backend.core.model import build_model, resolve_device, set_seed
 from ml_backend.core.preprocess import fit, normalise, to_unit_tensor
 from ml_backend.core.progress import progress
@@ -43,90 +48,6 @@ logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int, StepStats], None]
 _MOMENTUM = "momentum_buffer"
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
-    """SGD(lr, momentum, nesterov) with weight decay on weight matrices / kernels only.
-
-    Parameters with fewer than two dimensions (BatchNorm scales and shifts, all biases) get
-    no weight decay: shrinking them towards zero only fights the normalisation.
-    """
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-
-
-class ModelEMA:
-    """Exponential moving average of a model's weights AND buffers (BatchNorm statistics).
-
-    After each step: ema = d * ema + (1 - d) * student, for every floating-point tensor in
-    the state dict; integer buffers (BN's num_batches_tracked) are copied. With `warmup`,
-    d = min(decay, (1 + step) / (10 + step)) where `step` counts updates over the model's
-    whole life (it continues across cycles): a 100-iteration cycle at d = 0.99 would
-    otherwise leave 0.99^100 = 37 % of the starting weights (and a near-zero head) in the
-    model that scores. `module` is a frozen copy in eval mode; it is what scoring uses.
-    """
-
-    def __init__(self, model: nn.Module, decay: float, *, warmup: bool = False,
-                 step: int = 0) -> None:
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1], got {decay}")
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
-        self.decay = decay
-        self.warmup = warmup
-        self.step = step
-        self.module = copy.deepcopy(model).eval()
-        self.module.requires_grad_(False)
-
-    def current_decay(self) -> float:
-        """The decay the next update uses."""
-        if not self.warmup:
-            return self.decay
-        return min(self.decay, (1 + self.step) / (10 + self.step))
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        decay = self.current_decay()
-        student = model.state_dict()
-        for name, value in self.module.state_dict().items():
-            if value.is_floating_point():
-                value.lerp_(student[name].detach(), 1.0 - decay)
-            else:
-                value.copy_(student[name])
-        self.step += 1
-
-
-class WeightedLabeledSampler:
-    """Labelled batches (with replacement) in which anomalies make up ~anomaly_fraction.
-
-    Each anomaly has weight anomaly_fraction / n_anomalies and each normal
-    (1 - anomaly_fraction) / n_normals, so the expected anomaly share of a batch is
-    anomaly_fraction whatever the class balance of the labels.
-    """
-
-    def __init__(self, labels: np.ndarray, batch_size: int, anomaly_fraction: float,
-                 generator: torch.Generator) -> None:
-        if not 0.0 < anomaly_fraction < 1.0:
-            raise ValueError(f"anomaly_fraction must be in (0, 1), got {anomaly_fraction}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        is_anomaly = torch.as_tensor(np.asarray(labels) == 1)
-        n_anomalies = int(is_anomaly.sum())
-        n_normals = len(is_anomaly) - n_anomalies
-        if n_anomalies == 0 or n_normals == 0:
-            raise ValueError("need at least one anomaly and one normal label")
-        self.weights = torch.where(is_anomaly, anomaly_fraction / n_anomalies,
-                                   (1.0 - anomaly_fraction) / n_normals).double()
-        self.batch_size = batch_size
-        self.generator = generator
-
-    def sample(self) -> torch.Tensor:
-        """Indices (batch_size,) int64 into the labelled set."""
-        return torch.multinomial(self.weights, self.batch_size, replacement=True,
-                                 generator=self.generator)
 
 
 @dataclass
