@@ -122,6 +122,27 @@ def test_same_seed_gives_identical_cycles(toy):
     assert not _states_equal(a.student, c.student)
 
 
+def _framed(images: np.ndarray, seed: int) -> np.ndarray:
+    """Each image in the centre of a frame twice its side, the border random noise."""
+    n, side, _, channels = images.shape
+    frame = np.random.default_rng(seed).integers(0, 256, (n, 2 * side, 2 * side, channels),
+                                                 dtype=np.uint8)
+    frame[:, side // 2:side // 2 + side, side // 2:side // 2 + side] = images
+    return frame
+
+
+def test_center_crop_trains_on_the_centre_of_labelled_and_unlabelled_images(toy):
+    labeled, labels, pool = toy
+    framed_pool = ArraySource(_framed(pool.read(np.arange(len(pool))), seed=9))
+    cropped = train_cycle(FAST.replace(center_crop=0.5), _framed(labeled, seed=8), labels,
+                          framed_pool)
+    plain = train_cycle(FAST, labeled, labels, pool)
+    assert _states_equal(cropped.ema, plain.ema) and _states_equal(cropped.student,
+                                                                  plain.student)
+    whole = train_cycle(FAST, _framed(labeled, seed=8), labels, framed_pool)
+    assert not _states_equal(whole.student, plain.student)
+
+
 def test_empty_pool_trains_supervised_only(toy):
     labeled, labels, _ = toy
     calls = []
