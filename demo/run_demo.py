@@ -224,7 +224,10 @@ def run(args: argparse.Namespace) -> int:
     ls_env = label_studio_env(base_env, data / "label-studio", data)
     backend_env = {**base_env,
                    "LABEL_STUDIO_URL": ls_url, "LABEL_STUDIO_API_KEY": creds.token,
-                   "MODEL_DIR": str(data / "models"), "AMLS_STORE_ROOTS": str(data)}
+                   "MODEL_DIR": str(data / "models"), "AMLS_STORE_ROOTS": str(data),
+                   # FIRST sources sit in the middle sixth of each cutout: let the model see
+                   # the central half (benchmarks/RESULTS.md, "Centre crop").
+                   "AMLS_CENTER_CROP": base_env.get("AMLS_CENTER_CROP", "0.5")}
     with children() as procs:
         procs.append(start_process(
             label_studio_command(args.ls_bin, args.ls_port, data / "label-studio",

@@ -152,7 +152,7 @@ def train_and_publish(project_id: int, *, registry: ModelRegistry, label_studio_
         cfg = TrainConfig(iterations=iterations, image_size=image_size,
                           center_crop=center_crop, batch_size=batch_size,
                           score_batch_size=score_batch_size, device=device)
-        parent_dir = registry.latest_dir(project_id)
+        parent_dir = _parent_to_continue(project_id, registry, cfg, channels=labeled.shape[-1])
         result = train_cycle(cfg, labeled, y, pool, init_dir=parent_dir,
                              on_progress=lambda i, n, _stats: on_progress("train", i, n))
         stretch = pixels.stores[pixels.rows[labeled_ids[0]][0]].stretch
@@ -183,6 +183,30 @@ def train_and_publish(project_id: int, *, registry: ModelRegistry, label_studio_
             "labels": counts,
             "predictions": written, "unlabeled": len(unlabeled), "evaluation": evaluation,
             "skipped_tasks": len(tasks) - len(pixels.rows)}
+
+
+def _parent_to_continue(project_id: int, registry: ModelRegistry, cfg: Any,
+                        channels: int) -> Path | None:
+    """The latest model to continue from, or None to start afresh from ImageNet weights.
+
+    A model trained on another input (image size, centre crop, channels) cannot continue; the
+    settings were changed on purpose, and every label is still in Label Studio, so the job
+    starts a new lineage instead of failing.
+    """
+    from ml_backend.core.checkpoint import read_meta
+
+    parent_dir = registry.latest_dir(project_id)
+    if parent_dir is None:
+        return None
+    meta = read_meta(parent_dir)
+    had = (meta.image_size, meta.center_crop, meta.channels)
+    wants = (cfg.image_size, cfg.center_crop, channels)
+    if had == wants:
+        return parent_dir
+    logger.warning("project %d: model %s was trained on (image size, centre crop, channels) = "
+                   "%s, the settings now give %s: starting a new model from ImageNet weights",
+                   project_id, meta.version, had, wants)
+    return None
 
 
 def _evaluate_held_out(project_id: int, pixels: ProjectPixels, held_out: dict[int, int],

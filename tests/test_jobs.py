@@ -411,3 +411,28 @@ def test_every_job_setting_is_a_run_training_parameter():
     kwargs = job_kwargs(Config(center_crop=0.5))
     accepted = inspect.signature(run_training).parameters
     assert set(kwargs) <= set(accepted) and kwargs["center_crop"] == 0.5
+
+
+def test_a_job_after_input_settings_changed_starts_a_new_lineage(tmp_path: Path, caplog):
+    import json
+
+    from ml_backend.core.checkpoint import ModelMeta
+    from ml_backend.core.config import TrainConfig
+    from ml_backend.jobs import _parent_to_continue
+
+    registry = ModelRegistry(tmp_path)
+    cfg = TrainConfig(image_size=64, center_crop=1.0)
+    staging = registry.staging_dir(3)
+    staging.mkdir()
+    meta = ModelMeta(version="amls-20260101T000000Z-abcd", parent=None, created="",
+                     config=cfg.to_dict(), image_size=64, channels=1, stretch={"name": "none"})
+    (staging / "meta.json").write_text(json.dumps({"format": 1, **meta.to_dict(), "files": {}}))
+    registry.publish(3, staging, meta.version)
+
+    assert _parent_to_continue(3, registry, cfg, channels=1) == registry.latest_dir(3)
+    assert _parent_to_continue(4, registry, cfg, channels=1) is None  # no model yet
+    with caplog.at_level("WARNING"):
+        assert _parent_to_continue(3, registry, cfg.replace(center_crop=0.5), channels=1) is None
+        assert _parent_to_continue(3, registry, cfg, channels=3) is None
+    assert "(64, 1.0, 1), the settings now give (64, 0.5, 1)" in caplog.text
+    assert registry.latest(3) == meta.version  # the old version keeps serving meanwhile
