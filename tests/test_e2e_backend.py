@@ -25,7 +25,9 @@ from live_services import REPO_ROOT, LiveLabelStudio
 from demo.local_servers import free_port, stop_process
 from ml_backend.app import create_app
 from ml_backend.config import Config
+from ml_backend.core.checkpoint import read_meta
 from ml_backend.labelstudio import VIEW_TITLE
+from ml_backend.registry import ModelRegistry
 from ml_backend.service import AnomalyService
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -46,7 +48,9 @@ LABEL_CONFIG = """<View>
 </View>"""
 JOB_TIMEOUT_S = 900.0  # two coalesced jobs on a busy 2-core machine
 SETTINGS = {"AMLS_ITERATIONS": "30", "AMLS_IMAGE_SIZE": "64", "AMLS_BATCH_SIZE": "8",
-            "AMLS_VERSIONS_KEPT": "5", "AMLS_DEBOUNCE_S": "4", "AMLS_DEVICE": "cpu"}
+            "AMLS_VERSIONS_KEPT": "5", "AMLS_DEBOUNCE_S": "4", "AMLS_DEVICE": "cpu",
+            # The model sees the central half: /predict must agree with the job's scores.
+            "AMLS_CENTER_CROP": "0.5"}
 
 
 def pick_images(document_root: Path) -> Path:
@@ -212,6 +216,8 @@ def test_annotations_reorder_the_queue(label_studio: LiveLabelStudio, galaxy_sto
     assert 1 <= queue["jobs_total"] <= 2, queue
     version = project_metrics["model_version"]
     assert version.startswith("amls-")
+    published = read_meta(ModelRegistry(backend.cfg.model_dir).latest_dir(project_id))
+    assert (published.version, published.center_crop) == (version, 0.5)
     assert project_metrics["label_counts"] == {"anomaly": N_LABEL_RARE,
                                                "normal": N_LABEL_COMMON}
 
