@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from ml_backend.core.config import check_center_crop
+
 
 class ConfigError(ValueError):
     """An environment variable has a value the backend cannot use."""
@@ -73,8 +75,10 @@ class Config:
             raise ConfigError(f"debounce_s must be in [0, 30] seconds, got {self.debounce_s}")
         if self.image_size < 32:
             raise ConfigError(f"image_size must be >= 32 pixels, got {self.image_size}")
-        if not 0.0 < self.center_crop <= 1.0:
-            raise ConfigError(f"AMLS_CENTER_CROP must be in (0, 1], got {self.center_crop}")
+        try:
+            check_center_crop(self.center_crop)
+        except ValueError as err:
+            raise ConfigError(f"AMLS_CENTER_CROP: {err}") from None
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise ConfigError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together")
         if self.label_studio_url:

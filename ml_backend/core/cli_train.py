@@ -104,9 +104,9 @@ def _config(parent: ModelMeta | None, overrides: dict[str, object],
     # The device is where this run happens, not part of the lineage's hyperparameters.
     base = (TrainConfig() if parent is None
             else TrainConfig.from_dict(parent.config).replace(device="auto"))
-    for name in ("image_size", "center_crop"):
-        inherited = getattr(parent, name, None)
-        if parent is not None and overrides.get(name, inherited) != inherited:
+    for name in ("image_size", "center_crop") if parent is not None else ():
+        inherited = getattr(parent, name)
+        if overrides.get(name, inherited) != inherited:
             option, words = "--" + name.replace("_", "-"), name.replace("_", " ")
             raise ValueError(f"{option} {overrides[name]} differs from the {words} "
                              f"{inherited} of {init_dir}; continue with it or start a new "

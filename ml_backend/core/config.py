@@ -65,8 +65,7 @@ class TrainConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        if not 0 < self.center_crop <= 1:
-            raise ValueError(f"center_crop must be in (0, 1], got {self.center_crop}")
+        check_center_crop(self.center_crop)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -81,12 +80,16 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
+def check_center_crop(value: float) -> float:
+    """`value` if it is a fraction in (0, 1]; ValueError otherwise (NaN included)."""
+    if not 0 < value <= 1:
+        raise ValueError(f"center_crop must be in (0, 1] (1 = whole cutout), got {value}")
+    return value
+
+
 def center_crop_arg(text: str) -> float:
     """argparse type of --center-crop: a fraction in (0, 1]."""
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1] (1 = whole cutout), got {text}")
-    return value
+        return check_center_crop(float(text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None

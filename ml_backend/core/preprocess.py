@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ml_backend.core.config import check_center_crop
 from ml_backend.core.pretrained import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -50,9 +51,7 @@ def center_crop(x: torch.Tensor, fraction: float) -> torch.Tensor:
     fraction in (0, 1]; 1 returns `x` itself. Cutouts centred on a small source (FIRST radio
     galaxies keep most of their flux in the central sixth) gain resolution from it.
     """
-    if not 0 < fraction <= 1:
-        raise ValueError(f"center_crop must be in (0, 1], got {fraction}")
-    if fraction == 1:
+    if check_center_crop(fraction) == 1:
         return x
     height, width = x.shape[-2:]
     h, w = max(1, round(height * fraction)), max(1, round(width * fraction))
