@@ -42,9 +42,9 @@ def dataset_paths(spec: str, root: Path, rare_fraction: float) -> tuple[Path, Pa
     return store, truth
 
 
-def run_one(store_path: Path, truth_path: Path, method: str, seed: int,
-            cfg: TrainConfig, initial_normals: int) -> list[dict]:
-    plan = SimulationPlan(method=method, seed=seed, initial_normals=initial_normals)
+def run_one(store_path: Path, truth_path: Path, plan: SimulationPlan,
+            cfg: TrainConfig) -> list[dict]:
+    """All cycles' metrics of one `amls simulate` run."""
     with CutoutStore.open(store_path) as store:
         truth = truth_vector(store, str(truth_path))
         return list(run_simulation(store, truth, plan, cfg))
@@ -108,7 +108,9 @@ def main() -> None:
             rows = []
             for seed in range(args.first_seed, args.first_seed + args.seeds):
                 started = time.perf_counter()
-                cycles = run_one(store, truth, method, seed, cfg, args.initial_normals)
+                plan = SimulationPlan(method=method, seed=seed,
+                                      initial_normals=args.initial_normals)
+                cycles = run_one(store, truth, plan, cfg)
                 with log_path.open("a") as fh:
                     for row in cycles:
                         row.update(dataset=spec, seed=seed, center_crop=cfg.center_crop)

@@ -89,7 +89,9 @@ def main() -> None:
                 if method == "linear-probe":
                     row = linear_probe(store, truth, cfg, args.initial_normals)
                 else:
-                    row = run_one(store, truth, method, seed, cfg, args.initial_normals)[-1]
+                    plan = SimulationPlan(method=method, seed=seed,
+                                          initial_normals=args.initial_normals)
+                    row = run_one(store, truth, plan, cfg)[-1]
                 row |= {"dataset": args.dataset, "size": size, "center_crop": crop,
                         "seed": seed}
                 with log_path.open("a") as fh:

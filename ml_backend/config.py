@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from ml_backend.core.config import check_center_crop
+from ml_backend.core.config import check_center_crop, check_invariance
 
 
 class ConfigError(ValueError):
@@ -41,6 +41,8 @@ class Config:
     image_size: int = 64
     # Fraction of each cutout side kept around its centre before resizing (1 = whole cutout).
     center_crop: float = 1.0
+    # Symmetries the weak view teaches: "dihedral" (sky cutouts) or "flip" (upright photos).
+    invariance: str = "dihedral"
     # Labelled images per FixMatch step.
     batch_size: int = 16
     # Images per forward pass when scoring unlabelled tasks.
@@ -79,6 +81,10 @@ class Config:
             check_center_crop(self.center_crop)
         except ValueError as err:
             raise ConfigError(f"AMLS_CENTER_CROP: {err}") from None
+        try:
+            check_invariance(self.invariance)
+        except ValueError as err:
+            raise ConfigError(f"AMLS_INVARIANCE: {err}") from None
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise ConfigError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together")
         if self.label_studio_url:
@@ -134,6 +140,7 @@ class Config:
             iterations=_int(env, "AMLS_ITERATIONS", 100),
             image_size=_int(env, "AMLS_IMAGE_SIZE", 64),
             center_crop=_float(env, "AMLS_CENTER_CROP", 1.0),
+            invariance=env.get("AMLS_INVARIANCE", "dihedral").strip() or "dihedral",
             batch_size=_int(env, "AMLS_BATCH_SIZE", 16),
             score_batch_size=_int(env, "AMLS_SCORE_BATCH_SIZE", 256),
             versions_kept=_int(env, "AMLS_VERSIONS_KEPT", 3),

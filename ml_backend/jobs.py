@@ -47,7 +47,7 @@ def job_kwargs(cfg: Config) -> dict[str, Any]:
         "label_studio_url": cfg.label_studio_url, "model_dir": str(cfg.model_dir),
         "anomaly_label": cfg.anomaly_label, "iterations": cfg.iterations,
         "image_size": cfg.image_size, "center_crop": cfg.center_crop,
-        "batch_size": cfg.batch_size,
+        "invariance": cfg.invariance, "batch_size": cfg.batch_size,
         "score_batch_size": cfg.score_batch_size, "versions_kept": cfg.versions_kept,
         "write_batch": cfg.prediction_write_batch,
         "image_hosts": sorted(cfg.image_hosts), "device": cfg.device,
@@ -57,7 +57,8 @@ def job_kwargs(cfg: Config) -> dict[str, Any]:
 
 def run_training(project_id: int, *, label_studio_url: str, model_dir: str,
                  anomaly_label: str = "anomaly", iterations: int = 100, image_size: int = 64,
-                 center_crop: float = 1.0, batch_size: int = 16, score_batch_size: int = 256,
+                 center_crop: float = 1.0, invariance: str = "dihedral", batch_size: int = 16,
+                 score_batch_size: int = 256,
                  versions_kept: int = 3, write_batch: int = 500,
                  image_hosts: list[str] | None = None, device: str = "auto",
                  store_roots: list[str] | None = None,
@@ -83,7 +84,8 @@ def run_training(project_id: int, *, label_studio_url: str, model_dir: str,
         summary = train_and_publish(
             project_id, registry=registry, label_studio_url=label_studio_url, api_key=key,
             anomaly_label=anomaly_label, iterations=iterations, image_size=image_size,
-            center_crop=center_crop, batch_size=batch_size, score_batch_size=score_batch_size,
+            center_crop=center_crop, invariance=invariance, batch_size=batch_size,
+            score_batch_size=score_batch_size,
             versions_kept=versions_kept, write_batch=write_batch,
             image_hosts=frozenset(image_hosts or []), device=device, store_roots=roots,
             on_progress=_report_progress)
@@ -119,7 +121,8 @@ def _report_progress(stage: str, done: int, total: int) -> None:
 
 def train_and_publish(project_id: int, *, registry: ModelRegistry, label_studio_url: str,
                       api_key: str, anomaly_label: str, iterations: int, image_size: int,
-                      center_crop: float, batch_size: int, score_batch_size: int,
+                      center_crop: float, invariance: str, batch_size: int,
+                      score_batch_size: int,
                       versions_kept: int, write_batch: int, image_hosts: frozenset[str],
                       device: str, store_roots: Sequence[Path],
                       on_progress: Callable[[str, int, int], None]) -> dict[str, Any]:
@@ -150,12 +153,13 @@ def train_and_publish(project_id: int, *, registry: ModelRegistry, label_studio_
         unlabeled = sorted(t for t in pixels.rows if t not in labels and t not in held_out)
         pool = unlabeled_pool(pixels, unlabeled, default=pixels.rows[labeled_ids[0]][0])
         cfg = TrainConfig(iterations=iterations, image_size=image_size,
-                          center_crop=center_crop, batch_size=batch_size,
-                          score_batch_size=score_batch_size, device=device)
-        parent_dir = _parent_to_continue(project_id, registry, cfg, channels=labeled.shape[-1])
+                          center_crop=center_crop, invariance=invariance,
+                          batch_size=batch_size, score_batch_size=score_batch_size,
+                          device=device)
+        stretch = pixels.stores[pixels.rows[labeled_ids[0]][0]].stretch
+        parent_dir = _parent_to_continue(project_id, registry, cfg, labeled.shape[-1], stretch)
         result = train_cycle(cfg, labeled, y, pool, init_dir=parent_dir,
                              on_progress=lambda i, n, _stats: on_progress("train", i, n))
-        stretch = pixels.stores[pixels.rows[labeled_ids[0]][0]].stretch
         counts = {anomaly_label: int(y.sum()), schema.normal_choice: int((y == 0).sum())}
         meta = save_cycle(result, staging, cfg=cfg, stretch=stretch, parent=result.init_meta,
                           label_counts=counts)
@@ -185,27 +189,25 @@ def train_and_publish(project_id: int, *, registry: ModelRegistry, label_studio_
             "skipped_tasks": len(tasks) - len(pixels.rows)}
 
 
-def _parent_to_continue(project_id: int, registry: ModelRegistry, cfg: Any,
-                        channels: int) -> Path | None:
+def _parent_to_continue(project_id: int, registry: ModelRegistry, cfg: Any, channels: int,
+                        stretch: dict[str, Any]) -> Path | None:
     """The latest model to continue from, or None to start afresh from ImageNet weights.
 
-    A model trained on another input (image size, centre crop, channels) cannot continue; the
+    A model trained on another input or invariance (`lineage_mismatch`) cannot continue; the
     settings were changed on purpose, and every label is still in Label Studio, so the job
     starts a new lineage instead of failing.
     """
-    from ml_backend.core.checkpoint import read_meta
+    from ml_backend.core.checkpoint import lineage_mismatch, read_meta
 
     parent_dir = registry.latest_dir(project_id)
     if parent_dir is None:
         return None
     meta = read_meta(parent_dir)
-    had = (meta.image_size, meta.center_crop, meta.channels)
-    wants = (cfg.image_size, cfg.center_crop, channels)
-    if had == wants:
+    changes = lineage_mismatch(meta, cfg, channels, stretch)
+    if not changes:
         return parent_dir
-    logger.warning("project %d: model %s was trained on (image size, centre crop, channels) = "
-                   "%s, the settings now give %s: starting a new model from ImageNet weights",
-                   project_id, meta.version, had, wants)
+    logger.warning("project %d: model %s cannot continue (%s): starting a new model from "
+                   "ImageNet weights", project_id, meta.version, "; ".join(changes))
     return None
 
 

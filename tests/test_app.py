@@ -245,10 +245,11 @@ def test_config_defaults_and_overrides():
     cfg = Config.from_env({"LABEL_STUDIO_URL": "http://ls:8080/", "MODEL_DIR": "/m",
                            "AMLS_ITERATIONS": "30", "AMLS_ALLOWED_IMAGE_HOSTS": "a.org, b:81",
                            "AMLS_DEBOUNCE_S": "0.5", "LABEL_STUDIO_API_KEY": "sekrit",
-                           "AMLS_CENTER_CROP": "0.4"})
+                           "AMLS_CENTER_CROP": "0.4", "AMLS_INVARIANCE": "flip"})
     assert cfg.label_studio_url == "http://ls:8080"
     assert (cfg.iterations, cfg.debounce_s, str(cfg.model_dir)) == (30, 0.5, "/m")
     assert cfg.center_crop == 0.4 and job_kwargs(cfg)["center_crop"] == 0.4
+    assert cfg.invariance == "flip" and job_kwargs(cfg)["invariance"] == "flip"
     assert cfg.image_hosts == frozenset({"a.org", "b:81", "ls:8080"})
     assert "sekrit" not in repr(cfg)
 
@@ -259,6 +260,7 @@ def test_config_defaults_and_overrides():
     ({"AMLS_IMAGE_SIZE": "16"}, "image_size"),
     ({"AMLS_CENTER_CROP": "0"}, "AMLS_CENTER_CROP"),
     ({"AMLS_CENTER_CROP": "1.2"}, "AMLS_CENTER_CROP"),
+    ({"AMLS_INVARIANCE": "upright"}, "AMLS_INVARIANCE"),
     ({"AMLS_DEBOUNCE_S": "nan"}, "AMLS_DEBOUNCE_S"),
     ({"BASIC_AUTH_USER": "u"}, "BASIC_AUTH_PASS"),
     ({"LABEL_STUDIO_URL": "localhost:8080"}, "LABEL_STUDIO_URL"),

@@ -408,9 +408,10 @@ def test_every_job_setting_is_a_run_training_parameter():
     from ml_backend.config import Config
     from ml_backend.jobs import job_kwargs
 
-    kwargs = job_kwargs(Config(center_crop=0.5))
+    kwargs = job_kwargs(Config(center_crop=0.5, invariance="flip"))
     accepted = inspect.signature(run_training).parameters
     assert set(kwargs) <= set(accepted) and kwargs["center_crop"] == 0.5
+    assert kwargs["invariance"] == "flip"
 
 
 def test_a_job_after_input_settings_changed_starts_a_new_lineage(tmp_path: Path, caplog):
@@ -429,10 +430,16 @@ def test_a_job_after_input_settings_changed_starts_a_new_lineage(tmp_path: Path,
     (staging / "meta.json").write_text(json.dumps({"format": 1, **meta.to_dict(), "files": {}}))
     registry.publish(3, staging, meta.version)
 
-    assert _parent_to_continue(3, registry, cfg, channels=1) == registry.latest_dir(3)
-    assert _parent_to_continue(4, registry, cfg, channels=1) is None  # no model yet
+    plain = {"name": "none"}
+    assert _parent_to_continue(3, registry, cfg, 1, plain) == registry.latest_dir(3)
+    assert _parent_to_continue(4, registry, cfg, 1, plain) is None  # no model yet
     with caplog.at_level("WARNING"):
-        assert _parent_to_continue(3, registry, cfg.replace(center_crop=0.5), channels=1) is None
-        assert _parent_to_continue(3, registry, cfg, channels=3) is None
-    assert "(64, 1.0, 1), the settings now give (64, 0.5, 1)" in caplog.text
+        assert _parent_to_continue(3, registry, cfg.replace(center_crop=0.5), 1, plain) is None
+        assert _parent_to_continue(3, registry, cfg, 3, plain) is None
+        assert _parent_to_continue(3, registry, cfg.replace(invariance="flip"), 1, plain) is None
+        assert _parent_to_continue(3, registry, cfg, 1, {"name": "asinh", "a": 0.1}) is None
+    assert "centre crop 1.0 in the model, 0.5 now" in caplog.text
+    assert "channels 1 in the model, 3 now" in caplog.text
+    assert "invariance dihedral in the model, flip now" in caplog.text
+    assert "stretch {'name': 'none'} in the model" in caplog.text
     assert registry.latest(3) == meta.version  # the old version keeps serving meanwhile

@@ -188,10 +188,13 @@ def test_continuing_with_other_channels_or_size_is_refused(toy, tmp_path):
     save_cycle(train_cycle(FAST, labeled, labels, pool), tmp_path / "m", cfg=FAST,
                stretch={"name": "none"}, parent=None, label_counts={})
     grey, grey_labels = toy_images(4, 2, seed=3, channels=1)
-    with pytest.raises(ValueError, match="3-channel images, these have 1"):
+    with pytest.raises(ValueError, match="channels 3 in the model, 1 now"):
         train_cycle(FAST, grey, grey_labels, ArraySource(grey), init_dir=tmp_path / "m")
-    with pytest.raises(ValueError, match="image size"):
+    with pytest.raises(ValueError, match="image size 32 in the model, 24 now"):
         train_cycle(FAST.replace(image_size=24), labeled, labels, pool, init_dir=tmp_path / "m")
+    with pytest.raises(ValueError, match="invariance dihedral in the model, flip now"):
+        train_cycle(FAST.replace(invariance="flip"), labeled, labels, pool,
+                    init_dir=tmp_path / "m")
 
 
 @pytest.mark.slow
@@ -246,10 +249,10 @@ def test_cli_trains_then_continues(store_and_labels, tmp_path, capsys):
     assert second["iterations_total"] == 3
     assert read_meta(tmp_path / "m2").parent == first["version"]
 
-    with pytest.raises(SystemExit, match="differs from the image size 32"):
+    with pytest.raises(SystemExit, match="image size 32 in the model, 64 now"):
         main(["train", str(store), "--labels", str(labels), "--image-size", "64",
               "--init", str(tmp_path / "m1"), "-o", str(tmp_path / "m3")])
-    with pytest.raises(SystemExit, match="differs from the center crop 1.0"):
+    with pytest.raises(SystemExit, match="centre crop 1.0 in the model, 0.5 now"):
         main(["train", str(store), "--labels", str(labels), "--center-crop", "0.5",
               "--init", str(tmp_path / "m1"), "-o", str(tmp_path / "m3")])
 
@@ -266,10 +269,33 @@ def test_cli_center_crop_is_recorded_and_kept_by_continuations(store_and_labels,
     assert read_meta(tmp_path / "m2").center_crop == 0.5
     # The core refuses to continue a lineage at another crop, whoever calls it.
     images, y = toy_images(4, 2, seed=1)
-    with pytest.raises(ValueError, match="centre crop 0.5"):
+    with pytest.raises(ValueError, match="centre crop 0.5 in the model, 1.0 now"):
         train_cycle(TrainConfig(pretrained=False, image_size=32, iterations=1, device="cpu"),
                     images, y, ArraySource(images[:0], {"name": "none"}),
                     init_dir=tmp_path / "m1")
+
+
+def test_cli_training_settings_are_recorded_inherited_and_kept(store_and_labels, tmp_path,
+                                                              capsys):
+    store, labels = store_and_labels
+    common = ["--labels", str(labels), "--device", "cpu", "--iterations", "1"]
+    _amls_train(capsys, str(store), *common, "--image-size", "32", "--invariance", "flip",
+                "--bn-momentum", "0.01", "--drop-path-rate", "0.2", "--drop-rate", "0.1",
+                "-o", str(tmp_path / "m1"))
+    _amls_train(capsys, str(store), *common, "--init", str(tmp_path / "m1"),
+                "--drop-rate", "0.3", "-o", str(tmp_path / "m2"))
+    first = TrainConfig.from_dict(read_meta(tmp_path / "m1").config)
+    second = TrainConfig.from_dict(read_meta(tmp_path / "m2").config)
+    assert (first.invariance, first.bn_momentum, first.drop_path_rate, first.drop_rate) == (
+        "flip", 0.01, 0.2, 0.1)
+    # Inherited by the continuation; hyperparameters may change, the invariance may not.
+    assert (second.invariance, second.bn_momentum, second.drop_path_rate, second.drop_rate) == (
+        "flip", 0.01, 0.2, 0.3)
+    with pytest.raises(SystemExit, match="invariance flip in the model, dihedral now"):
+        main(["train", str(store), *common, "--invariance", "dihedral",
+              "--init", str(tmp_path / "m1"), "-o", str(tmp_path / "m3")])
+    with pytest.raises(SystemExit, match="drop_rate must be in"):
+        main(["train", str(store), *common, "--drop-rate", "1", "-o", str(tmp_path / "m4")])
 
 
 @pytest.mark.parametrize("value", ["0", "1.5", "half"])

@@ -5,9 +5,10 @@ Both views work on float tensors ``(B, C, H, W)`` in [0, 1] with any channel cou
 posterize act on each channel separately. All randomness comes from a CPU
 ``torch.Generator`` (reproducible on CPU and GPU alike); the input is never modified.
 
-Weak view: random horizontal / vertical flips, random 90° rotations (the sky has no "up")
-and integer shifts of up to ``translate_fraction`` of the size with reflect padding. Together
-these are label-preserving: a weak view holds the same pixels as the input, moved.
+Weak view: integer shifts of up to ``translate_fraction`` of the size with reflect padding,
+then the symmetries of ``invariance``: "dihedral" = random horizontal / vertical flips and 90°
+rotations (the sky has no "up"), "flip" = random horizontal flips only (upright photographs).
+These are label-preserving: a weak view holds the same pixels as the input, moved.
 
 Strong view: an independent weak view, then ``randaug_ops`` RandAugment ops per image, each
 with a random magnitude in [0, ``randaug_magnitude``], then a cutout square filled with 0.5.
@@ -21,7 +22,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ml_backend.core.config import TrainConfig
+from ml_backend.core.config import TrainConfig, check_invariance
 
 # An op maps (x (n,C,H,W) in [0,1], magnitude m (n,) in [0,1], sign s (n,) of ±1,
 # horizontal (n,) bool: the axis of shear / translate) to a new batch in [0, 1].
@@ -59,6 +60,17 @@ def random_dihedral(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     if x.shape[-1] == x.shape[-2]:
         x = torch.where(_per_sample(_uniform(n, gen, dev) < 0.5), x.transpose(-1, -2), x)
     return x
+
+
+def random_hflip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Per-sample random horizontal (left-right) flips."""
+    return torch.where(_per_sample(_uniform(x.shape[0], gen, x.device) < 0.5), x.flip(-1), x)
+
+
+SYMMETRIES: dict[str, Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = {
+    "dihedral": random_dihedral,
+    "flip": random_hflip,
+}
 
 
 def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
@@ -248,7 +260,8 @@ class WeakStrong:
     x: float tensor (B, C, H, W) with values in [0, 1], any C; left unchanged.
     Returns two new tensors of the same shape, dtype and device, values in [0, 1].
     NaNs are not checked for; they pass through flips and shifts and spread under resampling.
-    Uses cfg.translate_fraction, cfg.randaug_ops, cfg.randaug_magnitude, cfg.cutout_fraction.
+    Uses cfg.invariance, cfg.translate_fraction, cfg.randaug_ops, cfg.randaug_magnitude and
+    cfg.cutout_fraction.
     """
 
     def __init__(self, cfg: TrainConfig) -> None:
@@ -260,16 +273,17 @@ class WeakStrong:
             raise ValueError(f"randaug_ops must be >= 0, got {cfg.randaug_ops}")
         if not 0 <= cfg.cutout_fraction <= 1:
             raise ValueError(f"cutout_fraction must be in [0, 1], got {cfg.cutout_fraction}")
+        self.symmetry = SYMMETRIES[check_invariance(cfg.invariance)]
         self.translate_fraction = cfg.translate_fraction
         self.num_ops = cfg.randaug_ops
         self.magnitude = cfg.randaug_magnitude
         self.cutout_fraction = cfg.cutout_fraction
 
     def weak(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """Flips, 90° rotations and reflect-padded integer shifts, per sample."""
+        """Reflect-padded integer shifts, then the invariance's flips / rotations, per sample."""
         _check_batch(x)
         max_shift = math.floor(self.translate_fraction * min(x.shape[-2:]))
-        return random_dihedral(random_shift(x, max_shift, gen), gen)
+        return self.symmetry(random_shift(x, max_shift, gen), gen)
 
     def strong(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """An independent weak view, then RandAugment, then cutout."""

@@ -171,6 +171,22 @@ def read_meta(model_dir: str | Path) -> ModelMeta:
     return _read_meta(Path(model_dir))[0]
 
 
+def lineage_mismatch(meta: ModelMeta, cfg: TrainConfig, channels: int,
+                     stretch: dict[str, Any] | None = None) -> list[str]:
+    """What a cycle with `cfg` on `channels`-channel images (of `stretch`, when given) would
+    change of the model `meta` describes, among the things a continued model must keep: image
+    size, centre crop, channels, weak-view invariance and stretch. Empty: it can continue.
+    """
+    kept = {"image size": (meta.image_size, cfg.image_size),
+            "centre crop": (meta.center_crop, cfg.center_crop),
+            "channels": (meta.channels, channels),
+            "invariance": (TrainConfig.from_dict(meta.config).invariance, cfg.invariance)}
+    if stretch is not None:
+        kept["stretch"] = (meta.stretch, stretch)
+    return [f"{name} {had} in the model, {wants} now"
+            for name, (had, wants) in kept.items() if had != wants]
+
+
 def _state_of(module: nn.Module) -> dict[str, torch.Tensor]:
     return _contiguous_cpu(module.state_dict())
 

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 
+from ml_backend.core.cli_options import add_training_options, training_overrides
 from ml_backend.core.config import TrainConfig, center_crop_arg
 
 FINAL_KEYS = ("auroc", "ap", "precision_top_0_1pct", "precision_top_1pct",
@@ -21,24 +22,31 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Start from a few labelled anomalies, train a cycle, let an oracle label "
         "the top-scoring anomalies and false positives, repeat. One JSON line per cycle; the "
         "last line is the final summary, measured on the pool minus labelled items.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("store", help="cutout store (HDF5)")
     p.add_argument("--truth", required=True, help="CSV id,label (anomaly|normal)")
     p.add_argument("--method", default="fixmatch",
-                   help="fixmatch (default), supervised or isolation-forest")
-    p.add_argument("--initial-anomalies", type=int, default=5)
-    p.add_argument("--initial-normals", type=int, default=495)
-    p.add_argument("--cycles", type=int, default=3)
+                   help="fixmatch, supervised (labels only) or isolation-forest")
+    p.add_argument("--initial-anomalies", type=int, default=5,
+                   help="anomalies labelled before the first cycle")
+    p.add_argument("--initial-normals", type=int, default=495,
+                   help="normals labelled before the first cycle")
+    p.add_argument("--cycles", type=int, default=3, help="active-learning cycles")
     p.add_argument("--per-cycle", type=int, default=10,
                    help="anomalies and false positives the oracle labels after each cycle")
-    p.add_argument("--iterations", type=int, default=TrainConfig.iterations)
-    p.add_argument("--pool", type=int, default=10_000, help="images drawn from the store")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--iterations", type=int, default=TrainConfig.iterations,
+                   help="training steps per cycle")
+    p.add_argument("--pool", type=int, default=10_000,
+                   help="images drawn from the store (labelled and unlabelled)")
+    p.add_argument("--seed", type=int, default=42,
+                   help="seeds the pool, the initial labels and training")
     p.add_argument("--size", type=int, default=TrainConfig.image_size, help="model input size")
     p.add_argument("--center-crop", type=center_crop_arg, default=TrainConfig.center_crop,
                    metavar="F", help="keep this fraction of each side around the centre "
-                   "before resizing (default 1: whole cutout)")
+                   "before resizing (1: whole cutout)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    add_training_options(p)
     p.set_defaults(func=run)
 
 
@@ -67,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
         pool=args.pool, seed=args.seed,
     )
     cfg = TrainConfig(iterations=args.iterations, image_size=args.size,
-                      center_crop=args.center_crop, seed=args.seed, device=args.device)
+                      center_crop=args.center_crop, seed=args.seed, device=args.device,
+                      **training_overrides(args))
     with CutoutStore.open(args.store) as store:
         truth = truth_vector(store, args.truth)
         last: dict = {}

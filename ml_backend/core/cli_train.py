@@ -5,7 +5,8 @@
 
 Labelled ids are read from the store; every other row of the store is the unlabelled pool.
 With --init the cycle continues from a previous model directory and keeps its training
-configuration (command-line options still override it). Prints one JSON line on stdout.
+configuration (command-line options still override it, except the image size, crop and
+invariance, which a continued model cannot change). Prints one JSON line on stdout.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ml_backend.core.cli_options import add_training_options, training_overrides
 from ml_backend.core.config import TrainConfig, center_crop_arg
 from ml_backend.core.csvio import LABEL_NAMES, read_labels_csv
 from ml_backend.core.sources import StoreSubset
@@ -45,6 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="fraction of each cutout side kept around the centre before resizing "
                    "(default 1: whole cutout)")
     p.add_argument("--seed", type=int, help="random seed (default 42)")
+    add_training_options(p)
     p.add_argument("--device", help='"auto" (default), "cpu" or "cuda"')
     p.add_argument("-o", "--output", type=Path, required=True, metavar="MODEL_DIR",
                    help="model directory to write (replaced atomically if it exists)")
@@ -67,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
 def _overrides(args: argparse.Namespace) -> dict[str, object]:
     given = {"iterations": args.iterations, "image_size": args.image_size,
              "center_crop": args.center_crop, "seed": args.seed, "device": args.device}
-    return {k: v for k, v in given.items() if v is not None}
+    return {k: v for k, v in given.items() if v is not None} | training_overrides(args)
 
 
 def train_from_files(store_path: Path, labels_path: Path, out_dir: Path, *,
@@ -81,11 +84,8 @@ def train_from_files(store_path: Path, labels_path: Path, out_dir: Path, *,
     if not labels_by_id:
         raise ValueError(f"{labels_path} has no labels")
     parent = read_meta(init_dir) if init_dir is not None else None
-    cfg = _config(parent, overrides or {}, init_dir)
     with CutoutStore.open(store_path) as store:
-        if parent is not None and parent.stretch != store.stretch:
-            raise ValueError(f"{init_dir} was trained on stretch {parent.stretch}, but "
-                             f"{store_path} has stretch {store.stretch}")
+        cfg = _config(parent, overrides or {}, init_dir, store.channels, store.stretch)
         labeled_rows = _rows_of(store, list(labels_by_id), labels_path)
         labels = np.fromiter(labels_by_id.values(), dtype=np.int64, count=len(labels_by_id))
         pool = StoreSubset(store, np.setdiff1d(np.arange(len(store)), labeled_rows))
@@ -98,20 +98,23 @@ def train_from_files(store_path: Path, labels_path: Path, out_dir: Path, *,
             "final_mask_rate": meta.metrics["final_mask_rate"]}
 
 
-def _config(parent: ModelMeta | None, overrides: dict[str, object],
-            init_dir: Path | None) -> TrainConfig:
-    """Defaults, or the parent's training config, with command-line overrides applied."""
+def _config(parent: ModelMeta | None, overrides: dict[str, object], init_dir: Path | None,
+            channels: int, stretch: dict[str, object]) -> TrainConfig:
+    """Defaults, or the parent's training config, with command-line overrides applied.
+
+    Raises ValueError when the result could not continue the parent (`lineage_mismatch`).
+    """
+    from ml_backend.core.checkpoint import lineage_mismatch
+
+    if parent is None:
+        return TrainConfig().replace(**overrides)
     # The device is where this run happens, not part of the lineage's hyperparameters.
-    base = (TrainConfig() if parent is None
-            else TrainConfig.from_dict(parent.config).replace(device="auto"))
-    for name in ("image_size", "center_crop") if parent is not None else ():
-        inherited = getattr(parent, name)
-        if overrides.get(name, inherited) != inherited:
-            option, words = "--" + name.replace("_", "-"), name.replace("_", " ")
-            raise ValueError(f"{option} {overrides[name]} differs from the {words} "
-                             f"{inherited} of {init_dir}; continue with it or start a new "
-                             "model without --init")
-    return base.replace(**overrides)
+    cfg = TrainConfig.from_dict(parent.config).replace(**({"device": "auto"} | overrides))
+    changes = lineage_mismatch(parent, cfg, channels, stretch)
+    if changes:
+        raise ValueError(f"cannot continue from {init_dir}: {'; '.join(changes)}; keep those "
+                         "settings or start a new model without --init")
+    return cfg
 
 
 def _rows_of(store: CutoutStore, ids: list[str], labels_path: Path) -> np.ndarray:

@@ -44,6 +44,14 @@ class TrainConfig:
     # the reference implementation really ran with (its 0.01 was never applied); 0.01 leaves
     # 37 % ImageNet statistics in eval mode after a 100-iteration cycle and measurably hurts.
     bn_momentum: float = 0.1
+    # Stochastic depth (timm's drop_path_rate) and classifier dropout (timm's drop_rate); both
+    # act in training only. EfficientNet's own recipe uses 0.2 for each, timm builds with 0.
+    drop_path_rate: float = 0.0
+    drop_rate: float = 0.0
+    # Symmetries taught through the weak view (and so the pseudo-labels): "dihedral" = flips
+    # and 90° rotations (sky cutouts have no "up"), "flip" = horizontal flips only (upright
+    # photographs). Shifts are always on.
+    invariance: str = "dihedral"
     # Std of the re-initialised binary head: small, so early pseudo-labels stay below threshold.
     head_init_std: float = 1e-3
     # Oversample anomalies so each labelled batch is about this fraction anomalous.
@@ -66,18 +74,43 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_center_crop(self.center_crop)
+        for name in ("drop_path_rate", "drop_rate"):
+            value = getattr(self, name)
+            if not 0 <= value < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {value}")
+        check_invariance(self.invariance)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        """Build from a dict, ignoring unknown keys (checkpoints from newer versions)."""
+        """Build from a dict, ignoring unknown keys (checkpoints from newer versions).
+
+        Keys a checkpoint predates take the value that checkpoint was really trained with
+        (`LEGACY_VALUES`), not today's default.
+        """
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        known = {k: v for k, v in data.items() if k in names}
+        return cls(**(LEGACY_VALUES | known))
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+
+INVARIANCES = ("dihedral", "flip")
+
+# What a saved config that lacks a field was trained with (fields added after the first
+# release). Defaults may change; these never do.
+LEGACY_VALUES: dict[str, Any] = {"drop_path_rate": 0.0, "drop_rate": 0.0,
+                                 "invariance": "dihedral"}
+
+
+def check_invariance(value: str) -> str:
+    """`value` if it names a weak-view invariance; ValueError otherwise."""
+    if value not in INVARIANCES:
+        raise ValueError(f"invariance must be one of {', '.join(INVARIANCES)}, got {value!r}")
+    return value
 
 
 def check_center_crop(value: float) -> float:

@@ -34,12 +34,15 @@ def build_model(cfg: TrainConfig, in_chans: int) -> nn.Module:
     activations of its RGB copy; N != 3: filters repeated cyclically and scaled by 3/N).
     The head is re-initialised from normal(0, cfg.head_init_std) with zero bias so the
     first predictions sit near probability 0.5, and every BatchNorm gets `cfg.bn_momentum`.
+    `cfg.drop_path_rate` (stochastic depth) and `cfg.drop_rate` (dropout before the head)
+    act in training mode only.
     Weights that are not loaded come from torch's global RNG: call `set_seed` first.
     """
     if in_chans < 1:
         raise ValueError(f"in_chans must be >= 1, got {in_chans}")
     model = timm.create_model(ARCH, pretrained=False, num_classes=NUM_CLASSES,
-                              in_chans=in_chans)
+                              in_chans=in_chans, drop_rate=cfg.drop_rate,
+                              drop_path_rate=cfg.drop_path_rate)
     if cfg.pretrained:
         _load_imagenet_backbone(model, in_chans)
     init_head(model.get_classifier(), cfg.head_init_std)

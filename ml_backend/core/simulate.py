@@ -21,6 +21,7 @@ import numpy as np
 from ml_backend.core import metrics
 from ml_backend.core.checkpoint import load_model_dir, read_meta
 from ml_backend.core.config import TrainConfig
+from ml_backend.core.fixmatch import StepStats
 from ml_backend.core.scoring import score_store
 from ml_backend.core.sources import StoreSubset
 from ml_backend.core.store import CutoutStore
@@ -113,8 +114,8 @@ def run_simulation(
                 scores = fn(cfg, store, unlabelled)
             else:
                 model_dir = Path(tmp) / f"cycle{cycle}"
-                parent = _train_one_cycle(store, truth, labelled, unlabelled, plan, cfg,
-                                          model_dir, parent)
+                parent, steps = _train_one_cycle(store, truth, labelled, unlabelled, plan, cfg,
+                                                 model_dir, parent)
                 train_seconds = time.perf_counter() - started
                 model, meta = load_model_dir(parent)
                 score_started = time.perf_counter()
@@ -122,6 +123,8 @@ def run_simulation(
                                      batch_size=cfg.score_batch_size, device=cfg.device)
             score_seconds = time.perf_counter() - score_started
             result = metrics.evaluate(truth[unlabelled], scores)
+            if plan.method != "isolation-forest":
+                result.update(_step_summary(steps))
             result.update(
                 cycle=cycle,
                 method=plan.method,
@@ -147,8 +150,8 @@ def _train_one_cycle(
     cfg: TrainConfig,
     out_dir: Path,
     parent: Path | None,
-) -> Path:
-    """Train one cycle continuing from ``parent`` and save it to ``out_dir``."""
+) -> tuple[Path, list[StepStats]]:
+    """Train one cycle continuing from ``parent``, save it to ``out_dir``; (out_dir, steps)."""
     images = store.read(labelled)
     labels = truth[labelled].astype(np.int64)
     pool = StoreSubset(store, unlabelled if plan.method == "fixmatch" else unlabelled[:0])
@@ -156,4 +159,16 @@ def _train_one_cycle(
     counts = {"anomaly": int(labels.sum()), "normal": int((labels == 0).sum())}
     save_cycle(result, out_dir, cfg=cfg, stretch=store.stretch,
                parent=None if parent is None else read_meta(parent), label_counts=counts)
-    return out_dir
+    return out_dir, result.steps
+
+
+def _step_summary(steps: list[StepStats]) -> dict[str, float]:
+    """Mean mask rate and anomaly share of the pseudo-labels over a cycle, and the last step's."""
+    if not steps:
+        return {}
+    return {
+        "mean_mask_rate": round(float(np.mean([s.mask_rate for s in steps])), 4),
+        "final_mask_rate": round(steps[-1].mask_rate, 4),
+        "mean_pseudo_anomaly_rate": round(float(np.mean([s.pseudo_anomaly_rate for s in steps])),
+                                          4),
+    }

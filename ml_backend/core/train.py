@@ -26,6 +26,7 @@ from ml_backend.core.augment import WeakStrong
 from ml_backend.core.checkpoint import (
     ModelMeta,
     TrainingState,
+    lineage_mismatch,
     load_training_state,
     new_version,
     save_model_dir,
@@ -249,15 +250,9 @@ def _check_inputs(labeled: np.ndarray, labels: np.ndarray, unlabeled: ImageSourc
 
 def _check_compatible(meta: ModelMeta, cfg: TrainConfig, channels: int,
                       init_dir: Path | None) -> None:
-    if meta.channels != channels:
-        raise ValueError(f"cannot continue from {init_dir}: it takes {meta.channels}-channel "
-                         f"images, these have {channels}")
-    if meta.image_size != cfg.image_size:
-        raise ValueError(f"cannot continue from {init_dir}: it was trained at image size "
-                         f"{meta.image_size}, this cycle uses {cfg.image_size}")
-    if meta.center_crop != cfg.center_crop:
-        raise ValueError(f"cannot continue from {init_dir}: it was trained with centre crop "
-                         f"{meta.center_crop}, this cycle uses {cfg.center_crop}")
+    changes = lineage_mismatch(meta, cfg, channels)
+    if changes:
+        raise ValueError(f"cannot continue from {init_dir}: {'; '.join(changes)}")
 
 
 def _momentum_state(optimizer: torch.optim.SGD, model: nn.Module) -> dict[str, torch.Tensor]:

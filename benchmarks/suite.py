@@ -1,0 +1,272 @@
+"""The detection-quality suite: every class as the rare one, several seeds, named settings.
+
+    python -m benchmarks.suite run --suite animal first --settings default ref-fix --seeds 3
+    python -m benchmarks.suite run --protocol screen --datasets animal:Cat first:FRI \\
+        --settings default flip --set "lr-half:lr=0.00375"
+    python -m benchmarks.suite report runs/suite/runs.jsonl --baseline default
+
+`run` appends one JSON line per finished (dataset, seed, setting, protocol) run to one log
+(`--log`, default runs/suite/runs.jsonl) and skips every run the log already holds, so an
+interrupted grid resumes where it stopped and a grid can be spread over several sessions.
+Runs go seed by seed (all datasets and settings of seed 0 first), so a partial grid still
+holds complete pairs. `--workers 2` runs two at a time, each on `--threads` torch threads.
+
+Protocols: "full" is the paper's (5 anomalies + 495 normals, 3 cycles of 100 iterations,
+oracle adds 10 + 10 per cycle, pool 10,000); "screen" is a quick look for ideas (1 cycle,
+pool 4,000) and never decides a default. `report` prints the per-class table, the suite
+means and paired comparisons (`benchmarks.paired`) against a baseline setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from benchmarks.datasets import ANIMAL_CLASSES, FIRST_CLASSES
+from benchmarks.detection_quality import dataset_paths, run_one
+from ml_backend.core.config import TrainConfig
+from ml_backend.core.simulate import METHODS, SimulationPlan
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LOG = Path("runs/suite/runs.jsonl")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One rare class of one data set, at a rare share, with the crop its suite uses."""
+
+    name: str  # "animal:Cat", "first:Bent"
+    rare_fraction: float
+    center_crop: float = 1.0
+
+
+SUITES: dict[str, tuple[DatasetSpec, ...]] = {
+    # Everyday grey silhouettes, 28 px: each class rare at 1 % among the nine others.
+    "animal": tuple(DatasetSpec(f"animal:{c}", 0.01) for c in ANIMAL_CLASSES),
+    # FIRST radio galaxies: each class rare at 5 %, the central half of each cutout (the demo's).
+    "first": tuple(DatasetSpec(f"first:{c}", 0.05, 0.5) for c in FIRST_CLASSES),
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A named candidate: a method plus TrainConfig overrides."""
+
+    name: str
+    method: str = "fixmatch"
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+REFERENCE_FIX = {"bn_momentum": 0.01, "drop_path_rate": 0.2, "drop_rate": 0.2}
+SETTINGS: dict[str, Setting] = {s.name: s for s in (
+    Setting("default"),
+    Setting("supervised", method="supervised"),
+    Setting("isolation-forest", method="isolation-forest"),
+    # esa/AnomalyMatch's fix of the same backbone (REGRESSION_INVESTIGATION.md), and its parts.
+    Setting("ref-fix", overrides=REFERENCE_FIX),
+    Setting("bn-0.01", overrides={"bn_momentum": 0.01}),
+    Setting("drop-0.2", overrides={"drop_path_rate": 0.2, "drop_rate": 0.2}),
+    Setting("bn-frozen", overrides={"bn_momentum": 0.0}),
+    # Weak views: horizontal flips only instead of the dihedral group.
+    Setting("flip", overrides={"invariance": "flip"}),
+    Setting("ref-fix+flip", overrides={**REFERENCE_FIX, "invariance": "flip"}),
+)}
+
+
+PROTOCOLS: dict[str, dict[str, int]] = {
+    "full": {"initial_anomalies": 5, "initial_normals": 495, "cycles": 3, "per_cycle": 10,
+             "pool": 10_000, "iterations": 100},
+    "screen": {"initial_anomalies": 5, "initial_normals": 495, "cycles": 1, "per_cycle": 10,
+               "pool": 4_000, "iterations": 100},
+}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One simulate run of the grid."""
+
+    dataset: DatasetSpec
+    seed: int
+    setting: Setting
+    protocol: str
+
+    def key(self) -> str:
+        """What makes a run the same run: data, seed, method, overrides and protocol."""
+        return json.dumps([self.dataset.name, self.dataset.rare_fraction, self.dataset.center_crop,
+                           self.seed, self.setting.name, self.setting.method,
+                           self.setting.overrides, PROTOCOLS[self.protocol]], sort_keys=True)
+
+
+def parse_setting(text: str) -> Setting:
+    """"name:key=value,key=value[,method=supervised]" -> Setting (values parsed as JSON)."""
+    name, sep, body = text.partition(":")
+    if not sep or not name or not body:
+        raise argparse.ArgumentTypeError(f"--set {text!r}: expected NAME:key=value,...")
+    overrides: dict[str, Any] = {}
+    for item in body.split(","):
+        key, eq, raw = item.partition("=")
+        if not eq:
+            raise argparse.ArgumentTypeError(f"--set {text!r}: {item!r} is not key=value")
+        try:
+            overrides[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = raw  # a bare word such as flip
+    method = overrides.pop("method", "fixmatch")
+    if method not in METHODS:
+        raise argparse.ArgumentTypeError(f"--set {text!r}: unknown method {method!r}")
+    try:
+        TrainConfig(**overrides)
+    except (TypeError, ValueError) as err:
+        raise argparse.ArgumentTypeError(f"--set {text!r}: {err}") from None
+    return Setting(name, method, overrides)
+
+
+def plan_jobs(datasets: Sequence[DatasetSpec], settings: Sequence[Setting], seeds: Sequence[int],
+              protocol: str) -> list[Job]:
+    """Seed-major order: every (dataset, setting) of one seed before the next seed."""
+    return [Job(d, seed, s, protocol) for seed in seeds for d in datasets for s in settings]
+
+
+def done_keys(log_path: Path) -> set[str]:
+    """Keys of the runs a log already holds (a torn last line is ignored)."""
+    if not log_path.exists():
+        return set()
+    keys = set()
+    for line in log_path.read_text().splitlines():
+        try:
+            keys.add(json.loads(line)["key"])
+        except (json.JSONDecodeError, KeyError):
+            log.warning("%s: skipping an unreadable line", log_path)
+    return keys
+
+
+def run_job(job: Job, store: Path, truth: Path, threads: int) -> dict[str, Any]:
+    """Run one job (in a worker process) and return its log row."""
+    import torch
+
+    torch.set_num_threads(threads)
+    protocol = dict(PROTOCOLS[job.protocol])
+    iterations = protocol.pop("iterations")
+    cfg = TrainConfig(center_crop=job.dataset.center_crop, iterations=iterations,
+                      **job.setting.overrides)
+    plan = SimulationPlan(method=job.setting.method, seed=job.seed, **protocol)
+    started = time.perf_counter()
+    cycles = run_one(store, truth, plan, cfg)
+    return {
+        "key": job.key(), "dataset": job.dataset.name, "rare_fraction": job.dataset.rare_fraction,
+        "center_crop": job.dataset.center_crop, "seed": job.seed, "setting": job.setting.name,
+        "method": job.setting.method, "overrides": job.setting.overrides,
+        "protocol": job.protocol, "cycles": cycles, **cycles[-1],
+        "wall_seconds": round(time.perf_counter() - started, 1), "threads": threads,
+    }
+
+
+def run_grid(jobs: list[Job], log_path: Path, data_root: Path, workers: int,
+             threads: int) -> Iterator[dict[str, Any]]:
+    """Run the jobs the log lacks, appending each finished row to it; yields the rows."""
+    done = done_keys(log_path)
+    todo = [j for j in jobs if j.key() not in done]
+    log.warning("%d of %d runs already in %s; %d to go", len(jobs) - len(todo), len(jobs),
+                log_path, len(todo))
+    paths = {d: dataset_paths(d.name, data_root, d.rare_fraction)
+             for d in dict.fromkeys(j.dataset for j in todo)}
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    context = {"workers": workers, "cpus": os.cpu_count(), "commit": _commit()}
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        futures: dict[Future, Job] = {pool.submit(run_job, j, *paths[j.dataset], threads): j
+                                      for j in todo}
+        for future in as_completed(futures):
+            row = future.result() | context
+            with log_path.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            yield row
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _datasets(args: argparse.Namespace) -> list[DatasetSpec]:
+    specs = [d for name in args.suite for d in SUITES[name]]
+    by_name = {d.name: d for suite in SUITES.values() for d in suite}
+    for name in args.datasets or ():
+        if name not in by_name:
+            raise SystemExit(f"unknown dataset {name!r}; known: {', '.join(by_name)}")
+        specs.append(by_name[name])
+    if not specs:
+        raise SystemExit("choose --suite and/or --datasets")
+    return list(dict.fromkeys(specs))
+
+
+def _settings(args: argparse.Namespace) -> list[Setting]:
+    unknown = [n for n in args.settings if n not in SETTINGS]
+    if unknown:
+        raise SystemExit(f"unknown setting(s) {unknown}; known: {', '.join(SETTINGS)} "
+                         "(or define one with --set)")
+    return [SETTINGS[n] for n in args.settings] + list(args.set)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run (or resume) a grid")
+    run.add_argument("--suite", nargs="*", choices=sorted(SUITES), default=[])
+    run.add_argument("--datasets", nargs="*", help="extra datasets, e.g. animal:Cat first:FRI")
+    run.add_argument("--settings", nargs="*", default=[], help=f"of {', '.join(SETTINGS)}")
+    run.add_argument("--set", action="append", type=parse_setting, default=[],
+                     metavar="NAME:key=value,...", help="an ad-hoc setting (repeatable)")
+    run.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 (default 3)")
+    run.add_argument("--protocol", choices=sorted(PROTOCOLS), default="full")
+    run.add_argument("--log", type=Path, default=DEFAULT_LOG)
+    run.add_argument("--data", type=Path, default=Path("runs/suite/data"),
+                     help="where dataset stores are built (once)")
+    run.add_argument("--workers", type=int, default=2, help="runs at a time (default 2)")
+    run.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
+    report = sub.add_parser("report", help="per-class table, suite means, paired comparisons")
+    report.add_argument("logs", type=Path, nargs="+")
+    report.add_argument("--baseline", default="default")
+    report.add_argument("--protocol", choices=sorted(PROTOCOLS), default="full")
+    report.add_argument("--metrics", nargs="+", default=["auroc", "ap", "precision_top_1pct"])
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+    if args.command == "report":
+        from benchmarks.suite_report import print_report
+
+        print_report(args.logs, args.baseline, args.protocol, args.metrics)
+        return 0
+    settings = _settings(args)
+    if not settings:
+        raise SystemExit("choose --settings and/or --set")
+    jobs = plan_jobs(_datasets(args), settings, range(args.seeds), args.protocol)
+    for row in run_grid(jobs, args.log, args.data, args.workers, args.threads):
+        print(json.dumps({k: row[k] for k in ("dataset", "seed", "setting", "auroc", "ap",
+                                             "precision_top_1pct", "wall_seconds")}),
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

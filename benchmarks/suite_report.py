@@ -1,0 +1,113 @@
+"""Markdown report of suite logs: per-class table, suite means, paired comparisons.
+
+    python -m benchmarks.suite report runs/suite/runs.jsonl --baseline default
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.paired import decide, paired_comparison
+from ml_backend.core.metrics import top_count
+
+Rows = dict[tuple[str, str], dict[int, dict[str, Any]]]  # (dataset, setting) -> seed -> row
+
+
+def load_rows(paths: Sequence[Path], protocol: str) -> Rows:
+    """The latest row of every (dataset, setting, seed) run under `protocol`."""
+    rows: Rows = defaultdict(dict)
+    for path in paths:
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row.get("protocol") == protocol:
+                rows[(row["dataset"], row["setting"])][row["seed"]] = row
+    return rows
+
+
+def top1_ceiling(row: dict[str, Any]) -> float:
+    """Best possible top-1 % precision: remaining anomalies / top-1 % slots, at most 1."""
+    return min(1.0, row["n_anomalies"] / top_count(row["n"], 0.01))
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "–"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {std:.3f}"
+
+
+def _suite(dataset: str) -> str:
+    return dataset.partition(":")[0]
+
+
+def report(paths: Sequence[Path], baseline: str, protocol: str,
+           metrics: Sequence[str]) -> list[str]:
+    """The report's markdown lines."""
+    rows = load_rows(paths, protocol)
+    datasets = sorted({d for d, _ in rows}, key=lambda d: (_suite(d), d))
+    settings = sorted({s for _, s in rows}, key=lambda s: (s != baseline, s))
+    lines: list[str] = []
+    for metric in metrics:
+        lines += [f"### {metric} ({protocol} protocol; mean ± std over seeds, n = seeds)", "",
+                  "| dataset | " + " | ".join(settings) + " | top-1 % ceiling |",
+                  "|---" * (len(settings) + 2) + "|"]
+        for dataset in datasets:
+            cells = []
+            for setting in settings:
+                runs = rows.get((dataset, setting), {})
+                cells.append(f"{_mean_std([r[metric] for r in runs.values()])} ({len(runs)})")
+            base_runs = rows.get((dataset, baseline), {})
+            ceiling = _mean_std([top1_ceiling(r) for r in base_runs.values()])
+            lines.append(f"| {dataset} | " + " | ".join(cells) + f" | {ceiling} |")
+        for suite in sorted({_suite(d) for d in datasets}):
+            cells = []
+            for setting in settings:
+                values = [r[metric] for (d, s), runs in rows.items()
+                          if s == setting and _suite(d) == suite for r in runs.values()]
+                cells.append(f"**{_mean_std(values)}** ({len(values)})")
+            lines.append(f"| **{suite} mean** | " + " | ".join(cells) + " | |")
+        lines += ["", *_paired_lines(rows, datasets, settings, baseline, metric), ""]
+    return lines
+
+
+def _paired_lines(rows: Rows, datasets: list[str], settings: list[str], baseline: str,
+                  metric: str) -> list[str]:
+    lines = [f"Paired against `{baseline}` on {metric} (candidate − baseline over the same "
+             "(class, seed) runs; 95 % bootstrap interval):", "",
+             "| suite | setting | pairs | wins / losses | mean diff | 95 % interval "
+             "| classes ahead / behind | verdict |", "|---" * 8 + "|"]
+    for suite in sorted({_suite(d) for d in datasets}):
+        for setting in settings:
+            if setting == baseline:
+                continue
+            base, cand, class_diffs = [], [], []
+            for dataset in (d for d in datasets if _suite(d) == suite):
+                a, b = rows.get((dataset, baseline), {}), rows.get((dataset, setting), {})
+                seeds = sorted(set(a) & set(b))
+                if not seeds:
+                    continue
+                base += [a[s][metric] for s in seeds]
+                cand += [b[s][metric] for s in seeds]
+                class_diffs.append(statistics.mean(b[s][metric] - a[s][metric] for s in seeds))
+            if not base:
+                continue
+            pc = paired_comparison(base, cand)
+            ahead = sum(d > 0 for d in class_diffs)
+            behind = sum(d < 0 for d in class_diffs)
+            lines.append(f"| {suite} | {setting} | {pc.n} | {pc.wins} / {pc.losses} | "
+                         f"{pc.mean_diff:+.3f} | [{pc.ci_low:+.3f}, {pc.ci_high:+.3f}] | "
+                         f"{ahead} / {behind} | {decide(pc, class_diffs)} |")
+    return lines
+
+
+def print_report(paths: Sequence[Path], baseline: str, protocol: str,
+                 metrics: Sequence[str]) -> None:
+    print("\n".join(report(paths, baseline, protocol, metrics)))

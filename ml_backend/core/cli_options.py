@@ -1,0 +1,37 @@
+"""Training options shared by `amls train` and `amls simulate`.
+
+Every option defaults to None ("not given"): `amls train --init` then keeps the parent's value
+and `amls simulate` the `TrainConfig` default.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ml_backend.core.config import INVARIANCES
+
+# (option, TrainConfig field, type, help)
+_OPTIONS: tuple[tuple[str, str, type, str], ...] = (
+    ("--invariance", "invariance", str,
+     "symmetries the weak view teaches: dihedral (flips and 90° rotations, for sky cutouts; "
+     "the default) or flip (horizontal flips only, for upright photographs)"),
+    ("--bn-momentum", "bn_momentum", float,
+     "BatchNorm momentum, the weight of each new batch statistic (default 0.1)"),
+    ("--drop-path-rate", "drop_path_rate", float,
+     "stochastic depth in training, 0 to < 1 (default 0)"),
+    ("--drop-rate", "drop_rate", float, "dropout before the head in training (default 0)"),
+)
+
+
+def add_training_options(parser: argparse.ArgumentParser) -> None:
+    """Add the options above; values are checked by TrainConfig."""
+    for option, field, kind, text in _OPTIONS:
+        choices = INVARIANCES if field == "invariance" else None
+        parser.add_argument(option, dest=field, type=kind, choices=choices, help=text)
+
+
+def training_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The options the user gave, as TrainConfig field -> value."""
+    given = {field: getattr(args, field) for _, field, _, _ in _OPTIONS}
+    return {k: v for k, v in given.items() if v is not None}

@@ -1,0 +1,124 @@
+"""The benchmark suite: paired statistics against hand-computed values, grid planning, resume,
+and the report's tables."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from benchmarks.paired import BAD_LOSS, decide, paired_comparison
+from benchmarks.suite import (
+    PROTOCOLS,
+    SETTINGS,
+    SUITES,
+    Job,
+    done_keys,
+    parse_setting,
+    plan_jobs,
+)
+from benchmarks.suite_report import report, top1_ceiling
+
+
+def test_paired_comparison_counts_and_mean_by_hand():
+    pc = paired_comparison([0.80, 0.90, 0.70, 0.60], [0.85, 0.88, 0.70, 0.75])
+    # differences: +0.05, -0.02, 0, +0.15 -> mean 0.045; one tie
+    assert (pc.n, pc.wins, pc.losses) == (4, 2, 1)
+    assert pc.mean_diff == pytest.approx(0.045)
+    assert -0.02 <= pc.ci_low <= pc.mean_diff <= pc.ci_high <= 0.15
+
+
+def test_bootstrap_interval_of_two_pairs_spans_their_differences():
+    # Resamples of two differences a, b have means a, (a + b) / 2 or b, with probabilities
+    # 1/4, 1/2, 1/4: the 2.5 and 97.5 percentiles are a and b.
+    pc = paired_comparison([0.5, 0.5], [0.6, 0.9])
+    assert pc.ci_low == pytest.approx(0.1) and pc.ci_high == pytest.approx(0.4)
+
+
+def test_identical_differences_give_a_point_interval():
+    pc = paired_comparison([0.1, 0.2, 0.3], [0.2, 0.3, 0.4])
+    assert pc.ci_low == pytest.approx(0.1) and pc.ci_high == pytest.approx(0.1)
+
+
+def test_paired_comparison_refuses_unpaired_input():
+    with pytest.raises(ValueError, match="equal-length"):
+        paired_comparison([0.1, 0.2], [0.3])
+    with pytest.raises(ValueError, match="no pairs"):
+        paired_comparison([], [])
+
+
+def test_decide_needs_an_interval_off_zero_or_a_clean_majority():
+    up = paired_comparison([0.5] * 4, [0.6, 0.55, 0.7, 0.52])
+    assert decide(up, [0.1, 0.05, 0.2, 0.02]) == "better"
+    mixed = paired_comparison([0.5] * 4, [0.6, 0.4, 0.55, 0.45])
+    assert decide(mixed, [0.1, -0.1, 0.05, -0.05]) == "undecided"
+    # Three of four classes ahead but one behind badly: not a clean majority.
+    assert decide(mixed, [0.1, 0.1, 0.1, -2 * BAD_LOSS]) == "undecided"
+    assert decide(mixed, [0.1, 0.1, 0.1, -BAD_LOSS / 2]) == "better"
+    down = paired_comparison([0.6, 0.55, 0.7, 0.52], [0.5] * 4)
+    assert decide(down, [-0.1, -0.05, -0.2, -0.02]) == "worse"
+
+
+def test_parse_setting_reads_json_values_and_words():
+    setting = parse_setting("mine:bn_momentum=0.01,invariance=flip,ema_warmup=false")
+    assert setting.name == "mine" and setting.method == "fixmatch"
+    assert setting.overrides == {"bn_momentum": 0.01, "invariance": "flip", "ema_warmup": False}
+    assert parse_setting("sup:method=supervised,lr=0.001").method == "supervised"
+
+
+@pytest.mark.parametrize("text", ["noname", "x:lr", "x:invariance=rotate", "x:nope=1",
+                                  "x:method=svm"])
+def test_parse_setting_refuses_bad_text(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_setting(text)
+
+
+def test_plan_is_seed_major_and_keys_tell_runs_apart():
+    datasets = SUITES["first"][:2]
+    settings = [SETTINGS["default"], SETTINGS["flip"]]
+    jobs = plan_jobs(datasets, settings, range(2), "full")
+    assert [j.seed for j in jobs] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert len({j.key() for j in jobs}) == 8
+    screen = Job(datasets[0], 0, settings[0], "screen")
+    assert screen.key() != jobs[0].key()
+    assert Job(datasets[0], 0, SETTINGS["default"], "full").key() == jobs[0].key()
+
+
+def test_done_keys_lets_a_grid_resume_past_a_torn_line(tmp_path):
+    log = tmp_path / "runs.jsonl"
+    jobs = plan_jobs(SUITES["animal"][:1], [SETTINGS["default"]], range(2), "screen")
+    log.write_text(json.dumps({"key": jobs[0].key()}) + "\n" + '{"key": "torn')
+    assert done_keys(log) == {jobs[0].key()}
+    assert [j for j in jobs if j.key() not in done_keys(log)] == jobs[1:]
+
+
+def _row(dataset: str, setting: str, seed: int, auroc: float) -> dict:
+    return {"dataset": dataset, "setting": setting, "seed": seed, "protocol": "full",
+            "auroc": auroc, "n": 1000, "n_anomalies": 5}
+
+
+def test_report_tables_means_and_pairs(tmp_path):
+    rows = [_row("animal:Cat", "default", 0, 0.80), _row("animal:Cat", "default", 1, 0.90),
+            _row("animal:Cat", "flip", 0, 0.85), _row("animal:Cat", "flip", 1, 0.95),
+            _row("animal:Dog", "default", 0, 0.70), _row("animal:Dog", "flip", 0, 0.75),
+            {**_row("animal:Dog", "flip", 1, 0.1), "protocol": "screen"}]
+    log = tmp_path / "runs.jsonl"
+    log.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    text = "\n".join(report([log], "default", "full", ["auroc"]))
+    assert "| animal:Cat | 0.850 ± 0.071 (2) | 0.900 ± 0.071 (2) | 0.500 ± 0.000 |" in text
+    assert "| animal:Dog | 0.700 ± 0.000 (1) | 0.750 ± 0.000 (1) |" in text
+    assert "**animal mean** | **0.800 ± 0.100** (3) | **0.850 ± 0.100** (3)" in text
+    assert "| animal | flip | 3 | 3 / 0 | +0.050 | [+0.050, +0.050] | 2 / 0 | better |" in text
+
+
+def test_top1_ceiling_is_remaining_anomalies_over_slots():
+    assert top1_ceiling({"n": 9000, "n_anomalies": 66}) == pytest.approx(66 / 90)
+    assert top1_ceiling({"n": 1000, "n_anomalies": 50}) == 1.0
+
+
+def test_protocols_and_suites_are_what_the_issue_asks():
+    assert PROTOCOLS["full"]["cycles"] == 3 and PROTOCOLS["full"]["pool"] == 10_000
+    assert PROTOCOLS["screen"]["cycles"] == 1
+    assert len(SUITES["animal"]) == 10 and {d.rare_fraction for d in SUITES["animal"]} == {0.01}
+    assert len(SUITES["first"]) == 4 and {d.center_crop for d in SUITES["first"]} == {0.5}
