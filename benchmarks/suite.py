@@ -3,11 +3,12 @@
     python -m benchmarks.suite run --suite animal first --settings default ref-fix --seeds 3
     python -m benchmarks.suite run --protocol screen --datasets animal:Cat first:FRI \\
         --settings default flip --set "lr-half:lr=0.00375"
-    python -m benchmarks.suite report runs/suite/runs.jsonl --baseline default
+    python -m benchmarks.suite report benchmarks/results/suite.jsonl --baseline default
 
 `run` appends one JSON line per finished (dataset, seed, setting, protocol) run to one log
-(`--log`, default runs/suite/runs.jsonl) and skips every run the log already holds, so an
-interrupted grid resumes where it stopped and a grid can be spread over several sessions.
+(`--log`, default benchmarks/results/suite.jsonl, kept in git) and skips every run the log
+already holds, so an interrupted grid resumes where it stopped and a grid can be spread over
+several sessions.
 Runs go seed by seed (all datasets and settings of seed 0 first), so a partial grid still
 holds complete pairs. `--workers 2` runs two at a time, each on `--threads` torch threads.
 
@@ -40,7 +41,7 @@ from ml_backend.core.simulate import METHODS, SimulationPlan
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LOG = Path("runs/suite/runs.jsonl")
+DEFAULT_LOG = Path("benchmarks/results/suite.jsonl")  # committed: grids span sessions
 
 
 @dataclass(frozen=True)

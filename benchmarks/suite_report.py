@@ -1,6 +1,6 @@
 """Markdown report of suite logs: per-class table, suite means, paired comparisons.
 
-    python -m benchmarks.suite report runs/suite/runs.jsonl --baseline default
+    python -m benchmarks.suite report benchmarks/results/suite.jsonl --baseline default
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from pathlib import Path
 from import_tools import fits_reader, plan
 from import_tools.pipeline import Output, Settings, Writer, open_existing, run_jobs
 from import_tools.report import ImportSummary, write_report
+from ml_backend.core.config import INVARIANCES
 from ml_backend.core.stretch import make_stretch, parse_stretch_params
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,10 @@ def _add_common(parser: argparse.ArgumentParser, *, stretch_default: str | None)
                             help=f"none, linear, log, asinh, zscale (default {stretch_default})")
         parser.add_argument("--stretch-param", action="append", metavar="KEY=VALUE",
                             help="stretch parameter, e.g. a=0.1 (repeatable)")
+    parser.add_argument("--invariance", choices=INVARIANCES,
+                        help="what training on these images should treat as the same image: "
+                        "dihedral (flips and 90° rotations: sky cutouts, the default for a new "
+                        "store) or flip (left-right flips only: photographs of upright objects)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     parser.add_argument("--allow-failures", action="store_true",
                         help="exit 0 even when some items failed")
@@ -127,7 +132,7 @@ def _resolve_size(args: argparse.Namespace, store_shape: tuple[int, ...] | None,
 
 def _run(args: argparse.Namespace, spec: dict, build) -> int:
     """Open the store, plan with `build(existing, store_shape)`, run, report."""
-    store = open_existing(args.store, spec)
+    store = open_existing(args.store, spec, args.invariance)
     try:
         existing = set(store.ids()) if store is not None else set()
         shape = store.shape if store is not None else None
@@ -138,7 +143,8 @@ def _run(args: argparse.Namespace, spec: dict, build) -> int:
         raise
     output = Output(store=args.store, previews=args.previews,
                     document_root=args.document_root, url_prefix=args.url_prefix)
-    settings = Settings(stretch=spec, size=size, previews=args.previews)
+    settings = Settings(stretch=spec, size=size, previews=args.previews,
+                        invariance=args.invariance or "dihedral")
     writer = Writer(output, settings, store)
     summary = run_jobs(work.jobs, writer, workers=args.workers, total=work.n_items)
     summary.skipped += work.skipped
@@ -191,5 +197,5 @@ def _cmd_images(args: argparse.Namespace) -> int:
     output = Output(store=args.store, previews=args.previews,
                     document_root=args.document_root, url_prefix=args.url_prefix)
     summary = import_image_folder(args.directory, output, size=args.size,
-                                  channels=args.channels)
+                                  channels=args.channels, invariance=args.invariance)
     return _finish(args, summary)

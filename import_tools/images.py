@@ -25,10 +25,10 @@ _BATCH = 256
 
 
 def import_image_folder(directory: Path, output: Output, *, size: int | None,
-                        channels: int) -> ImportSummary:
+                        channels: int, invariance: str | None = None) -> ImportSummary:
     """Build / extend the store from ``directory``, then write missing previews and tasks."""
     built = build_store_from_folder(directory, output.store, size=size, channels=channels,
-                                    skip_bad=True)
+                                    skip_bad=True, invariance=invariance)
     summary = ImportSummary(imported=built.added, skipped=built.skipped_existing,
                             failures=[Failure(path, "", reason) for path, reason in built.failed])
     if not output.store.exists():

@@ -50,11 +50,13 @@ class DoneItem:
 
 @dataclass(frozen=True)
 class Settings:
-    """What every worker needs: the stretch spec, the store's (H, W), the preview root."""
+    """What every worker needs: the stretch spec, the store's (H, W), the preview root; and
+    the invariance a new store records."""
 
     stretch: dict
     size: tuple[int, int]
     previews: Path
+    invariance: str = "dihedral"
 
 
 # ---- the worker ---------------------------------------------------------------------------
@@ -107,8 +109,10 @@ class Output:
                            previews_root=self.previews)
 
 
-def open_existing(store_path: Path, stretch_spec: dict) -> CutoutStore | None:
-    """The store opened for appending, or None if absent; ValueError on another stretch."""
+def open_existing(store_path: Path, stretch_spec: dict,
+                  invariance: str | None = None) -> CutoutStore | None:
+    """The store opened for appending, or None if absent; ValueError on another stretch or
+    on another invariance (when `invariance` is given)."""
     if not store_path.exists():
         return None
     store = CutoutStore.open(store_path, mode="a")
@@ -118,6 +122,12 @@ def open_existing(store_path: Path, stretch_spec: dict) -> CutoutStore | None:
         raise ValueError(f"store {store_path} holds pixels made with stretch {store.stretch}; "
                          f"this import asks for {wanted}. Use another --store or the same "
                          "stretch.")
+    recorded = store.invariance
+    if invariance is not None and recorded != invariance:
+        store.close()
+        raise ValueError(f"store {store_path} records invariance {recorded}; this "
+                         f"import asks for {invariance}. Use another --store or drop "
+                         "--invariance.")
     return store
 
 
@@ -139,7 +149,8 @@ class Writer:
             h, w = self.settings.size
             self.store = CutoutStore.create(self.output.store, height=h, width=w,
                                             channels=done[0].pixels.shape[-1],
-                                            stretch=make_stretch(self.settings.stretch).spec)
+                                            stretch=make_stretch(self.settings.stretch).spec,
+                                            invariance=self.settings.invariance)
         accepted = []
         for item in done:
             if item.pixels.shape != self.store.shape:

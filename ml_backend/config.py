@@ -41,8 +41,9 @@ class Config:
     image_size: int = 64
     # Fraction of each cutout side kept around its centre before resizing (1 = whole cutout).
     center_crop: float = 1.0
-    # Symmetries the weak view teaches: "dihedral" (sky cutouts) or "flip" (upright photos).
-    invariance: str = "dihedral"
+    # Symmetries the weak view teaches: "dihedral" (sky cutouts), "flip" (upright photos) or
+    # "auto": what the task's cutout store records (`amls import --invariance`; else dihedral).
+    invariance: str = "auto"
     # Labelled images per FixMatch step.
     batch_size: int = 16
     # Images per forward pass when scoring unlabelled tasks.
@@ -81,10 +82,11 @@ class Config:
             check_center_crop(self.center_crop)
         except ValueError as err:
             raise ConfigError(f"AMLS_CENTER_CROP: {err}") from None
-        try:
-            check_invariance(self.invariance)
-        except ValueError as err:
-            raise ConfigError(f"AMLS_INVARIANCE: {err}") from None
+        if self.invariance != "auto":
+            try:
+                check_invariance(self.invariance)
+            except ValueError as err:
+                raise ConfigError(f"AMLS_INVARIANCE: {err} (or auto)") from None
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise ConfigError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together")
         if self.label_studio_url:
@@ -140,7 +142,7 @@ class Config:
             iterations=_int(env, "AMLS_ITERATIONS", 100),
             image_size=_int(env, "AMLS_IMAGE_SIZE", 64),
             center_crop=_float(env, "AMLS_CENTER_CROP", 1.0),
-            invariance=env.get("AMLS_INVARIANCE", "dihedral").strip() or "dihedral",
+            invariance=env.get("AMLS_INVARIANCE", "auto").strip() or "auto",
             batch_size=_int(env, "AMLS_BATCH_SIZE", 16),
             score_batch_size=_int(env, "AMLS_SCORE_BATCH_SIZE", 256),
             versions_kept=_int(env, "AMLS_VERSIONS_KEPT", 3),

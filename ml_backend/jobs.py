@@ -57,7 +57,7 @@ def job_kwargs(cfg: Config) -> dict[str, Any]:
 
 def run_training(project_id: int, *, label_studio_url: str, model_dir: str,
                  anomaly_label: str = "anomaly", iterations: int = 100, image_size: int = 64,
-                 center_crop: float = 1.0, invariance: str = "dihedral", batch_size: int = 16,
+                 center_crop: float = 1.0, invariance: str = "auto", batch_size: int = 16,
                  score_batch_size: int = 256,
                  versions_kept: int = 3, write_batch: int = 500,
                  image_hosts: list[str] | None = None, device: str = "auto",
@@ -152,11 +152,13 @@ def train_and_publish(project_id: int, *, registry: ModelRegistry, label_studio_
         y = np.array([labels[t] for t in labeled_ids], dtype=np.int64)
         unlabeled = sorted(t for t in pixels.rows if t not in labels and t not in held_out)
         pool = unlabeled_pool(pixels, unlabeled, default=pixels.rows[labeled_ids[0]][0])
+        store = pixels.stores[pixels.rows[labeled_ids[0]][0]]
         cfg = TrainConfig(iterations=iterations, image_size=image_size,
-                          center_crop=center_crop, invariance=invariance,
+                          center_crop=center_crop,
+                          invariance=store.invariance if invariance == "auto" else invariance,
                           batch_size=batch_size, score_batch_size=score_batch_size,
                           device=device)
-        stretch = pixels.stores[pixels.rows[labeled_ids[0]][0]].stretch
+        stretch = store.stretch
         parent_dir = _parent_to_continue(project_id, registry, cfg, labeled.shape[-1], stretch)
         result = train_cycle(cfg, labeled, y, pool, init_dir=parent_dir,
                              on_progress=lambda i, n, _stats: on_progress("train", i, n))

@@ -26,6 +26,7 @@ from demo.local_servers import free_port, stop_process
 from ml_backend.app import create_app
 from ml_backend.config import Config
 from ml_backend.core.checkpoint import read_meta
+from ml_backend.core.config import TrainConfig
 from ml_backend.labelstudio import VIEW_TITLE
 from ml_backend.registry import ModelRegistry
 from ml_backend.service import AnomalyService
@@ -82,7 +83,8 @@ def galaxy_store(label_studio: LiveLabelStudio, tmp_path_factory) -> tuple[Path,
 
     folder = pick_images(label_studio.document_root)
     store = tmp_path_factory.mktemp("store") / "first.h5"
-    build_store_from_folder(folder, store, size=64, channels=1)
+    # The store records "flip": with AMLS_INVARIANCE unset (auto) the jobs must train with it.
+    build_store_from_folder(folder, store, size=64, channels=1, invariance="flip")
     return store, folder
 
 
@@ -218,6 +220,7 @@ def test_annotations_reorder_the_queue(label_studio: LiveLabelStudio, galaxy_sto
     assert version.startswith("amls-")
     published = read_meta(ModelRegistry(backend.cfg.model_dir).latest_dir(project_id))
     assert (published.version, published.center_crop) == (version, 0.5)
+    assert TrainConfig.from_dict(published.config).invariance == "flip"
     assert project_metrics["label_counts"] == {"anomaly": N_LABEL_RARE,
                                                "normal": N_LABEL_COMMON}
 

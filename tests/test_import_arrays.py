@@ -187,3 +187,24 @@ def test_image_folder_reuses_the_store_builder(tmp_path, png_tree, capsys):
                        "--allow-failures") == 0
     assert "imported 0, skipped 6" in capsys.readouterr().out
     assert len(tasks_path(tmp_path / "s.h5").read_text().splitlines()) == 6
+
+
+def test_import_records_the_invariance_and_refuses_another_on_append(tmp_path, galaxies,
+                                                                      png_tree, capsys):
+    assert amls_import(tmp_path, "hdf5", str(galaxies), "--invariance", "flip") == 0
+    with CutoutStore.open(tmp_path / "s.h5") as store:
+        assert store.invariance == "flip"
+    assert amls_import(tmp_path, "hdf5", str(galaxies), "--invariance", "dihedral") == 2
+    assert "records invariance flip" in capsys.readouterr().err
+    assert amls_import(tmp_path, "hdf5", str(galaxies)) == 0  # not given: the store's stays
+
+    images = tmp_path / "photos"
+    assert main(["import", "images", str(png_tree), "--channels", "1", "--allow-failures",
+                 "--store", str(images / "s.h5"), "--previews", str(images / "previews"),
+                 "--invariance", "flip"]) == 0
+    with CutoutStore.open(images / "s.h5") as store:
+        assert store.invariance == "flip"
+    assert main(["import", "images", str(png_tree), "--channels", "1", "--allow-failures",
+                 "--store", str(images / "s.h5"), "--previews", str(images / "previews"),
+                 "--invariance", "dihedral"]) == 2
+    assert "records invariance flip" in capsys.readouterr().err

@@ -10,7 +10,7 @@ from ml_backend.core.simulate import SimulationPlan, choose_pool, oracle_picks, 
 from ml_backend.core.store import CutoutStore
 
 
-def make_toy_store(path, n=120, n_anomalies=12, size=24, seed=0):
+def make_toy_store(path, n=120, n_anomalies=12, size=24, seed=0, invariance="dihedral"):
     """Dark noise images; anomalies carry a bright square. Returns (store path, truth)."""
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 60, size=(n, size, size, 1), dtype=np.uint8)
@@ -19,7 +19,7 @@ def make_toy_store(path, n=120, n_anomalies=12, size=24, seed=0):
     images[truth == 1, 6:18, 6:18, :] = 250
     ids = [f"obj{i:04d}" for i in range(n)]
     with CutoutStore.create(path, height=size, width=size, channels=1,
-                            stretch={"name": "none"}) as store:
+                            stretch={"name": "none"}, invariance=invariance) as store:
         store.append(ids, images)
     return ids, truth
 
@@ -127,3 +127,21 @@ def test_simulate_command_passes_size_and_center_crop_to_training(tmp_path, monk
                  "--bn-momentum", "0.01", "--drop-path-rate", "0.2", "--drop-rate", "0.2"]) == 0
     assert (seen[0].image_size, seen[0].center_crop, seen[0].invariance) == (48, 0.5, "flip")
     assert (seen[0].bn_momentum, seen[0].drop_path_rate, seen[0].drop_rate) == (0.01, 0.2, 0.2)
+
+
+def test_simulate_takes_the_invariance_the_store_records_unless_told(tmp_path, monkeypatch):
+    from ml_backend.core import simulate
+
+    ids, truth = make_toy_store(tmp_path / "toy.h5", invariance="flip")
+    write_labels_csv(tmp_path / "truth.csv", dict(zip(ids, truth.tolist(), strict=True)))
+    seen = []
+
+    def fake_run(store, truth, plan, cfg):
+        seen.append(cfg.invariance)
+        yield dict.fromkeys(("auroc", "ap", "precision_top_0_1pct", "precision_top_1pct",
+                             "seconds_per_cycle", "score_images_per_second"), 0.0)
+
+    monkeypatch.setattr(simulate, "run_simulation", fake_run)
+    args = ["simulate", str(tmp_path / "toy.h5"), "--truth", str(tmp_path / "truth.csv")]
+    assert main(args) == 0 and main([*args, "--invariance", "dihedral"]) == 0
+    assert seen == ["flip", "dihedral"]

@@ -276,3 +276,23 @@ def test_boolean_or_float_indices_rejected():
         source.read(np.array([True, False, True]))
     with pytest.raises(TypeError, match="integers"):
         source.read(np.array([0.0]))
+
+
+def test_store_records_the_invariance_its_data_suits(tmp_path):
+    with CutoutStore.create(tmp_path / "photos.h5", height=4, width=4, channels=1,
+                            stretch={"name": "none"}, invariance="flip") as store:
+        assert store.invariance == "flip"
+    with CutoutStore.open(tmp_path / "photos.h5") as store:
+        assert store.invariance == "flip"
+    with CutoutStore.create(tmp_path / "sky.h5", height=4, width=4, channels=1,
+                            stretch={"name": "none"}):
+        pass
+    with h5py.File(tmp_path / "sky.h5", "a") as f:  # a store made before the attribute
+        assert f.attrs["invariance"] == "dihedral"
+        del f.attrs["invariance"]
+    with CutoutStore.open(tmp_path / "sky.h5") as store:
+        assert store.invariance == "dihedral"
+    with pytest.raises(ValueError, match="invariance"):
+        CutoutStore.create(tmp_path / "bad.h5", height=4, width=4, channels=1,
+                           stretch={"name": "none"}, invariance="upright")
+    assert not (tmp_path / "bad.h5").exists()

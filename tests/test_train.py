@@ -298,6 +298,18 @@ def test_cli_training_settings_are_recorded_inherited_and_kept(store_and_labels,
         main(["train", str(store), *common, "--drop-rate", "1", "-o", str(tmp_path / "m4")])
 
 
+def test_cli_new_model_takes_the_invariance_the_store_records(store_and_labels, tmp_path,
+                                                               capsys):
+    import h5py
+
+    store, labels = store_and_labels
+    with h5py.File(store, "a") as f:
+        f.attrs["invariance"] = "flip"
+    _amls_train(capsys, str(store), "--labels", str(labels), "--device", "cpu",
+                "--iterations", "1", "--image-size", "32", "-o", str(tmp_path / "m1"))
+    assert TrainConfig.from_dict(read_meta(tmp_path / "m1").config).invariance == "flip"
+
+
 @pytest.mark.parametrize("value", ["0", "1.5", "half"])
 def test_cli_refuses_a_center_crop_outside_0_1(value, capsys):
     with pytest.raises(SystemExit):

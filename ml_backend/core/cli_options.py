@@ -14,8 +14,9 @@ from ml_backend.core.config import INVARIANCES
 # (option, TrainConfig field, type, help)
 _OPTIONS: tuple[tuple[str, str, type, str], ...] = (
     ("--invariance", "invariance", str,
-     "symmetries the weak view teaches: dihedral (flips and 90° rotations, for sky cutouts; "
-     "the default) or flip (horizontal flips only, for upright photographs)"),
+     "symmetries the weak view teaches: dihedral (flips and 90° rotations, for sky cutouts) "
+     "or flip (horizontal flips only, for upright photographs); default: what the store "
+     "records (`amls import --invariance`), dihedral if it records nothing"),
     ("--bn-momentum", "bn_momentum", float,
      "BatchNorm momentum, the weight of each new batch statistic (default 0.1)"),
     ("--drop-path-rate", "drop_path_rate", float,

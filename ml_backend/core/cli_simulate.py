@@ -74,10 +74,12 @@ def run(args: argparse.Namespace) -> int:
         initial_normals=args.initial_normals, cycles=args.cycles, per_cycle=args.per_cycle,
         pool=args.pool, seed=args.seed,
     )
-    cfg = TrainConfig(iterations=args.iterations, image_size=args.size,
-                      center_crop=args.center_crop, seed=args.seed, device=args.device,
-                      **training_overrides(args))
     with CutoutStore.open(args.store) as store:
+        # The store says which invariance suits its data unless --invariance is given.
+        overrides = {"invariance": store.invariance} | training_overrides(args)
+        cfg = TrainConfig(iterations=args.iterations, image_size=args.size,
+                          center_crop=args.center_crop, seed=args.seed, device=args.device,
+                          **overrides)
         truth = truth_vector(store, args.truth)
         last: dict = {}
         for result in run_simulation(store, truth, plan, cfg):

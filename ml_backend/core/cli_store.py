@@ -7,6 +7,8 @@ import json
 import logging
 import sys
 
+from ml_backend.core.config import INVARIANCES
+
 log = logging.getLogger(__name__)
 
 
@@ -32,6 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--compression", choices=("lzf", "gzip", "none"), default="lzf",
                        help="image compression of a new store (default lzf; 'none' reads "
                        "fastest for noisy cutouts that barely compress)")
+    build.add_argument("--invariance", choices=INVARIANCES,
+                       help="recorded for training: dihedral (sky cutouts; default for a new "
+                       "store) or flip (photographs of upright objects)")
     build.add_argument("--skip-bad", action="store_true",
                        help="exit with status 0 even if some files could not be read")
     build.set_defaults(func=run_build)
@@ -55,7 +60,8 @@ def run_build(args: argparse.Namespace) -> int:
     try:
         report = build_store_from_folder(args.images_dir, args.output, size=args.size,
                                          channels=args.channels, skip_bad=args.skip_bad,
-                                         compression=args.compression)
+                                         compression=args.compression,
+                                         invariance=args.invariance)
     except BuildFailed as err:
         report = err.report
     except (OSError, ValueError) as err:
@@ -68,14 +74,14 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    """Print {"path", "count", "shape", "channels", "stretch", "created"} as JSON."""
+    """Print {"path", "count", "shape", "channels", "stretch", "invariance", "created"}."""
     from ml_backend.core.store import CutoutStore
 
     try:
         with CutoutStore.open(args.store) as store:
             info = {"path": str(store.path), "count": len(store), "shape": list(store.shape),
                     "channels": store.channels, "stretch": store.stretch,
-                    "created": store.created}
+                    "invariance": store.invariance, "created": store.created}
     except (OSError, ValueError) as err:
         log.error("%s", err)
         return 1

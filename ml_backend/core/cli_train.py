@@ -85,7 +85,10 @@ def train_from_files(store_path: Path, labels_path: Path, out_dir: Path, *,
         raise ValueError(f"{labels_path} has no labels")
     parent = read_meta(init_dir) if init_dir is not None else None
     with CutoutStore.open(store_path) as store:
-        cfg = _config(parent, overrides or {}, init_dir, store.channels, store.stretch)
+        # A new model takes the invariance the store records unless --invariance is given.
+        overrides = ({"invariance": store.invariance} if parent is None else {}) | (
+            overrides or {})
+        cfg = _config(parent, overrides, init_dir, store.channels, store.stretch)
         labeled_rows = _rows_of(store, list(labels_by_id), labels_path)
         labels = np.fromiter(labels_by_id.values(), dtype=np.int64, count=len(labels_by_id))
         pool = StoreSubset(store, np.setdiff1d(np.arange(len(store)), labeled_rows))

@@ -130,8 +130,8 @@ def _check_compatible(store: CutoutStore, stretch: dict[str, Any], channels: int
 
 def build_store_from_folder(images_dir: str | Path, out_path: str | Path, *,
                             size: int | None = None, channels: int = 3,
-                            skip_bad: bool = False, compression: str = COMPRESSION
-                            ) -> BuildReport:
+                            skip_bad: bool = False, compression: str = COMPRESSION,
+                            invariance: str | None = None) -> BuildReport:
     """Add every image under `images_dir` to the store `out_path` (created if missing).
 
     `size`: images are resized to size x size pixels (default: the size of the first new
@@ -140,7 +140,8 @@ def build_store_from_folder(images_dir: str | Path, out_path: str | Path, *,
     repeats another file's, e.g. ``a.png`` and ``a.jpg``) are skipped and listed in the
     report; unless `skip_bad`, :class:`BuildFailed` is raised at the end if there were any
     (the readable images are in the store by then). `compression` applies to a new store
-    ("lzf", "gzip" or "none"; see :mod:`ml_backend.core.store`).
+    ("lzf", "gzip" or "none"; see :mod:`ml_backend.core.store`). `invariance` is recorded
+    in a new store (default "dihedral"); an existing store with another one is refused.
     """
     images_dir, out_path = Path(images_dir), Path(out_path)
     if channels not in (1, 3):
@@ -153,6 +154,9 @@ def build_store_from_folder(images_dir: str | Path, out_path: str | Path, *,
     files = _unique_ids(find_images(images_dir), images_dir, report)
     store = CutoutStore.open(out_path, mode="a") if out_path.exists() else None
     try:
+        if store is not None and invariance is not None and store.invariance != invariance:
+            raise ValueError(f"store {out_path} records invariance {store.invariance}; "
+                             f"--invariance {invariance} differs: use a new store")
         if store is not None:
             new = {cid: p for cid, p in files.items() if cid not in store}
             report.skipped_existing = len(files) - len(new)
@@ -166,8 +170,10 @@ def build_store_from_folder(images_dir: str | Path, out_path: str | Path, *,
                             "to uint8 by its own min and max", high_bit, len(todo))
             if store is None:
                 h, w = square or shape
+                out_path.parent.mkdir(parents=True, exist_ok=True)
                 store = CutoutStore.create(out_path, height=h, width=w, channels=channels,
-                                           stretch=stretch, compression=compression)
+                                           stretch=stretch, compression=compression,
+                                           invariance=invariance or "dihedral")
             else:
                 _check_compatible(store, stretch, channels, square)
             report.added = _add_images(store, todo, report)

@@ -6,7 +6,9 @@ Layout (``format_version`` 1)::
     /ra, /dec        float64 (N,), NaN when unknown (degrees)
     /ids             UTF-8 text column (see below), unique per store
     /source, /hdu    UTF-8 text columns: the file a cutout came from, its HDU ("" if none)
-    attrs            format_version, stretch (JSON), created (ISO 8601, UTC), chunk_images
+    attrs            format_version, stretch (JSON), created (ISO 8601, UTC), chunk_images,
+                     invariance (the weak-view symmetries that suit the data: "dihedral" for
+                     sky cutouts, "flip" for upright photographs; absent = "dihedral")
 
 Text columns are stored as two datasets, ``<name>/data`` (uint8, the concatenated UTF-8
 bytes) and ``<name>/ends`` (int64, end offset of each row), not as HDF5 variable-length
@@ -32,6 +34,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from ml_backend.core.config import check_invariance
 from ml_backend.core.sources import as_index_array, prefetch_batches
 from ml_backend.core.text_column import TextColumn
 
@@ -69,12 +72,13 @@ class CutoutStore:
     @classmethod
     def create(cls, path: str | Path, *, height: int, width: int, channels: int,
                stretch: dict[str, Any], chunk_images: int = 16,
-               compression: str = COMPRESSION) -> CutoutStore:
+               compression: str = COMPRESSION, invariance: str = "dihedral") -> CutoutStore:
         """Create an empty store at `path` (error if it exists), opened for appending.
 
         `stretch` describes how science pixels became uint8, e.g. ``{"name": "none"}``.
         `chunk_images` images per HDF5 chunk, reduced so that a chunk stays under 4 MiB.
         `compression` of the images: "lzf" (default), "gzip" (level 1) or "none".
+        `invariance`: what training on this data should default to (`TrainConfig.invariance`).
         """
         path = Path(path)
         if path.exists():
@@ -87,6 +91,7 @@ class CutoutStore:
                              f"got {compression!r}")
         if "name" not in stretch:
             raise ValueError(f"stretch must have a 'name' key, got {stretch!r}")
+        check_invariance(invariance)
         image_bytes = height * width * channels
         chunk_images = max(1, min(chunk_images, _MAX_CHUNK_BYTES // image_bytes))
         file = h5py.File(path, "w-", libver="latest", rdcc_nbytes=_CHUNK_CACHE_BYTES)
@@ -96,6 +101,7 @@ class CutoutStore:
             file.attrs["stretch"] = json.dumps(stretch, sort_keys=True)
             file.attrs["created"] = datetime.now(UTC).isoformat(timespec="seconds")
             file.attrs["chunk_images"] = chunk_images
+            file.attrs["invariance"] = invariance
             file.create_dataset("images", shape=(0, height, width, channels),
                                 maxshape=(None, height, width, channels), dtype=np.uint8,
                                 chunks=(chunk_images, height, width, channels),
@@ -205,6 +211,11 @@ class CutoutStore:
     @property
     def stretch(self) -> dict[str, Any]:
         return dict(self._stretch)
+
+    @property
+    def invariance(self) -> str:
+        """The weak-view invariance this data suits (stores made before it existed: dihedral)."""
+        return str(self._file.attrs.get("invariance", "dihedral"))
 
     @property
     def created(self) -> str:
