@@ -147,6 +147,24 @@ def ground_truth_labels(tasks: Sequence[dict[str, Any]], schema: ChoiceSchema) -
     return latest_labels(marked, schema)
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def same_origin(url: str, other: str) -> bool:
+    """True when both URLs have the same scheme, host and port (default ports filled in)."""
+    def origin(u: str) -> tuple[str, str, int | None]:
+        parts = urlparse(u)
+        scheme = parts.scheme.lower()
+        try:
+            port = parts.port or _DEFAULT_PORTS.get(scheme)
+        except ValueError:  # a port that is not a number
+            return ("", "", None)
+        return (scheme, (parts.hostname or "").lower(), port)
+
+    first = origin(url)
+    return bool(first[0] and first[1]) and first == origin(other)
+
+
 class LabelStudioClient:
     """The few Label Studio operations a training job needs."""
 
@@ -258,8 +276,10 @@ class LabelStudioClient:
         """Download a task image; relative URLs resolve against Label Studio.
 
         Only http(s) URLs on hosts in `allowed_hosts` are contacted, and the API key is sent
-        only to Label Studio itself. Redirects (e.g. Label Studio's presigned cloud-storage
-        URLs) are followed by hand, at most MAX_REDIRECTS, each hop checked again.
+        only to Label Studio itself: the same scheme, host and port as its URL, checked on
+        every hop (so never over http when Label Studio is https). Redirects (e.g. Label
+        Studio's presigned cloud-storage URLs) are followed by hand, at most MAX_REDIRECTS,
+        each hop checked again.
         Raises PermissionError for a host or redirect that is not allowed.
         """
         target = urljoin(self.url + "/", url)
@@ -269,7 +289,7 @@ class LabelStudioClient:
                 raise PermissionError(f"image host {host!r} of {target!r} (task URL {url!r}) "
                                       "is not allowed (set AMLS_ALLOWED_IMAGE_HOSTS)")
             headers = {}
-            if host == urlparse(self.url).netloc:
+            if same_origin(target, self.url):
                 headers["Authorization"] = f"Token {self._api_key}"
             response = requests.get(target, headers=headers, timeout=HTTP_TIMEOUT_S,
                                     allow_redirects=False)

@@ -350,3 +350,26 @@ def test_task_data_store_paths_outside_allowed_roots_are_not_opened(service, mon
     assert results == [{"result": [], "model_version": "v"}] * (len(tasks) + 1)
     warnings = [r.getMessage() for r in caplog.records if "shadow" in r.getMessage()]
     assert len(warnings) == 1 and "task 0" in warnings[0] and "outside" in warnings[0]
+
+
+def test_the_api_key_never_travels_over_http_to_an_https_label_studio():
+    with http_server() as (host, seen):
+        client = LabelStudioClient(f"https://{host}", API_KEY)
+        client.fetch_image(f"http://{host}/a.png", frozenset({host}))
+    assert seen and "Authorization" not in seen[0][1]
+
+
+@pytest.mark.parametrize("url, other, same", [
+    ("http://ls:8080/a", "http://ls:8080", True),
+    ("http://LS/a", "http://ls:80", True),
+    ("https://ls/a", "https://ls:443/", True),
+    ("http://ls/a", "https://ls", False),
+    ("http://ls:8081/a", "http://ls:8080", False),
+    ("http://ls.evil/a", "http://ls", False),
+    ("http://ls:x/a", "http://ls", False),
+    ("//ls/a", "http://ls", False),
+])
+def test_same_origin_compares_scheme_host_and_port(url, other, same):
+    from ml_backend.labelstudio import same_origin
+
+    assert same_origin(url, other) is same
