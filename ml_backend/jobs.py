@@ -132,6 +132,7 @@ def train_and_publish(project_id: int, *, registry: ModelRegistry, label_studio_
     from ml_backend.core.train import save_cycle, train_cycle
 
     client = LabelStudioClient(label_studio_url, api_key)
+    _repoint_label_studio(client, registry, project_id)
     schema = parse_label_config(client.label_config(project_id), anomaly_label)
     tasks = list(client.iter_tasks(project_id))
     held_out = ground_truth_labels(tasks, schema)
@@ -173,7 +174,7 @@ def train_and_publish(project_id: int, *, registry: ModelRegistry, label_studio_
         on_progress("write", 0, len(scores))
         written = client.write_predictions(project_id, schema, scores, meta.version,
                                            write_batch)
-        client.set_model_version(project_id, meta.version)
+        # Local first: Label Studio is only ever pointed at a version that exists here.
         registry.publish(project_id, staging, meta.version)
     except BaseException:
         registry.discard(staging)
@@ -182,13 +183,43 @@ def train_and_publish(project_id: int, *, registry: ModelRegistry, label_studio_
         raise
     finally:
         pixels.close()
+    switched = _point_label_studio_at(client, project_id, meta.version)
     kept = set(registry.versions(project_id)) - set(registry.prune(project_id, versions_kept))
     _delete_old_predictions(client, project_id, kept)
     client.ensure_view(project_id)
     return {"project": project_id, "status": "trained", "model_version": meta.version,
-            "labels": counts,
+            "labels": counts, "label_studio_updated": switched,
             "predictions": written, "unlabeled": len(unlabeled), "evaluation": evaluation,
             "skipped_tasks": len(tasks) - len(pixels.rows)}
+
+
+def _point_label_studio_at(client: LabelStudioClient, project_id: int, version: str) -> bool:
+    """Make `version` (already published) the project's model version in Label Studio.
+
+    A failure is logged, not raised: the version is published and serves /predict; the next
+    job re-points Label Studio (`_repoint_label_studio`). Returns whether it worked.
+    """
+    try:
+        client.set_model_version(project_id, version)
+    except Exception as err:  # noqa: BLE001 - any failure leaves the same, retried state
+        logger.warning("project %d: published %s, but Label Studio was not updated (%s); the "
+                       "next job retries", project_id, version, err)
+        return False
+    return True
+
+
+def _repoint_label_studio(client: LabelStudioClient, registry: ModelRegistry,
+                          project_id: int) -> None:
+    """Point Label Studio at LATEST when a previous job could not (it names another of our
+    versions, or none). A version the user chose that is not ours is left alone."""
+    latest = registry.latest(project_id)
+    if latest is None:
+        return
+    current = client.current_model_version(project_id)
+    if current != latest and (not current or current.startswith(OUR_VERSION_PREFIX)):
+        logger.info("project %d: Label Studio names model version %r, LATEST is %s: "
+                    "re-pointing it", project_id, current, latest)
+        _point_label_studio_at(client, project_id, latest)
 
 
 def _parent_to_continue(project_id: int, registry: ModelRegistry, cfg: Any, channels: int,

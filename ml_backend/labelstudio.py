@@ -244,6 +244,10 @@ class LabelStudioClient:
                                "in %.1f s", project_id, err, attempt + 2, tries, delay)
                 time.sleep(delay)
 
+    def current_model_version(self, project_id: int) -> str:
+        """The project's current model version ("" when none is set)."""
+        return str(self.sdk.projects.get(id=project_id).model_version or "")
+
     def set_model_version(self, project_id: int, model_version: str) -> None:
         """Make `model_version` the project's current version (used for ordering by score)."""
         self.sdk.projects.update(id=project_id, model_version=model_version)

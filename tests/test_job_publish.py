@@ -1,0 +1,147 @@
+"""The real training-job path against an in-memory Label Studio, with faults at each step.
+
+Whatever step fails, LATEST and Label Studio's model version name the same, existing version,
+except after a failed switch in Label Studio itself: then the version is published, the job
+says so, and the next job re-points Label Studio.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from ml_backend import jobs
+from ml_backend.core.store import CutoutStore
+from ml_backend.registry import ModelRegistry
+
+LABEL_CONFIG = """<View><Image name="image" value="$image"/>
+<Choices name="class" toName="image"><Choice value="normal"/><Choice value="anomaly"/>
+</Choices></View>"""
+N_TASKS, ANOMALIES, NORMALS = 16, (1, 2, 3), (4, 5, 6, 7, 8)
+
+
+class FakeLabelStudio:
+    """The client calls a job makes, in memory; `fail` names one method that raises."""
+
+    def __init__(self, tasks: list[dict[str, Any]]) -> None:
+        self.tasks = tasks
+        self.model_version = ""
+        self.predictions: dict[str, int] = {}
+        self.fail: str | None = None
+
+    def _maybe_fail(self, name: str) -> None:
+        if self.fail == name:
+            raise ConnectionError(f"injected failure in {name}")
+
+    def current_model_version(self, project_id: int) -> str:
+        return self.model_version
+
+    def label_config(self, project_id: int) -> str:
+        return LABEL_CONFIG
+
+    def iter_tasks(self, project_id: int):
+        return iter(self.tasks)
+
+    def write_predictions(self, project_id, schema, scores, model_version, batch_size) -> int:
+        self._maybe_fail("write_predictions")
+        self.predictions[model_version] = len(scores)
+        return len(scores)
+
+    def set_model_version(self, project_id: int, model_version: str) -> None:
+        self._maybe_fail("set_model_version")
+        self.model_version = model_version
+
+    def prediction_versions(self, project_id: int) -> dict[str, int]:
+        return dict(self.predictions)
+
+    def delete_predictions(self, project_id: int, model_version: str) -> None:
+        self.predictions.pop(model_version, None)
+
+    def ensure_view(self, project_id: int) -> int:
+        return 1
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch) -> tuple[FakeLabelStudio, ModelRegistry, dict]:
+    rng = np.random.default_rng(0)
+    store = tmp_path / "stores" / "s.h5"
+    store.parent.mkdir()
+    ids = [f"c{i}" for i in range(N_TASKS)]
+    with CutoutStore.create(store, height=32, width=32, channels=1,
+                            stretch={"name": "none"}) as s:
+        s.append(ids, rng.integers(0, 255, (N_TASKS, 32, 32, 1), dtype=np.uint8))
+    tasks = []
+    for i, cid in enumerate(ids):
+        label = "anomaly" if i in ANOMALIES else "normal" if i in NORMALS else None
+        annotations = [] if label is None else [{"id": i, "result": [
+            {"from_name": "class", "to_name": "image", "type": "choices",
+             "value": {"choices": [label]}}]}]
+        tasks.append({"id": i, "data": {"image": f"/x/{cid}.png", "store": str(store),
+                                        "cutout_id": cid}, "annotations": annotations})
+    fake = FakeLabelStudio(tasks)
+    monkeypatch.setattr(jobs, "LabelStudioClient", lambda url, key: fake)
+    kwargs = {"label_studio_url": "http://ls.test", "model_dir": str(tmp_path / "models"),
+              "iterations": 2, "image_size": 32, "batch_size": 4, "device": "cpu",
+              "store_roots": [str(store.parent)], "api_key": "k", "versions_kept": 5}
+    return fake, ModelRegistry(tmp_path / "models"), kwargs
+
+
+@pytest.mark.slow
+def test_a_job_publishes_then_points_label_studio(project):
+    fake, registry, kwargs = project
+    summary = jobs.run_training(7, **kwargs)
+    assert summary["status"] == "trained" and summary["label_studio_updated"] is True
+    assert registry.latest(7) == fake.model_version == summary["model_version"]
+    assert fake.predictions == {summary["model_version"]: N_TASKS - 8}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", ["write_predictions", "publish"])
+def test_a_failure_before_label_studio_switches_leaves_both_on_the_old_version(project,
+                                                                             step,
+                                                                             monkeypatch):
+    fake, registry, kwargs = project
+    first = jobs.run_training(7, **kwargs)["model_version"]
+    if step == "publish":
+        def full_disk(*args: object) -> None:
+            raise OSError(28, "No space left on device")
+        monkeypatch.setattr(ModelRegistry, "publish", full_disk)
+    else:
+        fake.fail = step
+    with pytest.raises((ConnectionError, OSError)):
+        jobs.run_training(7, **kwargs)
+    assert registry.latest(7) == fake.model_version == first
+    assert (registry.version_dir(7, first) / "meta.json").is_file()
+    assert list(fake.predictions) == [first]  # the failed version's predictions are gone
+    assert registry.read_status(7)["last_error"]
+
+
+@pytest.mark.slow
+def test_a_failed_switch_is_reported_and_repaired_by_the_next_job(project):
+    fake, registry, kwargs = project
+    first = jobs.run_training(7, **kwargs)["model_version"]
+    fake.fail = "set_model_version"
+    summary = jobs.run_training(7, **kwargs)
+    second = summary["model_version"]
+    assert summary["label_studio_updated"] is False
+    assert registry.latest(7) == second and fake.model_version == first
+    assert registry.read_status(7)["last_error"] is None
+    # The next job re-points Label Studio first, even though it then fails itself.
+    fake.fail = "write_predictions"
+    with pytest.raises(ConnectionError):
+        jobs.run_training(7, **kwargs)
+    assert registry.latest(7) == fake.model_version == second
+
+
+@pytest.mark.slow
+def test_a_model_version_the_user_chose_is_left_alone(project):
+    fake, registry, kwargs = project
+    jobs.run_training(7, **kwargs)
+    fake.model_version = "my-own-model"
+    fake.fail = "write_predictions"
+    with pytest.raises(ConnectionError):
+        jobs.run_training(7, **kwargs)
+    assert fake.model_version == "my-own-model"
