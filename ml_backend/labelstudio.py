@@ -34,6 +34,8 @@ VIEW_DATA: dict[str, Any] = {
 HTTP_TIMEOUT_S = 60.0
 # Redirects followed when downloading a task image; every hop must be an allowed host.
 MAX_REDIRECTS = 3
+# A task image larger than this is refused before it is read to the end.
+MAX_IMAGE_BYTES = 64 * 2**20
 # Prediction writes: tries per batch, and the first wait between them (doubling, at most
 # WRITE_BACKOFF_MAX_S): 0.5, 1, 2, 4 s. Only transient failures (`is_transient`) are retried.
 WRITE_TRIES = 5
@@ -148,6 +150,18 @@ def ground_truth_labels(tasks: Sequence[dict[str, Any]], schema: ChoiceSchema) -
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _read_capped(response: requests.Response, url: str) -> bytes:
+    """The body, or ValueError as soon as it passes MAX_IMAGE_BYTES."""
+    chunks, size = [], 0
+    with response:
+        for chunk in response.iter_content(1 << 16):
+            size += len(chunk)
+            if size > MAX_IMAGE_BYTES:
+                raise ValueError(f"image {url!r} is larger than {MAX_IMAGE_BYTES} bytes")
+            chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def same_origin(url: str, other: str) -> bool:
@@ -296,10 +310,10 @@ class LabelStudioClient:
             if same_origin(target, self.url):
                 headers["Authorization"] = f"Token {self._api_key}"
             response = requests.get(target, headers=headers, timeout=HTTP_TIMEOUT_S,
-                                    allow_redirects=False)
+                                    allow_redirects=False, stream=True)
             if not 300 <= response.status_code < 400:
                 response.raise_for_status()
-                return response.content
+                return _read_capped(response, target)
             location = response.headers.get("Location")
             if not location:
                 raise ValueError(f"image {target!r} answered {response.status_code} "

@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 # Side in pixels of images cached from Label Studio (plain projects); the model resizes them.
 CACHE_SIDE = 128
+# Task images above this many pixels are refused from their header (decompression bombs).
+MAX_DECODE_PIXELS = 40_000_000
 
 
 class StoreRefused(ValueError):
@@ -140,8 +142,8 @@ def _fill_cache(path: str, tasks: list[dict[str, Any]], schema: ChoiceSchema,
         for task in missing[start:start + 64]:
             url = task["data"][schema.image_key]
             try:
-                images.append(_decode(client.fetch_image(url, image_hosts)))
-            except (OSError, PermissionError, ValueError) as err:
+                images.append(decode_image(client.fetch_image(url, image_hosts)))
+            except (OSError, ValueError, SyntaxError) as err:  # PermissionError is an OSError
                 logger.warning("task %s: cannot use image %r: %s", task["id"], url, err)
                 continue
             ids.append(f"task-{task['id']}")
@@ -150,13 +152,25 @@ def _fill_cache(path: str, tasks: list[dict[str, Any]], schema: ChoiceSchema,
     return cache
 
 
-def _decode(data: bytes) -> np.ndarray:
-    """PNG/JPEG bytes -> uint8 (CACHE_SIDE, CACHE_SIDE, 3)."""
+def decode_image(data: bytes) -> np.ndarray:
+    """PNG/JPEG/TIFF bytes -> uint8 (CACHE_SIDE, CACHE_SIDE, 3).
+
+    Raises ValueError for an image over MAX_DECODE_PIXELS (checked from the header, before
+    decoding: decompression bombs), OSError / SyntaxError for truncated or unreadable data.
+    """
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as img:
-        rgb = img.convert("RGB").resize((CACHE_SIDE, CACHE_SIDE), Image.Resampling.BILINEAR)
-        return np.asarray(rgb, dtype=np.uint8)
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if width * height > MAX_DECODE_PIXELS:
+                raise ValueError(f"image of {width} x {height} pixels is larger than "
+                                 f"{MAX_DECODE_PIXELS} pixels")
+            rgb = img.convert("RGB").resize((CACHE_SIDE, CACHE_SIDE),
+                                            Image.Resampling.BILINEAR)
+            return np.asarray(rgb, dtype=np.uint8)
+    except Image.DecompressionBombError as err:
+        raise ValueError(str(err)) from None
 
 
 def _check_same_pixels(stores: dict[str, Any]) -> None:

@@ -145,3 +145,56 @@ def test_a_model_version_the_user_chose_is_left_alone(project):
     with pytest.raises(ConnectionError):
         jobs.run_training(7, **kwargs)
     assert fake.model_version == "my-own-model"
+
+
+def _png(image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.slow
+def test_hostile_task_images_are_skipped_and_the_job_goes_on(tmp_path, monkeypatch, caplog):
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    good = {f"/img/{i}.png": _png(Image.fromarray(rng.integers(0, 255, (40, 40, 3),
+                                                              dtype=np.uint8)))
+            for i in range(12)}
+    bomb = _png(Image.new("L", (7000, 7000)))  # 49 M pixels, a few kB of PNG
+    hostile = {"/img/bomb.png": bomb, "/img/cut.png": good["/img/0.png"][:60],
+               "/img/text.png": b"not an image at all", "/img/cmyk.png": b"\x89PNG\r\n"}
+    images = good | hostile
+    tasks = []
+    for i, url in enumerate(images):
+        label = "anomaly" if i in (1, 2) else "normal" if i in (3, 4, 5, 6) else None
+        tasks.append({"id": i, "data": {"image": url}, "annotations": [] if label is None else [
+            {"id": i, "result": [{"from_name": "class", "to_name": "image", "type": "choices",
+                                  "value": {"choices": [label]}}]}]})
+    fake = FakeLabelStudio(tasks)
+    fake.fetch_image = lambda url, hosts: images[url]  # type: ignore[attr-defined]
+    monkeypatch.setattr(jobs, "LabelStudioClient", lambda url, key: fake)
+    with caplog.at_level("WARNING"):
+        summary = jobs.run_training(3, label_studio_url="http://ls.test",
+                                    model_dir=str(tmp_path / "models"), iterations=2,
+                                    image_size=32, batch_size=4, device="cpu", api_key="k")
+    assert summary["status"] == "trained"
+    assert summary["skipped_tasks"] == len(hostile)
+    assert summary["predictions"] == len(good) - 6
+    assert "larger than 40000000 pixels" in caplog.text
+    for url in hostile:
+        assert f"cannot use image {url!r}" in caplog.text
+
+
+def test_a_decompression_bomb_is_a_value_error(monkeypatch):
+    from PIL import Image
+
+    from ml_backend import task_pixels
+
+    data = _png(Image.new("L", (300, 300)))
+    monkeypatch.setattr(task_pixels, "MAX_DECODE_PIXELS", 10**9)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow raises above 2x this
+    with pytest.raises(ValueError, match="decompression bomb"):
+        task_pixels.decode_image(data)

@@ -373,3 +373,13 @@ def test_same_origin_compares_scheme_host_and_port(url, other, same):
     from ml_backend.labelstudio import same_origin
 
     assert same_origin(url, other) is same
+
+
+def test_task_image_downloads_stop_at_the_byte_cap(monkeypatch):
+    from ml_backend import labelstudio
+
+    monkeypatch.setattr(labelstudio, "MAX_IMAGE_BYTES", 5)
+    with http_server() as (host, _):
+        client = LabelStudioClient(f"http://{host}", API_KEY)
+        with pytest.raises(ValueError, match="larger than 5 bytes"):
+            client.fetch_image("/a.png", frozenset({host}))
