@@ -20,7 +20,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                            description="Serve the ML backend. Settings come from the "
                                        "environment (LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY, "
                                        "MODEL_DIR, REDIS_URL, AMLS_*).")
-    serve.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to bind (default 127.0.0.1: this machine only); any other "
+                       "address needs BASIC_AUTH_USER / BASIC_AUTH_PASS or --insecure")
+    serve.add_argument("--insecure", action="store_true",
+                       help="allow a non-loopback --host without basic auth: anyone who can "
+                       "reach it can start training jobs and read /metrics")
     serve.add_argument("--port", type=int, default=9090, help="port (default 9090)")
     serve.add_argument("--workers", type=int, default=1,
                        help="gunicorn worker processes (default 1; forced to 1 without "
@@ -48,6 +53,15 @@ def serve_command(args: argparse.Namespace) -> int:
     if args.workers < 1 or not 0 < args.port < 65536:
         logger.error("--workers must be >= 1 and --port in 1..65535")
         return 2
+    if not cfg.auth_enabled and not is_loopback(args.host):
+        if not args.insecure:
+            logger.error("refusing to serve on %s without authentication: set "
+                         "BASIC_AUTH_USER and BASIC_AUTH_PASS (and the same in the Label "
+                         "Studio ML backend connection), bind 127.0.0.1, or pass --insecure",
+                         args.host)
+            return 2
+        logger.warning("serving on %s WITHOUT authentication (--insecure): anyone who can "
+                       "reach it can start training jobs", args.host)
     workers = args.workers
     if not cfg.redis_url and workers > 1:
         logger.warning("REDIS_URL is not set: jobs run in-process, so using 1 worker, not %d",
@@ -63,6 +77,18 @@ def serve_command(args: argparse.Namespace) -> int:
                 "on RQ queue " + cfg.queue_name if cfg.redis_url else "in-process")
     _gunicorn_app(cfg, options).run()
     return 0
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses (127.0.0.0/8, ::1)."""
+    import ipaddress
+
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve anywhere
 
 
 def worker_command(args: argparse.Namespace) -> int:

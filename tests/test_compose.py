@@ -26,6 +26,8 @@ COMPOSE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "Dockerfile"
 OUR_IMAGE = "amls:latest"
 COMPOSE_BIN = "/usr/bin/docker-compose"
+SECRETS = {"LABEL_STUDIO_USERNAME": "admin@example.org", "LABEL_STUDIO_PASSWORD": "pw-x",
+           "LABEL_STUDIO_API_KEY": "0123456789abcdef0123", "BASIC_AUTH_PASS": "pw-y"}
 
 
 class RecordingEnv(dict):
@@ -45,8 +47,8 @@ def compose() -> dict[str, Any]:
     binary = shutil.which("docker-compose") or COMPOSE_BIN
     if not Path(binary).exists():
         missing_service("docker-compose not found (apt-get install docker-compose)")
-    # A bare environment: only the file's own defaults are interpolated.
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    # A bare environment plus the secrets the file demands: only its defaults interpolate.
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **SECRETS}
     done = subprocess.run([binary, "-f", str(COMPOSE), "config"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, f"docker-compose config failed:\n{done.stderr}"
@@ -62,6 +64,20 @@ def _env_names_config_reads() -> set[str]:
     env = RecordingEnv()
     Config.from_env(env)
     return env.asked
+
+
+def _ports(service: dict[str, Any]) -> list[tuple[str, int, int]]:
+    """(host ip, published port, container port) of each published port, whichever form
+    `docker-compose config` prints ("127.0.0.1:8080:8080/tcp" or a mapping)."""
+    out = []
+    for port in service.get("ports", []):
+        if isinstance(port, str):
+            host_ip, published, target = port.split("/")[0].rsplit(":", 2)
+            out.append((host_ip, int(published), int(target)))
+        else:
+            out.append((port.get("host_ip", "0.0.0.0"), int(port["published"]),
+                        int(port["target"])))
+    return out
 
 
 def _mounts(service: dict[str, Any]) -> dict[str, str]:
@@ -136,7 +152,7 @@ def test_label_studio_and_backend_reach_each_other(compose):
     cfg = Config.from_env({k: str(v) for k, v in backend_env.items()})
     ls_url = urlparse(cfg.label_studio_url)
     assert ls_url.hostname == "label-studio"
-    assert ls_url.port in [p["target"] for p in services["label-studio"]["ports"]]
+    assert ls_url.port in [target for _, _, target in _ports(services["label-studio"])]
     assert ls_env["LABEL_STUDIO_USER_TOKEN"] == cfg.label_studio_api_key
     assert str(ls_env["LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN"]).lower() == "true"
     assert str(ls_env["USE_DEFAULT_BANNED_SUBNETS"]).lower() == "false"
@@ -179,3 +195,27 @@ def test_dockerfile_copies_existing_paths_and_runs_the_backend():
         assert f"!{source.rstrip('/')}" in ignored, f"{source} is excluded by .dockerignore"
     (cmd,) = re.findall(r"^CMD (\[.*\])$", text, re.M)
     assert yaml.safe_load(cmd)[:2] == ["amls", "serve"]
+
+
+def _compose_config(env: dict[str, str]) -> subprocess.CompletedProcess:
+    binary = shutil.which("docker-compose") or COMPOSE_BIN
+    if not Path(binary).exists():
+        missing_service("docker-compose not found (apt-get install docker-compose)")
+    return subprocess.run([binary, "-f", str(COMPOSE), "config"], cwd=REPO,
+                          env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env},
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("missing", sorted(SECRETS))
+def test_compose_refuses_to_start_without_each_secret(missing):
+    done = _compose_config({k: v for k, v in SECRETS.items() if k != missing})
+    assert done.returncode != 0
+    assert f"set {missing}" in done.stderr
+
+
+def test_compose_publishes_on_loopback_unless_told(compose):
+    published = [p for svc in compose["services"].values() for p in _ports(svc)]
+    assert len(published) == 2 and {ip for ip, _, _ in published} == {"127.0.0.1"}, published
+    assert "change-me" not in yaml.safe_dump(compose)
+    opened = yaml.safe_load(_compose_config({**SECRETS, "BIND_ADDRESS": "0.0.0.0"}).stdout)
+    assert {ip for s in opened["services"].values() for ip, _, _ in _ports(s)} == {"0.0.0.0"}
