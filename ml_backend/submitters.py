@@ -183,21 +183,18 @@ class RQSubmitter:
         self.connection.close()
 
     def _queued_job_alive(self, key: str) -> bool:
-        from rq.exceptions import NoSuchJobError
         from rq.job import Job
 
         raw = self.connection.get(key)
         if raw is None:
             return False
-        try:
-            status = Job.fetch(raw.decode(), connection=self.connection).get_status()
-        except NoSuchJobError:
-            return False
+        # Only the job hash's plain status field is read: Job.fetch would unpickle the job's
+        # meta, and the web process must never unpickle what is in Redis.
+        status = self.connection.hget(Job.key_for(raw.decode()), "status")
         # "started" still counts while the mark names the job: it is waiting for quiet and
         # has not read any labels yet (it clears the mark before it does).
-        return str(status) in ("queued", "deferred", "scheduled", "started",
-                               "JobStatus.QUEUED", "JobStatus.DEFERRED", "JobStatus.SCHEDULED",
-                               "JobStatus.STARTED")
+        return status is not None and status.decode() in ("queued", "deferred", "scheduled",
+                                                          "started")
 
 
 def queued_key(queue_name: str, project_id: int) -> str:

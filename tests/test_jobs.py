@@ -182,6 +182,30 @@ def test_rq_replaces_a_vanished_queued_job(rq_submitter):
     assert rq_submitter.queue.count == 1
 
 
+class _Planted:
+    """Unpickling this writes a file: proof that something deserialised it."""
+
+    path = ""
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.path), "unpickled"))
+
+
+def test_rq_submit_never_unpickles_what_is_in_redis(rq_submitter, tmp_path):
+    import pickle
+
+    from rq.job import Job
+
+    assert rq_submitter.submit(4) == QUEUED
+    [job_id] = rq_submitter.queue.job_ids
+    planted = _Planted()
+    planted.path = str(tmp_path / "ran")
+    rq_submitter.connection.hset(Job.key_for(job_id), "meta", pickle.dumps(planted))
+    assert rq_submitter.submit(4) == ALREADY_QUEUED
+    assert rq_submitter.state(4) == {"queued": True, "running": False}
+    assert not (tmp_path / "ran").exists()
+
+
 # ---- labels from Label Studio annotations ------------------------------------------------------
 
 def choice(value: str, from_name: str = "class") -> list[dict]:
