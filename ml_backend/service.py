@@ -194,7 +194,8 @@ class AnomalyService:
         if not isinstance(data, dict):
             return None, ""
         if data.get("store") and data.get("cutout_id") is not None:
-            path = allowed_store_path(data["store"], self.cfg.store_root_dirs)
+            path = allowed_store_path(data["store"], self.cfg.store_root_dirs,
+                                      self.registry.root, project_id)
             return str(path), str(data["cutout_id"])
         cache = self.registry.cache_path(project_id)
         if task.get("id") is not None and cache.is_file():

@@ -33,8 +33,10 @@ class StoreRefused(ValueError):
     """A task's `data.store` is not a path we may open (type, location or file kind)."""
 
 
-def allowed_store_path(raw: object, roots: Sequence[Path]) -> Path:
-    """The resolved path of a task's `data.store`, if it is a file inside one of `roots`.
+def allowed_store_path(raw: object, roots: Sequence[Path], registry_root: Path,
+                       project_id: int) -> Path:
+    """The resolved path of a task's `data.store`, if it is a file inside one of `roots` and
+    not inside another project's folder of the model registry (`registry_root/<id>/`).
 
     Symlinks and `..` are resolved first, so neither can lead outside the roots. Raises
     StoreRefused naming the reason; whether the file really is a cutout store is left to
@@ -49,6 +51,12 @@ def allowed_store_path(raw: object, roots: Sequence[Path]) -> Path:
     if not any(path.is_relative_to(root) for root in roots):
         raise StoreRefused(f"store {path} is outside the allowed store roots "
                            f"({', '.join(map(str, roots))}; set AMLS_STORE_ROOTS)")
+    registry_root = Path(registry_root).resolve()
+    if path.is_relative_to(registry_root):
+        first = path.relative_to(registry_root).parts[0]
+        if first.isdigit() and first != str(project_id):
+            raise StoreRefused(f"store {path} belongs to another project's models and caches "
+                               f"(project {first}); project {project_id} may not read it")
     if not path.is_file():
         raise StoreRefused(f"store {path} is not an existing regular file")
     return path
@@ -92,7 +100,8 @@ def resolve_pixels(project_id: int, tasks: list[dict[str, Any]], schema: ChoiceS
                 if key in refused:
                     continue
                 try:
-                    path = str(allowed_store_path(data["store"], store_roots))
+                    path = str(allowed_store_path(data["store"], store_roots,
+                                                  registry.root, project_id))
                     if path not in stores:
                         stores[path] = CutoutStore.open(path)
                 except (OSError, ValueError) as err:  # StoreRefused is a ValueError

@@ -160,6 +160,24 @@ def test_predict_scores_a_task_of_a_known_store(served):
     assert 0.0 <= result["score"] <= 1.0, "the fuzzed service really scores"
 
 
+def test_predict_refuses_a_store_inside_another_projects_folder(served):
+    import shutil
+
+    client, store, _ = served
+    models = store.parent / "models"
+    (models / "2").mkdir(exist_ok=True)
+    other = shutil.copy(store, models / "2" / "cache.h5")  # e.g. project 2's image cache
+    own = shutil.copy(store, models / "1" / "cache-copy.h5")
+
+    def score(path: object) -> dict:
+        body = {"tasks": [{"id": 1, "data": {"store": str(path), "cutout_id": "c0"}}],
+                "label_config": LABEL_CONFIG, "project": 1}
+        return post(client, "/predict", body).get_json()["results"][0]
+
+    assert "score" not in score(other) and score(other)["result"] == []
+    assert 0.0 <= score(own)["score"] <= 1.0
+
+
 @FUZZ
 @given(data=st.data())
 def test_predict_never_errors(served, data):

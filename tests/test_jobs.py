@@ -351,6 +351,27 @@ def test_training_skips_tasks_whose_store_is_refused(tmp_path: Path, caplog):
     assert any("task 22" in m for m in messages)
 
 
+def test_training_never_reads_another_projects_folder(tmp_path: Path, caplog):
+    from ml_backend.task_pixels import resolve_pixels
+
+    registry = ModelRegistry(tmp_path / "models")
+    registry.project_dir(2).mkdir(parents=True)
+    other = make_store(registry.project_dir(2) / "cache.h5", ["a"])
+    tasks = [{"id": 1, "data": {"store": str(other), "cutout_id": "a"}}]
+    schema = parse_label_config(LABEL_CONFIG, "anomaly")
+    with caplog.at_level("WARNING"):
+        refused = resolve_pixels(1, tasks, schema, registry, None, frozenset(),
+                                 (tmp_path.resolve(),))  # type: ignore[arg-type]
+        allowed = resolve_pixels(2, tasks, schema, registry, None, frozenset(),
+                                 (tmp_path.resolve(),))  # type: ignore[arg-type]
+    try:
+        assert refused.rows == {} and allowed.rows == {1: (str(other.resolve()), 0)}
+    finally:
+        refused.close()
+        allowed.close()
+    assert "belongs to another project's models and caches (project 2)" in caplog.text
+
+
 def test_store_roots_from_the_environment_reach_the_job(tmp_path: Path, monkeypatch):
     import os
     import pickle
