@@ -23,11 +23,13 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import json
 import logging
+import re
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from ml_backend.config import Config
 from ml_backend.labelstudio import LabelConfigError, parse_label_config
@@ -43,6 +45,16 @@ ACTION_PAYLOAD_KEY = {"ANNOTATION_CREATED": "annotation", "ANNOTATIONS_CREATED":
                       "ANNOTATION_UPDATED": "annotation", "ANNOTATIONS_DELETED": "annotations"}
 
 
+# Request bodies above this are refused with 413 before they are read.
+MAX_BODY_BYTES = 32 * 2**20
+# Tasks one /predict may ask for (Label Studio sends one, or a page of them).
+MAX_PREDICT_TASKS = 10_000
+# Label Studio project ids are database integers.
+MAX_PROJECT_ID = 2**31 - 1
+# "7" or "7.1700000000" (id and creation timestamp): ASCII digits only.
+_PROJECT_TEXT = re.compile(r"([0-9]{1,10})(?:\.[0-9]{1,20})?")
+
+
 class BadRequest(ValueError):
     """A request body the backend cannot act on; becomes a 400 with the message."""
 
@@ -51,6 +63,7 @@ def create_app(service: AnomalyService, cfg: Config) -> Flask:
     """Build the Flask app around an existing service (one per process; tests build many)."""
     app = Flask(__name__)
     app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     _register_auth(app, cfg)
     _register_errors(app)
 
@@ -74,6 +87,9 @@ def create_app(service: AnomalyService, cfg: Config) -> Flask:
         tasks = body.get("tasks")
         if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
             raise BadRequest("'tasks' must be a list of task objects")
+        if len(tasks) > MAX_PREDICT_TASKS:
+            raise RequestEntityTooLarge(f"at most {MAX_PREDICT_TASKS} tasks per /predict, got "
+                                        f"{len(tasks)}")
         label_config = body.get("label_config")
         if not isinstance(label_config, str) or not label_config.strip():
             raise BadRequest("'label_config' must be the project's label config XML")
@@ -106,7 +122,7 @@ def create_app(service: AnomalyService, cfg: Config) -> Flask:
     def versions() -> Response:
         raw = request.args.get("project")
         if raw is None:
-            body = request.get_json(silent=True)
+            body = _json_body(required=False)
             raw = body.get("project") if isinstance(body, dict) else None
         return jsonify(service.versions(project_id_of(raw)))
 
@@ -118,20 +134,25 @@ def create_app(service: AnomalyService, cfg: Config) -> Flask:
 
 
 def project_id_of(value: Any) -> int:
-    """Project id from an int, "7", "7.1700000000" or {"id": 7}; BadRequest otherwise."""
+    """Project id from an int, "7", "7.1700000000" or {"id": 7}; BadRequest otherwise.
+
+    Only ASCII digits count (not "²" or Arabic-Indic digits), and the id must lie in
+    1..MAX_PROJECT_ID.
+    """
     if isinstance(value, dict):
         value = value.get("id")
     if isinstance(value, bool):
         raise BadRequest("'project' must be a project id, got a boolean")
+    match = _PROJECT_TEXT.fullmatch(value) if isinstance(value, str) else None
     if isinstance(value, int):
         project_id = value
-    elif isinstance(value, str) and value.split(".", 1)[0].isdigit():
-        project_id = int(value.split(".", 1)[0])
+    elif match is not None:
+        project_id = int(match.group(1))
     else:
         raise BadRequest(f"'project' must be a project id like 7 or '7.1700000000', got "
                          f"{_short(value)}")
-    if project_id < 1:
-        raise BadRequest(f"project id must be positive, got {project_id}")
+    if not 1 <= project_id <= MAX_PROJECT_ID:
+        raise BadRequest(f"project id must lie in 1..{MAX_PROJECT_ID}, got {_short(value)}")
     return project_id
 
 
@@ -151,16 +172,31 @@ def _first_task_project(tasks: list[dict[str, Any]]) -> Any:
 
 
 def _json_object() -> dict[str, Any]:
-    body = request.get_json(silent=True)
-    if body is None:
-        raise BadRequest("request body must be JSON (Content-Type: application/json)")
+    body = _json_body(required=True)
     if not isinstance(body, dict):
         raise BadRequest(f"request body must be a JSON object, got {type(body).__name__}")
     return body
 
 
+def _json_body(*, required: bool) -> Any:
+    """The parsed JSON body (None when absent and not required); BadRequest for bodies that
+    do not parse, including nesting too deep for the parser."""
+    data = request.get_data(cache=True)
+    if not data.strip():
+        if required:
+            raise BadRequest("request body must be JSON (Content-Type: application/json)")
+        return None
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as err:
+        raise BadRequest(f"request body is not usable JSON: {type(err).__name__}") from None
+
+
 def _short(value: Any) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):  # deeply nested, or an int too long to print
+        return f"a {type(value).__name__}"
     return text if len(text) <= 60 else text[:57] + "..."
 
 

@@ -156,7 +156,7 @@ def test_other_actions_are_ignored(client, service, action):
     ({"action": "ANNOTATIONS_DELETED", "project": {"id": 3}}, "annotations"),
     ({"annotation": {"id": 1}}, "action"),
     ({"action": "START_TRAINING"}, "project"),
-    ({"action": "START_TRAINING", "project": {"id": -2}}, "positive"),
+    ({"action": "START_TRAINING", "project": {"id": -2}}, "must lie in 1.."),
     ({"action": "START_TRAINING", "project": {"id": True}}, "boolean"),
 ])
 def test_webhook_rejects_incomplete_bodies(client, service, body, fragment):

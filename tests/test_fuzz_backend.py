@@ -346,3 +346,59 @@ def test_fits_plausible_wcsaxes_still_reads(tmp_path, wcsaxes):
     path = tmp_path / "axes.fits"
     path.write_bytes(fits_bytes([("WCSAXES", wcsaxes)], (8, 8)))
     assert read_fits([path], None).pixels.shape == (8, 8, 1)
+
+
+# ---- a hostile-input corpus: every route answers below 500 -----------------------------------
+
+DEEP_ARRAY = "[" * 100_000 + "]" * 100_000
+DEEP_OBJECT = '{"a":' * 5_000 + "1" + "}" * 5_000
+HOSTILE_IDS = ["²", "1²", "١٢", "٣", "0", "-1", " 7", "7 ", "7.x", "1e3", "0x10", "", "7" * 5000,
+               "9" * 11, 2**31, 10**400, -5, 3.5, True, None, [], {"id": "²"}, {"id": 10**30}]
+
+
+@pytest.mark.parametrize("raw", [DEEP_ARRAY, DEEP_OBJECT, '{"project": ' + "9" * 5000 + "}",
+                                 "{" * 3 + "]", "\udcff", "null", "[]", '"text"'])
+@pytest.mark.parametrize("path", ["/setup", "/predict", "/webhook", "/train"])
+def test_hostile_bodies_are_400s(served, raw, path):
+    client = served[0]
+    response = client.post(path, data=raw.encode("utf-8", "surrogatepass"),
+                           content_type="application/json")
+    assert response.status_code == 400, (path, raw[:40], response.get_json())
+    assert "error" in response.get_json()
+
+
+@pytest.mark.parametrize("project", HOSTILE_IDS)
+def test_hostile_project_ids_are_400s_on_every_route(served, project):
+    client = served[0]
+    for path, body in [("/setup", {"project": project}), ("/train", {"project": project}),
+                       ("/predict", {"project": project, "label_config": LABEL_CONFIG,
+                                     "tasks": [{"id": 1, "data": {}}]}),
+                       ("/webhook", {"action": "START_TRAINING", "project": project})]:
+        response = client.post(path, data=json.dumps(body), content_type="application/json")
+        assert response.status_code == 400, (path, project, response.get_json())
+    if isinstance(project, float):
+        return  # as query text, "3.5" is Label Studio's "<id>.<timestamp>": project 3
+    text = json.dumps(project) if not isinstance(project, str) else project
+    response = client.get("/versions", query_string={"project": text[:6000]})
+    assert response.status_code == 400, (project, response.get_json())
+
+
+def test_ls_style_project_ids_still_work(served):
+    client = served[0]
+    for project in (1, "1", "1.1700000000", {"id": 1}, 2**31 - 1):
+        response = client.post("/setup", data=json.dumps({"project": project}),
+                               content_type="application/json")
+        assert response.status_code == 200, (project, response.get_json())
+
+
+def test_oversized_bodies_and_task_lists_are_413s(served, monkeypatch):
+    from ml_backend import app as app_module
+
+    client = served[0]
+    big = b'{"project": 1, "pad": "' + b"x" * (app_module.MAX_BODY_BYTES + 1) + b'"}'
+    response = client.post("/train", data=big, content_type="application/json")
+    assert response.status_code == 413 and "error" in response.get_json()
+    monkeypatch.setattr(app_module, "MAX_PREDICT_TASKS", 3)
+    body = {"project": 1, "label_config": LABEL_CONFIG, "tasks": [{"id": i} for i in range(4)]}
+    response = client.post("/predict", data=json.dumps(body), content_type="application/json")
+    assert response.status_code == 413 and "at most 3 tasks" in response.get_json()["error"]
