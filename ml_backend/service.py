@@ -34,7 +34,8 @@ class AnomalyService:
         self.cfg = cfg
         self.registry = registry
         self.submitter = submitter
-        self._models: dict[int, tuple[str, Any, Any]] = {}  # project -> (version, model, meta)
+        # project -> ((version served, model, meta), the LATEST it was chosen for)
+        self._models: dict[int, tuple[tuple[str, Any, Any], str]] = {}
         self._lock = threading.Lock()
         self._seen: set[int] = set()
 
@@ -58,9 +59,14 @@ class AnomalyService:
     # ---- what Label Studio asks ----------------------------------------------------------
 
     def health(self) -> dict[str, Any]:
+        """"UP" (the process answers) plus the state of what jobs depend on: MODEL_DIR
+        writable, the job queue reachable; `degraded` lists those that are not."""
+        checks = {"model_dir": _model_dir_state(self.registry.root),
+                  "queue": self.submitter.health()}
         return {"status": "UP", "model_class": MODEL_CLASS,
                 "queue": "rq" if self.cfg.redis_url else "in-process",
-                "anomaly_label": self.cfg.anomaly_label}
+                "anomaly_label": self.cfg.anomaly_label, "dependencies": checks,
+                "degraded": sorted(name for name, state in checks.items() if state != "ok")}
 
     def model_version(self, project_id: int) -> str:
         """The serving version, or "untrained" before the project's first training job."""
@@ -98,8 +104,19 @@ class AnomalyService:
 
     def metrics(self) -> dict[str, Any]:
         """Per project: serving version, queue state, last job outcome, label counts."""
-        projects = sorted(set(self.registry.projects()) | self._seen)
-        return {"projects": {str(p): self._project_metrics(p) for p in projects}}
+        try:
+            projects = sorted(set(self.registry.projects()) | self._seen)
+        except OSError as err:
+            return {"projects": {}, "error": f"cannot list {self.registry.root}: {err}"}
+        return {"projects": {str(p): self._safe_project_metrics(p) for p in projects}}
+
+    def _safe_project_metrics(self, project_id: int) -> dict[str, Any]:
+        """One project's metrics, or {"error": ...}: one broken project never hides others."""
+        try:
+            return self._project_metrics(project_id)
+        except Exception as err:  # noqa: BLE001 - reported in the answer, and logged
+            logger.warning("project %d: metrics unavailable: %s", project_id, err)
+            return {"error": f"{type(err).__name__}: {err}"}
 
     # ---- internals -------------------------------------------------------------------------
 
@@ -121,22 +138,34 @@ class AnomalyService:
         }
 
     def _model(self, project_id: int) -> tuple[str, Any, Any] | None:
-        """(version, model, meta) of LATEST, loading it when LATEST moved; None if untrained."""
-        from ml_backend.core.checkpoint import load_model_dir
+        """(version, model, meta) of LATEST, loading it when LATEST moved; None if untrained.
+
+        A LATEST that cannot be loaded (missing or corrupt directory) falls back to the newest
+        intact version, with the reason logged; None when no version loads.
+        """
+        from ml_backend.core.checkpoint import CheckpointError, load_model_dir
         from ml_backend.core.model import resolve_device
 
-        version = self.registry.latest(project_id)
-        if version is None:
+        latest = self.registry.latest(project_id)
+        if latest is None:
             return None
         with self._lock:
             cached = self._models.get(project_id)
-            if cached is not None and cached[0] == version:
-                return cached
-            model, meta = load_model_dir(self.registry.version_dir(project_id, version),
-                                         device=resolve_device(self.cfg.device))
-            self._models[project_id] = (version, model, meta)
-            logger.info("project %d: loaded model version %s", project_id, version)
-            return self._models[project_id]
+            if cached is not None and cached[1] == latest:
+                return cached[0]
+            older = [v for v in reversed(self.registry.versions(project_id)) if v != latest]
+            for version in [latest, *older]:
+                try:
+                    model, meta = load_model_dir(self.registry.version_dir(project_id, version),
+                                                 device=resolve_device(self.cfg.device))
+                except CheckpointError as err:
+                    logger.warning("project %d: cannot serve model version %s: %s", project_id,
+                                   version, err)
+                    continue
+                self._models[project_id] = ((version, model, meta), latest)
+                logger.info("project %d: loaded model version %s", project_id, version)
+                return self._models[project_id][0]
+            return None
 
     def _score(self, project_id: int, tasks: list[dict[str, Any]], model: Any,
                meta: Any) -> list[float | None]:
@@ -201,6 +230,17 @@ class AnomalyService:
         if task.get("id") is not None and cache.is_file():
             return str(cache), f"task-{task['id']}"
         return None, ""
+
+
+def _model_dir_state(root: Any) -> str:
+    """"ok" when MODEL_DIR exists (or can be created) and is writable, else the reason."""
+    import os
+
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        return f"cannot create {root}: {err.strerror}"
+    return "ok" if os.access(root, os.W_OK | os.X_OK) else f"{root} is not writable"
 
 
 def _prediction(schema: ChoiceSchema, version: str, score: float | None) -> dict[str, Any]:

@@ -43,6 +43,7 @@ class JobSubmitter(Protocol):
 
     def submit(self, project_id: int) -> str: ...
     def state(self, project_id: int) -> dict[str, bool]: ...
+    def health(self) -> str: ...  # "ok", or why jobs cannot be queued
     def close(self) -> None: ...
 
 
@@ -85,6 +86,10 @@ class InProcessSubmitter:
         with self._lock:
             state = self._states.get(project_id, _ProjectState())
             return {"queued": state.queued, "running": state.running}
+
+    def health(self) -> str:
+        """"ok" while the job thread can take jobs."""
+        return "ok" if self._thread is None or self._thread.is_alive() else "job thread died"
 
     def wait_idle(self, timeout_s: float) -> bool:
         """Block until no job is queued or running (tests, benchmarks); False on timeout."""
@@ -178,6 +183,16 @@ class RQSubmitter:
     def state(self, project_id: int) -> dict[str, bool]:
         return {"queued": bool(self.connection.exists(queued_key(self.queue.name, project_id))),
                 "running": bool(self.connection.exists(running_key(self.queue.name, project_id)))}
+
+    def health(self) -> str:
+        """"ok" when Redis answers a PING within its socket timeout."""
+        from redis.exceptions import RedisError
+
+        try:
+            self.connection.ping()
+        except (RedisError, OSError) as err:
+            return f"Redis unreachable: {err}"
+        return "ok"
 
     def close(self) -> None:
         self.connection.close()

@@ -56,6 +56,9 @@ class StubSubmitter:
     def state(self, project_id: int) -> dict[str, bool]:
         return {"queued": False, "running": False}
 
+    def health(self) -> str:
+        return "ok"
+
     def close(self) -> None:
         pass
 

@@ -62,6 +62,9 @@ class AcceptTimes:
     def state(self, project_id: int) -> dict[str, bool]:
         return self.inner.state(project_id)
 
+    def health(self) -> str:
+        return self.inner.health()
+
     def close(self) -> None:
         self.inner.close()
 
