@@ -82,13 +82,21 @@ def _add_common(parser: argparse.ArgumentParser, *, stretch_default: str | None)
 
 def guarded(command: Callable[[argparse.Namespace], int]
             ) -> Callable[[argparse.Namespace], int]:
-    """Run a command; input errors become one clear message and exit status 2."""
+    """Run a command with the import's exit codes: 0 everything imported, 1 some items failed
+    (listed in the report), 2 the run itself failed (bad arguments or input, or an
+    unexpected error: one clear message, the traceback with -v)."""
     def run(args: argparse.Namespace) -> int:
         try:
             return command(args)
         except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as err:
             log.debug("import failed", exc_info=True)
             print(f"amls import {args.import_kind}: error: {err}", file=sys.stderr)
+            return 2
+        except Exception as err:  # noqa: BLE001 - the run itself failed; say so
+            log.debug("import failed", exc_info=True)
+            print(f"amls import {args.import_kind}: the run failed: "
+                  f"{type(err).__name__}: {err} (rerun with -v for the traceback)",
+                  file=sys.stderr)
             return 2
 
     return run

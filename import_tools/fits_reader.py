@@ -40,6 +40,11 @@ HduKey = int | tuple[str, int]
 # Most axes a header may declare in NAXIS or WCSAXESa. Real images have 2 to 4; wcslib's parse
 # time grows with the square of WCSAXES (20000: ~80 s), so larger counts are refused up front.
 MAX_AXES = 10
+# Frames the header says are larger than this are refused before any pixel is read
+# (a truncated or hostile file can claim 100000 x 100000); float32 -> 4 GB.
+MAX_FRAME_PIXELS = 1_000_000_000
+# Catalogue cutouts wider than this are refused per row.
+MAX_CUTOUT_SIDE = 10_000
 _AXIS_COUNT = re.compile(r"NAXIS|WCSAXES[A-Z]?")
 _WCS_TEXT = re.compile(r"C(TYPE|UNIT)[0-9]+[A-Z]?")
 _BITPIX = (8, 16, 32, 64, -32, -64)
@@ -165,6 +170,11 @@ def _image_data(hdu: fits.hdu.base.ExtensionHDU, path: Path, label: str) -> np.n
     if not hdu.is_image:
         raise FitsError(f"{path}: HDU {label} is a {type(hdu).__name__}, not an image")
     _check_header(hdu.header, f"{path}: HDU {label}")  # before astropy or wcslib use it
+    claimed = math.prod(int(hdu.header.get(f"NAXIS{i}", 1))
+                        for i in range(1, int(hdu.header.get("NAXIS", 0)) + 1))
+    if claimed > MAX_FRAME_PIXELS:
+        raise FitsError(f"{path}: HDU {label} claims {claimed} pixels, more than "
+                        f"{MAX_FRAME_PIXELS}; refused before reading")
     try:
         data = hdu.data
     except _HEADER_ERRORS as err:
@@ -255,6 +265,9 @@ def cut(image: FitsImage, row: CatalogRow, xy: tuple[float, float], size: int) -
     Parts beyond the frame edge are NaN (then replaced and counted by the stretch); a
     position off the frame raises FitsError.
     """
+    if size > MAX_CUTOUT_SIDE:
+        raise FitsError(f"catalogue line {row.line} asks for a {size} x {size} cutout, more "
+                        f"than {MAX_CUTOUT_SIDE} pixels a side")
     planes = []
     for c in range(image.pixels.shape[-1]):
         try:

@@ -46,8 +46,8 @@ class FitsImageJob:
         source = ",".join(map(str, self.paths))
         try:
             image = fits_reader.read_fits(self.paths, self.keys)
-        except fits_reader.FitsError as err:
-            yield Failure(source, fits_reader.hdu_label(self.keys), str(err))
+        except (fits_reader.FitsError, MemoryError) as err:
+            yield Failure(source, fits_reader.hdu_label(self.keys), _reason(err))
             return
         ra, dec = fits_reader.image_center(image)
         yield RawItem(self.id, image.pixels, source, image.hdu, ra, dec)
@@ -78,9 +78,9 @@ class FitsCatalogJob:
         source = ",".join(map(str, self.paths))
         try:
             frame = _frame(self.paths, self.keys)
-        except fits_reader.FitsError as err:
+        except (fits_reader.FitsError, MemoryError) as err:
             for row in self.rows:
-                yield Failure(source, f"catalogue line {row.line}", str(err))
+                yield Failure(source, f"catalogue line {row.line}", _reason(err))
             return
         if frame.wcs is None:
             for row in self.rows:
@@ -91,8 +91,8 @@ class FitsCatalogJob:
         for row, x, y in zip(self.rows, xs, ys, strict=True):
             try:
                 pixels = fits_reader.cut(frame, row, (x, y), row.size or self.default_size)
-            except fits_reader.FitsError as err:
-                yield Failure(source, f"catalogue line {row.line}", str(err))
+            except (fits_reader.FitsError, MemoryError) as err:
+                yield Failure(source, f"catalogue line {row.line}", _reason(err))
                 continue
             yield RawItem(row.id, pixels, source, frame.hdu, row.ra, row.dec)
 
@@ -134,5 +134,12 @@ def _array_items(path: Path, items: Iterator) -> Iterator[RawItem | Failure]:
                 yield Failure(str(path), "", str(item))
             else:
                 yield RawItem(item.id, item.pixels, str(path), item.where, item.ra, item.dec)
-    except (array_reader.ArrayInputError, OSError, ValueError) as err:
-        yield Failure(str(path), "", f"read failed: {err}")
+    except (array_reader.ArrayInputError, OSError, ValueError, MemoryError) as err:
+        yield Failure(str(path), "", f"read failed: {_reason(err)}")
+
+
+def _reason(err: BaseException) -> str:
+    """The report text of an error; MemoryError has no message of its own."""
+    if isinstance(err, MemoryError):
+        return f"out of memory reading it ({err or 'no detail'})"
+    return str(err)

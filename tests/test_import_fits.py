@@ -330,3 +330,39 @@ def test_galactic_wcs_frames_take_icrs_catalogues(tmp_path):
     with CutoutStore.open(tmp_path / "s.h5") as store:
         np.testing.assert_array_equal(store.read([0])[0, ..., 0],
                                       make_stretch(ASINH)(data[196:205, 76:85].astype(float)))
+
+
+def test_a_header_claiming_a_giant_frame_is_one_report_row(tmp_path):
+    giant = tmp_path / "giant.fits"
+    header = fits.Header({"SIMPLE": True, "BITPIX": -32, "NAXIS": 2,
+                          "NAXIS1": 100_000, "NAXIS2": 100_000})
+    giant.write_bytes(header.tostring().encode() + b"\0" * 2880 * 3)  # then truncated
+    assert amls_import(tmp_path, str(giant), str(M13), "--size", "32") == 1
+    [failure] = report_rows(tmp_path)
+    assert Path(failure["file"]).name == "giant.fits"
+    assert "claims 10000000000 pixels" in failure["reason"]
+    with CutoutStore.open(tmp_path / "s.h5") as store:
+        assert store.ids() == ["m13"]  # the file after it was imported
+
+
+def test_a_catalogue_row_asking_for_a_giant_cutout_fails_alone(tmp_path):
+    write_catalog(tmp_path / "cat.csv", [(*sky_of(50, 60), 1_000_000, "huge"),
+                                         (*sky_of(150, 150), 15, "fine")])
+    assert amls_import(tmp_path, str(M13), "--catalog", str(tmp_path / "cat.csv"),
+                       "--size", "15") == 1
+    [failure] = report_rows(tmp_path)
+    assert "1000000 x 1000000 cutout" in failure["reason"]
+    with CutoutStore.open(tmp_path / "s.h5") as store:
+        assert store.ids() == ["fine"]
+
+
+def test_an_unexpected_error_is_a_message_and_exit_2(tmp_path, monkeypatch, capsys):
+    from import_tools import pipeline
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk controller on fire")
+
+    monkeypatch.setattr(pipeline, "run_jobs", broken)
+    monkeypatch.setattr("import_tools.cli.run_jobs", broken)
+    assert amls_import(tmp_path, str(M13), "--size", "32") == 2
+    assert "the run failed: RuntimeError: disk controller on fire" in capsys.readouterr().err
