@@ -23,6 +23,7 @@ import re
 import secrets
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -100,8 +101,12 @@ class ModelRegistry:
         """Remove an unfinished staging dir (a failed job)."""
         shutil.rmtree(staging, ignore_errors=True)
 
-    def prune(self, project_id: int, keep: int) -> list[str]:
-        """Delete all but the newest `keep` versions (never LATEST); return the removed names."""
+    def prune(self, project_id: int, keep: int, stale_after_s: float = 86_400.0) -> list[str]:
+        """Delete all but the newest `keep` versions (never LATEST); return the removed names.
+
+        Also removes what killed jobs leave behind: staging folders and version-named folders
+        without a meta.json, once untouched for `stale_after_s` (a running job's are younger).
+        """
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         latest = self.latest(project_id)
@@ -110,7 +115,18 @@ class ModelRegistry:
         for version in doomed:
             shutil.rmtree(self.version_dir(project_id, version))
             logger.info("project %d: pruned model version %s", project_id, version)
+        self._remove_leftovers(project_id, stale_after_s)
         return doomed
+
+    def _remove_leftovers(self, project_id: int, stale_after_s: float) -> None:
+        cutoff = time.time() - stale_after_s
+        for path in self.project_dir(project_id).iterdir():
+            unfinished = path.name.startswith(".staging-") or (
+                VERSION_RE.match(path.name) is not None and not (path / META).is_file())
+            if path.is_dir() and unfinished and path.stat().st_mtime < cutoff:
+                shutil.rmtree(path, ignore_errors=True)
+                logger.info("project %d: removed %s left by an unfinished job", project_id,
+                            path.name)
 
     def read_meta(self, project_id: int, version: str) -> dict[str, Any]:
         """A version's meta.json as a dict ({} if it has none)."""

@@ -24,6 +24,7 @@ from ml_backend.task_pixels import StoreRefused, allowed_store_path
 logger = logging.getLogger(__name__)
 
 UNTRAINED = "untrained"
+MAX_SEEN = 1000
 MODEL_CLASS = "AnomalyMatch"
 
 
@@ -37,7 +38,8 @@ class AnomalyService:
         # project -> ((version served, model, meta), the LATEST it was chosen for)
         self._models: dict[int, tuple[tuple[str, Any, Any], str]] = {}
         self._lock = threading.Lock()
-        self._seen: set[int] = set()
+        # Projects asked to train, newest last, at most MAX_SEEN (shown in /metrics).
+        self._seen: dict[int, None] = {}
 
     @classmethod
     def from_config(cls, cfg: Config) -> AnomalyService:
@@ -74,7 +76,10 @@ class AnomalyService:
 
     def request_training(self, project_id: int) -> str:
         """Queue a training job unless one is already queued: "queued" / "already-queued"."""
-        self._seen.add(project_id)
+        self._seen.pop(project_id, None)
+        self._seen[project_id] = None
+        while len(self._seen) > MAX_SEEN:
+            del self._seen[next(iter(self._seen))]
         outcome = self.submitter.submit(project_id)
         logger.info("project %d: training %s", project_id, outcome)
         return outcome
@@ -105,7 +110,7 @@ class AnomalyService:
     def metrics(self) -> dict[str, Any]:
         """Per project: serving version, queue state, last job outcome, label counts."""
         try:
-            projects = sorted(set(self.registry.projects()) | self._seen)
+            projects = sorted(set(self.registry.projects()) | set(self._seen))
         except OSError as err:
             return {"projects": {}, "error": f"cannot list {self.registry.root}: {err}"}
         return {"projects": {str(p): self._safe_project_metrics(p) for p in projects}}
@@ -146,7 +151,11 @@ class AnomalyService:
         from ml_backend.core.checkpoint import CheckpointError, load_model_dir
         from ml_backend.core.model import resolve_device
 
-        latest = self.registry.latest(project_id)
+        try:
+            latest = self.registry.latest(project_id)
+        except RuntimeError as err:  # LATEST names a version that is not there
+            logger.warning("project %d: %s", project_id, err)
+            latest = ""
         if latest is None:
             return None
         with self._lock:
@@ -154,7 +163,7 @@ class AnomalyService:
             if cached is not None and cached[1] == latest:
                 return cached[0]
             older = [v for v in reversed(self.registry.versions(project_id)) if v != latest]
-            for version in [latest, *older]:
+            for version in [latest, *older] if latest else older:
                 try:
                     model, meta = load_model_dir(self.registry.version_dir(project_id, version),
                                                  device=resolve_device(self.cfg.device))

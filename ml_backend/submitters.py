@@ -122,6 +122,9 @@ class InProcessSubmitter:
             finally:
                 with self._lock:
                     state.running = False
+                    if not state.queued:  # idle: forget it, so state stays bounded
+                        del self._states[project_id]
+                        self._last_request.pop(project_id, None)
 
 
 class RQSubmitter:

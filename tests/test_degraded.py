@@ -88,6 +88,7 @@ def test_metrics_answer_200_with_an_error_entry_per_broken_project(setup):
     assert "error" not in projects["1"] and projects["1"]["model_version"].startswith("amls-")
     assert "JSONDecodeError" in projects["2"]["error"]
     assert "Redis went away" in projects["4"]["error"]
+    assert "amls-20990101T000000Z-dead" in projects["3"]["error"]
     assert set(projects) == {"1", "2", "3", "4"}
 
 
@@ -105,6 +106,11 @@ def test_predict_falls_back_to_the_newest_intact_version(setup, caplog):
     [result] = response.get_json()["results"]
     assert result["model_version"] == good and 0.0 <= result["score"] <= 1.0
     assert f"cannot serve model version {broken}" in caplog.text
+    # LATEST naming a version that is not there: the newest intact one serves.
+    (registry.project_dir(5) / "LATEST").write_text("amls-20990101T000000Z-dead\n")
+    response = client.post("/predict", data=json.dumps(body), content_type="application/json")
+    assert response.status_code == 200
+    assert response.get_json()["results"][0]["model_version"] == good
     # No intact version at all: an empty prediction, still 200.
     (registry.version_dir(5, good) / "model.safetensors").write_bytes(b"garbage")
     (registry.project_dir(5) / "LATEST").write_text(good + "\n")

@@ -488,3 +488,28 @@ def test_a_job_after_input_settings_changed_starts_a_new_lineage(tmp_path: Path,
     assert "invariance dihedral in the model, flip now" in caplog.text
     assert "stretch {'name': 'none'} in the model" in caplog.text
     assert registry.latest(3) == meta.version  # the old version keeps serving meanwhile
+
+
+def test_in_process_state_forgets_idle_projects():
+    submitter = InProcessSubmitter(lambda project_id: None)
+    for project_id in range(1, 51):
+        submitter.submit(project_id)
+    assert submitter.wait_idle(10)
+    assert submitter._states == {} and submitter._last_request == {}
+    assert submitter.state(3) == {"queued": False, "running": False}
+    submitter.close()
+
+
+def test_projects_seen_are_bounded(tmp_path: Path):
+    from ml_backend import service as service_module
+    from ml_backend.config import Config
+    from ml_backend.service import AnomalyService
+
+    submitter = InProcessSubmitter(lambda project_id: None)
+    svc = AnomalyService(Config(model_dir=tmp_path), ModelRegistry(tmp_path), submitter)
+    for project_id in range(1, service_module.MAX_SEEN + 50):
+        svc.request_training(project_id)
+    assert len(svc._seen) == service_module.MAX_SEEN
+    assert max(svc._seen) == service_module.MAX_SEEN + 49 and 1 not in svc._seen
+    submitter.wait_idle(10)
+    submitter.close()

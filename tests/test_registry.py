@@ -169,3 +169,25 @@ def test_service_scores_store_tasks_and_reloads_when_latest_moves(tmp_path: Path
     assert metrics["label_counts"] == {"anomaly": 2, "normal": 3}
     assert metrics["queue"]["queued"] is False
     assert service.versions(7)["versions"] == NAMES[:2]
+
+
+def test_prune_removes_what_killed_jobs_left_once_stale(tmp_path: Path):
+    import os
+    import time
+
+    registry = ModelRegistry(tmp_path)
+    for name in NAMES:
+        fake_version(registry, 1, name)
+    pdir = registry.project_dir(1)
+    old_staging, new_staging = pdir / ".staging-dead", pdir / ".staging-busy"
+    broken = pdir / "amls-20260101T000000Z-0bad"  # a version folder without meta.json
+    for path in (old_staging, new_staging, broken):
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"partial")
+    day_ago = time.time() - 2 * 86_400
+    for path in (old_staging, broken):
+        os.utime(path, (day_ago, day_ago))
+    registry.prune(1, keep=len(NAMES))
+    assert not old_staging.exists() and not broken.exists()
+    assert new_staging.exists(), "a running job's staging folder is left alone"
+    assert registry.versions(1) == sorted(NAMES)
