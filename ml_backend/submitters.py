@@ -8,7 +8,9 @@ MAX_DEBOUNCE_S in total), so an annotator's burst of labels is trained on at onc
 
 On RQ a running job holds a per-project Redis lock with a short time-to-live (LOCK_TTL_S) that a
 thread of the job renews; a worker killed with SIGKILL stops renewing it, so the next job for
-that project waits at most LOCK_TTL_S, not the whole job timeout.
+that project waits at most LOCK_TTL_S, not the whole job timeout. A job waiting in its
+debounce keeps a heartbeat key alive (HEARTBEAT_TTL_S); a started job whose heartbeat lapsed
+is dead, so a worker killed during the debounce blocks its project for at most that long.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ QUEUED, ALREADY_QUEUED = "queued", "already-queued"
 MAX_DEBOUNCE_S = 30.0
 # Seconds a dead job's project lock outlives it; the running job renews it every third of this.
 LOCK_TTL_S = 30.0
+# Seconds a debouncing job's heartbeat outlives it (renewed every 0.1 s while it waits).
+HEARTBEAT_TTL_S = 10.0
 # Seconds the web process waits for Redis when queueing a job; Label Studio gives a webhook
 # about a second, so an unreachable Redis must fail fast rather than hang the request.
 REDIS_TIMEOUT_S = 0.5
@@ -138,7 +142,8 @@ class RQSubmitter:
 
     def __init__(self, redis_url: str, queue_name: str, func: Callable[..., Any],
                  kwargs: dict[str, Any], job_timeout_s: int = 3600,
-                 debounce_s: float = 0.0, lock_ttl_s: float = LOCK_TTL_S) -> None:
+                 debounce_s: float = 0.0, lock_ttl_s: float = LOCK_TTL_S,
+                 heartbeat_ttl_s: float = HEARTBEAT_TTL_S) -> None:
         from redis import Redis
         from rq import Queue
 
@@ -150,6 +155,7 @@ class RQSubmitter:
         self.job_timeout_s = job_timeout_s
         self.debounce_s = debounce_s
         self.lock_ttl_s = lock_ttl_s
+        self.heartbeat_ttl_s = heartbeat_ttl_s
 
     def submit(self, project_id: int) -> str:
         """Queue a job (see the module docstring); QueueUnavailable if Redis is unreachable."""
@@ -169,14 +175,15 @@ class RQSubmitter:
         # whose job does not exist yet (it would take it for a vanished job and enqueue twice).
         job = self.queue.create_job(rq_entry, args=(project_id, self.func, self.kwargs,
                                                     self.queue.name, self.job_timeout_s,
-                                                    self.debounce_s, self.lock_ttl_s),
+                                                    self.debounce_s, self.lock_ttl_s,
+                                                    self.heartbeat_ttl_s),
                                     job_id=f"amls-train-{project_id}-{secrets.token_hex(6)}",
                                     timeout=self.job_timeout_s, result_ttl=24 * 3600,
                                     failure_ttl=7 * 24 * 3600,
                                     description=f"train project {project_id}")
         job.save()
         if not self.connection.set(key, job.id, nx=True, ex=ttl):
-            if self._queued_job_alive(key):
+            if self._queued_job_alive(project_id):
                 job.delete()
                 return ALREADY_QUEUED
             self.connection.set(key, job.id, ex=ttl)  # the marked job vanished: replace it
@@ -200,19 +207,26 @@ class RQSubmitter:
     def close(self) -> None:
         self.connection.close()
 
-    def _queued_job_alive(self, key: str) -> bool:
+    def _queued_job_alive(self, project_id: int) -> bool:
+        """Whether the job the project's "queued" mark names will still run."""
         from rq.job import Job
 
-        raw = self.connection.get(key)
+        raw = self.connection.get(queued_key(self.queue.name, project_id))
         if raw is None:
             return False
         # Only the job hash's plain status field is read: Job.fetch would unpickle the job's
         # meta, and the web process must never unpickle what is in Redis.
-        status = self.connection.hget(Job.key_for(raw.decode()), "status")
-        # "started" still counts while the mark names the job: it is waiting for quiet and
-        # has not read any labels yet (it clears the mark before it does).
-        return status is not None and status.decode() in ("queued", "deferred", "scheduled",
-                                                          "started")
+        status, started_at = self.connection.hmget(Job.key_for(raw.decode()),
+                                                   ["status", "started_at"])
+        if status is None:
+            return False
+        if status.decode() == "started":
+            # Started while the mark names it: it is waiting for quiet and has not read any
+            # labels yet (it clears the mark before it does), unless its worker died there.
+            # Its heartbeat says it lives; so does a start too recent for a first beat.
+            beat = self.connection.get(heartbeat_key(self.queue.name, project_id))
+            return beat == raw or _seconds_since(started_at) < self.heartbeat_ttl_s
+        return status.decode() in ("queued", "deferred", "scheduled")
 
 
 def queued_key(queue_name: str, project_id: int) -> str:
@@ -221,6 +235,25 @@ def queued_key(queue_name: str, project_id: int) -> str:
 
 def running_key(queue_name: str, project_id: int) -> str:
     return f"amls:{queue_name}:running:{project_id}"
+
+
+def _seconds_since(stamp: bytes | None) -> float:
+    """Seconds since an RQ timestamp (ISO 8601, UTC); infinity if absent or unreadable."""
+    from datetime import UTC, datetime
+
+    try:
+        then = datetime.fromisoformat(stamp.decode()) if stamp else None
+    except ValueError:
+        then = None
+    if then is None:
+        return float("inf")
+    if then.tzinfo is None:
+        then = then.replace(tzinfo=UTC)
+    return (datetime.now(UTC) - then).total_seconds()
+
+
+def heartbeat_key(queue_name: str, project_id: int) -> str:
+    return f"amls:{queue_name}:debouncing:{project_id}"
 
 
 def last_request_key(queue_name: str, project_id: int) -> str:
@@ -243,7 +276,7 @@ def wait_for_quiet(last_request: Callable[[], float], now: Callable[[], float],
 
 def rq_entry(project_id: int, func: Callable[..., Any], kwargs: dict[str, Any],
              queue_name: str, job_timeout_s: int, debounce_s: float = 0.0,
-             lock_ttl_s: float = LOCK_TTL_S) -> Any:
+             lock_ttl_s: float = LOCK_TTL_S, heartbeat_ttl_s: float = HEARTBEAT_TTL_S) -> Any:
     """What RQ runs: wait for quiet, clear the "queued" mark, take the project's lock, call
     `func(project_id, **kwargs)`."""
     from rq import get_current_job
@@ -253,14 +286,18 @@ def rq_entry(project_id: int, func: Callable[..., Any], kwargs: dict[str, Any],
         raise RuntimeError("rq_entry must run inside an RQ worker")
     connection = job.connection
     key = queued_key(queue_name, project_id)
+    beat = heartbeat_key(queue_name, project_id)
 
-    def last_request() -> float:
+    def beat_and_read_last_request() -> float:
+        # Called every 0.1 s while the job waits: "alive" lapses heartbeat_ttl_s after a kill.
+        connection.set(beat, job.id, px=max(1, int(heartbeat_ttl_s * 1000)))
         raw = connection.get(last_request_key(queue_name, project_id))
         return float(raw) if raw is not None else 0.0
 
-    wait_for_quiet(last_request, time.time, debounce_s)
+    wait_for_quiet(beat_and_read_last_request, time.time, debounce_s)
     if connection.get(key) == job.id.encode():
         connection.delete(key)
+    connection.delete(beat)
     with project_lock(connection, running_key(queue_name, project_id), ttl_s=lock_ttl_s,
                       wait_s=job_timeout_s):
         return func(project_id, **kwargs)

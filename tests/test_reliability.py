@@ -375,3 +375,60 @@ def run_next_job(redis_url: str, queue_name: str) -> float | None:
         return json.loads(starts[0])[1] if starts else None
     finally:
         submitter.close()
+
+
+# ---- 5. a worker killed during the debounce does not block its project ------------------------
+
+KILLED_HEARTBEAT_TTL_S = 2.0
+
+
+@pytest.mark.e2e
+def test_a_worker_killed_during_the_debounce_frees_its_project(tmp_path, redis_url):
+    from rq.job import Job
+
+    from ml_backend.submitters import ALREADY_QUEUED, heartbeat_key
+
+    queue_name = "test-reliability-debounce-kill"
+    key = f"test:{queue_name}:starts"
+    # A long debounce: the job will still be waiting for quiet when its worker dies.
+    submitter = RQSubmitter(redis_url, queue_name, record_start,
+                            {"redis_url": redis_url, "key": key}, debounce_s=25,
+                            heartbeat_ttl_s=KILLED_HEARTBEAT_TTL_S)
+    submitter.connection.flushdb()
+    assert submitter.submit(PROJECT) == QUEUED
+    [job_id] = submitter.queue.job_ids
+    tests_dir = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests_dir), str(tests_dir.parent)])}
+    worker = subprocess.Popen([str(Path(sys.executable).parent / "rq"), "worker", "--burst",
+                               "--url", redis_url, queue_name], cwd=tests_dir, env=env,
+                              start_new_session=True, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.STDOUT)
+    try:
+        beat = heartbeat_key(queue_name, PROJECT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and submitter.connection.get(beat) is None:
+            time.sleep(0.05)  # the job is in its 25 s debounce once it beats
+        assert submitter.connection.get(beat) == job_id.encode(), "the job never debounced"
+        time.sleep(KILLED_HEARTBEAT_TTL_S + 0.5)  # past the start grace: only beats count
+        assert submitter.submit(PROJECT) == ALREADY_QUEUED, "a live debouncing job coalesces"
+    finally:
+        kill_rq_worker(worker)
+    killed = time.time()
+    assert submitter.connection.hget(Job.key_for(job_id), "status") == b"started"
+    from redis import Redis
+    from rq import SimpleWorker
+
+    quick = RQSubmitter(redis_url, queue_name, record_start,
+                        {"redis_url": redis_url, "key": key}, job_timeout_s=30)
+    try:
+        while quick.submit(PROJECT) != QUEUED and time.time() - killed < 60:
+            time.sleep(0.2)  # "already queued" while the dead job's heartbeat lives
+        SimpleWorker([quick.queue], connection=Redis.from_url(redis_url)).work(
+            burst=True, logging_level="WARNING")
+        starts = quick.connection.lrange(key, 0, -1)
+    finally:
+        submitter.connection.flushdb()
+        submitter.close()
+        quick.close()
+    assert starts, "the project stayed blocked for a minute after the kill"
+    assert json.loads(starts[0])[1] - killed < KILLED_HEARTBEAT_TTL_S + 5
