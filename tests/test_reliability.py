@@ -306,6 +306,16 @@ def test_write_predictions_refuses_an_inconsistent_count(fake_ls):
 
 # ---- 4. a worker killed mid-job leaves the previous version serving --------------------------
 
+def start_rq_worker(redis_url: str, queue_name: str) -> subprocess.Popen:
+    """A real `rq worker --burst` in its own session, able to import this test module."""
+    tests_dir = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests_dir), str(tests_dir.parent)])}
+    return subprocess.Popen([str(Path(sys.executable).parent / "rq"), "worker", "--burst",
+                             "--url", redis_url, queue_name], cwd=tests_dir, env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT)
+
+
 def half_write(project_id: int, *, model_dir: str, started: str) -> None:
     """RQ job body: start a new version in staging, then hang until killed."""
     registry = ModelRegistry(Path(model_dir))
@@ -332,12 +342,7 @@ def test_sigkilled_worker_leaves_the_previous_version_serving(tmp_path, redis_ur
                             lock_ttl_s=KILLED_LOCK_TTL_S)
     submitter.connection.flushdb()
     assert submitter.submit(PROJECT) == QUEUED
-    tests_dir = Path(__file__).resolve().parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests_dir), str(tests_dir.parent)])}
-    worker = subprocess.Popen([str(Path(sys.executable).parent / "rq"), "worker", "--burst",
-                               "--url", redis_url, queue_name], cwd=tests_dir, env=env,
-                              start_new_session=True, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.STDOUT)
+    worker = start_rq_worker(redis_url, queue_name)
     try:
         deadline = time.monotonic() + 15
         while not started.exists() and time.monotonic() < deadline:
@@ -397,12 +402,7 @@ def test_a_worker_killed_during_the_debounce_frees_its_project(tmp_path, redis_u
     submitter.connection.flushdb()
     assert submitter.submit(PROJECT) == QUEUED
     [job_id] = submitter.queue.job_ids
-    tests_dir = Path(__file__).resolve().parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests_dir), str(tests_dir.parent)])}
-    worker = subprocess.Popen([str(Path(sys.executable).parent / "rq"), "worker", "--burst",
-                               "--url", redis_url, queue_name], cwd=tests_dir, env=env,
-                              start_new_session=True, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.STDOUT)
+    worker = start_rq_worker(redis_url, queue_name)
     try:
         beat = heartbeat_key(queue_name, PROJECT)
         deadline = time.monotonic() + 30
