@@ -1,8 +1,9 @@
 """Paired comparison of two settings over the same (class, seed) runs.
 
 A default changes only when the bootstrap 95 % interval of the mean difference excludes zero
-on a whole suite, or when the candidate wins a clear majority of classes and loses none badly
-(`decide`). Differences are candidate minus baseline, so positive means the candidate is better.
+on a whole suite, or when the candidate wins a clear majority of classes and loses none badly,
+and never on one seed (`decide`). Differences are candidate minus baseline, so positive means
+the candidate is better.
 """
 
 from __future__ import annotations
@@ -49,13 +50,16 @@ def paired_comparison(baseline: Sequence[float], candidate: Sequence[float], *,
                             ci_low=float(low), ci_high=float(high))
 
 
-def decide(pairs: PairedComparison, class_diffs: Sequence[float]) -> str:
+def decide(pairs: PairedComparison, class_diffs: Sequence[float], min_seeds: int = 2) -> str:
     """"better", "worse" or "undecided" for the candidate on a suite.
 
-    class_diffs: the mean difference of each class over its seeds. "better" when the interval
-    lies above zero, or when more than two thirds of the classes are ahead and none is behind
-    by more than BAD_LOSS; "worse" when the interval lies below zero or the mirror holds.
+    class_diffs: the mean difference of each class over its seeds; min_seeds: the fewest
+    seeds any class has. "better" when the interval lies above zero, or when more than two
+    thirds of the classes are ahead and none is behind by more than BAD_LOSS; "worse" when the
+    interval lies below zero or the mirror holds; always "undecided" on fewer than 2 seeds.
     """
+    if min_seeds < 2:
+        return "undecided"
     diffs = np.asarray(class_diffs, dtype=float)
     if pairs.ci_low > 0 or _clear_majority(diffs):
         return "better"

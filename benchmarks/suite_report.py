@@ -40,8 +40,9 @@ def top1_ceiling(row: dict[str, Any]) -> float:
 def _mean_std(values: list[float]) -> str:
     if not values:
         return "–"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {std:.3f}"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def _suite(dataset: str) -> str:
@@ -88,7 +89,7 @@ def _paired_lines(rows: Rows, datasets: list[str], settings: list[str], baseline
         for setting in settings:
             if setting == baseline:
                 continue
-            base, cand, class_diffs = [], [], []
+            base, cand, class_diffs, seeds_per_class = [], [], [], []
             for dataset in (d for d in datasets if _suite(d) == suite):
                 a, b = rows.get((dataset, baseline), {}), rows.get((dataset, setting), {})
                 seeds = sorted(set(a) & set(b))
@@ -97,6 +98,7 @@ def _paired_lines(rows: Rows, datasets: list[str], settings: list[str], baseline
                 base += [a[s][metric] for s in seeds]
                 cand += [b[s][metric] for s in seeds]
                 class_diffs.append(statistics.mean(b[s][metric] - a[s][metric] for s in seeds))
+                seeds_per_class.append(len(seeds))
             if not base:
                 continue
             pc = paired_comparison(base, cand)
@@ -104,7 +106,8 @@ def _paired_lines(rows: Rows, datasets: list[str], settings: list[str], baseline
             behind = sum(d < 0 for d in class_diffs)
             lines.append(f"| {suite} | {setting} | {pc.n} | {pc.wins} / {pc.losses} | "
                          f"{pc.mean_diff:+.3f} | [{pc.ci_low:+.3f}, {pc.ci_high:+.3f}] | "
-                         f"{ahead} / {behind} | {decide(pc, class_diffs)} |")
+                         f"{ahead} / {behind} | "
+                         f"{decide(pc, class_diffs, min(seeds_per_class))} |")
     return lines
 
 

@@ -51,6 +51,7 @@ def test_paired_comparison_refuses_unpaired_input():
 def test_decide_needs_an_interval_off_zero_or_a_clean_majority():
     up = paired_comparison([0.5] * 4, [0.6, 0.55, 0.7, 0.52])
     assert decide(up, [0.1, 0.05, 0.2, 0.02]) == "better"
+    assert decide(up, [0.1, 0.05, 0.2, 0.02], min_seeds=1) == "undecided"  # never one seed
     mixed = paired_comparison([0.5] * 4, [0.6, 0.4, 0.55, 0.45])
     assert decide(mixed, [0.1, -0.1, 0.05, -0.05]) == "undecided"
     # Three of four classes ahead but one behind badly: not a clean majority.
@@ -107,9 +108,15 @@ def test_report_tables_means_and_pairs(tmp_path):
     log.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     text = "\n".join(report([log], "default", "full", ["auroc"]))
     assert "| animal:Cat | 0.850 ± 0.071 (2) | 0.900 ± 0.071 (2) | 0.500 ± 0.000 |" in text
-    assert "| animal:Dog | 0.700 ± 0.000 (1) | 0.750 ± 0.000 (1) |" in text
+    assert "| animal:Dog | 0.700 (1) | 0.750 (1) |" in text
     assert "**animal mean** | **0.800 ± 0.100** (3) | **0.850 ± 0.100** (3)" in text
-    assert "| animal | flip | 3 | 3 / 0 | +0.050 | [+0.050, +0.050] | 2 / 0 | better |" in text
+    # Dog has one seed, so no verdict yet.
+    assert "| animal | flip | 3 | 3 / 0 | +0.050 | [+0.050, +0.050] | 2 / 0 | undecided |" in text
+    two = [*rows[:4], _row("animal:Dog", "default", 0, 0.70), _row("animal:Dog", "flip", 0, 0.75),
+           _row("animal:Dog", "default", 1, 0.72), _row("animal:Dog", "flip", 1, 0.77)]
+    log.write_text("\n".join(json.dumps(r) for r in two) + "\n")
+    text = "\n".join(report([log], "default", "full", ["auroc"]))
+    assert "| animal | flip | 4 | 4 / 0 | +0.050 | [+0.050, +0.050] | 2 / 0 | better |" in text
 
 
 def test_top1_ceiling_is_remaining_anomalies_over_slots():
