@@ -83,8 +83,7 @@ def galaxy_store(label_studio: LiveLabelStudio, tmp_path_factory) -> tuple[Path,
 
     folder = pick_images(label_studio.document_root)
     store = tmp_path_factory.mktemp("store") / "first.h5"
-    # The store records "flip": with AMLS_INVARIANCE unset (auto) the jobs must train with it.
-    build_store_from_folder(folder, store, size=64, channels=1, invariance="flip")
+    build_store_from_folder(folder, store, size=64, channels=1)
     return store, folder
 
 
@@ -220,7 +219,8 @@ def test_annotations_reorder_the_queue(label_studio: LiveLabelStudio, galaxy_sto
     assert version.startswith("amls-")
     published = read_meta(ModelRegistry(backend.cfg.model_dir).latest_dir(project_id))
     assert (published.version, published.center_crop) == (version, 0.5)
-    assert TrainConfig.from_dict(published.config).invariance == "flip"
+    # AMLS_INVARIANCE unset (auto): the store's invariance, dihedral for these sky cutouts.
+    assert TrainConfig.from_dict(published.config).invariance == "dihedral"
     assert project_metrics["label_counts"] == {"anomaly": N_LABEL_RARE,
                                                "normal": N_LABEL_COMMON}
 

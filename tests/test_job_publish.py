@@ -70,8 +70,8 @@ def project(tmp_path: Path, monkeypatch) -> tuple[FakeLabelStudio, ModelRegistry
     store = tmp_path / "stores" / "s.h5"
     store.parent.mkdir()
     ids = [f"c{i}" for i in range(N_TASKS)]
-    with CutoutStore.create(store, height=32, width=32, channels=1,
-                            stretch={"name": "none"}) as s:
+    with CutoutStore.create(store, height=32, width=32, channels=1, stretch={"name": "none"},
+                            invariance="flip") as s:
         s.append(ids, rng.integers(0, 255, (N_TASKS, 32, 32, 1), dtype=np.uint8))
     tasks = []
     for i, cid in enumerate(ids):
@@ -96,6 +96,21 @@ def test_a_job_publishes_then_points_label_studio(project):
     assert summary["status"] == "trained" and summary["label_studio_updated"] is True
     assert registry.latest(7) == fake.model_version == summary["model_version"]
     assert fake.predictions == {summary["model_version"]: N_TASKS - 8}
+
+
+@pytest.mark.slow
+def test_the_job_takes_the_stores_invariance_unless_configured(project):
+    from ml_backend.core.checkpoint import read_meta
+    from ml_backend.core.config import TrainConfig
+
+    fake, registry, kwargs = project
+    jobs.run_training(7, **kwargs)  # invariance "auto", the default
+    auto = TrainConfig.from_dict(read_meta(registry.latest_dir(7)).config)
+    jobs.run_training(7, **kwargs, invariance="dihedral")  # a new lineage, with a warning
+    forced = read_meta(registry.latest_dir(7))
+    assert auto.invariance == "flip"
+    assert TrainConfig.from_dict(forced.config).invariance == "dihedral"
+    assert forced.parent is None
 
 
 @pytest.mark.slow
