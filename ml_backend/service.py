@@ -242,14 +242,15 @@ class AnomalyService:
 
 
 def _model_dir_state(root: Any) -> str:
-    """"ok" when MODEL_DIR exists (or can be created) and is writable, else the reason."""
+    """"ok" when MODEL_DIR is a writable folder, or could be made in a writable one; else why.
+
+    Only looks: a health check creates nothing."""
     import os
 
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        return f"cannot create {root}: {err.strerror}"
-    return "ok" if os.access(root, os.W_OK | os.X_OK) else f"{root} is not writable"
+    existing = next((p for p in (root, *root.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        return f"{root} cannot be a folder ({existing} is not one)"
+    return "ok" if os.access(existing, os.W_OK | os.X_OK) else f"{existing} is not writable"
 
 
 def _prediction(schema: ChoiceSchema, version: str, score: float | None) -> dict[str, Any]:
