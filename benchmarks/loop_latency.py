@@ -32,6 +32,7 @@ import requests
 from demo.local_servers import free_port
 from ml_backend.app import create_app
 from ml_backend.config import Config
+from ml_backend.core.config import TrainConfig
 from ml_backend.service import AnomalyService
 from tests.live_services import running_label_studio
 
@@ -121,8 +122,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         common = [t["id"] for t in tasks if not t["data"]["cutout_id"].startswith(RARE)]
         cfg = Config(label_studio_url=ls.url, label_studio_api_key=ls.token,
                      model_dir=Path(tmp) / "models", store_roots=(Path(tmp),),
-                     iterations=args.iterations,
-                     image_size=args.image_size, debounce_s=args.debounce, device="cpu")
+                     train=TrainConfig(iterations=args.iterations, image_size=args.image_size,
+                                       device="cpu"),
+                     debounce_s=args.debounce)
         with serve(cfg) as (url, _service):
             client.ml.create(url=url, project=project.id)
             for task_id, value in [(t, "anomaly") for t in rare[:5]] + \

@@ -6,13 +6,13 @@ channel 0 (the model still sees all channels; the preview shows the first).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from urllib.parse import quote
 
 import numpy as np
 from PIL import Image
+
+from ml_backend.core.atomic import atomic_file
 
 LOCAL_FILES_PREFIX = "/data/local-files/?d="
 
@@ -46,14 +46,8 @@ def write_preview(root: Path, cutout_id: str, pixels: np.ndarray) -> Path:
     """Write ``<root>/<id>.png`` atomically (temporary file + rename); returns the path."""
     path = root / preview_relpath(cutout_id)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            to_preview_image(pixels).save(fh, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "wb") as fh:
+        to_preview_image(pixels).save(fh, format="PNG")
     return path
 
 

@@ -13,7 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from ml_backend.core.config import check_center_crop, check_invariance
+from ml_backend.core.config import TrainConfig, check_center_crop, check_invariance
+
+# Longest a queued job waits for a burst of annotations to end (AMLS_DEBOUNCE_S's bound).
+MAX_DEBOUNCE_S = 30.0
 
 
 class ConfigError(ValueError):
@@ -35,19 +38,13 @@ class Config:
     basic_auth_pass: str = dataclasses.field(default="", repr=False)
     # Choice value that means "anomaly" in the project's label config.
     anomaly_label: str = "anomaly"
-    # FixMatch iterations per training job (one active-learning cycle).
-    iterations: int = 100
-    # Model input side in pixels; images are resized to image_size x image_size.
-    image_size: int = 64
-    # Fraction of each cutout side kept around its centre before resizing (1 = whole cutout).
-    center_crop: float = 1.0
+    # Training and scoring hyperparameters of every job (FixMatch iterations per cycle, input
+    # size, centre crop, batch sizes, torch device "cpu" / "cuda" / "auto"); the rest of
+    # TrainConfig keeps its paper defaults. Its `invariance` is not used: see below.
+    train: TrainConfig = TrainConfig()
     # Symmetries the weak view teaches: "dihedral" (sky cutouts), "flip" (upright photos) or
     # "auto": what the task's cutout store records (`amls import --invariance`; else dihedral).
     invariance: str = "auto"
-    # Labelled images per FixMatch step.
-    batch_size: int = 16
-    # Images per forward pass when scoring unlabelled tasks.
-    score_batch_size: int = 256
     # Model versions kept per project on disk and as predictions in Label Studio.
     versions_kept: int = 3
     # Predictions written to Label Studio per API request.
@@ -61,27 +58,25 @@ class Config:
     debounce_s: float = 2.0
     # Extra hosts (besides LABEL_STUDIO_URL's) that task images may be downloaded from.
     allowed_image_hosts: tuple[str, ...] = ()
-    # Torch device for training and scoring: "cpu", "cuda" or "auto".
-    device: str = "auto"
     # Directories that task `data.store` paths must resolve into (symlinks followed);
     # AMLS_STORE_ROOTS, os.pathsep-separated. Empty means model_dir and the current working
     # directory (unless that is the filesystem root). See `store_root_dirs`.
     store_roots: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("iterations", "image_size", "batch_size", "score_batch_size",
-                     "versions_kept", "prediction_write_batch", "job_timeout_s"):
-            value = getattr(self, name)
-            if value < 1:
-                raise ConfigError(f"{name} must be >= 1, got {value}")
-        if not 0.0 <= self.debounce_s <= 30.0:
-            raise ConfigError(f"debounce_s must be in [0, 30] seconds, got {self.debounce_s}")
-        if self.image_size < 32:
-            raise ConfigError(f"image_size must be >= 32 pixels, got {self.image_size}")
-        try:
-            check_center_crop(self.center_crop)
-        except ValueError as err:
-            raise ConfigError(f"AMLS_CENTER_CROP: {err}") from None
+        for owner, names in ((self.train, ("iterations", "image_size", "batch_size",
+                                           "score_batch_size")),
+                             (self, ("versions_kept", "prediction_write_batch",
+                                     "job_timeout_s"))):
+            for name in names:
+                value = getattr(owner, name)
+                if value < 1:
+                    raise ConfigError(f"{name} must be >= 1, got {value}")
+        if not 0.0 <= self.debounce_s <= MAX_DEBOUNCE_S:
+            raise ConfigError(f"debounce_s must be in [0, {MAX_DEBOUNCE_S:g}] seconds, got "
+                              f"{self.debounce_s}")
+        if self.train.image_size < 32:
+            raise ConfigError(f"image_size must be >= 32 pixels, got {self.train.image_size}")
         if self.invariance != "auto":
             try:
                 check_invariance(self.invariance)
@@ -98,8 +93,9 @@ class Config:
             raise ConfigError("REDIS_URL must start with redis://, rediss:// or unix://")
         if not self.anomaly_label.strip():
             raise ConfigError("ANOMALY_LABEL must not be empty")
-        if self.device not in ("cpu", "cuda", "auto"):
-            raise ConfigError(f"AMLS_DEVICE must be cpu, cuda or auto, got {self.device!r}")
+        if self.train.device not in ("cpu", "cuda", "auto"):
+            raise ConfigError(f"AMLS_DEVICE must be cpu, cuda or auto, got "
+                              f"{self.train.device!r}")
         if not self.queue_name:
             raise ConfigError("AMLS_QUEUE must not be empty")
 
@@ -127,6 +123,18 @@ class Config:
     def replace(self, **changes: object) -> Config:
         return dataclasses.replace(self, **changes)
 
+    def for_jobs(self) -> Config:
+        """These settings as a training job receives them: no secrets (RQ keeps job arguments
+        in Redis; a worker reads the API key from its own environment) and the store roots
+        resolved here, so a worker in another working directory allows the same stores."""
+        return self.replace(label_studio_api_key="", redis_url="", basic_auth_pass="",
+                            basic_auth_user="", store_roots=self.store_root_dirs)
+
+    def train_config(self, store_invariance: str) -> TrainConfig:
+        """The TrainConfig of a job on a store recording `store_invariance`."""
+        chosen = store_invariance if self.invariance == "auto" else self.invariance
+        return self.train.replace(invariance=chosen)
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
         """Read settings from `environ` (default `os.environ`); raise ConfigError if invalid."""
@@ -139,12 +147,8 @@ class Config:
             basic_auth_user=env.get("BASIC_AUTH_USER", ""),
             basic_auth_pass=env.get("BASIC_AUTH_PASS", ""),
             anomaly_label=env.get("ANOMALY_LABEL", "anomaly"),
-            iterations=_int(env, "AMLS_ITERATIONS", 100),
-            image_size=_int(env, "AMLS_IMAGE_SIZE", 64),
-            center_crop=_float(env, "AMLS_CENTER_CROP", 1.0),
+            train=_train_config(env),
             invariance=env.get("AMLS_INVARIANCE", "auto").strip() or "auto",
-            batch_size=_int(env, "AMLS_BATCH_SIZE", 16),
-            score_batch_size=_int(env, "AMLS_SCORE_BATCH_SIZE", 256),
             versions_kept=_int(env, "AMLS_VERSIONS_KEPT", 3),
             prediction_write_batch=_int(env, "AMLS_PREDICTION_WRITE_BATCH", 500),
             queue_name=env.get("AMLS_QUEUE", "amls"),
@@ -152,10 +156,22 @@ class Config:
             debounce_s=_float(env, "AMLS_DEBOUNCE_S", 2.0),
             allowed_image_hosts=tuple(
                 h.strip() for h in env.get("AMLS_ALLOWED_IMAGE_HOSTS", "").split(",") if h.strip()),
-            device=env.get("AMLS_DEVICE", "auto"),
             store_roots=tuple(Path(p) for p in env.get("AMLS_STORE_ROOTS", "").split(os.pathsep)
                               if p.strip()),
         )
+
+
+def _train_config(env: Mapping[str, str]) -> TrainConfig:
+    crop = _float(env, "AMLS_CENTER_CROP", 1.0)
+    try:
+        check_center_crop(crop)
+    except ValueError as err:
+        raise ConfigError(f"AMLS_CENTER_CROP: {err}") from None
+    return TrainConfig(iterations=_int(env, "AMLS_ITERATIONS", 100),
+                       image_size=_int(env, "AMLS_IMAGE_SIZE", 64), center_crop=crop,
+                       batch_size=_int(env, "AMLS_BATCH_SIZE", 16),
+                       score_batch_size=_int(env, "AMLS_SCORE_BATCH_SIZE", 256),
+                       device=env.get("AMLS_DEVICE", "auto"))
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:

@@ -1,10 +1,10 @@
 """Training jobs: `run_training`, one cycle for one Label Studio project.
 
-`run_training(project_id, ...)` reads the project's labels from Label Studio, runs one FixMatch
-cycle continuing from the project's LATEST model, scores every unlabelled task, writes the
-scores back as predictions of a new model version and only then publishes that version.
-It takes plain, picklable arguments, so an RQ worker or a thread can run it
-(`ml_backend.submitters` queues it).
+`run_training(project_id, settings)` reads the project's labels from Label Studio, runs one
+FixMatch cycle continuing from the project's LATEST model, scores every unlabelled task, writes
+the scores back as predictions of a new model version and only then publishes that version.
+Its settings are one picklable `Config` (`Config.for_jobs()`: no secrets), so an RQ worker or a
+thread can run it (`ml_backend.submitters` queues it).
 """
 
 from __future__ import annotations
@@ -12,21 +12,25 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ml_backend.config import Config
+from ml_backend.core.checkpoint import VERSION_PREFIX
+from ml_backend.core.config import TrainConfig
 from ml_backend.labelstudio import (
     LabelStudioClient,
+    ProjectNotFound,
     ground_truth_labels,
     latest_labels,
     parse_label_config,
 )
 from ml_backend.registry import ModelRegistry
 from ml_backend.task_pixels import (
+    ImageSource,
     ProjectPixels,
     read_tasks,
     resolve_pixels,
@@ -36,67 +40,45 @@ from ml_backend.task_pixels import (
 
 logger = logging.getLogger(__name__)
 
-# Prefix of model versions written by this backend (core.checkpoint.new_version); only these
-# prediction versions are ever deleted from Label Studio.
-OUR_VERSION_PREFIX = "amls-"
 
-
-def job_kwargs(cfg: Config) -> dict[str, Any]:
-    """The settings `run_training` needs, as plain values (the API key is NOT included)."""
-    return {
-        "label_studio_url": cfg.label_studio_url, "model_dir": str(cfg.model_dir),
-        "anomaly_label": cfg.anomaly_label, "iterations": cfg.iterations,
-        "image_size": cfg.image_size, "center_crop": cfg.center_crop,
-        "invariance": cfg.invariance, "batch_size": cfg.batch_size,
-        "score_batch_size": cfg.score_batch_size, "versions_kept": cfg.versions_kept,
-        "write_batch": cfg.prediction_write_batch,
-        "image_hosts": sorted(cfg.image_hosts), "device": cfg.device,
-        "store_roots": [str(root) for root in cfg.store_root_dirs],
-    }
-
-
-def run_training(project_id: int, *, label_studio_url: str, model_dir: str,
-                 anomaly_label: str = "anomaly", iterations: int = 100, image_size: int = 64,
-                 center_crop: float = 1.0, invariance: str = "auto", batch_size: int = 16,
-                 score_batch_size: int = 256,
-                 versions_kept: int = 3, write_batch: int = 500,
-                 image_hosts: list[str] | None = None, device: str = "auto",
-                 store_roots: list[str] | None = None,
-                 api_key: str | None = None) -> dict[str, Any]:
+def run_training(project_id: int, settings: Config,
+                 client: LabelStudioClient | None = None) -> dict[str, Any]:
     """Train one cycle for a project and publish it; returns a JSON-able summary.
 
-    Task stores must lie under `store_roots` (default: MODEL_DIR and the working directory,
-    as `Config.store_root_dirs`); tasks with other stores are skipped with a warning.
-    `api_key` None reads LABEL_STUDIO_API_KEY via `Config.from_env()` (RQ workers: keeps the key
-    out of Redis). The outcome (duration, error) is recorded in MODEL_DIR/<project>/status.json;
-    on any error the previous version keeps serving and the exception propagates.
+    `client` None connects to `settings.label_studio_url` with `settings`' API key or, when it
+    has none (`Config.for_jobs()`: RQ workers), the worker's LABEL_STUDIO_API_KEY. A project
+    Label Studio answers 404 for is skipped before anything is written (no folder appears in
+    MODEL_DIR, whatever project ids webhooks name). Otherwise the outcome (duration, error)
+    is recorded in MODEL_DIR/<project>/status.json; on any error the previous version keeps
+    serving and the exception propagates.
     """
-    registry = ModelRegistry(Path(model_dir))
-    key = api_key if api_key is not None else Config.from_env().label_studio_api_key
-    roots = (tuple(Path(r) for r in store_roots) if store_roots is not None
-             else Config(model_dir=Path(model_dir)).store_root_dirs)
+    registry = ModelRegistry(settings.model_dir)
     started = time.time()
+    try:
+        if client is None:
+            key = settings.label_studio_api_key or Config.from_env().label_studio_api_key
+            client = LabelStudioClient(settings.label_studio_url, key)
+        label_config = client.label_config(project_id)
+    except ProjectNotFound as err:
+        logger.warning("project %d: not training: %s", project_id, err)
+        return {"project": project_id, "status": "skipped", "reason": str(err)}
+    except Exception as err:  # Label Studio unreachable or refusing: shown in /metrics
+        _record_failure(registry, project_id, started,
+                        int(registry.read_status(project_id).get("jobs_total", 0)) + 1)
+        logger.error("project %d: cannot read the project from Label Studio: %s", project_id,
+                     err)
+        raise
     previous = registry.read_status(project_id)
     jobs_total = int(previous.get("jobs_total", 0)) + 1
     registry.write_status(project_id, {**previous, "running_since": started,
                                        "jobs_total": jobs_total})
     try:
-        summary = train_and_publish(
-            project_id, registry=registry, label_studio_url=label_studio_url, api_key=key,
-            anomaly_label=anomaly_label, iterations=iterations, image_size=image_size,
-            center_crop=center_crop, invariance=invariance, batch_size=batch_size,
-            score_batch_size=score_batch_size,
-            versions_kept=versions_kept, write_batch=write_batch,
-            image_hosts=frozenset(image_hosts or []), device=device, store_roots=roots,
-            on_progress=_report_progress)
+        summary = train_and_publish(project_id, settings, client, registry, label_config,
+                                    on_progress=_report_progress)
     except Exception as err:
-        duration = time.time() - started
-        logger.error("project %d: training job failed after %.1f s: %s", project_id, duration, err)
-        registry.write_status(project_id, {
-            "jobs_total": jobs_total, "last_finished": time.time(),
-            "last_duration_s": round(duration, 3),
-            "last_error": f"{type(err).__name__}: {err}",
-            "last_traceback": traceback.format_exc(limit=8), "last_result": None})
+        _record_failure(registry, project_id, started, jobs_total)
+        logger.error("project %d: training job failed after %.1f s: %s", project_id,
+                     time.time() - started, err)
         raise
     duration = time.time() - started
     registry.write_status(project_id, {"jobs_total": jobs_total, "last_finished": time.time(),
@@ -104,6 +86,19 @@ def run_training(project_id: int, *, label_studio_url: str, model_dir: str,
                                        "last_error": None, "last_result": summary})
     logger.info("project %d: training job done in %.1f s: %s", project_id, duration, summary)
     return {**summary, "duration_s": round(duration, 3)}
+
+
+def _record_failure(registry: ModelRegistry, project_id: int, started: float,
+                    jobs_total: int) -> None:
+    """The exception being handled, as the project's last job outcome."""
+    import sys
+
+    err = sys.exc_info()[1]
+    registry.write_status(project_id, {
+        "jobs_total": jobs_total, "last_finished": time.time(),
+        "last_duration_s": round(time.time() - started, 3),
+        "last_error": f"{type(err).__name__}: {err}",
+        "last_traceback": traceback.format_exc(limit=8), "last_result": None})
 
 
 def _report_progress(stage: str, done: int, total: int) -> None:
@@ -119,21 +114,16 @@ def _report_progress(stage: str, done: int, total: int) -> None:
 
 # ---- one training cycle ----------------------------------------------------------------------
 
-def train_and_publish(project_id: int, *, registry: ModelRegistry, label_studio_url: str,
-                      api_key: str, anomaly_label: str, iterations: int, image_size: int,
-                      center_crop: float, invariance: str, batch_size: int,
-                      score_batch_size: int,
-                      versions_kept: int, write_batch: int, image_hosts: frozenset[str],
-                      device: str, store_roots: Sequence[Path],
+def train_and_publish(project_id: int, settings: Config, client: LabelStudioClient,
+                      registry: ModelRegistry, label_config: str, *,
                       on_progress: Callable[[str, int, int], None]) -> dict[str, Any]:
     """The body of `run_training`: labels in, new version published, predictions out."""
     from ml_backend.core.checkpoint import load_model_dir
-    from ml_backend.core.config import TrainConfig
     from ml_backend.core.train import save_cycle, train_cycle
 
-    client = LabelStudioClient(label_studio_url, api_key)
     _repoint_label_studio(client, registry, project_id)
-    schema = parse_label_config(client.label_config(project_id), anomaly_label)
+    anomaly_label = settings.anomaly_label
+    schema = parse_label_config(label_config, anomaly_label)
     tasks = list(client.iter_tasks(project_id))
     held_out = ground_truth_labels(tasks, schema)
     labels = {t: y for t, y in latest_labels(tasks, schema).items() if t not in held_out}
@@ -143,22 +133,20 @@ def train_and_publish(project_id: int, *, registry: ModelRegistry, label_studio_
                   f"{anomaly_label!r} of {len(labels)}")
         logger.info("project %d: not training yet: %s", project_id, reason)
         return {"project": project_id, "status": "skipped", "reason": reason}
-    pixels = resolve_pixels(project_id, tasks, schema, registry, client, image_hosts,
-                             store_roots)
+    pixels = resolve_pixels(project_id, tasks, schema.image_key, registry,
+                            settings.store_root_dirs,
+                            ImageSource(client, settings.image_hosts))
     staging = registry.staging_dir(project_id)
     new_version = None
     try:
+        pixels.check_same_pixels()
         labeled_ids = sorted(t for t in labels if t in pixels.rows)
         labeled = read_tasks(pixels, labeled_ids)
         y = np.array([labels[t] for t in labeled_ids], dtype=np.int64)
         unlabeled = sorted(t for t in pixels.rows if t not in labels and t not in held_out)
         pool = unlabeled_pool(pixels, unlabeled, default=pixels.rows[labeled_ids[0]][0])
         store = pixels.stores[pixels.rows[labeled_ids[0]][0]]
-        cfg = TrainConfig(iterations=iterations, image_size=image_size,
-                          center_crop=center_crop,
-                          invariance=store.invariance if invariance == "auto" else invariance,
-                          batch_size=batch_size, score_batch_size=score_batch_size,
-                          device=device)
+        cfg = settings.train_config(store.invariance)
         stretch = store.stretch
         parent_dir = _parent_to_continue(project_id, registry, cfg, labeled.shape[-1], stretch)
         result = train_cycle(cfg, labeled, y, pool, init_dir=parent_dir,
@@ -169,11 +157,11 @@ def train_and_publish(project_id: int, *, registry: ModelRegistry, label_studio_
         new_version = meta.version
         model, meta = load_model_dir(staging)
         evaluation = _evaluate_held_out(project_id, pixels, held_out, model, meta,
-                                        score_batch_size, device)
-        scores = score_tasks(pixels, unlabeled, model, meta, score_batch_size, device)
+                                        cfg.score_batch_size, cfg.device)
+        scores = score_tasks(pixels, unlabeled, model, meta, cfg.score_batch_size, cfg.device)
         on_progress("write", 0, len(scores))
         written = client.write_predictions(project_id, schema, scores, meta.version,
-                                           write_batch)
+                                           settings.prediction_write_batch)
         # Local first: Label Studio is only ever pointed at a version that exists here.
         registry.publish(project_id, staging, meta.version)
     except BaseException:
@@ -184,7 +172,8 @@ def train_and_publish(project_id: int, *, registry: ModelRegistry, label_studio_
     finally:
         pixels.close()
     switched = _point_label_studio_at(client, project_id, meta.version)
-    kept = set(registry.versions(project_id)) - set(registry.prune(project_id, versions_kept))
+    pruned = registry.prune(project_id, settings.versions_kept)
+    kept = set(registry.versions(project_id)) - set(pruned)
     _delete_old_predictions(client, project_id, kept)
     client.ensure_view(project_id)
     return {"project": project_id, "status": "trained", "model_version": meta.version,
@@ -216,13 +205,14 @@ def _repoint_label_studio(client: LabelStudioClient, registry: ModelRegistry,
     if latest is None:
         return
     current = client.current_model_version(project_id)
-    if current != latest and (not current or current.startswith(OUR_VERSION_PREFIX)):
+    if current != latest and (not current or current.startswith(VERSION_PREFIX)):
         logger.info("project %d: Label Studio names model version %r, LATEST is %s: "
                     "re-pointing it", project_id, current, latest)
         _point_label_studio_at(client, project_id, latest)
 
 
-def _parent_to_continue(project_id: int, registry: ModelRegistry, cfg: Any, channels: int,
+def _parent_to_continue(project_id: int, registry: ModelRegistry, cfg: TrainConfig,
+                        channels: int,
                         stretch: dict[str, Any]) -> Path | None:
     """The latest model to continue from, or None to start afresh from ImageNet weights.
 
@@ -273,6 +263,6 @@ def _forget_version(client: LabelStudioClient, project_id: int, version: str) ->
 def _delete_old_predictions(client: LabelStudioClient, project_id: int, kept: set[str]) -> None:
     """Delete this backend's predictions whose version is no longer kept on disk."""
     for version in client.prediction_versions(project_id):
-        if version.startswith(OUR_VERSION_PREFIX) and version not in kept:
+        if version.startswith(VERSION_PREFIX) and version not in kept:
             client.delete_predictions(project_id, version)
             logger.info("project %d: deleted predictions of old version %s", project_id, version)

@@ -51,6 +51,10 @@ class LabelStudioError(RuntimeError):
         self.status_code = status_code
 
 
+class ProjectNotFound(LookupError):
+    """Label Studio has no project with the id asked for (or the token may not see it)."""
+
+
 def is_transient(err: BaseException) -> bool:
     """True for failures worth retrying: no connection, a timeout, a 5xx or a 429."""
     import httpx
@@ -193,7 +197,17 @@ class LabelStudioClient:
         self.sdk = LabelStudio(base_url=self.url, api_key=api_key, timeout=HTTP_TIMEOUT_S)
 
     def label_config(self, project_id: int) -> str:
-        return str(self.sdk.projects.get(id=project_id).label_config)
+        """The project's label config; ProjectNotFound when Label Studio has no such project."""
+        from label_studio_sdk.core.api_error import ApiError
+
+        try:
+            project = self.sdk.projects.get(id=project_id)
+        except ApiError as err:
+            if err.status_code == 404:
+                raise ProjectNotFound(f"Label Studio at {self.url} has no project "
+                                      f"{project_id}") from None
+            raise
+        return str(project.label_config)
 
     def iter_tasks(self, project_id: int, page_size: int = 500) -> Iterator[dict[str, Any]]:
         """Every task of the project as a dict with `data` and `annotations`."""

@@ -22,10 +22,11 @@ import os
 import re
 import secrets
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from ml_backend.core.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class ModelRegistry:
         if not (staging / META).is_file():
             raise FileNotFoundError(f"{staging} holds no {META}; refusing to publish it")
         os.replace(staging, final)
-        _atomic_write(self.project_dir(project_id) / LATEST, version + "\n")
+        atomic_write_text(self.project_dir(project_id) / LATEST, version + "\n")
         logger.info("project %d: serving model version %s", project_id, version)
         return final
 
@@ -139,7 +140,7 @@ class ModelRegistry:
     def write_status(self, project_id: int, status: dict[str, Any]) -> None:
         """Record the outcome of the last job (JSON-serialisable dict)."""
         self.project_dir(project_id).mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.project_dir(project_id) / STATUS, json.dumps(status, indent=1))
+        atomic_write_text(self.project_dir(project_id) / STATUS, json.dumps(status, indent=1))
 
     def read_status(self, project_id: int) -> dict[str, Any]:
         try:
@@ -153,15 +154,3 @@ class ModelRegistry:
             return []
         return sorted(int(p.name) for p in self.root.iterdir() if p.is_dir() and p.name.isdigit())
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 
 from ml_backend.config import Config
-from ml_backend.jobs import job_kwargs, run_training
+from ml_backend.jobs import run_training
 from ml_backend.labelstudio import ChoiceSchema, parse_label_config
 from ml_backend.registry import ModelRegistry
 from ml_backend.submitters import InProcessSubmitter, JobSubmitter, RQSubmitter
-from ml_backend.task_pixels import StoreRefused, allowed_store_path
+from ml_backend.task_pixels import is_task_id, resolve_pixels, score_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -47,12 +47,13 @@ class AnomalyService:
         registry = ModelRegistry(cfg.model_dir)
         submitter: JobSubmitter
         if cfg.redis_url:
-            submitter = RQSubmitter(cfg.redis_url, cfg.queue_name, run_training, job_kwargs(cfg),
-                                    cfg.job_timeout_s, cfg.debounce_s)
-        else:
-            submitter = InProcessSubmitter(functools.partial(
-                run_training, **job_kwargs(cfg), api_key=cfg.label_studio_api_key),
-                debounce_s=cfg.debounce_s)
+            submitter = RQSubmitter(cfg.redis_url, cfg.queue_name, run_training,
+                                    {"settings": cfg.for_jobs()}, cfg.job_timeout_s,
+                                    cfg.debounce_s)
+        else:  # the thread is in this process: it may keep the API key
+            settings = cfg.for_jobs().replace(label_studio_api_key=cfg.label_studio_api_key)
+            submitter = InProcessSubmitter(functools.partial(run_training, settings=settings),
+                                           debounce_s=cfg.debounce_s)
         return cls(cfg, registry, submitter)
 
     def close(self) -> None:
@@ -98,7 +99,7 @@ class AnomalyService:
         if loaded is None:
             return [{"result": [], "model_version": UNTRAINED} for _ in tasks]
         version, model, meta = loaded
-        scores = self._score(project_id, tasks, model, meta)
+        scores = self._score(project_id, tasks, schema.image_key, model, meta)
         return [_prediction(schema, version, score) for score in scores]
 
     def versions(self, project_id: int) -> dict[str, Any]:
@@ -166,7 +167,7 @@ class AnomalyService:
             for version in [latest, *older] if latest else older:
                 try:
                     model, meta = load_model_dir(self.registry.version_dir(project_id, version),
-                                                 device=resolve_device(self.cfg.device))
+                                                 device=resolve_device(self.cfg.train.device))
                 except CheckpointError as err:
                     logger.warning("project %d: cannot serve model version %s: %s", project_id,
                                    version, err)
@@ -176,69 +177,18 @@ class AnomalyService:
                 return self._models[project_id][0]
             return None
 
-    def _score(self, project_id: int, tasks: list[dict[str, Any]], model: Any,
-               meta: Any) -> list[float | None]:
-        """P(anomaly) per task (None where its pixels are unavailable), batched per store."""
-        from ml_backend.core.model import resolve_device
-        from ml_backend.core.scoring import check_compatible, score_images
-        from ml_backend.core.store import CutoutStore
-
-        by_store: dict[str, list[tuple[int, str]]] = {}
-        refused: set[str] = set()  # repr of refused `data.store` values, warned about once
-        for i, task in enumerate(tasks):
-            try:
-                path, cid = self._locate(project_id, task)
-            except StoreRefused as err:
-                key = repr(task["data"]["store"])
-                if key not in refused:
-                    refused.add(key)
-                    logger.warning("project %d: task %s: not predicting from store %s: %s",
-                                   project_id, task.get("id"), key, err)
-                continue
-            if path is not None:
-                by_store.setdefault(path, []).append((i, cid))
-        scores: list[float | None] = [None] * len(tasks)
-        device = resolve_device(self.cfg.device)
-        for path, items in by_store.items():
-            try:
-                store = CutoutStore.open(path)
-            except (OSError, ValueError) as err:
-                logger.warning("project %d: task %s: not predicting %d task(s) from %s: %s",
-                               project_id, tasks[items[0][0]].get("id"), len(items), path, err)
-                continue
-            with store:
-                try:
-                    check_compatible(store, meta)
-                except ValueError as err:
-                    logger.warning("project %d: not scoring %d task(s) from %s: %s",
-                                   project_id, len(items), path, err)
-                    continue
-                found = [(i, cid) for i, cid in items if cid in store]
-                for start in range(0, len(found), self.cfg.score_batch_size):
-                    chunk = found[start:start + self.cfg.score_batch_size]
-                    images = store.read_ids([cid for _, cid in chunk])
-                    probs = score_images(model, images, meta.image_size, device,
-                                         crop=meta.center_crop)
-                    for (i, _), p in zip(chunk, probs, strict=True):
-                        scores[i] = float(p) if np.isfinite(p) else None
-        return scores
-
-    def _locate(self, project_id: int, task: dict[str, Any]) -> tuple[str | None, str]:
-        """(store path, cutout id) of a task's pixels, or (None, "") if we have none.
-
-        Raises StoreRefused when the task names a store we may not open.
-        """
-        data = task.get("data")
-        if not isinstance(data, dict):
-            return None, ""
-        if data.get("store") and data.get("cutout_id") is not None:
-            path = allowed_store_path(data["store"], self.cfg.store_root_dirs,
-                                      self.registry.root, project_id)
-            return str(path), str(data["cutout_id"])
-        cache = self.registry.cache_path(project_id)
-        if task.get("id") is not None and cache.is_file():
-            return str(cache), f"task-{task['id']}"
-        return None, ""
+    def _score(self, project_id: int, tasks: list[dict[str, Any]], image_key: str,
+               model: Any, meta: Any) -> list[float | None]:
+        """P(anomaly) per task, None where its pixels are unavailable (nothing is downloaded:
+        URL tasks use the project's cache store only if a job already filled it)."""
+        ids = [task.get("id") if isinstance(task, dict) else None for task in tasks]
+        with resolve_pixels(project_id, [t for t in tasks if isinstance(t, dict)], image_key,
+                            self.registry, self.cfg.store_root_dirs) as pixels:
+            scored = dict(score_tasks(pixels, list(pixels.rows), model, meta,
+                                      self.cfg.train.score_batch_size,
+                                      self.cfg.train.device))
+        return [scored[t] if is_task_id(t) and t in scored and np.isfinite(scored[t]) else None
+                for t in ids]
 
 
 def _model_dir_state(root: Any) -> str:

@@ -25,10 +25,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ml_backend.config import MAX_DEBOUNCE_S
+
 logger = logging.getLogger(__name__)
 
 QUEUED, ALREADY_QUEUED = "queued", "already-queued"
-MAX_DEBOUNCE_S = 30.0
 # Seconds a dead job's project lock outlives it; the running job renews it every third of this.
 LOCK_TTL_S = 30.0
 # Seconds a debouncing job's heartbeat outlives it (renewed every 0.1 s while it waits).

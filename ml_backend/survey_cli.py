@@ -83,7 +83,7 @@ def _redis_url(args: argparse.Namespace, cfg: Config) -> str:
 def _score(args: argparse.Namespace) -> int:
     cfg = Config.from_env()
     url = _redis_url(args, cfg)
-    batch = args.batch_size or cfg.score_batch_size
+    batch = args.batch_size or cfg.train.score_batch_size
     manifest = survey.plan_survey(args.stores, args.model, args.shards, args.out,
                                   batch_size=batch)
     queue = args.queue or cfg.queue_name

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ml_backend.labelstudio import ChoiceSchema, LabelStudioClient
+from ml_backend.labelstudio import LabelStudioClient
 from ml_backend.registry import ModelRegistry
 
 logger = logging.getLogger(__name__)
@@ -62,6 +62,27 @@ def allowed_store_path(raw: object, roots: Sequence[Path], registry_root: Path,
     return path
 
 
+def is_task_id(value: object) -> bool:
+    """Whether `value` can be a Label Studio task id (an int, not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def cache_id(task_id: object) -> str:
+    """The cutout id of a task's downloaded image in its project's cache store."""
+    return f"task-{task_id}"
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """Where task image URLs are downloaded from: Label Studio's client, allowed hosts only."""
+
+    client: LabelStudioClient
+    hosts: frozenset[str]
+
+    def fetch(self, url: str) -> bytes:
+        return self.client.fetch_image(url, self.hosts)
+
+
 @dataclass
 class ProjectPixels:
     """A project's tasks resolved to store rows; stores stay open until `close()`."""
@@ -73,27 +94,45 @@ class ProjectPixels:
         for store in self.stores.values():
             store.close()
 
+    def __enter__(self) -> ProjectPixels:
+        return self
 
-def resolve_pixels(project_id: int, tasks: list[dict[str, Any]], schema: ChoiceSchema,
-                    registry: ModelRegistry, client: LabelStudioClient,
-                    image_hosts: frozenset[str], store_roots: Sequence[Path]) -> ProjectPixels:
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def check_same_pixels(self) -> None:
+        """Raise ValueError unless every store has one stretch and image shape (one model)."""
+        kinds = {(json.dumps(s.stretch, sort_keys=True), tuple(s.shape))
+                 for s in self.stores.values()}
+        if len(kinds) > 1:
+            raise ValueError(f"the project's tasks come from stores with different stretches "
+                             f"or image shapes ({', '.join(self.stores)}); one model cannot "
+                             "serve them")
+
+
+def resolve_pixels(project_id: int, tasks: Sequence[dict[str, Any]], image_key: str,
+                   registry: ModelRegistry, store_roots: Sequence[Path],
+                   images: ImageSource | None = None) -> ProjectPixels:
     """Map every task to a store row: its own cutout store, or the project's image cache.
 
-    Tasks whose store is refused (outside `store_roots`, missing, not a cutout store) are
-    skipped, with one warning per store.
+    Tasks with an image URL instead of a store use the project's cache store; with `images`
+    the missing ones are downloaded into it first (training jobs), without it only images
+    already cached are used (`/predict` never downloads). Tasks that have no usable pixels are
+    skipped, with one warning per refused store (outside `store_roots`, missing, not a cutout
+    store) and one per task otherwise.
     """
     from ml_backend.core.store import CutoutStore
 
     stores: dict[str, Any] = {}
     refused: set[str] = set()  # repr of refused `data.store` values, warned about once
     rows: dict[int, tuple[str, int]] = {}
-    to_fetch: list[dict[str, Any]] = []
+    by_url: list[dict[str, Any]] = []
     try:
         for task in tasks:
-            data = task.get("data")
-            if not isinstance(data, dict):
-                logger.warning("project %d: task %s: data is not an object; skipped",
-                               project_id, task.get("id"))
+            data, task_id = task.get("data"), task.get("id")
+            if not isinstance(data, dict) or not is_task_id(task_id):
+                logger.warning("project %d: task %r: no integer id or no data object; skipped",
+                               project_id, task_id)
                 continue
             if data.get("store") and data.get("cutout_id") is not None:
                 key = repr(data["store"])
@@ -111,53 +150,57 @@ def resolve_pixels(project_id: int, tasks: list[dict[str, Any]], schema: ChoiceS
                     continue
                 cid = str(data["cutout_id"])
                 if cid not in stores[path]:
-                    logger.warning("task %s: cutout %r is not in %s; skipped", task["id"], cid,
-                                   path)
+                    logger.warning("project %d: task %s: cutout %r is not in %s; skipped",
+                                   project_id, task["id"], cid, path)
                     continue
-                rows[int(task["id"])] = (path, stores[path].index_of(cid))
-            elif isinstance(data.get(schema.image_key), str):
-                to_fetch.append(task)
+                rows[task_id] = (path, stores[path].index_of(cid))
+            elif isinstance(data.get(image_key), str):
+                by_url.append(task)
             else:
-                logger.warning("task %s has neither store/cutout_id nor an image URL in %r; "
-                               "skipped", task["id"], schema.image_key)
-        if to_fetch:
+                logger.warning("project %d: task %s has neither store/cutout_id nor an image "
+                               "URL in %r; skipped", project_id, task["id"], image_key)
+        cache = _cache_store(registry.cache_path(project_id), by_url, image_key, images)
+        if cache is not None:
             path = str(registry.cache_path(project_id))
-            cache = _fill_cache(path, to_fetch, schema, client, image_hosts)
             stores[path] = cache
-            rows.update({int(t["id"]): (path, cache.index_of(f"task-{t['id']}"))
-                         for t in to_fetch if f"task-{t['id']}" in cache})
+            rows.update({t["id"]: (path, cache.index_of(cache_id(t["id"])))
+                         for t in by_url if cache_id(t["id"]) in cache})
     except BaseException:
         for store in stores.values():
             store.close()
         raise
-    _check_same_pixels(stores)
     return ProjectPixels(stores=stores, rows=rows)
 
 
-def _fill_cache(path: str, tasks: list[dict[str, Any]], schema: ChoiceSchema,
-                client: LabelStudioClient, image_hosts: frozenset[str]) -> Any:
-    """Download task images missing from the project's cache store; return it open."""
+def _cache_store(path: Path, tasks: list[dict[str, Any]], image_key: str,
+                 images: ImageSource | None) -> Any:
+    """The project's cache store, open, with `tasks`' missing images downloaded when `images`
+    is given; None when no task needs it or (without `images`) it does not exist."""
     from ml_backend.core.store import CutoutStore
 
-    if Path(path).exists():
+    if not tasks or (images is None and not path.is_file()):
+        return None
+    if images is None:
+        return CutoutStore.open(path)
+    if path.exists():
         cache = CutoutStore.open(path, mode="a")
     else:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         cache = CutoutStore.create(path, height=CACHE_SIDE, width=CACHE_SIDE, channels=3,
                                    stretch={"name": "none"})
-    missing = [t for t in tasks if f"task-{t['id']}" not in cache]
+    missing = [t for t in tasks if cache_id(t["id"]) not in cache]
     for start in range(0, len(missing), 64):
-        ids, images = [], []
+        ids, decoded = [], []
         for task in missing[start:start + 64]:
-            url = task["data"][schema.image_key]
+            url = task["data"][image_key]
             try:
-                images.append(decode_image(client.fetch_image(url, image_hosts)))
+                decoded.append(decode_image(images.fetch(url)))
             except (OSError, ValueError, SyntaxError) as err:  # PermissionError is an OSError
                 logger.warning("task %s: cannot use image %r: %s", task["id"], url, err)
                 continue
-            ids.append(f"task-{task['id']}")
+            ids.append(cache_id(task["id"]))
         if ids:
-            cache.append(ids, np.stack(images))
+            cache.append(ids, np.stack(decoded))
     return cache
 
 
@@ -180,13 +223,6 @@ def decode_image(data: bytes) -> np.ndarray:
             return np.asarray(rgb, dtype=np.uint8)
     except Image.DecompressionBombError as err:
         raise ValueError(str(err)) from None
-
-
-def _check_same_pixels(stores: dict[str, Any]) -> None:
-    kinds = {(json.dumps(s.stretch, sort_keys=True), tuple(s.shape)) for s in stores.values()}
-    if len(kinds) > 1:
-        raise ValueError(f"the project's tasks come from stores with different stretches or "
-                         f"image shapes ({', '.join(stores)}); one model cannot serve them")
 
 
 def read_tasks(pixels: ProjectPixels, task_ids: list[int]) -> np.ndarray:
@@ -220,15 +256,22 @@ def unlabeled_pool(pixels: ProjectPixels, task_ids: list[int], default: str) -> 
     return StoreSubset(pixels.stores[path], np.array(rows, dtype=np.int64))
 
 
-def score_tasks(pixels: ProjectPixels, task_ids: list[int], model: Any, meta: Any,
-                 batch_size: int, device: str) -> list[tuple[int, float]]:
-    """(task id, P(anomaly)) for tasks, scored store by store in streaming batches."""
-    from ml_backend.core.scoring import score_store
+def score_tasks(pixels: ProjectPixels, task_ids: Sequence[int], model: Any, meta: Any,
+                batch_size: int, device: str) -> list[tuple[int, float]]:
+    """(task id, P(anomaly)) for the tasks that have pixels, scored store by store in
+    streaming batches. A store whose channels or stretch differ from the model's is skipped
+    with a warning (its tasks get no score)."""
+    from ml_backend.core.scoring import check_compatible, score_store
 
     scores: list[tuple[int, float]] = []
     for path, store in pixels.stores.items():
-        tids = [t for t in task_ids if pixels.rows[t][0] == path]
+        tids = [t for t in task_ids if t in pixels.rows and pixels.rows[t][0] == path]
         if not tids:
+            continue
+        try:
+            check_compatible(store, meta)
+        except ValueError as err:
+            logger.warning("not scoring %d task(s) from %s: %s", len(tids), path, err)
             continue
         rows = np.array([pixels.rows[t][1] for t in tids], dtype=np.int64)
         probs = score_store(store, model, meta, indices=rows, batch_size=batch_size,

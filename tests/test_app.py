@@ -10,7 +10,6 @@ import pytest
 
 from ml_backend.app import create_app, project_id_of
 from ml_backend.config import Config
-from ml_backend.jobs import job_kwargs
 from ml_backend.labelstudio import parse_label_config
 
 LABEL_CONFIG = """<View>
@@ -247,9 +246,9 @@ def test_config_defaults_and_overrides():
                            "AMLS_DEBOUNCE_S": "0.5", "LABEL_STUDIO_API_KEY": "sekrit",
                            "AMLS_CENTER_CROP": "0.4", "AMLS_INVARIANCE": "flip"})
     assert cfg.label_studio_url == "http://ls:8080"
-    assert (cfg.iterations, cfg.debounce_s, str(cfg.model_dir)) == (30, 0.5, "/m")
-    assert cfg.center_crop == 0.4 and job_kwargs(cfg)["center_crop"] == 0.4
-    assert cfg.invariance == "flip" and job_kwargs(cfg)["invariance"] == "flip"
+    assert (cfg.train.iterations, cfg.debounce_s, str(cfg.model_dir)) == (30, 0.5, "/m")
+    assert cfg.train.center_crop == 0.4 and cfg.for_jobs().train.center_crop == 0.4
+    assert cfg.train_config("dihedral").invariance == "flip"
     assert cfg.image_hosts == frozenset({"a.org", "b:81", "ls:8080"})
     assert "sekrit" not in repr(cfg)
 

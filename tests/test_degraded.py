@@ -68,7 +68,7 @@ def setup(tmp_path: Path) -> tuple[Any, ModelRegistry, Path]:
 
 
 def app_for(registry: ModelRegistry, root: Path, submitter: Any) -> Any:
-    cfg = Config(model_dir=registry.root, device="cpu", store_roots=(root,))
+    cfg = Config(model_dir=registry.root, train=TrainConfig(device="cpu"), store_roots=(root,))
     return create_app(AnomalyService(cfg, registry, submitter), cfg).test_client()
 
 

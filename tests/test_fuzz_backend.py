@@ -82,7 +82,7 @@ def served(tmp_path_factory) -> tuple[Any, Path, list[str]]:
     with CutoutStore.create(store_path, height=SIZE, width=SIZE, channels=3,
                             stretch=STRETCH) as store:
         store.append(ids, np.zeros((8, SIZE, SIZE, 3), np.uint8))
-    cfg = Config(model_dir=root / "models", device="cpu", store_roots=(root,))
+    cfg = Config(model_dir=root / "models", train=TrainConfig(device="cpu"), store_roots=(root,))
     service = AnomalyService(cfg, registry, StubSubmitter())  # type: ignore[arg-type]
     torch.set_num_threads(1)
     return create_app(service, cfg).test_client(), store_path, ids

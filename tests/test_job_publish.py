@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 from ml_backend import jobs
+from ml_backend.config import Config
+from ml_backend.core.config import TrainConfig
 from ml_backend.core.store import CutoutStore
 from ml_backend.registry import ModelRegistry
 
@@ -65,7 +67,7 @@ class FakeLabelStudio:
 
 
 @pytest.fixture
-def project(tmp_path: Path, monkeypatch) -> tuple[FakeLabelStudio, ModelRegistry, dict]:
+def project(tmp_path: Path) -> tuple[FakeLabelStudio, ModelRegistry, Config]:
     rng = np.random.default_rng(0)
     store = tmp_path / "stores" / "s.h5"
     store.parent.mkdir()
@@ -81,18 +83,20 @@ def project(tmp_path: Path, monkeypatch) -> tuple[FakeLabelStudio, ModelRegistry
              "value": {"choices": [label]}}]}]
         tasks.append({"id": i, "data": {"image": f"/x/{cid}.png", "store": str(store),
                                         "cutout_id": cid}, "annotations": annotations})
-    fake = FakeLabelStudio(tasks)
-    monkeypatch.setattr(jobs, "LabelStudioClient", lambda url, key: fake)
-    kwargs = {"label_studio_url": "http://ls.test", "model_dir": str(tmp_path / "models"),
-              "iterations": 2, "image_size": 32, "batch_size": 4, "device": "cpu",
-              "store_roots": [str(store.parent)], "api_key": "k", "versions_kept": 5}
-    return fake, ModelRegistry(tmp_path / "models"), kwargs
+    settings = job_settings(tmp_path).replace(store_roots=(store.parent,), versions_kept=5)
+    return FakeLabelStudio(tasks), ModelRegistry(tmp_path / "models"), settings
+
+
+def job_settings(tmp_path: Path) -> Config:
+    """A two-iteration job on 32 px images, on the CPU."""
+    return Config(label_studio_url="http://ls.test", model_dir=tmp_path / "models",
+                  train=TrainConfig(iterations=2, image_size=32, batch_size=4, device="cpu"))
 
 
 @pytest.mark.slow
 def test_a_job_publishes_then_points_label_studio(project):
-    fake, registry, kwargs = project
-    summary = jobs.run_training(7, **kwargs)
+    fake, registry, settings = project
+    summary = jobs.run_training(7, settings, fake)
     assert summary["status"] == "trained" and summary["label_studio_updated"] is True
     assert registry.latest(7) == fake.model_version == summary["model_version"]
     assert fake.predictions == {summary["model_version"]: N_TASKS - 8}
@@ -103,10 +107,10 @@ def test_the_job_takes_the_stores_invariance_unless_configured(project):
     from ml_backend.core.checkpoint import read_meta
     from ml_backend.core.config import TrainConfig
 
-    fake, registry, kwargs = project
-    jobs.run_training(7, **kwargs)  # invariance "auto", the default
+    fake, registry, settings = project
+    jobs.run_training(7, settings, fake)  # invariance "auto", the default
     auto = TrainConfig.from_dict(read_meta(registry.latest_dir(7)).config)
-    jobs.run_training(7, **kwargs, invariance="dihedral")  # a new lineage, with a warning
+    jobs.run_training(7, settings.replace(invariance="dihedral"), fake)  # new lineage
     forced = read_meta(registry.latest_dir(7))
     assert auto.invariance == "flip"
     assert TrainConfig.from_dict(forced.config).invariance == "dihedral"
@@ -118,8 +122,8 @@ def test_the_job_takes_the_stores_invariance_unless_configured(project):
 def test_a_failure_before_label_studio_switches_leaves_both_on_the_old_version(project,
                                                                              step,
                                                                              monkeypatch):
-    fake, registry, kwargs = project
-    first = jobs.run_training(7, **kwargs)["model_version"]
+    fake, registry, settings = project
+    first = jobs.run_training(7, settings, fake)["model_version"]
     if step == "publish":
         def full_disk(*args: object) -> None:
             raise OSError(28, "No space left on device")
@@ -127,7 +131,7 @@ def test_a_failure_before_label_studio_switches_leaves_both_on_the_old_version(p
     else:
         fake.fail = step
     with pytest.raises((ConnectionError, OSError)):
-        jobs.run_training(7, **kwargs)
+        jobs.run_training(7, settings, fake)
     assert registry.latest(7) == fake.model_version == first
     assert (registry.version_dir(7, first) / "meta.json").is_file()
     assert list(fake.predictions) == [first]  # the failed version's predictions are gone
@@ -136,10 +140,10 @@ def test_a_failure_before_label_studio_switches_leaves_both_on_the_old_version(p
 
 @pytest.mark.slow
 def test_a_failed_switch_is_reported_and_repaired_by_the_next_job(project):
-    fake, registry, kwargs = project
-    first = jobs.run_training(7, **kwargs)["model_version"]
+    fake, registry, settings = project
+    first = jobs.run_training(7, settings, fake)["model_version"]
     fake.fail = "set_model_version"
-    summary = jobs.run_training(7, **kwargs)
+    summary = jobs.run_training(7, settings, fake)
     second = summary["model_version"]
     assert summary["label_studio_updated"] is False
     assert registry.latest(7) == second and fake.model_version == first
@@ -147,18 +151,18 @@ def test_a_failed_switch_is_reported_and_repaired_by_the_next_job(project):
     # The next job re-points Label Studio first, even though it then fails itself.
     fake.fail = "write_predictions"
     with pytest.raises(ConnectionError):
-        jobs.run_training(7, **kwargs)
+        jobs.run_training(7, settings, fake)
     assert registry.latest(7) == fake.model_version == second
 
 
 @pytest.mark.slow
 def test_a_model_version_the_user_chose_is_left_alone(project):
-    fake, registry, kwargs = project
-    jobs.run_training(7, **kwargs)
+    fake, registry, settings = project
+    jobs.run_training(7, settings, fake)
     fake.model_version = "my-own-model"
     fake.fail = "write_predictions"
     with pytest.raises(ConnectionError):
-        jobs.run_training(7, **kwargs)
+        jobs.run_training(7, settings, fake)
     assert fake.model_version == "my-own-model"
 
 
@@ -171,7 +175,7 @@ def _png(image) -> bytes:
 
 
 @pytest.mark.slow
-def test_hostile_task_images_are_skipped_and_the_job_goes_on(tmp_path, monkeypatch, caplog):
+def test_hostile_task_images_are_skipped_and_the_job_goes_on(tmp_path, caplog):
     from PIL import Image
 
     rng = np.random.default_rng(1)
@@ -190,11 +194,8 @@ def test_hostile_task_images_are_skipped_and_the_job_goes_on(tmp_path, monkeypat
                                   "value": {"choices": [label]}}]}]})
     fake = FakeLabelStudio(tasks)
     fake.fetch_image = lambda url, hosts: images[url]  # type: ignore[attr-defined]
-    monkeypatch.setattr(jobs, "LabelStudioClient", lambda url, key: fake)
     with caplog.at_level("WARNING"):
-        summary = jobs.run_training(3, label_studio_url="http://ls.test",
-                                    model_dir=str(tmp_path / "models"), iterations=2,
-                                    image_size=32, batch_size=4, device="cpu", api_key="k")
+        summary = jobs.run_training(3, job_settings(tmp_path), fake)
     assert summary["status"] == "trained"
     assert summary["skipped_tasks"] == len(hostile)
     assert summary["predictions"] == len(good) - 6

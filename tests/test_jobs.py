@@ -8,7 +8,9 @@ import time
 from pathlib import Path
 
 import pytest
+from json_server import json_server
 
+from demo.local_servers import free_port
 from ml_backend.jobs import run_training
 from ml_backend.labelstudio import (
     LabelConfigError,
@@ -253,20 +255,40 @@ def test_latest_annotation_wins_and_skips_are_ignored():
 
 # ---- a failed job keeps the serving version ----------------------------------------------------
 
-def test_failed_job_keeps_latest_and_records_the_error(tmp_path: Path):
-    registry = ModelRegistry(tmp_path)
-    staging = registry.staging_dir(2)
-    staging.mkdir()
+def _published(registry: ModelRegistry, project_id: int, version: str) -> None:
+    staging = registry.staging_dir(project_id)
+    staging.mkdir(parents=True)
     (staging / "meta.json").write_text("{}")
-    registry.publish(2, staging, "amls-20260101T000000Z-abcd")
-    with pytest.raises(ValueError, match="LABEL_STUDIO_API_KEY"):
-        run_training(2, label_studio_url="http://127.0.0.1:9", model_dir=str(tmp_path),
-                     api_key="")
+    registry.publish(project_id, staging, version)
+
+
+def test_a_job_that_cannot_reach_label_studio_keeps_latest_and_records_why(tmp_path: Path):
+    from ml_backend.config import Config
+
+    registry = ModelRegistry(tmp_path)
+    _published(registry, 2, "amls-20260101T000000Z-abcd")
+    settings = Config(label_studio_url=f"http://127.0.0.1:{free_port()}",
+                      label_studio_api_key="k", model_dir=tmp_path)
+    with pytest.raises(Exception, match="[Cc]onnect"):
+        run_training(2, settings)  # the real client, against a port nobody listens on
     assert registry.latest(2) == "amls-20260101T000000Z-abcd"
     status = registry.read_status(2)
-    assert "LABEL_STUDIO_API_KEY" in status["last_error"]
-    assert status["last_duration_s"] >= 0
-    assert not [p for p in registry.project_dir(2).iterdir() if p.name.startswith(".staging")]
+    assert "onnect" in status["last_error"] and status["last_duration_s"] >= 0
+    assert status["jobs_total"] == 1
+
+
+def test_a_job_for_a_project_label_studio_does_not_have_writes_nothing(tmp_path: Path,
+                                                                       caplog):
+    from ml_backend.config import Config
+
+    with json_server(lambda method, path: (404, {"detail": "Not found."})) as url:
+        settings = Config(label_studio_url=url, label_studio_api_key="k",
+                          model_dir=tmp_path / "models")
+        with caplog.at_level("WARNING"):
+            summary = run_training(41, settings)
+    assert summary["status"] == "skipped" and "has no project 41" in summary["reason"]
+    assert not (tmp_path / "models").exists()
+    assert "has no project 41" in caplog.text
 
 
 # ---- debounce: a burst of requests becomes one job ---------------------------------------------
@@ -331,10 +353,9 @@ def test_training_skips_tasks_whose_store_is_refused(tmp_path: Path, caplog):
     tasks += [{"id": 20, "data": {"store": str(good), "cutout_id": "b"}},
               {"id": 21, "data": {"store": str(outside), "cutout_id": "a"}},
               {"id": 22, "data": "not an object"}]
-    schema = parse_label_config(LABEL_CONFIG, "anomaly")
     with caplog.at_level("WARNING"):
-        pixels = resolve_pixels(1, tasks, schema, ModelRegistry(tmp_path / "models"),
-                                 None, frozenset(), (root.resolve(),))  # type: ignore[arg-type]
+        pixels = resolve_pixels(1, tasks, "image", ModelRegistry(tmp_path / "models"),
+                                (root.resolve(),))
     try:
         assert pixels.rows == {10: (str(good.resolve()), 0), 20: (str(good.resolve()), 1)}
         assert list(pixels.stores) == [str(good.resolve())]
@@ -358,12 +379,9 @@ def test_training_never_reads_another_projects_folder(tmp_path: Path, caplog):
     registry.project_dir(2).mkdir(parents=True)
     other = make_store(registry.project_dir(2) / "cache.h5", ["a"])
     tasks = [{"id": 1, "data": {"store": str(other), "cutout_id": "a"}}]
-    schema = parse_label_config(LABEL_CONFIG, "anomaly")
     with caplog.at_level("WARNING"):
-        refused = resolve_pixels(1, tasks, schema, registry, None, frozenset(),
-                                 (tmp_path.resolve(),))  # type: ignore[arg-type]
-        allowed = resolve_pixels(2, tasks, schema, registry, None, frozenset(),
-                                 (tmp_path.resolve(),))  # type: ignore[arg-type]
+        refused = resolve_pixels(1, tasks, "image", registry, (tmp_path.resolve(),))
+        allowed = resolve_pixels(2, tasks, "image", registry, (tmp_path.resolve(),))
     try:
         assert refused.rows == {} and allowed.rows == {1: (str(other.resolve()), 0)}
     finally:
@@ -377,16 +395,14 @@ def test_store_roots_from_the_environment_reach_the_job(tmp_path: Path, monkeypa
     import pickle
 
     from ml_backend.config import Config
-    from ml_backend.jobs import job_kwargs
 
     env = {"MODEL_DIR": str(tmp_path / "m"),
            "AMLS_STORE_ROOTS": os.pathsep.join([str(tmp_path / "a"), "", str(tmp_path / "b")])}
     cfg = Config.from_env(env)
     assert cfg.store_roots == (tmp_path / "a", tmp_path / "b")
-    kwargs = job_kwargs(cfg)
-    assert kwargs["store_roots"] == [str((tmp_path / "a").resolve()),
-                                     str((tmp_path / "b").resolve())]
-    assert pickle.loads(pickle.dumps(kwargs)) == kwargs
+    settings = cfg.for_jobs()
+    assert settings.store_roots == ((tmp_path / "a").resolve(), (tmp_path / "b").resolve())
+    assert pickle.loads(pickle.dumps(settings)) == settings
     # Unset: MODEL_DIR and the working directory, but never the filesystem root.
     monkeypatch.chdir(tmp_path)
     assert Config(model_dir=tmp_path / "m").store_root_dirs == ((tmp_path / "m").resolve(),
@@ -447,16 +463,25 @@ def test_held_out_evaluation_scores_the_ground_truth_tasks(tmp_path: Path, caplo
         pixels.close()
 
 
-def test_every_job_setting_is_a_run_training_parameter():
-    import inspect
+def test_job_settings_travel_without_secrets_and_keep_every_training_setting(tmp_path: Path,
+                                                                            monkeypatch):
+    import pickle
 
     from ml_backend.config import Config
-    from ml_backend.jobs import job_kwargs
 
-    kwargs = job_kwargs(Config(center_crop=0.5, invariance="flip"))
-    accepted = inspect.signature(run_training).parameters
-    assert set(kwargs) <= set(accepted) and kwargs["center_crop"] == 0.5
-    assert kwargs["invariance"] == "flip"
+    monkeypatch.chdir(tmp_path)
+    cfg = Config.from_env({"LABEL_STUDIO_URL": "http://ls:8080", "LABEL_STUDIO_API_KEY": "tok",
+                           "REDIS_URL": "redis://:redis-pw@r:6379", "BASIC_AUTH_USER": "u",
+                           "BASIC_AUTH_PASS": "auth-pw", "AMLS_CENTER_CROP": "0.5",
+                           "AMLS_INVARIANCE": "flip", "AMLS_ITERATIONS": "7"})
+    settings = cfg.for_jobs()
+    sent = pickle.dumps(settings)  # what RQ stores in Redis
+    for secret in (b"tok", b"redis-pw", b"auth-pw"):
+        assert secret not in sent
+    assert pickle.loads(sent) == settings and settings.train == cfg.train
+    assert settings.train_config("dihedral").invariance == "flip"
+    assert settings.train_config("dihedral").center_crop == 0.5
+    assert cfg.replace(invariance="auto").train_config("dihedral").invariance == "dihedral"
 
 
 def test_a_job_after_input_settings_changed_starts_a_new_lineage(tmp_path: Path, caplog):

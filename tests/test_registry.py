@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from ml_backend.config import Config
+from ml_backend.core.config import TrainConfig
 from ml_backend.registry import ModelRegistry
 from ml_backend.service import UNTRAINED, AnomalyService
 from ml_backend.submitters import InProcessSubmitter
@@ -105,7 +106,8 @@ def test_status_round_trip(tmp_path: Path):
 # ---- the service on top of the registry --------------------------------------------------------
 
 def make_service(tmp_path: Path) -> AnomalyService:
-    cfg = Config(model_dir=tmp_path / "models", device="cpu", store_roots=(tmp_path,))
+    cfg = Config(model_dir=tmp_path / "models", train=TrainConfig(device="cpu"),
+                 store_roots=(tmp_path,))
     return AnomalyService(cfg, ModelRegistry(cfg.model_dir), InProcessSubmitter(lambda p: None))
 
 

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from import_tools.previews import preview_relpath
 from ml_backend.app import BadRequest, create_app, project_id_of
 from ml_backend.config import Config
+from ml_backend.core.config import TrainConfig
 from ml_backend.labelstudio import MAX_REDIRECTS, LabelStudioClient
 from ml_backend.registry import ModelRegistry
 from ml_backend.service import AnomalyService
@@ -48,7 +49,7 @@ def service(tmp_path) -> Iterator[AnomalyService]:
     """The real service, jobs in a thread, Label Studio unreachable (jobs fail fast)."""
     cfg = Config(label_studio_url="http://127.0.0.1:9", label_studio_api_key=API_KEY,
                  model_dir=tmp_path / "models", basic_auth_user=USER, basic_auth_pass=PASSWORD,
-                 debounce_s=0.0, device="cpu")
+                 debounce_s=0.0, train=TrainConfig(device="cpu"))
     svc = AnomalyService.from_config(cfg)
     yield svc
     svc.close()

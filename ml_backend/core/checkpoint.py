@@ -42,6 +42,9 @@ EMA_WEIGHTS = "model.safetensors"
 STUDENT_WEIGHTS = "student.safetensors"
 OPTIMIZER_STATE = "optimizer.safetensors"
 FORMAT_VERSION = 1
+# Every model version this package writes starts with this; the backend deletes from Label
+# Studio only predictions whose version has it.
+VERSION_PREFIX = "amls-"
 _FILE_MODE = 0o644
 
 
@@ -93,7 +96,7 @@ class TrainingState:
 def new_version(now: datetime | None = None) -> str:
     """A new, time-sortable model version: "amls-YYYYMMDDTHHMMSSZ-xxxx" (UTC, 4 hex)."""
     now = datetime.now(UTC) if now is None else now.astimezone(UTC)
-    return f"amls-{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(2)}"
+    return f"{VERSION_PREFIX}{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(2)}"
 
 
 def utc_now_iso() -> str:

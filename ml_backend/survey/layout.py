@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,17 +40,6 @@ def shard_path(survey_dir: Path, index: int, suffix: str) -> Path:
 def sort_key(score: float) -> float:
     """Ascending key for descending scores; NaN sorts last."""
     return float("inf") if score != score else -score
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to a temporary sibling, then rename it over `path` (readers never see a
-    partial file)."""
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def read_rows(path: Path) -> Iterator[tuple[str, str, str]]:

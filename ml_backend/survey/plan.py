@@ -9,13 +9,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ml_backend.core.atomic import atomic_write_text
 from ml_backend.core.checkpoint import read_meta
 from ml_backend.survey.layout import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
     SHARDS,
-    atomic_write_text,
     read_manifest,
 )
 

@@ -6,13 +6,12 @@ import csv
 import heapq
 import json
 import logging
-import os
-import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ml_backend.core.atomic import atomic_file
 from ml_backend.survey.layout import (
     COLUMNS,
     MANIFEST,
@@ -102,25 +101,16 @@ def merge(survey_dir: str | Path, top: int = 1000) -> tuple[Path, Path, int]:
         raise ValueError(f"--top must be >= 0, got {top}")
     survey_dir = Path(survey_dir)
     scores_path, top_path = survey_dir / "scores.csv", survey_dir / "top.csv"
-    tmp_scores = survey_dir / f".scores.csv.tmp-{secrets.token_hex(4)}"
-    tmp_top = survey_dir / f".top.csv.tmp-{secrets.token_hex(4)}"
     n = 0
-    try:
-        with tmp_scores.open("w", newline="", encoding="utf-8") as all_fh, \
-                tmp_top.open("w", newline="", encoding="utf-8") as top_fh:
-            all_writer, top_writer = csv.writer(all_fh), csv.writer(top_fh)
-            all_writer.writerow(COLUMNS)
-            top_writer.writerow(COLUMNS)
-            for row in iter_merged(survey_dir):
-                all_writer.writerow(row)
-                if n < top:
-                    top_writer.writerow(row)
-                n += 1
-        os.replace(tmp_scores, scores_path)
-        os.replace(tmp_top, top_path)
-    finally:
-        tmp_scores.unlink(missing_ok=True)
-        tmp_top.unlink(missing_ok=True)
+    with atomic_file(scores_path) as all_fh, atomic_file(top_path) as top_fh:
+        all_writer, top_writer = csv.writer(all_fh), csv.writer(top_fh)
+        all_writer.writerow(COLUMNS)
+        top_writer.writerow(COLUMNS)
+        for row in iter_merged(survey_dir):
+            all_writer.writerow(row)
+            if n < top:
+                top_writer.writerow(row)
+            n += 1
     return scores_path, top_path, n
 
 

@@ -6,7 +6,6 @@ import csv
 import json
 import logging
 import os
-import secrets
 import socket
 import time
 from pathlib import Path
@@ -14,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from ml_backend.core.atomic import atomic_file, atomic_write_text
 from ml_backend.survey.layout import (
     COLUMNS,
-    atomic_write_text,
     read_manifest,
     shard_path,
     sort_key,
@@ -98,14 +97,7 @@ def _write_sorted_csv(path: Path, rows: list[tuple[str, float, str]]) -> None:
     NaN scores (a model that produced NaN) are written as "nan" and sort last.
     """
     order = sorted(range(len(rows)), key=lambda k: sort_key(rows[k][1]))
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
-    try:
-        with tmp.open("w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(COLUMNS)
-            writer.writerows((rows[k][0], repr(rows[k][1]), rows[k][2]) for k in order)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(path) as fh:
+        writer = csv.writer(fh)
+        writer.writerow(COLUMNS)
+        writer.writerows((rows[k][0], repr(rows[k][1]), rows[k][2]) for k in order)
