@@ -186,7 +186,7 @@ def same_origin(url: str, other: str) -> bool:
 class LabelStudioClient:
     """The few Label Studio operations a training job needs."""
 
-    def __init__(self, url: str, api_key: str) -> None:
+    def __init__(self, url: str, api_key: str, timeout_s: float = HTTP_TIMEOUT_S) -> None:
         if not url or not api_key:
             raise ValueError("LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY are required to talk "
                              "to Label Studio")
@@ -194,7 +194,21 @@ class LabelStudioClient:
 
         self.url = url.rstrip("/")
         self._api_key = api_key
-        self.sdk = LabelStudio(base_url=self.url, api_key=api_key, timeout=HTTP_TIMEOUT_S)
+        self.sdk = LabelStudio(base_url=self.url, api_key=api_key, timeout=timeout_s)
+
+    def state(self) -> str:
+        """"ok" when Label Studio answers and accepts the API key; else why, without secrets."""
+        from label_studio_sdk.core.api_error import ApiError
+
+        try:
+            self.sdk.users.whoami()
+        except ApiError as err:
+            if err.status_code in (401, 403):
+                return f"Label Studio at {self.url} refuses the API key ({err.status_code})"
+            return f"Label Studio at {self.url} answered {err.status_code}"
+        except Exception as err:  # noqa: BLE001 - any failure to connect is the answer
+            return f"Label Studio at {self.url} is unreachable ({type(err).__name__})"
+        return "ok"
 
     def label_config(self, project_id: int) -> str:
         """The project's label config; ProjectNotFound when Label Studio has no such project."""

@@ -10,13 +10,14 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from typing import Any
 
 import numpy as np
 
 from ml_backend.config import Config
 from ml_backend.jobs import run_training
-from ml_backend.labelstudio import ChoiceSchema, parse_label_config
+from ml_backend.labelstudio import ChoiceSchema, LabelStudioClient, parse_label_config
 from ml_backend.registry import ModelRegistry
 from ml_backend.submitters import InProcessSubmitter, JobSubmitter, RQSubmitter
 from ml_backend.task_pixels import is_task_id, resolve_pixels, score_tasks
@@ -26,6 +27,9 @@ logger = logging.getLogger(__name__)
 UNTRAINED = "untrained"
 MAX_SEEN = 1000
 MODEL_CLASS = "AnomalyMatch"
+# /health asks Label Studio at most this often, and waits at most LABEL_STUDIO_TIMEOUT_S.
+LABEL_STUDIO_CHECK_S = 15.0
+LABEL_STUDIO_TIMEOUT_S = 1.0
 
 
 class AnomalyService:
@@ -40,6 +44,8 @@ class AnomalyService:
         self._lock = threading.Lock()
         # Projects asked to train, newest last, at most MAX_SEEN (shown in /metrics).
         self._seen: dict[int, None] = {}
+        # (monotonic time, answer) of the last Label Studio check made by /health.
+        self._ls_state: tuple[float, str] | None = None
 
     @classmethod
     def from_config(cls, cfg: Config) -> AnomalyService:
@@ -63,13 +69,30 @@ class AnomalyService:
 
     def health(self) -> dict[str, Any]:
         """"UP" (the process answers) plus the state of what jobs depend on: MODEL_DIR
-        writable, the job queue reachable; `degraded` lists those that are not."""
+        writable, the job queue reachable, Label Studio reachable with a valid API key (asked
+        at most every LABEL_STUDIO_CHECK_S); `degraded` lists those that are not."""
         checks = {"model_dir": _model_dir_state(self.registry.root),
-                  "queue": self.submitter.health()}
+                  "queue": self.submitter.health(),
+                  "label_studio": self._label_studio_state()}
         return {"status": "UP", "model_class": MODEL_CLASS,
                 "queue": "rq" if self.cfg.redis_url else "in-process",
                 "anomaly_label": self.cfg.anomaly_label, "dependencies": checks,
                 "degraded": sorted(name for name, state in checks.items() if state != "ok")}
+
+    def _label_studio_state(self) -> str:
+        cfg = self.cfg
+        if not cfg.label_studio_url or not cfg.label_studio_api_key:
+            return ("not configured: training needs LABEL_STUDIO_URL and "
+                    "LABEL_STUDIO_API_KEY")
+        now = time.monotonic()
+        with self._lock:
+            if self._ls_state is not None and now - self._ls_state[0] < LABEL_STUDIO_CHECK_S:
+                return self._ls_state[1]
+        state = LabelStudioClient(cfg.label_studio_url, cfg.label_studio_api_key,
+                                  timeout_s=LABEL_STUDIO_TIMEOUT_S).state()
+        with self._lock:
+            self._ls_state = (now, state)
+        return state
 
     def model_version(self, project_id: int) -> str:
         """The serving version, or "untrained" before the project's first training job."""

@@ -8,7 +8,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from json_server import json_server
 
+from demo.local_servers import free_port
 from ml_backend.app import create_app
 from ml_backend.config import Config
 from ml_backend.core.checkpoint import ModelMeta, new_version, save_model_dir, utc_now_iso
@@ -67,9 +69,14 @@ def setup(tmp_path: Path) -> tuple[Any, ModelRegistry, Path]:
     return registry, store, tmp_path
 
 
-def app_for(registry: ModelRegistry, root: Path, submitter: Any) -> Any:
-    cfg = Config(model_dir=registry.root, train=TrainConfig(device="cpu"), store_roots=(root,))
+def app_for(registry: ModelRegistry, root: Path, submitter: Any, ls_url: str = "") -> Any:
+    cfg = Config(model_dir=registry.root, train=TrainConfig(device="cpu"), store_roots=(root,),
+                 label_studio_url=ls_url, label_studio_api_key=API_KEY if ls_url else "")
     return create_app(AnomalyService(cfg, registry, submitter), cfg).test_client()
+
+
+API_KEY = "ls-token-9f3c"
+WHOAMI = {"id": 1, "username": "annotator", "email": "a@example.org"}
 
 
 def test_metrics_answer_200_with_an_error_entry_per_broken_project(setup):
@@ -120,18 +127,37 @@ def test_predict_falls_back_to_the_newest_intact_version(setup, caplog):
 
 def test_health_reports_an_unreachable_queue_and_an_unwritable_model_dir(setup):
     registry, _, root = setup
-    client = app_for(registry, root, QuietSubmitter())
-    health = client.get("/health").get_json()
-    assert health["status"] == "UP" and health["degraded"] == []
-    dead = RQSubmitter("redis://127.0.0.1:9/0", "amls", lambda *a, **k: None, {})
-    try:
-        health = app_for(registry, root, dead).get("/health").get_json()
-    finally:
-        dead.close()
-    assert health["degraded"] == ["queue"] and "Redis unreachable" in health["dependencies"][
-        "queue"]
-    blocker = root / "not-a-dir"
-    blocker.write_text("")
-    health = app_for(ModelRegistry(blocker / "models"), root, QuietSubmitter()).get(
-        "/health").get_json()
-    assert health["degraded"] == ["model_dir"]
+    with json_server(lambda method, path: (200, WHOAMI)) as ls:
+        health = app_for(registry, root, QuietSubmitter(), ls).get("/health").get_json()
+        assert health["status"] == "UP" and health["degraded"] == []
+        dead = RQSubmitter("redis://127.0.0.1:9/0", "amls", lambda *a, **k: None, {})
+        try:
+            health = app_for(registry, root, dead, ls).get("/health").get_json()
+        finally:
+            dead.close()
+        assert health["degraded"] == ["queue"]
+        assert "Redis unreachable" in health["dependencies"]["queue"]
+        blocker = root / "not-a-dir"
+        blocker.write_text("")
+        health = app_for(ModelRegistry(blocker / "models"), root, QuietSubmitter(), ls).get(
+            "/health").get_json()
+        assert health["degraded"] == ["model_dir"]
+
+
+def test_health_reports_label_studio_unset_unreachable_or_refusing_the_key(setup):
+    registry, _, root = setup
+    health = app_for(registry, root, QuietSubmitter()).get("/health").get_json()
+    assert health["status"] == "UP" and health["degraded"] == ["label_studio"]
+    assert "LABEL_STUDIO_URL" in health["dependencies"]["label_studio"]
+    url = f"http://127.0.0.1:{free_port()}"
+    health = app_for(registry, root, QuietSubmitter(), url).get("/health").get_json()
+    assert health["degraded"] == ["label_studio"]
+    assert f"Label Studio at {url} is unreachable" in health["dependencies"]["label_studio"]
+    with json_server(lambda method, path: (401, {"detail": "Invalid token."})) as ls:
+        client = app_for(registry, root, QuietSubmitter(), ls)
+        health = client.get("/health").get_json()
+    assert health["dependencies"]["label_studio"] == (
+        f"Label Studio at {ls} refuses the API key (401)")
+    assert API_KEY not in json.dumps(health)
+    # Asked at most every LABEL_STUDIO_CHECK_S: the stopped server is not asked again yet.
+    assert client.get("/health").get_json()["dependencies"]["label_studio"].endswith("(401)")
