@@ -119,9 +119,9 @@ def attach_predictions(rows: list[dict[str, Any]], store_paths: Sequence[Path],
                 continue
             values = score_store(store, model, meta, indices=_as_array(indices))
             scores.update((ids[i], float(s)) for i, s in zip(indices, values, strict=True))
-    return [{"data": row, "predictions": [{
-        "model_version": meta.version, "score": scores[row["cutout_id"]],
-        "result": schema.prediction_result(scores[row["cutout_id"]])}]} for row in rows]
+    return [{"data": row,
+             "predictions": [schema.prediction(scores[row["cutout_id"]], meta.version)]}
+            for row in rows]
 
 
 def _as_array(indices: list[int]) -> Any:

@@ -88,6 +88,14 @@ class ChoiceSchema:
         return [{"from_name": self.from_name, "to_name": self.to_name, "type": "choices",
                  "value": {"choices": [choice]}}]
 
+    def prediction(self, score: float | None, model_version: str) -> dict[str, Any]:
+        """One Label Studio prediction of P(anomaly) = score; None gives an empty result and
+        no score (nothing invented where the pixels are unavailable)."""
+        if score is None:
+            return {"result": [], "model_version": model_version}
+        return {"result": self.prediction_result(score), "score": float(score),
+                "model_version": model_version}
+
     def label_of(self, result: Sequence[dict[str, Any]]) -> int | None:
         """1 for the anomaly choice, 0 for any other choice, None if our control is absent."""
         for region in result:
@@ -247,9 +255,7 @@ class LabelStudioClient:
 
         written = 0
         for start in range(0, len(scores), batch_size):
-            batch = [PredictionRequest(task=task_id, score=float(score),
-                                       model_version=model_version,
-                                       result=schema.prediction_result(score))
+            batch = [PredictionRequest(task=task_id, **schema.prediction(score, model_version))
                      for task_id, score in scores[start:start + batch_size]]
             self._import_batch(project_id, batch, model_version, written, tries, backoff_s)
             written += len(batch)

@@ -17,7 +17,7 @@ import numpy as np
 
 from ml_backend.config import Config
 from ml_backend.jobs import run_training
-from ml_backend.labelstudio import ChoiceSchema, LabelStudioClient, parse_label_config
+from ml_backend.labelstudio import LabelStudioClient, parse_label_config
 from ml_backend.registry import ModelRegistry
 from ml_backend.submitters import InProcessSubmitter, JobSubmitter, RQSubmitter
 from ml_backend.task_pixels import is_task_id, resolve_pixels, score_tasks
@@ -120,10 +120,10 @@ class AnomalyService:
         schema = parse_label_config(label_config, self.cfg.anomaly_label)
         loaded = self._model(project_id)
         if loaded is None:
-            return [{"result": [], "model_version": UNTRAINED} for _ in tasks]
+            return [schema.prediction(None, UNTRAINED) for _ in tasks]
         version, model, meta = loaded
         scores = self._score(project_id, tasks, schema.image_key, model, meta)
-        return [_prediction(schema, version, score) for score in scores]
+        return [schema.prediction(score, version) for score in scores]
 
     def versions(self, project_id: int) -> dict[str, Any]:
         names = self.registry.versions(project_id)
@@ -224,12 +224,6 @@ def _model_dir_state(root: Any) -> str:
     if existing is None or not existing.is_dir():
         return f"{root} cannot be a folder ({existing} is not one)"
     return "ok" if os.access(existing, os.W_OK | os.X_OK) else f"{existing} is not writable"
-
-
-def _prediction(schema: ChoiceSchema, version: str, score: float | None) -> dict[str, Any]:
-    if score is None:
-        return {"result": [], "model_version": version}
-    return {"result": schema.prediction_result(score), "score": score, "model_version": version}
 
 
 def _meta_summary(meta: dict[str, Any]) -> dict[str, Any]:

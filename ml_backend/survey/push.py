@@ -51,9 +51,8 @@ def push_top(client: Any, survey_dir: str | Path, k: int, project_id: int, *,
             counts["without_task_row"] += 1
             continue
         score = float(score_text)
-        tasks.append({"data": row, "predictions": [{
-            "model_version": manifest["model_version"], "score": score,
-            "result": schema.prediction_result(score)}]})
+        tasks.append({"data": row,
+                      "predictions": [schema.prediction(score, manifest["model_version"])]})
     if tasks and document_root is not None:
         folder = local_files_dir([t["data"] for t in tasks], document_root)
         if folder is not None:
