@@ -15,10 +15,10 @@ import numpy as np
 from import_tools.pipeline import Output
 from import_tools.previews import write_preview
 from import_tools.report import Failure, ImportSummary
-from import_tools.tasks import append_tasks, make_task, read_tasks, tasks_path
 from ml_backend.core.image_folder import build_store_from_folder
 from ml_backend.core.progress import progress
 from ml_backend.core.store import CutoutStore
+from ml_backend.task_rows import append_tasks, make_task, read_tasks, tasks_path
 
 log = logging.getLogger(__name__)
 _BATCH = 256

@@ -26,10 +26,10 @@ from PIL import Image
 from import_tools.jobs import Job
 from import_tools.previews import preview_url, write_preview
 from import_tools.report import Failure, ImportSummary
-from import_tools.tasks import append_tasks, make_task, tasks_path
 from ml_backend.core.progress import progress
 from ml_backend.core.store import CutoutStore
 from ml_backend.core.stretch import make_stretch
+from ml_backend.task_rows import append_tasks, make_task, tasks_path
 
 log = logging.getLogger(__name__)
 

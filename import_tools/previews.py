@@ -13,8 +13,7 @@ import numpy as np
 from PIL import Image
 
 from ml_backend.core.atomic import atomic_file
-
-LOCAL_FILES_PREFIX = "/data/local-files/?d="
+from ml_backend.labelstudio import LOCAL_FILES_PREFIX
 
 
 def preview_relpath(cutout_id: str) -> str:

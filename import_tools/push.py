@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
 
-from import_tools.previews import LOCAL_FILES_PREFIX
-from import_tools.tasks import read_tasks, tasks_path
 from ml_backend.core.progress import progress
 from ml_backend.core.store import CutoutStore
+from ml_backend.labelstudio import ensure_local_storage, local_files_dir, project_cutout_ids
+from ml_backend.task_rows import read_tasks, tasks_path
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +34,6 @@ class PushSummary:
         return (f"created {self.created} tasks, skipped {self.already_in_project} already in "
                 f"the project, {self.repeated} ids repeated across stores, "
                 f"{self.not_in_store} task rows without a stored cutout")
-
-
-def project_cutout_ids(client: Any, project_id: int, page_size: int = 1000) -> set[str]:
-    """``data.cutout_id`` of every task already in the project."""
-    ids: set[str] = set()
-    for task in client.tasks.list(project=project_id, page_size=page_size):
-        data = task.data if hasattr(task, "data") else task.get("data", {})
-        if data and data.get("cutout_id") is not None:
-            ids.add(str(data["cutout_id"]))
-    return ids
 
 
 def pending_tasks(store_paths: Sequence[Path], existing: set[str],
@@ -69,37 +57,6 @@ def pending_tasks(store_paths: Sequence[Path], existing: set[str],
                 queued.add(cid)
                 rows.append(tasks[cid])
     return rows
-
-
-def local_files_dir(rows: Iterable[dict[str, Any]], document_root: Path) -> Path | None:
-    """The deepest folder holding every local-files preview (None if no local-files URL)."""
-    paths = [str(document_root / unquote(row["image"][len(LOCAL_FILES_PREFIX):]))
-             for row in rows if str(row.get("image", "")).startswith(LOCAL_FILES_PREFIX)]
-    if not paths:
-        return None
-    folder = Path(os.path.commonpath([os.path.dirname(p) for p in paths])).resolve()
-    if not folder.is_dir():
-        raise ValueError(f"previews folder {folder} (from the tasks' local-files URLs and "
-                         f"document root {document_root}) does not exist: push with the "
-                         "--document-root the import used")
-    return folder
-
-
-def ensure_local_storage(client: Any, project_id: int, folder: Path) -> bool:
-    """Register ``folder`` as a local-files import storage unless one already covers it.
-
-    Label Studio serves ``/data/local-files/?d=...`` only below a registered storage path.
-    The storage is not synced: tasks come from this push, not from scanning the folder.
-    Returns True when a storage was created.
-    """
-    for storage in client.import_storage.local.list(project=project_id):
-        path = getattr(storage, "path", None)
-        if path and (folder == Path(path).resolve() or Path(path).resolve() in folder.parents):
-            return False
-    client.import_storage.local.create(project=project_id, path=str(folder),
-                                       title="amls previews", use_blob_urls=False)
-    log.info("registered local-files storage %s for project %d", folder, project_id)
-    return True
 
 
 def attach_predictions(rows: list[dict[str, Any]], store_paths: Sequence[Path],
@@ -186,12 +143,15 @@ def register(kinds: argparse._SubParsersAction) -> None:
 def _cmd_push(args: argparse.Namespace) -> int:
     from label_studio_sdk import LabelStudio
 
-    url = args.url or os.environ.get("LABEL_STUDIO_URL")
-    key = args.api_key or os.environ.get("LABEL_STUDIO_API_KEY")
+    from ml_backend.config import Config
+
+    cfg = Config.from_env()
+    url = args.url or cfg.label_studio_url
+    key = args.api_key or cfg.label_studio_api_key
     if not url or not key:
         raise ValueError("need --url/--api-key or LABEL_STUDIO_URL and "
                          "LABEL_STUDIO_API_KEY")
-    root = args.document_root or os.environ.get("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT")
+    root = args.document_root or cfg.local_files_root
     client = LabelStudio(base_url=url, api_key=key)
     summary = push(client, args.project, args.stores, batch_size=args.batch_size,
                    document_root=Path(root) if root else None,

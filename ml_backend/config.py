@@ -58,6 +58,9 @@ class Config:
     debounce_s: float = 2.0
     # Extra hosts (besides LABEL_STUDIO_URL's) that task images may be downloaded from.
     allowed_image_hosts: tuple[str, ...] = ()
+    # Label Studio's LOCAL_FILES_DOCUMENT_ROOT, for import tools that make previews servable
+    # (the same variable Label Studio reads); None when unset.
+    local_files_root: Path | None = None
     # Directories that task `data.store` paths must resolve into (symlinks followed);
     # AMLS_STORE_ROOTS, os.pathsep-separated. Empty means model_dir and the current working
     # directory (unless that is the filesystem root). See `store_root_dirs`.
@@ -158,6 +161,8 @@ class Config:
                 h.strip() for h in env.get("AMLS_ALLOWED_IMAGE_HOSTS", "").split(",") if h.strip()),
             store_roots=tuple(Path(p) for p in env.get("AMLS_STORE_ROOTS", "").split(os.pathsep)
                               if p.strip()),
+            local_files_root=Path(root) if (root := env.get(
+                "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", "").strip()) else None,
         )
 
 

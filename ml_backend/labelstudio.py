@@ -8,17 +8,21 @@ the Data Manager view that sorts the queue by our score.
 from __future__ import annotations
 
 import logging
+import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin, urlparse
+from urllib.parse import unquote, urljoin, urlparse
 
 import requests
 from label_studio_sdk.label_interface import LabelInterface
 
 logger = logging.getLogger(__name__)
 
+# Label Studio serves files below LOCAL_FILES_DOCUMENT_ROOT at this URL prefix + relative path.
+LOCAL_FILES_PREFIX = "/data/local-files/?d="
 VIEW_TITLE = "Most anomalous first"
 # Data Manager view: unlabelled tasks only, highest prediction score (of the project's
 # model_version) first.
@@ -364,3 +368,46 @@ class LabelStudioClient:
                                    f"{response.status_code}: {response.text[:300]}",
                                    response.status_code)
         return response
+
+
+# ---- tasks and local files (import tools and survey pushes) ---------------------------------
+
+def project_cutout_ids(client: Any, project_id: int, page_size: int = 1000) -> set[str]:
+    """``data.cutout_id`` of every task already in the project."""
+    ids: set[str] = set()
+    for task in client.tasks.list(project=project_id, page_size=page_size):
+        data = task.data if hasattr(task, "data") else task.get("data", {})
+        if data and data.get("cutout_id") is not None:
+            ids.add(str(data["cutout_id"]))
+    return ids
+
+
+def local_files_dir(rows: Iterable[dict[str, Any]], document_root: Path) -> Path | None:
+    """The deepest folder holding every local-files preview (None if no local-files URL)."""
+    paths = [str(document_root / unquote(row["image"][len(LOCAL_FILES_PREFIX):]))
+             for row in rows if str(row.get("image", "")).startswith(LOCAL_FILES_PREFIX)]
+    if not paths:
+        return None
+    folder = Path(os.path.commonpath([os.path.dirname(p) for p in paths])).resolve()
+    if not folder.is_dir():
+        raise ValueError(f"previews folder {folder} (from the tasks' local-files URLs and "
+                         f"document root {document_root}) does not exist: push with the "
+                         "--document-root the import used")
+    return folder
+
+
+def ensure_local_storage(client: Any, project_id: int, folder: Path) -> bool:
+    """Register ``folder`` as a local-files import storage unless one already covers it.
+
+    Label Studio serves ``/data/local-files/?d=...`` only below a registered storage path.
+    The storage is not synced: tasks come from this push, not from scanning the folder.
+    Returns True when a storage was created.
+    """
+    for storage in client.import_storage.local.list(project=project_id):
+        path = getattr(storage, "path", None)
+        if path and (folder == Path(path).resolve() or Path(path).resolve() in folder.parents):
+            return False
+    client.import_storage.local.create(project=project_id, path=str(folder),
+                                       title="amls previews", use_blob_urls=False)
+    logger.info("registered local-files storage %s for project %d", folder, project_id)
+    return True

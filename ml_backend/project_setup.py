@@ -85,7 +85,7 @@ def setup_project(client: LabelStudioClient, request: SetupRequest) -> SetupResu
     backend = _ensure_ml_backend(sdk, project_id, request, changes, resend_auth=stale)
     webhook_id = _ensure_webhook_auth(sdk, project_id, request, changes)
     if request.previews is not None:
-        from import_tools.push import ensure_local_storage
+        from ml_backend.labelstudio import ensure_local_storage
 
         if ensure_local_storage(sdk, project_id, request.previews.resolve()):
             changes.append(f"registered local-files storage {request.previews}")

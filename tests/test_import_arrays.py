@@ -13,10 +13,10 @@ import pytest
 import zarr
 from PIL import Image
 
-from import_tools.tasks import read_tasks, tasks_path
 from ml_backend.cli import main
 from ml_backend.core.store import CutoutStore
 from ml_backend.core.stretch import make_stretch
+from ml_backend.task_rows import read_tasks, tasks_path
 
 N_GALAXIES = 12
 

@@ -14,10 +14,10 @@ from astropy.io import fits
 from astropy.wcs import WCS
 from PIL import Image
 
-from import_tools.tasks import read_tasks, tasks_path
 from ml_backend.cli import main
 from ml_backend.core.store import CutoutStore
 from ml_backend.core.stretch import make_stretch
+from ml_backend.task_rows import read_tasks, tasks_path
 
 FITS_DATA = Path(astropy.__file__).parent / "io" / "fits"
 M13 = FITS_DATA / "hdu" / "compressed" / "tests" / "data" / "m13.fits"

@@ -13,8 +13,8 @@ from astropy.io import fits
 from astropy.wcs import WCS
 
 from import_tools.push import push
-from import_tools.tasks import append_tasks, read_tasks, tasks_path
 from ml_backend.cli import main
+from ml_backend.task_rows import append_tasks, read_tasks, tasks_path
 
 M13 = Path(astropy.__file__).parent / "io/fits/hdu/compressed/tests/data/m13.fits"
 LABEL_CONFIG = """<View>

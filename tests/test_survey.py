@@ -19,7 +19,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from live_services import kill_rq_worker
 
-from import_tools.tasks import append_tasks, make_task, tasks_path
 from ml_backend import survey
 from ml_backend.cli import main as amls_main
 from ml_backend.core.checkpoint import (
@@ -35,6 +34,7 @@ from ml_backend.core.scoring import score_store
 from ml_backend.core.store import CutoutStore
 from ml_backend.survey import queue as survey_queue
 from ml_backend.survey import shard as survey_shard
+from ml_backend.task_rows import append_tasks, make_task, tasks_path
 
 SIZE = 32
 STRETCH = {"name": "none"}

@@ -22,9 +22,13 @@ def push_top(client: Any, survey_dir: str | Path, k: int, project_id: int, *,
     score and model version. Cutouts already in the project (by ``cutout_id``) are not
     counted towards `k`. Returns counts: created, already_in_project, without_task_row.
     """
-    from import_tools.push import ensure_local_storage, local_files_dir, project_cutout_ids
-    from import_tools.tasks import read_tasks, tasks_path
-    from ml_backend.labelstudio import parse_label_config
+    from ml_backend.labelstudio import (
+        ensure_local_storage,
+        local_files_dir,
+        parse_label_config,
+        project_cutout_ids,
+    )
+    from ml_backend.task_rows import read_tasks, tasks_path
 
     if k < 1 or batch_size < 1:
         raise ValueError(f"K and the batch size must be >= 1, got {k} and {batch_size}")
