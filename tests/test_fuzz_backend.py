@@ -405,3 +405,55 @@ def test_oversized_bodies_and_task_lists_are_413s(served, monkeypatch):
     body = {"project": 1, "label_config": LABEL_CONFIG, "tasks": [{"id": i} for i in range(4)]}
     response = client.post("/predict", data=json.dumps(body), content_type="application/json")
     assert response.status_code == 413 and "at most 3 tasks" in response.get_json()["error"]
+
+
+# ---- a hostile-input corpus for every route ------------------------------------------------
+
+DEEP = 100_000  # far beyond Python's recursion limit
+BILLION_LAUGHS = ('<?xml version="1.0"?><!DOCTYPE v [<!ENTITY a "aaaaaaaaaa">'
+                  + "".join(f'<!ENTITY {c} "{("&" + p + ";") * 10}">'
+                            for p, c in zip("abcdefgh", "bcdefghi", strict=True))
+                  + ']><View><Image name="image" value="$image"/><Choices name="c" '
+                    'toName="image"><Choice value="&i;"/></Choices></View>')
+HOSTILE_PROJECTS = [10**400, -10**400, "1" + "0" * 5000, "١٢", "²", "1e400", "NaN", "Infinity",
+                    1.5, True, None, [], {"id": {"id": 1}}, "1.2.3", " 1", "0x1", "1_000"]
+HOSTILE_RAW = [b"[" * DEEP + b"]" * DEEP, b'{"project":' * DEEP + b"1" + b"}" * DEEP,
+               b'{"project": 1' + b"0" * 100_000 + b"}", b'{"project": 1e999}',
+               b'{"project": NaN}', b'{"project": "\\ud800"}', b"\xff\xfe{}", b""]
+
+
+def hostile_bodies(store: str) -> list[Any]:
+    bodies: list[Any] = []
+    for project in HOSTILE_PROJECTS:
+        bodies += [{"project": project, "label_config": LABEL_CONFIG,
+                    "tasks": [{"id": 1, "data": {"store": store, "cutout_id": "c0"}}]},
+                   {"action": "ANNOTATION_CREATED", "project": {"id": project}},
+                   {"project": project, "schema": LABEL_CONFIG}]
+    for task_id in (10**400, "١", 2**70, -1, 1.0, True, None):
+        bodies.append({"project": 1, "label_config": LABEL_CONFIG,
+                       "tasks": [{"id": task_id, "data": {"store": store, "cutout_id": "c0"}}]})
+    for label_config in (BILLION_LAUGHS, "<View>" * 50_000, "x" * 2_000_000):
+        bodies += [{"project": 1, "label_config": label_config, "tasks": []},
+                   {"project": 1, "schema": label_config}]
+    bodies.append({"project": 1, "label_config": LABEL_CONFIG,
+                   "tasks": [{"id": i, "data": {"store": store, "cutout_id": f"c{i % 8}"}}
+                             for i in range(5000)]})
+    return bodies
+
+
+ROUTES = ["/predict", "/webhook", "/setup", "/train", "/versions"]
+
+
+def test_every_route_answers_the_hostile_corpus_below_500(served):
+    client, store, _ = served
+    for path in ROUTES:
+        for body in hostile_bodies(str(store)):
+            raw = json.dumps(body)
+            response = client.post(path, data=raw, content_type="application/json")
+            assert response.status_code < 500, (path, raw[:200], response.get_json())
+        for raw_bytes in HOSTILE_RAW:
+            response = client.post(path, data=raw_bytes, content_type="application/json")
+            assert response.status_code < 500, (path, raw_bytes[:60], response.get_data()[:200])
+    for query in ("project=" + "9" * 5000, "project=١", "project=-1", "project=%00"):
+        for path in ("/versions", "/metrics", "/health"):
+            assert client.get(f"{path}?{query}").status_code < 500, (path, query)

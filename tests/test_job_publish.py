@@ -15,6 +15,7 @@ import pytest
 
 from ml_backend import jobs
 from ml_backend.config import Config
+from ml_backend.core import train
 from ml_backend.core.config import TrainConfig
 from ml_backend.core.store import CutoutStore
 from ml_backend.registry import ModelRegistry
@@ -42,9 +43,11 @@ class FakeLabelStudio:
         return self.model_version
 
     def label_config(self, project_id: int) -> str:
+        self._maybe_fail("label_config")
         return LABEL_CONFIG
 
     def iter_tasks(self, project_id: int):
+        self._maybe_fail("iter_tasks")
         return iter(self.tasks)
 
     def write_predictions(self, project_id, schema, scores, model_version, batch_size) -> int:
@@ -118,16 +121,20 @@ def test_the_job_takes_the_stores_invariance_unless_configured(project):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("step", ["write_predictions", "publish"])
+@pytest.mark.parametrize("step", ["label_config", "iter_tasks", "train", "save",
+                                  "write_predictions", "publish"])
 def test_a_failure_before_label_studio_switches_leaves_both_on_the_old_version(project,
                                                                              step,
                                                                              monkeypatch):
     fake, registry, settings = project
     first = jobs.run_training(7, settings, fake)["model_version"]
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
     if step == "publish":
-        def full_disk(*args: object) -> None:
-            raise OSError(28, "No space left on device")
         monkeypatch.setattr(ModelRegistry, "publish", full_disk)
+    elif step in ("train", "save"):  # the real functions the job imports when it runs
+        monkeypatch.setattr(train, f"{step}_cycle", full_disk)
     else:
         fake.fail = step
     with pytest.raises((ConnectionError, OSError)):
@@ -136,6 +143,8 @@ def test_a_failure_before_label_studio_switches_leaves_both_on_the_old_version(p
     assert (registry.version_dir(7, first) / "meta.json").is_file()
     assert list(fake.predictions) == [first]  # the failed version's predictions are gone
     assert registry.read_status(7)["last_error"]
+    assert registry.versions(7) == [first]
+    assert not [p for p in registry.project_dir(7).iterdir() if p.name.startswith(".staging")]
 
 
 @pytest.mark.slow
