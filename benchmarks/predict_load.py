@@ -6,8 +6,17 @@ gthread) on a free port with basic auth, then runs `--clients` threads that each
 /predict with `--tasks` tasks in a loop for `--duration` seconds. Prints requests, errors
 (non-200 answers and transport failures, by kind), throughput and p50 / p99 latency.
 
+Soak mode (`--publish-every S`): meanwhile this process trains a real short FixMatch cycle
+on the store every S seconds and publishes it as the project's new LATEST, pruning to three
+versions, as a training job does, so the server keeps reloading models under load. The
+server's resident memory (its process tree) is sampled every second and reported after the
+warm-up (the first `--warmup` seconds), at its peak and at the end.
+
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/predict_load.py [--clients 50]
         [--duration 60] [--tasks 4] [--workers 1]
+    # the 10-minute soak
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/predict_load.py --clients 8 \
+        --duration 600 --publish-every 30
 
 With --url the server is not started and --user / --password are sent (the server must
 serve a model for --project and see --store at the same path).
@@ -87,6 +96,57 @@ def start_server(model_dir: Path, port: int, user: str, password: str, workers: 
     raise RuntimeError(f"amls serve did not come up: {log.read_text()[-2000:]}")
 
 
+def publish_loop(registry: ModelRegistry, store: Path, every_s: float, iterations: int,
+                 stop_at: float, published: list[str], failures: list[str]) -> None:
+    """Every `every_s`: one real training cycle on the store, published and pruned to 3."""
+    from ml_backend.core.sources import StoreSubset
+    from ml_backend.core.train import save_cycle, train_cycle
+
+    cfg = TrainConfig(pretrained=False, image_size=SIZE, iterations=iterations, batch_size=8,
+                      device="cpu")
+    while time.monotonic() + every_s < stop_at:
+        time.sleep(every_s)
+        try:
+            with CutoutStore.open(store) as s:
+                labeled = s.read(np.arange(16))
+                pool = StoreSubset(s, np.arange(16, len(s)))
+                labels = np.array([1, 1] + [0] * 14)
+                result = train_cycle(cfg, labeled, labels, pool,
+                                     init_dir=registry.latest_dir(1))
+            staging = registry.staging_dir(1)
+            meta = save_cycle(result, staging, cfg=cfg, stretch=STRETCH,
+                              parent=result.init_meta, label_counts={"anomaly": 2,
+                                                                     "normal": 14})
+            registry.publish(1, staging, meta.version)
+            registry.prune(1, 3)
+            published.append(meta.version)
+        except Exception as err:  # noqa: BLE001 - counted and reported
+            failures.append(f"{type(err).__name__}: {err}")
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of a process and its descendants, in MiB (Linux /proc)."""
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            status = Path(f"/proc/{current}/status").read_text()
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+        except OSError:
+            continue
+        total += sum(int(line.split()[1]) for line in status.splitlines()
+                     if line.startswith("VmRSS:"))
+        todo.extend(int(c) for c in children)
+    return total / 1024
+
+
+def sample_rss(pid: int, stop_at: float, samples: list[tuple[float, float]]) -> None:
+    start = time.monotonic()
+    while time.monotonic() < stop_at:
+        samples.append((time.monotonic() - start, tree_rss_mb(pid)))
+        time.sleep(1.0)
+
+
 def client_loop(url: str, auth: tuple[str, str], body_of, stop_at: float,
                 latencies: list[float], errors: collections.Counter, lock: threading.Lock) -> None:
     session = requests.Session()
@@ -120,7 +180,15 @@ def main() -> None:
     parser.add_argument("--password", default=None)
     parser.add_argument("--store", type=Path, help="with --url: the store tasks point at")
     parser.add_argument("--project", type=int, default=1)
+    parser.add_argument("--publish-every", type=float, default=0.0,
+                        help="soak: train and publish a new version every S seconds (0: off)")
+    parser.add_argument("--publish-iterations", type=int, default=5,
+                        help="FixMatch iterations of each published cycle (default 5)")
+    parser.add_argument("--warmup", type=float, default=60.0,
+                        help="seconds before the post-warm-up memory reading (default 60)")
     args = parser.parse_args()
+    if args.publish_every and args.url:
+        parser.error("--publish-every needs the server this script starts (no --url)")
     password = args.password or secrets.token_urlsafe(12)
     with tempfile.TemporaryDirectory() as tmp:
         proc = None
@@ -153,6 +221,15 @@ def main() -> None:
                                                                body_of, stop_at, latencies,
                                                                errors, lock))
                    for _ in range(args.clients)]
+        published: list[str] = []
+        failures: list[str] = []
+        rss: list[tuple[float, float]] = []
+        if args.publish_every:
+            threads.append(threading.Thread(target=publish_loop, args=(
+                ModelRegistry(model_dir), store, args.publish_every, args.publish_iterations,
+                stop_at, published, failures)))
+        if proc is not None:
+            threads.append(threading.Thread(target=sample_rss, args=(proc.pid, stop_at, rss)))
         started = time.perf_counter()
         for t in threads:
             t.start()
@@ -170,6 +247,14 @@ def main() -> None:
     if len(ok):
         print(f"throughput: {len(ok) / wall:.1f} req/s; latency p50 {np.percentile(ok, 50):.0f} "
               f"ms, p99 {np.percentile(ok, 99):.0f} ms, max {ok.max():.0f} ms")
+    if args.publish_every:
+        print(f"published while serving: {len(published)} versions, failures: "
+              f"{len(failures)} {failures[:3]}")
+    if rss:
+        after = [mb for t, mb in rss if t >= args.warmup] or [rss[-1][1]]
+        print(f"server RSS (MiB): at warm-up end {after[0]:.0f}, peak after warm-up "
+              f"{max(after):.0f}, at the end {rss[-1][1]:.0f} (peak overall "
+              f"{max(mb for _, mb in rss):.0f})")
 
 
 if __name__ == "__main__":
