@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 from json_server import json_server
+from shipped import BINARY_CONFIG
 
 from demo.local_servers import free_port
 from ml_backend.app import create_app
@@ -22,9 +23,7 @@ from ml_backend.service import AnomalyService
 from ml_backend.submitters import RQSubmitter
 
 SIZE = 32
-LABEL_CONFIG = """<View><Image name="img" value="$image"/>
-<Choices name="verdict" toName="img"><Choice value="normal"/><Choice value="anomaly"/></Choices>
-</View>"""
+LABEL_CONFIG = BINARY_CONFIG
 
 
 class QuietSubmitter:

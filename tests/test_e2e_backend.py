@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import requests
 from live_services import REPO_ROOT, LiveLabelStudio
+from shipped import BINARY_CONFIG, FROM_NAME, TO_NAME
 
 from demo.local_servers import free_port, stop_process
 from ml_backend.app import create_app
@@ -41,12 +42,7 @@ COMMON_CLASSES = ("Compact",)
 N_RARE, N_PER_COMMON = 24, 210
 N_LABEL_RARE, N_LABEL_COMMON = 5, 20
 N_HELD_OUT_RARE, N_HELD_OUT_COMMON = 3, 6  # marked as ground truth
-LABEL_CONFIG = """<View>
-  <Image name="image" value="$image"/>
-  <Choices name="morphology" toName="image" choice="single">
-    <Choice value="normal"/><Choice value="anomaly"/>
-  </Choices>
-</View>"""
+LABEL_CONFIG = BINARY_CONFIG
 JOB_TIMEOUT_S = 900.0  # two coalesced jobs on a busy 2-core machine
 SETTINGS = {"AMLS_ITERATIONS": "30", "AMLS_IMAGE_SIZE": "64", "AMLS_BATCH_SIZE": "8",
             "AMLS_VERSIONS_KEPT": "5", "AMLS_DEBOUNCE_S": "4", "AMLS_DEVICE": "cpu",
@@ -145,7 +141,7 @@ def backend(request, label_studio: LiveLabelStudio, galaxy_store: tuple[Path, Pa
 
 
 def choice(value: str) -> list[dict[str, Any]]:
-    return [{"from_name": "morphology", "to_name": "image", "type": "choices",
+    return [{"from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices",
              "value": {"choices": [value]}}]
 
 

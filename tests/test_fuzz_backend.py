@@ -21,6 +21,7 @@ import torch
 from astropy.io import fits
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from shipped import BINARY_CONFIG
 
 from import_tools.fits_reader import FitsError, read_fits
 from import_tools.jobs import FitsImageJob
@@ -37,10 +38,7 @@ from ml_backend.service import AnomalyService
 
 SIZE = 32
 STRETCH = {"name": "none"}
-LABEL_CONFIG = """<View>
-  <Image name="img" value="$image"/>
-  <Choices name="verdict" toName="img"><Choice value="normal"/><Choice value="anomaly"/></Choices>
-</View>"""
+LABEL_CONFIG = BINARY_CONFIG
 # Each example must answer well within this, or hypothesis reports a hang.
 FUZZ = settings(max_examples=150, deadline=timedelta(seconds=5),
                 suppress_health_check=[HealthCheck.function_scoped_fixture,

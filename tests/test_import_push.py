@@ -11,16 +11,14 @@ import pytest
 import requests
 from astropy.io import fits
 from astropy.wcs import WCS
+from shipped import BINARY_CONFIG, FROM_NAME, TO_NAME
 
 from import_tools.push import push
 from ml_backend.cli import main
 from ml_backend.task_rows import append_tasks, read_tasks, tasks_path
 
 M13 = Path(astropy.__file__).parent / "io/fits/hdu/compressed/tests/data/m13.fits"
-LABEL_CONFIG = """<View>
-  <Image name="img" value="$image"/>
-  <Choices name="class" toName="img"><Choice value="normal"/><Choice value="anomaly"/></Choices>
-</View>"""
+LABEL_CONFIG = BINARY_CONFIG
 
 
 def make_client() -> SimpleNamespace:
@@ -119,7 +117,7 @@ def test_push_with_predictions_scores_the_store(tmp_path):
         assert prediction["model_version"] == "amls-test-1"
         assert prediction["score"] == pytest.approx(score, abs=1e-5)
         choice = "anomaly" if score >= 0.5 else "normal"
-        assert prediction["result"] == [{"from_name": "class", "to_name": "img",
+        assert prediction["result"] == [{"from_name": FROM_NAME, "to_name": TO_NAME,
                                          "type": "choices", "value": {"choices": [choice]}}]
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from shipped import BINARY_CONFIG, FROM_NAME, TO_NAME
 
 from ml_backend import jobs
 from ml_backend.config import Config
@@ -20,9 +21,7 @@ from ml_backend.core.config import TrainConfig
 from ml_backend.core.store import CutoutStore
 from ml_backend.registry import ModelRegistry
 
-LABEL_CONFIG = """<View><Image name="image" value="$image"/>
-<Choices name="class" toName="image"><Choice value="normal"/><Choice value="anomaly"/>
-</Choices></View>"""
+LABEL_CONFIG = BINARY_CONFIG
 N_TASKS, ANOMALIES, NORMALS = 16, (1, 2, 3), (4, 5, 6, 7, 8)
 
 
@@ -82,7 +81,7 @@ def project(tmp_path: Path) -> tuple[FakeLabelStudio, ModelRegistry, Config]:
     for i, cid in enumerate(ids):
         label = "anomaly" if i in ANOMALIES else "normal" if i in NORMALS else None
         annotations = [] if label is None else [{"id": i, "result": [
-            {"from_name": "class", "to_name": "image", "type": "choices",
+            {"from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices",
              "value": {"choices": [label]}}]}]
         tasks.append({"id": i, "data": {"image": f"/x/{cid}.png", "store": str(store),
                                         "cutout_id": cid}, "annotations": annotations})
@@ -199,7 +198,7 @@ def test_hostile_task_images_are_skipped_and_the_job_goes_on(tmp_path, caplog):
     for i, url in enumerate(images):
         label = "anomaly" if i in (1, 2) else "normal" if i in (3, 4, 5, 6) else None
         tasks.append({"id": i, "data": {"image": url}, "annotations": [] if label is None else [
-            {"id": i, "result": [{"from_name": "class", "to_name": "image", "type": "choices",
+            {"id": i, "result": [{"from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices",
                                   "value": {"choices": [label]}}]}]})
     fake = FakeLabelStudio(tasks)
     fake.fetch_image = lambda url, hosts: images[url]  # type: ignore[attr-defined]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from shipped import BINARY_CONFIG
 
 from ml_backend.config import Config
 from ml_backend.core.config import TrainConfig
@@ -13,9 +14,7 @@ from ml_backend.registry import ModelRegistry
 from ml_backend.service import UNTRAINED, AnomalyService
 from ml_backend.submitters import InProcessSubmitter
 
-LABEL_CONFIG = """<View><Image name="image" value="$image"/>
-<Choices name="choice" toName="image"><Choice value="anomaly"/><Choice value="normal"/>
-</Choices></View>"""
+LABEL_CONFIG = BINARY_CONFIG
 
 
 def fake_version(registry: ModelRegistry, project_id: int, name: str) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from live_services import DEFAULT_REDIS_BIN, kill_rq_worker, missing_service
+from shipped import BINARY_CONFIG
 
 from demo.local_servers import free_port
 from ml_backend.app import create_app
@@ -35,9 +36,7 @@ KILLED_LOCK_TTL_S = 2.0
 N_WEBHOOKS = 1000
 N_THREADS = 8
 DEBOUNCE_S = 0.5  # the job waits for this much quiet, so it starts after the burst
-LABEL_CONFIG = """<View><Image name="image" value="$image"/>
-<Choices name="class" toName="image"><Choice value="normal"/><Choice value="anomaly"/>
-</Choices></View>"""
+LABEL_CONFIG = BINARY_CONFIG
 
 
 def webhook(i: int) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import pytest
 import requests
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from shipped import BINARY_CONFIG
 
 from import_tools.previews import preview_relpath
 from ml_backend.app import BadRequest, create_app, project_id_of
@@ -33,10 +34,7 @@ USER, PASSWORD = "label-studio", "pw-Zq81-never-logged"
 API_KEY = "key-7d1f0c-never-logged"
 REDIS_PASSWORD = "redis-pw-Kx4-never-logged"
 SECRETS = (PASSWORD, API_KEY, REDIS_PASSWORD)
-LABEL_CONFIG = """<View>
-  <Image name="img" value="$image"/>
-  <Choices name="verdict" toName="img"><Choice value="normal"/><Choice value="anomaly"/></Choices>
-</View>"""
+LABEL_CONFIG = BINARY_CONFIG
 
 
 def basic(user: str, password: str) -> dict[str, str]:

@@ -18,6 +18,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from live_services import kill_rq_worker
+from shipped import BINARY_CONFIG
 
 from ml_backend import survey
 from ml_backend.cli import main as amls_main
@@ -41,10 +42,7 @@ STRETCH = {"name": "none"}
 CFG = TrainConfig(pretrained=False, image_size=SIZE)
 LENGTHS = (120, 80)  # two stores, so some shards span both
 REPO = Path(__file__).resolve().parent.parent
-LABEL_CONFIG = """<View>
-  <Image name="img" value="$image"/>
-  <Choices name="class" toName="img"><Choice value="normal"/><Choice value="anomaly"/></Choices>
-</View>"""
+LABEL_CONFIG = BINARY_CONFIG
 
 
 # ---- fixtures ---------------------------------------------------------------------------
