@@ -13,19 +13,23 @@ from typing import Any
 Answer = Callable[[str, str], tuple[int, Any]]
 
 
+def send_json(handler: BaseHTTPRequestHandler, status: int, payload: Any) -> None:
+    """Answer the handler's request with `payload` as JSON."""
+    data = json.dumps(payload).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
 @contextlib.contextmanager
 def json_server(answer: Answer) -> Iterator[str]:
     """Serve `answer` for every request; yields the base URL, e.g. http://127.0.0.1:PORT."""
 
     class Handler(BaseHTTPRequestHandler):
         def _reply(self) -> None:
-            status, payload = answer(self.command, self.path)
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            send_json(self, *answer(self.command, self.path))
 
         do_GET = do_POST = do_PATCH = do_DELETE = _reply  # noqa: N815 - http.server's naming
 

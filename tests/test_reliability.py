@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from json_server import send_json
 from live_services import DEFAULT_REDIS_BIN, kill_rq_worker, missing_service
 from shipped import BINARY_CONFIG
 
@@ -233,12 +234,7 @@ class FakeLabelStudio(BaseHTTPRequestHandler):
         self._json(200, counts)
 
     def _json(self, status: int, payload: Any) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, status, payload)
 
     def log_message(self, *args: Any) -> None:
         pass
