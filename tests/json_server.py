@@ -9,8 +9,8 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-# (method, path) -> (HTTP status, JSON payload)
-Answer = Callable[[str, str], tuple[int, Any]]
+# (method, path with query, JSON body or None) -> (HTTP status, JSON payload)
+Answer = Callable[[str, str, Any], tuple[int, Any]]
 
 
 def send_json(handler: BaseHTTPRequestHandler, status: int, payload: Any) -> None:
@@ -29,7 +29,9 @@ def json_server(answer: Answer) -> Iterator[str]:
 
     class Handler(BaseHTTPRequestHandler):
         def _reply(self) -> None:
-            send_json(self, *answer(self.command, self.path))
+            length = int(self.headers.get("Content-Length") or 0)
+            body = json.loads(self.rfile.read(length)) if length else None
+            send_json(self, *answer(self.command, self.path, body))
 
         do_GET = do_POST = do_PATCH = do_DELETE = _reply  # noqa: N815 - http.server's naming
 

@@ -35,6 +35,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -78,6 +79,16 @@ def missing_service(reason: str) -> None:
     if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
         pytest.fail(f"{reason} (CI=true: integration tests must not be skipped)", pytrace=False)
     pytest.skip(reason)
+
+
+def start_rq_worker(redis_url: str, queue_name: str) -> subprocess.Popen:
+    """A real `rq worker --burst` in its own session, able to import the tests and the code."""
+    tests_dir = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests_dir), str(tests_dir.parent)])}
+    return subprocess.Popen([str(Path(sys.executable).parent / "rq"), "worker", "--burst",
+                             "--url", redis_url, queue_name], cwd=tests_dir, env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT)
 
 
 def kill_rq_worker(proc: subprocess.Popen) -> None:

@@ -126,7 +126,7 @@ def test_predict_falls_back_to_the_newest_intact_version(setup, caplog):
 
 def test_health_reports_an_unreachable_queue_and_an_unwritable_model_dir(setup):
     registry, _, root = setup
-    with json_server(lambda method, path: (200, WHOAMI)) as ls:
+    with json_server(lambda method, path, body: (200, WHOAMI)) as ls:
         health = app_for(registry, root, QuietSubmitter(), ls).get("/health").get_json()
         assert health["status"] == "UP" and health["degraded"] == []
         dead = RQSubmitter("redis://127.0.0.1:9/0", "amls", lambda *a, **k: None, {})
@@ -152,7 +152,7 @@ def test_health_reports_label_studio_unset_unreachable_or_refusing_the_key(setup
     health = app_for(registry, root, QuietSubmitter(), url).get("/health").get_json()
     assert health["degraded"] == ["label_studio"]
     assert f"Label Studio at {url} is unreachable" in health["dependencies"]["label_studio"]
-    with json_server(lambda method, path: (401, {"detail": "Invalid token."})) as ls:
+    with json_server(lambda method, path, body: (401, {"detail": "Invalid token."})) as ls:
         client = app_for(registry, root, QuietSubmitter(), ls)
         health = client.get("/health").get_json()
     assert health["dependencies"]["label_studio"] == (

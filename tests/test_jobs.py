@@ -281,7 +281,7 @@ def test_a_job_for_a_project_label_studio_does_not_have_writes_nothing(tmp_path:
                                                                        caplog):
     from ml_backend.config import Config
 
-    with json_server(lambda method, path: (404, {"detail": "Not found."})) as url:
+    with json_server(lambda method, path, body: (404, {"detail": "Not found."})) as url:
         settings = Config(label_studio_url=url, label_studio_api_key="k",
                           model_dir=tmp_path / "models")
         with caplog.at_level("WARNING"):

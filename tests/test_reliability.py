@@ -1,16 +1,15 @@
 """Reliability: webhook bursts, Redis down, Label Studio down while writing predictions,
-a worker killed mid-job.
+a worker killed during the debounce.
 
-Job bodies here are fakes that record when they start; nothing trains.
+Job bodies here are fakes that record when they start; nothing trains (a worker killed while
+the real job trains and writes: test_worker_kill.py).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -20,7 +19,7 @@ from typing import Any
 
 import pytest
 from json_server import send_json
-from live_services import DEFAULT_REDIS_BIN, kill_rq_worker, missing_service
+from live_services import DEFAULT_REDIS_BIN, kill_rq_worker, missing_service, start_rq_worker
 from shipped import BINARY_CONFIG
 
 from demo.local_servers import free_port
@@ -32,8 +31,6 @@ from ml_backend.service import AnomalyService
 from ml_backend.submitters import QUEUED, InProcessSubmitter, JobSubmitter, RQSubmitter
 
 PROJECT = 5
-# Lock time-to-live of the job that is killed: the next job must start within about this.
-KILLED_LOCK_TTL_S = 2.0
 N_WEBHOOKS = 1000
 N_THREADS = 8
 DEBOUNCE_S = 0.5  # the job waits for this much quiet, so it starts after the burst
@@ -299,85 +296,7 @@ def test_write_predictions_refuses_an_inconsistent_count(fake_ls):
         client.write_predictions(1, schema, SCORES, "amls-v1", batch_size=4, backoff_s=0.01)
 
 
-# ---- 4. a worker killed mid-job leaves the previous version serving --------------------------
-
-def start_rq_worker(redis_url: str, queue_name: str) -> subprocess.Popen:
-    """A real `rq worker --burst` in its own session, able to import this test module."""
-    tests_dir = Path(__file__).resolve().parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests_dir), str(tests_dir.parent)])}
-    return subprocess.Popen([str(Path(sys.executable).parent / "rq"), "worker", "--burst",
-                             "--url", redis_url, queue_name], cwd=tests_dir, env=env,
-                            start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.STDOUT)
-
-
-def half_write(project_id: int, *, model_dir: str, started: str) -> None:
-    """RQ job body: start a new version in staging, then hang until killed."""
-    registry = ModelRegistry(Path(model_dir))
-    staging = registry.staging_dir(project_id)
-    staging.mkdir(parents=True)
-    (staging / "model.safetensors").write_bytes(b"half a checkpoint")
-    Path(started).touch()
-    time.sleep(60)
-    (staging / "meta.json").write_text("{}")
-    registry.publish(project_id, staging, "amls-never")
-
-
-@pytest.mark.e2e
-def test_sigkilled_worker_leaves_the_previous_version_serving(tmp_path, redis_url):
-    registry = ModelRegistry(tmp_path / "models")
-    old = registry.staging_dir(PROJECT)
-    old.mkdir(parents=True)
-    (old / "meta.json").write_text("{}")
-    registry.publish(PROJECT, old, "amls-old")
-    started = tmp_path / "started"
-    queue_name = "test-reliability-kill"
-    submitter = RQSubmitter(redis_url, queue_name, half_write,
-                            {"model_dir": str(registry.root), "started": str(started)},
-                            lock_ttl_s=KILLED_LOCK_TTL_S)
-    submitter.connection.flushdb()
-    assert submitter.submit(PROJECT) == QUEUED
-    worker = start_rq_worker(redis_url, queue_name)
-    try:
-        deadline = time.monotonic() + 15
-        while not started.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert started.exists(), "the job never started"
-    finally:
-        kill_rq_worker(worker)
-    killed = time.time()
-    service = AnomalyService(Config(model_dir=registry.root), registry, submitter)
-    assert registry.latest(PROJECT) == "amls-old"
-    assert registry.versions(PROJECT) == ["amls-old"]
-    assert service.model_version(PROJECT) == "amls-old"
-    next_start = run_next_job(redis_url, queue_name)
-    submitter.connection.flushdb()
-    submitter.close()
-    # The dead job's project lock expired on its own: the next job did not wait for the job
-    # timeout (it would have failed after 30 s) but at most about the lock's time-to-live.
-    assert next_start is not None, "the next job never ran"
-    assert next_start - killed < KILLED_LOCK_TTL_S + 5
-
-
-def run_next_job(redis_url: str, queue_name: str) -> float | None:
-    """Queue another job for PROJECT, run it in this process; the time it started, if it did."""
-    from redis import Redis
-    from rq import SimpleWorker
-
-    key = f"test:{queue_name}:starts"
-    submitter = RQSubmitter(redis_url, queue_name, record_start,
-                            {"redis_url": redis_url, "key": key}, job_timeout_s=30)
-    try:
-        assert submitter.submit(PROJECT) == QUEUED
-        SimpleWorker([submitter.queue], connection=Redis.from_url(redis_url)).work(
-            burst=True, logging_level="WARNING")
-        starts = submitter.connection.lrange(key, 0, -1)
-        return json.loads(starts[0])[1] if starts else None
-    finally:
-        submitter.close()
-
-
-# ---- 5. a worker killed during the debounce does not block its project ------------------------
+# ---- 4. a worker killed during the debounce does not block its project ------------------------
 
 KILLED_HEARTBEAT_TTL_S = 2.0
 
