@@ -64,7 +64,7 @@ def run_training(project_id: int, settings: Config,
         return {"project": project_id, "status": "skipped", "reason": str(err)}
     except Exception as err:  # Label Studio unreachable or refusing: shown in /metrics
         _record_failure(registry, project_id, started,
-                        int(registry.read_status(project_id).get("jobs_total", 0)) + 1)
+                        int(registry.read_status(project_id).get("jobs_total", 0)) + 1, err)
         logger.error("project %d: cannot read the project from Label Studio: %s", project_id,
                      err)
         raise
@@ -76,7 +76,7 @@ def run_training(project_id: int, settings: Config,
         summary = train_and_publish(project_id, settings, client, registry, label_config,
                                     on_progress=_report_progress)
     except Exception as err:
-        _record_failure(registry, project_id, started, jobs_total)
+        _record_failure(registry, project_id, started, jobs_total, err)
         logger.error("project %d: training job failed after %.1f s: %s", project_id,
                      time.time() - started, err)
         raise
@@ -89,16 +89,14 @@ def run_training(project_id: int, settings: Config,
 
 
 def _record_failure(registry: ModelRegistry, project_id: int, started: float,
-                    jobs_total: int) -> None:
-    """The exception being handled, as the project's last job outcome."""
-    import sys
-
-    err = sys.exc_info()[1]
+                    jobs_total: int, err: BaseException) -> None:
+    """`err` as the project's last job outcome."""
+    trace = traceback.format_exception(type(err), err, err.__traceback__, limit=8)
     registry.write_status(project_id, {
         "jobs_total": jobs_total, "last_finished": time.time(),
         "last_duration_s": round(time.time() - started, 3),
         "last_error": f"{type(err).__name__}: {err}",
-        "last_traceback": traceback.format_exc(limit=8), "last_result": None})
+        "last_traceback": "".join(trace), "last_result": None})
 
 
 def _report_progress(stage: str, done: int, total: int) -> None:

@@ -275,6 +275,8 @@ def test_a_job_that_cannot_reach_label_studio_keeps_latest_and_records_why(tmp_p
     status = registry.read_status(2)
     assert "onnect" in status["last_error"] and status["last_duration_s"] >= 0
     assert status["jobs_total"] == 1
+    assert status["last_traceback"].startswith("Traceback")
+    assert "label_config" in status["last_traceback"]  # where it failed, not only what
 
 
 def test_a_job_for_a_project_label_studio_does_not_have_writes_nothing(tmp_path: Path,
