@@ -1,4 +1,4 @@
-"""Training options shared by `amls train` and `amls simulate`.
+"""Training options shared by `amls train`, `amls simulate` and the benchmarks.
 
 Every option defaults to None ("not given"): `amls train --init` then keeps the parent's value
 and `amls simulate` the `TrainConfig` default.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ml_backend.core.config import INVARIANCES
+from ml_backend.core.config import INVARIANCES, check_center_crop
 
 # (option, TrainConfig field, type, help)
 _OPTIONS: tuple[tuple[str, str, type, str], ...] = (
@@ -23,6 +23,14 @@ _OPTIONS: tuple[tuple[str, str, type, str], ...] = (
      "stochastic depth in training, 0 to < 1 (default 0)"),
     ("--drop-rate", "drop_rate", float, "dropout before the head in training (default 0)"),
 )
+
+
+def center_crop_arg(text: str) -> float:
+    """argparse type of --center-crop: a fraction in (0, 1]."""
+    try:
+        return check_center_crop(float(text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def add_training_options(parser: argparse.ArgumentParser) -> None:

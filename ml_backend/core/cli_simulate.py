@@ -8,8 +8,8 @@ import sys
 
 import numpy as np
 
-from ml_backend.core.cli_options import add_training_options, training_overrides
-from ml_backend.core.config import TrainConfig, center_crop_arg
+from ml_backend.core.cli_options import add_training_options, center_crop_arg, training_overrides
+from ml_backend.core.config import TrainConfig
 
 FINAL_KEYS = ("auroc", "ap", "precision_top_0_1pct", "precision_top_1pct",
               "seconds_per_cycle", "score_images_per_second")

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ml_backend.core.cli_options import add_training_options, training_overrides
-from ml_backend.core.config import TrainConfig, center_crop_arg
+from ml_backend.core.cli_options import add_training_options, center_crop_arg, training_overrides
+from ml_backend.core.config import TrainConfig
 from ml_backend.core.csvio import LABEL_NAMES, read_labels_csv
 from ml_backend.core.sources import StoreSubset
 from ml_backend.core.store import CutoutStore

@@ -7,7 +7,6 @@ weight decay 7.5e-4, 100 iterations per active-learning cycle.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
@@ -118,11 +117,3 @@ def check_center_crop(value: float) -> float:
     if not 0 < value <= 1:
         raise ValueError(f"center_crop must be in (0, 1] (1 = whole cutout), got {value}")
     return value
-
-
-def center_crop_arg(text: str) -> float:
-    """argparse type of --center-crop: a fraction in (0, 1]."""
-    try:
-        return check_center_crop(float(text))
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
