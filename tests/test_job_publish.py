@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 import pytest
 from shipped import BINARY_CONFIG, FROM_NAME, TO_NAME
+from store_tasks import random_store_tasks
 
 from ml_backend import jobs
 from ml_backend.config import Config
 from ml_backend.core import train
 from ml_backend.core.config import TrainConfig
-from ml_backend.core.store import CutoutStore
 from ml_backend.registry import ModelRegistry
 
 LABEL_CONFIG = BINARY_CONFIG
@@ -70,21 +70,9 @@ class FakeLabelStudio:
 
 @pytest.fixture
 def project(tmp_path: Path) -> tuple[FakeLabelStudio, ModelRegistry, Config]:
-    rng = np.random.default_rng(0)
     store = tmp_path / "stores" / "s.h5"
     store.parent.mkdir()
-    ids = [f"c{i}" for i in range(N_TASKS)]
-    with CutoutStore.create(store, height=32, width=32, channels=1, stretch={"name": "none"},
-                            invariance="flip") as s:
-        s.append(ids, rng.integers(0, 255, (N_TASKS, 32, 32, 1), dtype=np.uint8))
-    tasks = []
-    for i, cid in enumerate(ids):
-        label = "anomaly" if i in ANOMALIES else "normal" if i in NORMALS else None
-        annotations = [] if label is None else [{"id": i, "result": [
-            {"from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices",
-             "value": {"choices": [label]}}]}]
-        tasks.append({"id": i, "data": {"image": f"/x/{cid}.png", "store": str(store),
-                                        "cutout_id": cid}, "annotations": annotations})
+    tasks = random_store_tasks(store, N_TASKS, ANOMALIES, NORMALS, invariance="flip")
     settings = job_settings(tmp_path).replace(store_roots=(store.parent,), versions_kept=5)
     return FakeLabelStudio(tasks), ModelRegistry(tmp_path / "models"), settings
 

@@ -15,16 +15,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import numpy as np
 import pytest
 from json_server import json_server
 from live_services import kill_rq_worker, start_rq_worker
-from shipped import BINARY_CONFIG, FROM_NAME, TO_NAME
+from shipped import BINARY_CONFIG
+from store_tasks import random_store_tasks
 
 from ml_backend import jobs
 from ml_backend.config import Config
 from ml_backend.core.config import TrainConfig
-from ml_backend.core.store import CutoutStore
 from ml_backend.registry import ModelRegistry
 from ml_backend.service import AnomalyService
 from ml_backend.submitters import QUEUED, RQSubmitter
@@ -77,25 +76,6 @@ class ScriptedLabelStudio:
         return 404, {"detail": f"not scripted: {method} {path}"}
 
 
-def make_tasks(store_dir: Path) -> list[dict[str, Any]]:
-    """N_TASKS random cutouts in one store; a few labelled anomaly, a few normal."""
-    store = store_dir / "s.h5"
-    ids = [f"c{i}" for i in range(N_TASKS)]
-    pixels = np.random.default_rng(0).integers(0, 255, (N_TASKS, 32, 32, 1), dtype=np.uint8)
-    with CutoutStore.create(store, height=32, width=32, channels=1,
-                            stretch={"name": "none"}) as s:
-        s.append(ids, pixels)
-    tasks = []
-    for i, cid in enumerate(ids):
-        label = "anomaly" if i in ANOMALIES else "normal" if i in NORMALS else None
-        annotations = [] if label is None else [{"id": i, "result": [
-            {"from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices",
-             "value": {"choices": [label]}}]}]
-        tasks.append({"id": i, "data": {"image": f"/x/{cid}.png", "store": str(store),
-                                        "cutout_id": cid}, "annotations": annotations})
-    return tasks
-
-
 def staged_versions(registry: ModelRegistry) -> list[Path]:
     """Staging folders a job left in the project's folder."""
     return [p for p in registry.project_dir(PROJECT).iterdir()
@@ -108,7 +88,8 @@ def test_sigkilled_worker_leaves_the_previous_version_serving(tmp_path, redis_ur
                                                                monkeypatch):
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", API_KEY)  # workers read the key from the env
     (tmp_path / "stores").mkdir()
-    ls = ScriptedLabelStudio(make_tasks(tmp_path / "stores"))
+    ls = ScriptedLabelStudio(random_store_tasks(tmp_path / "stores" / "s.h5", N_TASKS,
+                                                ANOMALIES, NORMALS))
     unlabelled = N_TASKS - len(ANOMALIES) - len(NORMALS)
     with json_server(ls.answer) as url:
         settings = Config(label_studio_url=url, label_studio_api_key=API_KEY,
