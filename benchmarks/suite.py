@@ -83,6 +83,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     # Weak views: horizontal flips only instead of the dihedral group.
     Setting("flip", overrides={"invariance": "flip"}),
     Setting("ref-fix+flip", overrides={**REFERENCE_FIX, "invariance": "flip"}),
+    # The pretrained backbone at a tenth of the head's learning rate (closer to a linear probe).
+    Setting("backbone-lr-0.1", overrides={"backbone_lr_scale": 0.1}),
+    Setting("flip+backbone-lr-0.1", overrides={"invariance": "flip", "backbone_lr_scale": 0.1}),
 )}
 
 

@@ -54,9 +54,18 @@ def _states_equal(a: nn.Module | dict, b: nn.Module | dict) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa)
 
 
+class _TinyNet(nn.Sequential):
+    """conv -> BN -> linear head, with timm's `get_classifier`."""
+
+    def __init__(self) -> None:
+        super().__init__(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(36, 2))
+
+    def get_classifier(self) -> nn.Module:
+        return self[3]
+
+
 def test_weight_decay_skips_batchnorm_and_biases():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
-    model(torch.zeros(1, 3, 5, 5))
+    model = _TinyNet()
     opt = make_optimizer(model, TrainConfig(weight_decay=0.1))
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     no_decay = {id(p) for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
@@ -64,6 +73,24 @@ def test_weight_decay_skips_batchnorm_and_biases():
     assert no_decay == {id(model[0].bias), id(model[1].weight), id(model[1].bias),
                         id(model[3].bias)}
     assert all(g["nesterov"] and g["momentum"] == 0.9 for g in opt.param_groups)
+
+
+def test_the_backbone_learns_at_a_fraction_of_the_heads_rate():
+    model = _TinyNet()
+    opt = make_optimizer(model, TrainConfig(lr=0.01, backbone_lr_scale=0.1))
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert len(lr_of) == len(list(model.parameters()))
+    assert {lr_of[id(p)] for p in model[3].parameters()} == {0.01}
+    assert {lr_of[id(p)] for i in (0, 1) for p in model[i].parameters()} == {0.01 * 0.1}
+    assert opt.param_groups[0]["lr"] == 0.01  # StepStats reports the head's rate
+
+
+def test_backbone_lr_scale_is_checked_and_old_checkpoints_ran_at_full_rate():
+    with pytest.raises(ValueError, match="backbone_lr_scale"):
+        TrainConfig(backbone_lr_scale=1.5)
+    saved = TrainConfig().to_dict()
+    del saved["backbone_lr_scale"]
+    assert TrainConfig.from_dict(saved).backbone_lr_scale == 1.0
 
 
 def test_ema_averages_weights_and_batchnorm_buffers():

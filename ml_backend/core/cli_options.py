@@ -22,6 +22,8 @@ _OPTIONS: tuple[tuple[str, str, type, str], ...] = (
     ("--drop-path-rate", "drop_path_rate", float,
      "stochastic depth in training, 0 to < 1 (default 0)"),
     ("--drop-rate", "drop_rate", float, "dropout before the head in training (default 0)"),
+    ("--backbone-lr-scale", "backbone_lr_scale", float,
+     "learning rate of the pretrained backbone as a fraction of the head's, 0 to 1 (default 1)"),
 )
 
 

@@ -34,6 +34,8 @@ class TrainConfig:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 7.5e-4
+    # Learning rate of the pretrained backbone as a fraction of lr (the new head learns at lr).
+    backbone_lr_scale: float = 1.0
     # Exponential moving average of the weights; the EMA model does all scoring.
     ema_decay: float = 0.99
     # Warm the EMA up: decay min(ema_decay, (1 + t) / (10 + t)) at lifetime step t, so that
@@ -78,6 +80,8 @@ class TrainConfig:
             if not 0 <= value < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {value}")
         check_invariance(self.invariance)
+        if not 0 <= self.backbone_lr_scale <= 1:
+            raise ValueError(f"backbone_lr_scale must be in [0, 1], got {self.backbone_lr_scale}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -102,7 +106,7 @@ INVARIANCES = ("dihedral", "flip")
 # What a saved config that lacks a field was trained with (fields added after the first
 # release). Defaults may change; these never do.
 LEGACY_VALUES: dict[str, Any] = {"drop_path_rate": 0.0, "drop_rate": 0.0,
-                                 "invariance": "dihedral"}
+                                 "invariance": "dihedral", "backbone_lr_scale": 1.0}
 
 
 def check_invariance(value: str) -> str:

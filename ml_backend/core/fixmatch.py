@@ -97,12 +97,19 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
     """SGD(lr, momentum, nesterov) with weight decay on weight matrices / kernels only.
 
     Parameters with fewer than two dimensions (BatchNorm scales and shifts, all biases) get
-    no weight decay: shrinking them towards zero only fights the normalisation.
+    no weight decay: shrinking them towards zero only fights the normalisation. Everything
+    but the classifier head learns at lr * cfg.backbone_lr_scale. The first group is the
+    head's decayed weights, so `param_groups[0]["lr"]` is cfg.lr.
     """
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    head = {id(p) for p in model.get_classifier().parameters()}
+    groups = []
+    for in_head, lr in ((True, cfg.lr), (False, cfg.lr * cfg.backbone_lr_scale)):
+        for decayed in (True, False):
+            params = [p for p in model.parameters() if p.requires_grad
+                      and (id(p) in head) == in_head and (p.ndim > 1) == decayed]
+            if params:
+                groups.append({"params": params, "lr": lr,
+                               "weight_decay": cfg.weight_decay if decayed else 0.0})
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
 
 
