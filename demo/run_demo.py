@@ -282,7 +282,8 @@ def set_up(ls_url: str, token: str, backend_url: str, previews: Path) -> tuple[i
 
 def check(ls_url: str, token: str, project_id: int, n_images: int) -> int:
     """--headless-check: every image is a task and the backend is connected; 0 if so."""
-    from ml_backend.labelstudio import VIEW_TITLE, LabelStudioClient
+    from ml_backend.label_schema import VIEW_TITLE
+    from ml_backend.labelstudio import LabelStudioClient
 
     sdk = LabelStudioClient(ls_url, token).sdk
     n_tasks = sdk.projects.get(id=project_id).task_number

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from ml_backend.core.atomic import atomic_file
-from ml_backend.labelstudio import LOCAL_FILES_PREFIX
+from ml_backend.label_schema import LOCAL_FILES_PREFIX
 
 
 def preview_relpath(cutout_id: str) -> str:

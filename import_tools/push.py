@@ -17,7 +17,8 @@ from typing import Any
 
 from ml_backend.core.progress import progress
 from ml_backend.core.store import CutoutStore
-from ml_backend.labelstudio import ensure_local_storage, local_files_dir, project_cutout_ids
+from ml_backend.label_schema import ChoiceSchema, local_files_dir, parse_label_config
+from ml_backend.labelstudio import LabelStudioClient
 from ml_backend.task_rows import read_tasks, tasks_path
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def pending_tasks(store_paths: Sequence[Path], existing: set[str],
 
 
 def attach_predictions(rows: list[dict[str, Any]], store_paths: Sequence[Path],
-                       model_dir: Path, schema: Any) -> list[dict[str, Any]]:
+                       model_dir: Path, schema: ChoiceSchema) -> list[dict[str, Any]]:
     """Tasks ``{"data", "predictions": [{model_version, score, result}]}`` from scoring."""
     from ml_backend.core.checkpoint import load_model_dir
     from ml_backend.core.scoring import score_store
@@ -87,33 +88,30 @@ def _as_array(indices: list[int]) -> Any:
     return np.asarray(indices, dtype=np.int64)
 
 
-def push(client: Any, project_id: int, store_paths: Sequence[Path], *, batch_size: int = 1000,
-         document_root: Path | None = None, model_dir: Path | None = None,
+def push(client: LabelStudioClient, project_id: int, store_paths: Sequence[Path], *,
+         batch_size: int = 1000, document_root: Path | None = None, model_dir: Path | None = None,
          anomaly_label: str = "anomaly") -> PushSummary:
     """Create the stores' tasks the project lacks, in batches; see the module docstring."""
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     summary = PushSummary()
-    existing = project_cutout_ids(client, project_id)
+    existing = client.cutout_ids(project_id)
     rows = pending_tasks(store_paths, existing, summary)
     if not rows:
         return summary
     if document_root is not None:
         folder = local_files_dir(rows, document_root)
         if folder is not None:
-            ensure_local_storage(client, project_id, folder)
+            client.ensure_local_storage(project_id, folder)
     if model_dir is not None:
-        from ml_backend.labelstudio import parse_label_config
-
-        project = client.projects.get(id=project_id)
-        schema = parse_label_config(str(project.label_config), anomaly_label)
+        schema = parse_label_config(client.label_config(project_id), anomaly_label)
         tasks = attach_predictions(rows, store_paths, model_dir, schema)
     else:
         tasks = [{"data": row} for row in rows]
     with progress(total=len(tasks), desc="push", unit="task") as bar:
         for start in range(0, len(tasks), batch_size):
             batch = tasks[start:start + batch_size]
-            client.projects.import_tasks(id=project_id, request=batch)
+            client.import_tasks(project_id, batch)
             summary.created += len(batch)
             bar.update(len(batch))
     return summary
@@ -141,8 +139,6 @@ def register(kinds: argparse._SubParsersAction) -> None:
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
-    from label_studio_sdk import LabelStudio
-
     from ml_backend.config import Config
 
     cfg = Config.from_env()
@@ -152,7 +148,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
         raise ValueError("need --url/--api-key or LABEL_STUDIO_URL and "
                          "LABEL_STUDIO_API_KEY")
     root = args.document_root or cfg.local_files_root
-    client = LabelStudio(base_url=url, api_key=key)
+    client = LabelStudioClient(url, key)
     summary = push(client, args.project, args.stores, batch_size=args.batch_size,
                    document_root=Path(root) if root else None,
                    model_dir=args.with_predictions, anomaly_label=args.anomaly_label)

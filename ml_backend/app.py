@@ -32,7 +32,7 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from ml_backend.config import Config
-from ml_backend.labelstudio import LabelConfigError, parse_label_config
+from ml_backend.label_schema import LabelConfigError, parse_label_config
 from ml_backend.service import AnomalyService
 from ml_backend.submitters import QueueUnavailable
 

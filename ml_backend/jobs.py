@@ -21,13 +21,8 @@ import numpy as np
 from ml_backend.config import Config
 from ml_backend.core.checkpoint import VERSION_PREFIX
 from ml_backend.core.config import TrainConfig
-from ml_backend.labelstudio import (
-    LabelStudioClient,
-    ProjectNotFound,
-    ground_truth_labels,
-    latest_labels,
-    parse_label_config,
-)
+from ml_backend.label_schema import ground_truth_labels, latest_labels, parse_label_config
+from ml_backend.labelstudio import LabelStudioClient, ProjectNotFound
 from ml_backend.registry import ModelRegistry
 from ml_backend.task_pixels import (
     ImageSource,

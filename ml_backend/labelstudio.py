@@ -1,40 +1,28 @@
-"""Label Studio through label-studio-sdk 2.x: labels in; predictions, model version, views out.
+"""Label Studio's client: every call to its API, through label-studio-sdk 2.x or plain HTTP.
 
-Everything that knows Label Studio's data shapes lives here: the label config (which tags to
-answer with), task/annotation JSON (which label a task has), the prediction JSON we write and
-the Data Manager view that sorts the queue by our score.
+Labels in; predictions, model version, views, tasks, storages, ML backend and webhook out;
+task images fetched under the SSRF rules of `fetch_image`. Nothing else in the project talks
+to Label Studio or imports the SDK's client; the data shapes are in `label_schema`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urljoin, urlparse
+from urllib.parse import urljoin, urlparse
 
+import httpx
 import requests
-from label_studio_sdk.label_interface import LabelInterface
+from label_studio_sdk import LabelStudio, PredictionRequest
+from label_studio_sdk.core.api_error import ApiError
+
+from ml_backend.label_schema import VIEW_DATA, VIEW_TITLE, ChoiceSchema
 
 logger = logging.getLogger(__name__)
 
-# Label Studio serves files below LOCAL_FILES_DOCUMENT_ROOT at this URL prefix + relative path.
-LOCAL_FILES_PREFIX = "/data/local-files/?d="
-VIEW_TITLE = "Most anomalous first"
-# Data Manager view: unlabelled tasks only, highest prediction score (of the project's
-# model_version) first.
-VIEW_DATA: dict[str, Any] = {
-    "title": VIEW_TITLE,
-    "ordering": ["-tasks:predictions_score"],
-    "filters": {
-        "conjunction": "and",
-        "items": [{"filter": "filter:tasks:total_annotations", "operator": "equal",
-                   "type": "Number", "value": 0}],
-    },
-}
 HTTP_TIMEOUT_S = 60.0
 # Redirects followed when downloading a task image; every hop must be an allowed host.
 MAX_REDIRECTS = 3
@@ -61,9 +49,6 @@ class ProjectNotFound(LookupError):
 
 def is_transient(err: BaseException) -> bool:
     """True for failures worth retrying: no connection, a timeout, a 5xx or a 429."""
-    import httpx
-    from label_studio_sdk.core.api_error import ApiError
-
     if isinstance(err, (httpx.TransportError, requests.ConnectionError, requests.Timeout)):
         return True
     if isinstance(err, (ApiError, LabelStudioError)):
@@ -72,97 +57,19 @@ def is_transient(err: BaseException) -> bool:
     return False
 
 
-class LabelConfigError(ValueError):
-    """The project's label config has no Image + Choices pair we can answer."""
+# What a failed call to Label Studio raises: refused (status + body) or unreachable.
+API_FAILURES: tuple[type[BaseException], ...] = (ApiError, LabelStudioError, httpx.HTTPError,
+                                                 requests.RequestException)
 
 
-@dataclass(frozen=True)
-class ChoiceSchema:
-    """The tags our predictions refer to, read from a project's label config."""
-
-    from_name: str        # name of the <Choices> control
-    to_name: str          # name of the <Image> object it labels
-    image_key: str        # task data key holding the image URL ("$image" -> "image")
-    anomaly_choice: str   # choice value meaning "anomaly" (ANOMALY_LABEL)
-    normal_choice: str    # first other choice value, e.g. "normal"
-
-    def prediction_result(self, score: float) -> list[dict[str, Any]]:
-        """The `result` list of a prediction: the more likely choice for P(anomaly) = score."""
-        choice = self.anomaly_choice if score >= 0.5 else self.normal_choice
-        return [{"from_name": self.from_name, "to_name": self.to_name, "type": "choices",
-                 "value": {"choices": [choice]}}]
-
-    def prediction(self, score: float | None, model_version: str) -> dict[str, Any]:
-        """One Label Studio prediction of P(anomaly) = score; None gives an empty result and
-        no score (nothing invented where the pixels are unavailable)."""
-        if score is None:
-            return {"result": [], "model_version": model_version}
-        return {"result": self.prediction_result(score), "score": float(score),
-                "model_version": model_version}
-
-    def label_of(self, result: Sequence[dict[str, Any]]) -> int | None:
-        """1 for the anomaly choice, 0 for any other choice, None if our control is absent."""
-        for region in result:
-            if region.get("from_name") != self.from_name or region.get("type") != "choices":
-                continue
-            choices = (region.get("value") or {}).get("choices") or []
-            if choices:
-                return int(self.anomaly_choice in choices)
-        return None
-
-
-def parse_label_config(label_config: str, anomaly_label: str) -> ChoiceSchema:
-    """Find the first <Choices> that labels an <Image> and offers `anomaly_label`."""
-    try:
-        interface = LabelInterface(label_config)
-    except Exception as err:  # the SDK raises assorted XML / validation errors
-        raise LabelConfigError(f"label config does not parse: {err}") from err
-    images = {obj.name: obj for obj in interface.objects if obj.tag.lower() == "image"}
-    for control in interface.controls:
-        if control.tag.lower() != "choices":
-            continue
-        targets = [name for name in control.to_name if name in images]
-        labels = list(getattr(control, "labels", []) or [])
-        if not targets or anomaly_label not in labels:
-            continue
-        others = [c for c in labels if c != anomaly_label]
-        if not others:
-            raise LabelConfigError(f"<Choices name={control.name!r}> offers only "
-                                   f"{anomaly_label!r}; it needs a second choice")
-        return ChoiceSchema(from_name=control.name, to_name=targets[0],
-                            image_key=images[targets[0]].value.lstrip("$"),
-                            anomaly_choice=anomaly_label, normal_choice=others[0])
-    raise LabelConfigError(f"label config has no <Choices> with a {anomaly_label!r} choice "
-                           "that labels an <Image>")
-
-
-def latest_labels(tasks: Sequence[dict[str, Any]], schema: ChoiceSchema) -> dict[int, int]:
-    """Task id -> label (1 anomaly, 0 normal) from each task's most recent valid annotation.
-
-    Cancelled (skipped) annotations and annotations without our control are ignored;
-    "most recent" is the latest `updated_at` (then `created_at`, then id).
-    """
-    labels: dict[int, int] = {}
-    for task in tasks:
-        valid = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
-        valid.sort(key=lambda a: (a.get("updated_at") or "", a.get("created_at") or "",
-                                  a.get("id") or 0))
-        for annotation in reversed(valid):
-            label = schema.label_of(annotation.get("result") or [])
-            if label is not None:
-                labels[int(task["id"])] = label
-                break
-    return labels
-
-
-def ground_truth_labels(tasks: Sequence[dict[str, Any]], schema: ChoiceSchema) -> dict[int, int]:
-    """Task id -> label from the task's most recent annotation marked as ground truth.
-
-    These form the held-out set: they are scored after each cycle, never trained on.
-    """
-    marked = [{**task, "annotations": [a for a in task.get("annotations") or []
-                                       if a.get("ground_truth")]} for task in tasks]
-    return latest_labels(marked, schema)
+def describe_failure(err: BaseException) -> str:
+    """One line for a failure in API_FAILURES: its HTTP status and body, or its kind."""
+    status = getattr(err, "status_code", None)
+    if isinstance(err, ApiError) and status is not None:
+        return f"HTTP {status}: {err.body}"
+    if status is not None:
+        return str(err)
+    return f"{type(err).__name__}: {err}"
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -202,16 +109,12 @@ class LabelStudioClient:
         if not url or not api_key:
             raise ValueError("LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY are required to talk "
                              "to Label Studio")
-        from label_studio_sdk import LabelStudio
-
         self.url = url.rstrip("/")
         self._api_key = api_key
         self.sdk = LabelStudio(base_url=self.url, api_key=api_key, timeout=timeout_s)
 
     def state(self) -> str:
         """"ok" when Label Studio answers and accepts the API key; else why, without secrets."""
-        from label_studio_sdk.core.api_error import ApiError
-
         try:
             self.sdk.users.whoami()
         except ApiError as err:
@@ -224,8 +127,6 @@ class LabelStudioClient:
 
     def label_config(self, project_id: int) -> str:
         """The project's label config; ProjectNotFound when Label Studio has no such project."""
-        from label_studio_sdk.core.api_error import ApiError
-
         try:
             project = self.sdk.projects.get(id=project_id)
         except ApiError as err:
@@ -255,8 +156,6 @@ class LabelStudioClient:
         count is read, and since only this call writes the version, count = written + batch
         means the failed attempt actually succeeded server-side. Any other count raises.
         """
-        from label_studio_sdk import PredictionRequest
-
         written = 0
         for start in range(0, len(scores), batch_size):
             batch = [PredictionRequest(task=task_id, **schema.prediction(score, model_version))
@@ -268,9 +167,6 @@ class LabelStudioClient:
     def _import_batch(self, project_id: int, batch: list[Any], model_version: str,
                       written: int, tries: int, backoff_s: float) -> None:
         """One batch of `write_predictions`, retried without duplicates."""
-        import httpx
-        from label_studio_sdk.core.api_error import ApiError
-
         for attempt in range(tries):
             try:
                 if attempt > 0:
@@ -287,8 +183,7 @@ class LabelStudioClient:
                 self.sdk.projects.import_predictions(id=project_id, request=batch,
                                                      request_options={"max_retries": 0})
                 return
-            except (httpx.HTTPError, requests.RequestException, ApiError,
-                    LabelStudioError) as err:
+            except API_FAILURES as err:
                 if not is_transient(err) or attempt == tries - 1:
                     raise
                 delay = min(backoff_s * 2 ** attempt, WRITE_BACKOFF_MAX_S)
@@ -359,6 +254,77 @@ class LabelStudioClient:
             target = urljoin(target, location)
         raise PermissionError(f"image {url!r} redirects more than {MAX_REDIRECTS} times")
 
+    # ---- tasks and local files (import tools and survey pushes) ----------------------------
+
+    def import_tasks(self, project_id: int, tasks: Sequence[dict[str, Any]]) -> None:
+        """Create tasks (``{"data": ..., "predictions": [...]}``) in one request."""
+        self.sdk.projects.import_tasks(id=project_id, request=list(tasks))
+
+    def cutout_ids(self, project_id: int, page_size: int = 1000) -> set[str]:
+        """``data.cutout_id`` of every task already in the project."""
+        ids: set[str] = set()
+        for task in self.sdk.tasks.list(project=project_id, page_size=page_size):
+            data = task.data if hasattr(task, "data") else task.get("data", {})
+            if data and data.get("cutout_id") is not None:
+                ids.add(str(data["cutout_id"]))
+        return ids
+
+    def ensure_local_storage(self, project_id: int, folder: Path) -> bool:
+        """Register ``folder`` as a local-files import storage unless one already covers it.
+
+        Label Studio serves ``/data/local-files/?d=...`` only below a registered storage
+        path. The storage is not synced: tasks come from our pushes, not from scanning the
+        folder. Returns True when a storage was created.
+        """
+        for storage in self.sdk.import_storage.local.list(project=project_id):
+            path = getattr(storage, "path", None)
+            if path and (folder == Path(path).resolve()
+                         or Path(path).resolve() in folder.parents):
+                return False
+        self.sdk.import_storage.local.create(project=project_id, path=str(folder),
+                                             title="amls previews", use_blob_urls=False)
+        logger.info("registered local-files storage %s for project %d", folder, project_id)
+        return True
+
+    # ---- project set-up (`amls setup-project`): SDK objects in and out ---------------------
+
+    def project(self, project_id: int) -> Any:
+        return self.sdk.projects.get(id=project_id)
+
+    def projects_titled(self, title: str) -> list[Any]:
+        """Projects whose title is exactly `title`."""
+        return [p for p in self.sdk.projects.list(title=title) if p.title == title]
+
+    def create_project(self, **fields: Any) -> Any:
+        return self.sdk.projects.create(**fields)
+
+    def update_project(self, project_id: int, **fields: Any) -> Any:
+        return self.sdk.projects.update(id=project_id, **fields)
+
+    def ml_backends(self, project_id: int) -> list[Any]:
+        return list(self.sdk.ml.list(project=project_id))
+
+    def create_ml_backend(self, project_id: int, **fields: Any) -> Any:
+        """Connect an ML backend; Label Studio checks its /health and /setup meanwhile."""
+        return self.sdk.ml.create(project=project_id, **fields)
+
+    def update_ml_backend(self, backend_id: int, project_id: int, **fields: Any) -> Any:
+        # `project` must be sent again: Label Studio 1.23 re-runs /setup on update, needing it.
+        return self.sdk.ml.update(id=backend_id, project=project_id, **fields)
+
+    def webhooks(self, project_id: int) -> list[Any]:
+        return list(self.sdk.webhooks.list(project=str(project_id)))
+
+    def create_webhook(self, project_id: int, **fields: Any) -> Any:
+        return self.sdk.webhooks.create(project=project_id, **fields)
+
+    def update_webhook(self, hook_id: int, **fields: Any) -> Any:
+        return self.sdk.webhooks.update(id=hook_id, **fields)
+
+    def view_ids(self, project_id: int) -> set[int]:
+        """Ids of the project's Data Manager tabs."""
+        return {int(v.id) for v in self.sdk.views.list(project=project_id)}
+
     def _http(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         response = requests.request(method, f"{self.url}/{path}",
                                     headers={"Authorization": f"Token {self._api_key}"},
@@ -368,46 +334,3 @@ class LabelStudioClient:
                                    f"{response.status_code}: {response.text[:300]}",
                                    response.status_code)
         return response
-
-
-# ---- tasks and local files (import tools and survey pushes) ---------------------------------
-
-def project_cutout_ids(client: Any, project_id: int, page_size: int = 1000) -> set[str]:
-    """``data.cutout_id`` of every task already in the project."""
-    ids: set[str] = set()
-    for task in client.tasks.list(project=project_id, page_size=page_size):
-        data = task.data if hasattr(task, "data") else task.get("data", {})
-        if data and data.get("cutout_id") is not None:
-            ids.add(str(data["cutout_id"]))
-    return ids
-
-
-def local_files_dir(rows: Iterable[dict[str, Any]], document_root: Path) -> Path | None:
-    """The deepest folder holding every local-files preview (None if no local-files URL)."""
-    paths = [str(document_root / unquote(row["image"][len(LOCAL_FILES_PREFIX):]))
-             for row in rows if str(row.get("image", "")).startswith(LOCAL_FILES_PREFIX)]
-    if not paths:
-        return None
-    folder = Path(os.path.commonpath([os.path.dirname(p) for p in paths])).resolve()
-    if not folder.is_dir():
-        raise ValueError(f"previews folder {folder} (from the tasks' local-files URLs and "
-                         f"document root {document_root}) does not exist: push with the "
-                         "--document-root the import used")
-    return folder
-
-
-def ensure_local_storage(client: Any, project_id: int, folder: Path) -> bool:
-    """Register ``folder`` as a local-files import storage unless one already covers it.
-
-    Label Studio serves ``/data/local-files/?d=...`` only below a registered storage path.
-    The storage is not synced: tasks come from this push, not from scanning the folder.
-    Returns True when a storage was created.
-    """
-    for storage in client.import_storage.local.list(project=project_id):
-        path = getattr(storage, "path", None)
-        if path and (folder == Path(path).resolve() or Path(path).resolve() in folder.parents):
-            return False
-    client.import_storage.local.create(project=project_id, path=str(folder),
-                                       title="amls previews", use_blob_urls=False)
-    logger.info("registered local-files storage %s for project %d", folder, project_id)
-    return True

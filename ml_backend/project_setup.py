@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from ml_backend.config import Config, ConfigError
-from ml_backend.labelstudio import LabelConfigError, LabelStudioClient, parse_label_config
+from ml_backend.label_schema import LabelConfigError, parse_label_config
+from ml_backend.labelstudio import API_FAILURES, LabelStudioClient, describe_failure
 
 logger = logging.getLogger(__name__)
 
@@ -73,23 +74,20 @@ def basic_auth_header(user: str, password: str) -> str:
 def setup_project(client: LabelStudioClient, request: SetupRequest) -> SetupResult:
     """Create or update the project described by `request`; see the module docstring."""
     parse_label_config(request.label_config, request.anomaly_label)  # fail before any write
-    sdk = client.sdk
     changes: list[str] = []
-    project = _ensure_project(sdk, request, changes)
+    project = _ensure_project(client, request, changes)
     project_id = int(project.id)
     # Label Studio never returns the backend's stored password; a webhook header that differs
     # from the wanted one is how a changed BASIC_AUTH_PASS shows, so re-send it then.
-    hook = _find_webhook(sdk, project_id, request.backend_url)
+    hook = _find_webhook(client, project_id, request.backend_url)
     wanted = _auth_headers(request).get("Authorization")
     stale = hook is not None and (hook.headers or {}).get("Authorization") != wanted
-    backend = _ensure_ml_backend(sdk, project_id, request, changes, resend_auth=stale)
-    webhook_id = _ensure_webhook_auth(sdk, project_id, request, changes)
-    if request.previews is not None:
-        from ml_backend.labelstudio import ensure_local_storage
-
-        if ensure_local_storage(sdk, project_id, request.previews.resolve()):
-            changes.append(f"registered local-files storage {request.previews}")
-    views_before = {int(v.id) for v in sdk.views.list(project=project_id)}
+    backend = _ensure_ml_backend(client, project_id, request, changes, resend_auth=stale)
+    webhook_id = _ensure_webhook_auth(client, project_id, request, changes)
+    if request.previews is not None and client.ensure_local_storage(
+            project_id, request.previews.resolve()):
+        changes.append(f"registered local-files storage {request.previews}")
+    views_before = client.view_ids(project_id)
     view_id = client.ensure_view(project_id)
     if view_id not in views_before:
         changes.append(f"created view {view_id}")
@@ -98,10 +96,10 @@ def setup_project(client: LabelStudioClient, request: SetupRequest) -> SetupResu
                        webhook_id=webhook_id, view_id=view_id, changes=changes)
 
 
-def _find_project(sdk: Any, request: SetupRequest) -> Any | None:
+def _find_project(client: LabelStudioClient, request: SetupRequest) -> Any | None:
     if request.project_id is not None:
-        return sdk.projects.get(id=request.project_id)
-    matches = [p for p in sdk.projects.list(title=request.title) if p.title == request.title]
+        return client.project(request.project_id)
+    matches = client.projects_titled(request.title)
     if len(matches) > 1:
         ids = ", ".join(str(p.id) for p in sorted(matches, key=lambda p: p.id))
         raise ValueError(f"{len(matches)} projects are titled {request.title!r} (ids {ids}); "
@@ -109,10 +107,11 @@ def _find_project(sdk: Any, request: SetupRequest) -> Any | None:
     return matches[0] if matches else None
 
 
-def _ensure_project(sdk: Any, request: SetupRequest, changes: list[str]) -> Any:
-    project = _find_project(sdk, request)
+def _ensure_project(client: LabelStudioClient, request: SetupRequest,
+                    changes: list[str]) -> Any:
+    project = _find_project(client, request)
     if project is None:
-        project = sdk.projects.create(
+        project = client.create_project(
             title=request.title, label_config=request.label_config,
             min_annotations_to_start_training=TRAIN_EVERY_N_ANNOTATIONS,
             show_collab_predictions=True)
@@ -125,7 +124,7 @@ def _ensure_project(sdk: Any, request: SetupRequest, changes: list[str]) -> Any:
     if project.min_annotations_to_start_training != TRAIN_EVERY_N_ANNOTATIONS:
         updates["min_annotations_to_start_training"] = TRAIN_EVERY_N_ANNOTATIONS
     if updates:
-        project = sdk.projects.update(id=project.id, **updates)
+        project = client.update_project(project.id, **updates)
         changes.append(f"updated project {project.id}: {', '.join(sorted(updates))}")
         logger.info("project %d: updated %s", project.id, ", ".join(sorted(updates)))
     return project
@@ -135,7 +134,7 @@ def _normalise_xml(xml: str | None) -> str:
     return " ".join((xml or "").split())
 
 
-def _ensure_ml_backend(sdk: Any, project_id: int, request: SetupRequest,
+def _ensure_ml_backend(client: LabelStudioClient, project_id: int, request: SetupRequest,
                        changes: list[str], resend_auth: bool = False) -> Any:
     """Connect the backend; Label Studio checks its /health and /setup while doing so."""
     url = request.backend_url.rstrip("/")
@@ -143,34 +142,33 @@ def _ensure_ml_backend(sdk: Any, project_id: int, request: SetupRequest,
     if request.basic_auth is not None:
         auth = {"auth_method": "BASIC_AUTH", "basic_auth_user": request.basic_auth[0],
                 "basic_auth_pass": request.basic_auth[1]}
-    for backend in sdk.ml.list(project=project_id):
+    for backend in client.ml_backends(project_id):
         if backend.url.rstrip("/") != url:
             continue
         same_auth = (backend.auth_method == auth["auth_method"]
                      and (backend.basic_auth_user or None) == auth.get("basic_auth_user"))
         if same_auth and not backend.is_interactive and not resend_auth:
             return backend
-        # `project` must be sent again: Label Studio 1.23 re-runs /setup on update and needs it.
-        backend = sdk.ml.update(id=backend.id, project=project_id, url=url, is_interactive=False,
-                                **auth)
+        backend = client.update_ml_backend(backend.id, project_id, url=url,
+                                           is_interactive=False, **auth)
         changes.append(f"updated ML backend {backend.id} auth")
         return backend
-    backend = sdk.ml.create(project=project_id, url=url, title=BACKEND_TITLE,
-                            is_interactive=False, **auth)
+    backend = client.create_ml_backend(project_id, url=url, title=BACKEND_TITLE,
+                                       is_interactive=False, **auth)
     changes.append(f"connected ML backend {backend.id} at {url}")
     logger.info("project %d: connected ML backend %s", project_id, url)
     return backend
 
 
-def _ensure_webhook_auth(sdk: Any, project_id: int, request: SetupRequest,
+def _ensure_webhook_auth(client: LabelStudioClient, project_id: int, request: SetupRequest,
                          changes: list[str]) -> int:
     """Give the backend's webhook the backend's credentials; create it if it is missing."""
     headers = _auth_headers(request)
-    hook = _find_webhook(sdk, project_id, request.backend_url)
+    hook = _find_webhook(client, project_id, request.backend_url)
     if hook is None:
-        hook = sdk.webhooks.create(project=project_id, url=_webhook_url(request.backend_url),
-                                   send_payload=True, send_for_all_actions=True,
-                                   headers=headers)
+        hook = client.create_webhook(project_id, url=_webhook_url(request.backend_url),
+                                     send_payload=True, send_for_all_actions=True,
+                                     headers=headers)
         changes.append(f"created webhook {hook.id}")
         return int(hook.id)
     current = dict(hook.headers or {})
@@ -178,7 +176,7 @@ def _ensure_webhook_auth(sdk: Any, project_id: int, request: SetupRequest,
     if request.basic_auth is None:
         wanted.pop("Authorization", None)
     if current != wanted:
-        sdk.webhooks.update(id=hook.id, url=hook.url, headers=wanted)
+        client.update_webhook(hook.id, url=hook.url, headers=wanted)
         changes.append(f"set webhook {hook.id} headers")
     return int(hook.id)
 
@@ -188,9 +186,9 @@ def _webhook_url(backend_url: str) -> str:
     return backend_url.rstrip("/") + "/webhook"
 
 
-def _find_webhook(sdk: Any, project_id: int, backend_url: str) -> Any | None:
+def _find_webhook(client: LabelStudioClient, project_id: int, backend_url: str) -> Any | None:
     url = _webhook_url(backend_url)
-    for hook in sdk.webhooks.list(project=str(project_id)):
+    for hook in client.webhooks(project_id):
         if hook.url.rstrip("/") == url and hook.project == project_id:
             return hook
     return None
@@ -227,9 +225,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def setup_project_command(args: argparse.Namespace) -> int:
-    import httpx
-    from label_studio_sdk.core.api_error import ApiError
-
     try:
         cfg = Config.from_env()
     except ConfigError as err:
@@ -256,20 +251,13 @@ def setup_project_command(args: argparse.Namespace) -> int:
     except ValueError as err:
         logger.error("%s", err)
         return 2
-    except (ApiError, httpx.HTTPError) as err:
+    except API_FAILURES as err:
         # Label Studio refused (status + body) or could not be reached: say so, no traceback.
         logger.error("setting up project %r on %s failed: %s", args.title,
-                     cfg.label_studio_url, _api_error_text(err))
+                     cfg.label_studio_url, describe_failure(err))
         return 1
     for change in result.changes or ["nothing to change: project already set up"]:
         print(f"- {change}")
     print(f"Project {result.project_id}: {result.project_url}")
     return 0
 
-
-def _api_error_text(err: Exception) -> str:
-    body = getattr(err, "body", None)
-    status = getattr(err, "status_code", None)
-    if status is not None:
-        return f"HTTP {status}: {body}"
-    return f"{type(err).__name__}: {err}"

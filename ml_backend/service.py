@@ -17,7 +17,8 @@ import numpy as np
 
 from ml_backend.config import Config
 from ml_backend.jobs import run_training
-from ml_backend.labelstudio import LabelStudioClient, parse_label_config
+from ml_backend.label_schema import parse_label_config
+from ml_backend.labelstudio import LabelStudioClient
 from ml_backend.registry import ModelRegistry
 from ml_backend.submitters import InProcessSubmitter, JobSubmitter, RQSubmitter
 from ml_backend.task_pixels import is_task_id, resolve_pixels, score_tasks

@@ -120,12 +120,12 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _push_top(args: argparse.Namespace) -> int:
-    from label_studio_sdk import LabelStudio
+    from ml_backend.labelstudio import LabelStudioClient
 
     cfg = Config.from_env()
     if not cfg.label_studio_url or not cfg.label_studio_api_key:
         raise ValueError("push-top needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
-    client = LabelStudio(base_url=cfg.label_studio_url, api_key=cfg.label_studio_api_key)
+    client = LabelStudioClient(cfg.label_studio_url, cfg.label_studio_api_key)
     counts = survey.push_top(client, args.dir, args.k, args.project,
                              anomaly_label=cfg.anomaly_label, document_root=args.document_root,
                              batch_size=cfg.prediction_write_batch)

@@ -10,7 +10,7 @@ import pytest
 
 from ml_backend.app import create_app, project_id_of
 from ml_backend.config import Config
-from ml_backend.labelstudio import parse_label_config
+from ml_backend.label_schema import parse_label_config
 
 LABEL_CONFIG = """<View>
   <Image name="img" value="$picture"/>

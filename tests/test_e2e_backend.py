@@ -28,7 +28,7 @@ from ml_backend.app import create_app
 from ml_backend.config import Config
 from ml_backend.core.checkpoint import read_meta
 from ml_backend.core.config import TrainConfig
-from ml_backend.labelstudio import VIEW_TITLE
+from ml_backend.label_schema import VIEW_TITLE
 from ml_backend.registry import ModelRegistry
 from ml_backend.service import AnomalyService
 

@@ -15,14 +15,16 @@ from shipped import BINARY_CONFIG, FROM_NAME, TO_NAME
 
 from import_tools.push import push
 from ml_backend.cli import main
+from ml_backend.labelstudio import LabelStudioClient
 from ml_backend.task_rows import append_tasks, read_tasks, tasks_path
 
 M13 = Path(astropy.__file__).parent / "io/fits/hdu/compressed/tests/data/m13.fits"
 LABEL_CONFIG = BINARY_CONFIG
 
 
-def make_client() -> SimpleNamespace:
-    """The SDK calls push makes, recorded; created tasks are listed back like a project's."""
+def make_client() -> LabelStudioClient:
+    """Our client over a fake SDK that records the calls push makes (`client.sdk.created`,
+    `.storages`, `.batches`); created tasks are listed back like a project's."""
     created: list[dict] = []
     storages: list[str] = []
     batches: list[int] = []
@@ -31,7 +33,8 @@ def make_client() -> SimpleNamespace:
         batches.append(len(request))
         created.extend(request)
 
-    return SimpleNamespace(
+    client = LabelStudioClient("http://label-studio.invalid", "token")
+    client.sdk = SimpleNamespace(
         created=created, storages=storages, batches=batches,
         projects=SimpleNamespace(import_tasks=import_tasks,
                                  get=lambda id: SimpleNamespace(label_config=LABEL_CONFIG)),
@@ -40,6 +43,7 @@ def make_client() -> SimpleNamespace:
         import_storage=SimpleNamespace(local=SimpleNamespace(
             list=lambda project: [SimpleNamespace(path=p) for p in storages],
             create=lambda project, path, title, use_blob_urls: storages.append(path))))
+    return client
 
 
 def import_cutouts(root: Path, n: int, docroot: Path | None = None) -> Path:
@@ -61,13 +65,13 @@ def test_push_batches_registers_storage_once_and_is_idempotent(tmp_path):
     store = import_cutouts(tmp_path, 7)
     client = make_client()
     summary = push(client, 1, [store], batch_size=3, document_root=tmp_path / "docroot")
-    assert summary.created == 7 and client.batches == [3, 3, 1]
-    assert client.storages == [str((tmp_path / "docroot" / "previews").resolve())]
-    assert {t["data"]["cutout_id"] for t in client.created} == {f"c{i:03d}" for i in range(7)}
-    assert client.created[0]["data"]["image"] == "/data/local-files/?d=previews/c000.png"
+    assert summary.created == 7 and client.sdk.batches == [3, 3, 1]
+    assert client.sdk.storages == [str((tmp_path / "docroot" / "previews").resolve())]
+    assert {t["data"]["cutout_id"] for t in client.sdk.created} == {f"c{i:03d}" for i in range(7)}
+    assert client.sdk.created[0]["data"]["image"] == "/data/local-files/?d=previews/c000.png"
     again = push(client, 1, [store], batch_size=3, document_root=tmp_path / "docroot")
     assert again.created == 0 and again.already_in_project == 7
-    assert len(client.created) == 7 and len(client.storages) == 1
+    assert len(client.sdk.created) == 7 and len(client.sdk.storages) == 1
 
 
 def test_push_skips_task_rows_without_a_stored_cutout(tmp_path):
@@ -77,8 +81,8 @@ def test_push_skips_task_rows_without_a_stored_cutout(tmp_path):
     client = make_client()
     summary = push(client, 1, [store])
     assert summary.created == 3 and summary.not_in_store == 1
-    assert "ghost" not in {t["data"]["cutout_id"] for t in client.created}
-    assert client.storages == []  # no document root given: nothing to register
+    assert "ghost" not in {t["data"]["cutout_id"] for t in client.sdk.created}
+    assert client.sdk.storages == []  # no document root given: nothing to register
 
 
 def test_push_sends_an_id_in_two_stores_once(tmp_path):
@@ -87,7 +91,7 @@ def test_push_sends_an_id_in_two_stores_once(tmp_path):
     client = make_client()
     summary = push(client, 1, [first, second])
     assert (summary.created, summary.repeated) == (4, 3)
-    assert client.created[0]["data"]["store"] == str(first.resolve())
+    assert client.sdk.created[0]["data"]["store"] == str(first.resolve())
 
 
 def test_push_with_predictions_scores_the_store(tmp_path):
@@ -110,8 +114,8 @@ def test_push_with_predictions_scores_the_store(tmp_path):
     model_dir = save_model_dir(tmp_path / "model", ema=model, student=model, meta=meta)
     client = make_client()
     push(client, 1, [store_path], model_dir=model_dir)
-    assert len(client.created) == 4
-    for task in client.created:
+    assert len(client.sdk.created) == 4
+    for task in client.sdk.created:
         [prediction] = task["predictions"]
         score = expected[task["data"]["cutout_id"]]
         assert prediction["model_version"] == "amls-test-1"
@@ -134,8 +138,9 @@ def test_live_push_previews_render_and_second_push_adds_nothing(label_studio, tm
     store = import_cutouts(tmp_path, 5, docroot=root)
     project = label_studio.client.projects.create(title="amls import e2e",
                                                   label_config=LABEL_CONFIG)
-    first = push(label_studio.client, project.id, [store], batch_size=2, document_root=root)
-    second = push(label_studio.client, project.id, [store], batch_size=2, document_root=root)
+    client = LabelStudioClient(label_studio.url, label_studio.token)
+    first = push(client, project.id, [store], batch_size=2, document_root=root)
+    second = push(client, project.id, [store], batch_size=2, document_root=root)
     assert (first.created, second.created, second.already_in_project) == (5, 0, 5)
     tasks = list(label_studio.client.tasks.list(project=project.id))
     assert len(tasks) == 5

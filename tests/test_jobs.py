@@ -12,7 +12,7 @@ from json_server import json_server
 
 from demo.local_servers import free_port
 from ml_backend.jobs import run_training
-from ml_backend.labelstudio import (
+from ml_backend.label_schema import (
     LabelConfigError,
     ground_truth_labels,
     latest_labels,

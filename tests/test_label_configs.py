@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ml_backend.labelstudio import LabelConfigError, parse_label_config
+from ml_backend.label_schema import LabelConfigError, parse_label_config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "label_config"
 CONFIGS = sorted(CONFIG_DIR.glob("*.xml"))

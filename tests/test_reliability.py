@@ -25,7 +25,8 @@ from shipped import BINARY_CONFIG
 from demo.local_servers import free_port
 from ml_backend.app import create_app
 from ml_backend.config import Config
-from ml_backend.labelstudio import LabelStudioClient, parse_label_config
+from ml_backend.label_schema import parse_label_config
+from ml_backend.labelstudio import LabelStudioClient
 from ml_backend.registry import ModelRegistry
 from ml_backend.service import AnomalyService
 from ml_backend.submitters import QUEUED, InProcessSubmitter, JobSubmitter, RQSubmitter

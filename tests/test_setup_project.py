@@ -16,7 +16,8 @@ import requests
 
 from demo.local_servers import free_port, stop_process, wait_for
 from ml_backend.cli import main
-from ml_backend.labelstudio import VIEW_TITLE, LabelStudioClient
+from ml_backend.label_schema import VIEW_TITLE
+from ml_backend.labelstudio import LabelStudioClient
 from ml_backend.project_setup import (
     TRAIN_EVERY_N_ANNOTATIONS,
     SetupRequest,

@@ -33,6 +33,7 @@ from ml_backend.core.config import TrainConfig
 from ml_backend.core.model import build_model, set_seed
 from ml_backend.core.scoring import score_store
 from ml_backend.core.store import CutoutStore
+from ml_backend.labelstudio import LabelStudioClient
 from ml_backend.survey import queue as survey_queue
 from ml_backend.survey import shard as survey_shard
 from ml_backend.task_rows import append_tasks, make_task, tasks_path
@@ -241,16 +242,19 @@ def test_cli_score_without_redis_is_a_clear_error(tmp_path, model_dir, stores, m
 
 # ---- push-top ---------------------------------------------------------------------------
 
-def fake_label_studio() -> SimpleNamespace:
-    """The SDK calls push-top makes; created tasks are listed back like a project's."""
+def fake_label_studio() -> LabelStudioClient:
+    """Our client over a fake SDK with the calls push-top makes; created tasks (in
+    `client.sdk.created`) are listed back like a project's."""
     created: list[dict] = []
-    return SimpleNamespace(
+    client = LabelStudioClient("http://label-studio.invalid", "token")
+    client.sdk = SimpleNamespace(
         created=created,
         projects=SimpleNamespace(
             import_tasks=lambda id, request: created.extend(request),
             get=lambda id: SimpleNamespace(label_config=LABEL_CONFIG)),
         tasks=SimpleNamespace(list=lambda project, page_size: [
             SimpleNamespace(data=t["data"]) for t in created]))
+    return client
 
 
 def test_push_top_creates_the_best_new_cutouts_with_their_scores(tmp_path, model_dir, stores):
@@ -267,10 +271,10 @@ def test_push_top_creates_the_best_new_cutouts_with_their_scores(tmp_path, model
     ranked = [(cid, score) for cid, score, name in survey.iter_merged(tmp_path / "s")
               if name == "field0"]
     lab = fake_label_studio()
-    lab.created.append({"data": {"cutout_id": ranked[0][0]}})  # already a task
+    lab.sdk.created.append({"data": {"cutout_id": ranked[0][0]}})  # already a task
     counts = survey.push_top(lab, tmp_path / "s", 3, project_id=1, batch_size=2)
     assert counts["created"] == 3 and counts["already_in_project"] == 1
-    new = lab.created[1:]
+    new = lab.sdk.created[1:]
     assert [t["data"]["cutout_id"] for t in new] == [cid for cid, _ in ranked[1:4]]
     version = json.loads(manifest.read_text())["model_version"]
     for task, (_, score) in zip(new, ranked[1:4], strict=True):
@@ -279,7 +283,7 @@ def test_push_top_creates_the_best_new_cutouts_with_their_scores(tmp_path, model
         assert prediction["result"][0]["value"]["choices"] in (["anomaly"], ["normal"])
     # A second push continues down the ranking instead of repeating itself.
     survey.push_top(lab, tmp_path / "s", 2, project_id=1)
-    assert [t["data"]["cutout_id"] for t in lab.created[4:]] == [cid for cid, _ in ranked[4:6]]
+    assert [t["data"]["cutout_id"] for t in lab.sdk.created[4:]] == [cid for cid, _ in ranked[4:6]]
     rows_file.unlink()
 
 
@@ -296,8 +300,9 @@ def test_live_push_top_creates_tasks_with_predictions(label_studio, tmp_path, mo
         survey.score_shard(str(manifest), 0)
         client = label_studio.client
         project = client.projects.create(title="amls survey e2e", label_config=LABEL_CONFIG)
-        first = survey.push_top(client, tmp_path / "s", 3, project.id)
-        second = survey.push_top(client, tmp_path / "s", 2, project.id)
+        ours = LabelStudioClient(label_studio.url, label_studio.token)
+        first = survey.push_top(ours, tmp_path / "s", 3, project.id)
+        second = survey.push_top(ours, tmp_path / "s", 2, project.id)
     finally:
         rows_file.unlink()
     assert (first["created"], second["created"], second["already_in_project"]) == (3, 2, 3)

@@ -6,13 +6,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ml_backend.label_schema import local_files_dir, parse_label_config
+from ml_backend.labelstudio import LabelStudioClient
 from ml_backend.survey.layout import MANIFEST, read_manifest
 from ml_backend.survey.results import iter_merged
 
 logger = logging.getLogger(__name__)
 
 
-def push_top(client: Any, survey_dir: str | Path, k: int, project_id: int, *,
+def push_top(client: LabelStudioClient, survey_dir: str | Path, k: int, project_id: int, *,
              anomaly_label: str = "anomaly", document_root: Path | None = None,
              batch_size: int = 500) -> dict[str, int]:
     """Create tasks for the `k` highest-scoring cutouts the project lacks, with predictions.
@@ -22,12 +24,6 @@ def push_top(client: Any, survey_dir: str | Path, k: int, project_id: int, *,
     score and model version. Cutouts already in the project (by ``cutout_id``) are not
     counted towards `k`. Returns counts: created, already_in_project, without_task_row.
     """
-    from ml_backend.labelstudio import (
-        ensure_local_storage,
-        local_files_dir,
-        parse_label_config,
-        project_cutout_ids,
-    )
     from ml_backend.task_rows import read_tasks, tasks_path
 
     if k < 1 or batch_size < 1:
@@ -35,9 +31,8 @@ def push_top(client: Any, survey_dir: str | Path, k: int, project_id: int, *,
     survey_dir = Path(survey_dir)
     manifest = read_manifest(survey_dir / MANIFEST)
     paths = {s["name"]: Path(s["path"]) for s in manifest["stores"]}
-    schema = parse_label_config(str(client.projects.get(id=project_id).label_config),
-                                anomaly_label)
-    existing = project_cutout_ids(client, project_id)
+    schema = parse_label_config(client.label_config(project_id), anomaly_label)
+    existing = client.cutout_ids(project_id)
     task_rows: dict[str, dict[str, dict[str, Any]]] = {}
     counts = {"created": 0, "already_in_project": 0, "without_task_row": 0}
     tasks: list[dict[str, Any]] = []
@@ -60,9 +55,9 @@ def push_top(client: Any, survey_dir: str | Path, k: int, project_id: int, *,
     if tasks and document_root is not None:
         folder = local_files_dir([t["data"] for t in tasks], document_root)
         if folder is not None:
-            ensure_local_storage(client, project_id, folder)
+            client.ensure_local_storage(project_id, folder)
     for start in range(0, len(tasks), batch_size):
-        client.projects.import_tasks(id=project_id, request=tasks[start:start + batch_size])
+        client.import_tasks(project_id, tasks[start:start + batch_size])
         counts["created"] += len(tasks[start:start + batch_size])
     logger.info("project %d: pushed %d top cutouts from %s", project_id, counts["created"],
                 survey_dir)

@@ -1,0 +1,139 @@
+"""Label Studio's data shapes, with no I/O: label config, labels, predictions, views.
+
+Which tags a prediction answers (the label config), which label a task has (its annotations),
+the prediction JSON we write, the Data Manager view that sorts the queue by our score, and
+where local-files URLs point. The client that sends and receives these is `labelstudio`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+from label_studio_sdk.label_interface import LabelInterface
+
+# Label Studio serves files below LOCAL_FILES_DOCUMENT_ROOT at this URL prefix + relative path.
+LOCAL_FILES_PREFIX = "/data/local-files/?d="
+VIEW_TITLE = "Most anomalous first"
+# Data Manager view: unlabelled tasks only, highest prediction score (of the project's
+# model_version) first.
+VIEW_DATA: dict[str, Any] = {
+    "title": VIEW_TITLE,
+    "ordering": ["-tasks:predictions_score"],
+    "filters": {
+        "conjunction": "and",
+        "items": [{"filter": "filter:tasks:total_annotations", "operator": "equal",
+                   "type": "Number", "value": 0}],
+    },
+}
+
+
+class LabelConfigError(ValueError):
+    """The project's label config has no Image + Choices pair we can answer."""
+
+
+@dataclass(frozen=True)
+class ChoiceSchema:
+    """The tags our predictions refer to, read from a project's label config."""
+
+    from_name: str        # name of the <Choices> control
+    to_name: str          # name of the <Image> object it labels
+    image_key: str        # task data key holding the image URL ("$image" -> "image")
+    anomaly_choice: str   # choice value meaning "anomaly" (ANOMALY_LABEL)
+    normal_choice: str    # first other choice value, e.g. "normal"
+
+    def prediction_result(self, score: float) -> list[dict[str, Any]]:
+        """The `result` list of a prediction: the more likely choice for P(anomaly) = score."""
+        choice = self.anomaly_choice if score >= 0.5 else self.normal_choice
+        return [{"from_name": self.from_name, "to_name": self.to_name, "type": "choices",
+                 "value": {"choices": [choice]}}]
+
+    def prediction(self, score: float | None, model_version: str) -> dict[str, Any]:
+        """One Label Studio prediction of P(anomaly) = score; None gives an empty result and
+        no score (nothing invented where the pixels are unavailable)."""
+        if score is None:
+            return {"result": [], "model_version": model_version}
+        return {"result": self.prediction_result(score), "score": float(score),
+                "model_version": model_version}
+
+    def label_of(self, result: Sequence[dict[str, Any]]) -> int | None:
+        """1 for the anomaly choice, 0 for any other choice, None if our control is absent."""
+        for region in result:
+            if region.get("from_name") != self.from_name or region.get("type") != "choices":
+                continue
+            choices = (region.get("value") or {}).get("choices") or []
+            if choices:
+                return int(self.anomaly_choice in choices)
+        return None
+
+
+def parse_label_config(label_config: str, anomaly_label: str) -> ChoiceSchema:
+    """Find the first <Choices> that labels an <Image> and offers `anomaly_label`."""
+    try:
+        interface = LabelInterface(label_config)
+    except Exception as err:  # the SDK raises assorted XML / validation errors
+        raise LabelConfigError(f"label config does not parse: {err}") from err
+    images = {obj.name: obj for obj in interface.objects if obj.tag.lower() == "image"}
+    for control in interface.controls:
+        if control.tag.lower() != "choices":
+            continue
+        targets = [name for name in control.to_name if name in images]
+        labels = list(getattr(control, "labels", []) or [])
+        if not targets or anomaly_label not in labels:
+            continue
+        others = [c for c in labels if c != anomaly_label]
+        if not others:
+            raise LabelConfigError(f"<Choices name={control.name!r}> offers only "
+                                   f"{anomaly_label!r}; it needs a second choice")
+        return ChoiceSchema(from_name=control.name, to_name=targets[0],
+                            image_key=images[targets[0]].value.lstrip("$"),
+                            anomaly_choice=anomaly_label, normal_choice=others[0])
+    raise LabelConfigError(f"label config has no <Choices> with a {anomaly_label!r} choice "
+                           "that labels an <Image>")
+
+
+def latest_labels(tasks: Sequence[dict[str, Any]], schema: ChoiceSchema) -> dict[int, int]:
+    """Task id -> label (1 anomaly, 0 normal) from each task's most recent valid annotation.
+
+    Cancelled (skipped) annotations and annotations without our control are ignored;
+    "most recent" is the latest `updated_at` (then `created_at`, then id).
+    """
+    labels: dict[int, int] = {}
+    for task in tasks:
+        valid = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
+        valid.sort(key=lambda a: (a.get("updated_at") or "", a.get("created_at") or "",
+                                  a.get("id") or 0))
+        for annotation in reversed(valid):
+            label = schema.label_of(annotation.get("result") or [])
+            if label is not None:
+                labels[int(task["id"])] = label
+                break
+    return labels
+
+
+def ground_truth_labels(tasks: Sequence[dict[str, Any]], schema: ChoiceSchema) -> dict[int, int]:
+    """Task id -> label from the task's most recent annotation marked as ground truth.
+
+    These form the held-out set: they are scored after each cycle, never trained on.
+    """
+    marked = [{**task, "annotations": [a for a in task.get("annotations") or []
+                                       if a.get("ground_truth")]} for task in tasks]
+    return latest_labels(marked, schema)
+
+
+def local_files_dir(rows: Iterable[dict[str, Any]], document_root: Path) -> Path | None:
+    """The deepest folder holding every local-files preview (None if no local-files URL)."""
+    paths = [str(document_root / unquote(row["image"][len(LOCAL_FILES_PREFIX):]))
+             for row in rows if str(row.get("image", "")).startswith(LOCAL_FILES_PREFIX)]
+    if not paths:
+        return None
+    folder = Path(os.path.commonpath([os.path.dirname(p) for p in paths])).resolve()
+    if not folder.is_dir():
+        raise ValueError(f"previews folder {folder} (from the tasks' local-files URLs and "
+                         f"document root {document_root}) does not exist: push with the "
+                         "--document-root the import used")
+    return folder
