@@ -25,11 +25,11 @@ import numpy as np
 
 from benchmarks.datasets import FIRST_CLASSES
 from benchmarks.detection_quality import dataset_paths, run_one, table_header, table_row
+from ml_backend.cli.options import center_crop_arg
 from ml_backend.core import metrics
 from ml_backend.core.baselines import extract_features, pretrained_feature_fn
-from ml_backend.core.cli_options import center_crop_arg
-from ml_backend.core.cli_simulate import truth_vector
 from ml_backend.core.config import TrainConfig
+from ml_backend.core.csvio import truth_vector
 from ml_backend.core.simulate import SimulationPlan, choose_pool
 from ml_backend.core.store import CutoutStore
 

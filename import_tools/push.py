@@ -8,7 +8,6 @@ import storage covering the previews is registered (once) so Label Studio serves
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -115,42 +114,3 @@ def push(client: LabelStudioClient, project_id: int, store_paths: Sequence[Path]
             summary.created += len(batch)
             bar.update(len(batch))
     return summary
-
-
-def register(kinds: argparse._SubParsersAction) -> None:
-    """Add `amls import push`."""
-    p = kinds.add_parser("push", help="create Label Studio tasks from imported stores")
-    p.add_argument("--project", type=int, required=True, help="Label Studio project id")
-    p.add_argument("--store", type=Path, action="append", required=True, dest="stores",
-                   help="cutout store whose <store>.tasks.jsonl to push (repeatable)")
-    p.add_argument("--batch-size", type=int, default=1000)
-    p.add_argument("--with-predictions", type=Path, metavar="MODEL_DIR",
-                   help="score the stores with this model and attach predictions")
-    p.add_argument("--anomaly-label", default="anomaly",
-                   help="choice value meaning anomaly in the label config (default anomaly)")
-    p.add_argument("--document-root", type=Path,
-                   help="LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT, to register local-files storage "
-                        "(default: the environment variable, if set)")
-    p.add_argument("--url", help="Label Studio URL (default: $LABEL_STUDIO_URL)")
-    p.add_argument("--api-key", help="API token (default: $LABEL_STUDIO_API_KEY)")
-    from import_tools.cli import guarded
-
-    p.set_defaults(func=guarded(_cmd_push))
-
-
-def _cmd_push(args: argparse.Namespace) -> int:
-    from ml_backend.config import Config
-
-    cfg = Config.from_env()
-    url = args.url or cfg.label_studio_url
-    key = args.api_key or cfg.label_studio_api_key
-    if not url or not key:
-        raise ValueError("need --url/--api-key or LABEL_STUDIO_URL and "
-                         "LABEL_STUDIO_API_KEY")
-    root = args.document_root or cfg.local_files_root
-    client = LabelStudioClient(url, key)
-    summary = push(client, args.project, args.stores, batch_size=args.batch_size,
-                   document_root=Path(root) if root else None,
-                   model_dir=args.with_predictions, anomaly_label=args.anomaly_label)
-    print(summary.line())
-    return 0

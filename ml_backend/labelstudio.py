@@ -19,6 +19,7 @@ import requests
 from label_studio_sdk import LabelStudio, PredictionRequest
 from label_studio_sdk.core.api_error import ApiError
 
+from ml_backend.core.errors import AmlsError
 from ml_backend.label_schema import VIEW_DATA, VIEW_TITLE, ChoiceSchema
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ class LabelStudioError(RuntimeError):
         self.status_code = status_code
 
 
-class ProjectNotFound(LookupError):
+class ProjectNotFound(AmlsError, LookupError):
     """Label Studio has no project with the id asked for (or the token may not see it)."""
 
 

@@ -363,6 +363,6 @@ def test_an_unexpected_error_is_a_message_and_exit_2(tmp_path, monkeypatch, caps
         raise RuntimeError("disk controller on fire")
 
     monkeypatch.setattr(pipeline, "run_jobs", broken)
-    monkeypatch.setattr("import_tools.cli.run_jobs", broken)
+    monkeypatch.setattr("ml_backend.cli.imports.run_jobs", broken)
     assert amls_import(tmp_path, str(M13), "--size", "32") == 2
     assert "the run failed: RuntimeError: disk controller on fire" in capsys.readouterr().err

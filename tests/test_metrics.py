@@ -135,4 +135,6 @@ def test_cli_evaluate_truth_without_score_is_an_error(tmp_path, capsys):
     (tmp_path / "scores.csv").write_text("id,score\na,0.9\n")
     (tmp_path / "truth.csv").write_text("id,label\na,anomaly\nb,normal\n")
     code = main(["evaluate", str(tmp_path / "scores.csv"), "--truth", str(tmp_path / "truth.csv")])
-    assert code == 1 and capsys.readouterr().out == ""
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    assert "amls evaluate: error: 1 of 2 ids" in captured.err

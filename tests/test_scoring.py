@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 
 import numpy as np
 import pytest
 import torch
 
-from ml_backend.core import cli_score
+from ml_backend.cli import main
 from ml_backend.core.checkpoint import ModelMeta, new_version, save_model_dir, utc_now_iso
 from ml_backend.core.config import TrainConfig
 from ml_backend.core.model import anomaly_probability, build_model, set_seed
@@ -232,14 +231,6 @@ def scored_files(model, tmp_path):
                                                   strict=True))
 
 
-def main(argv: list[str]) -> int:
-    """`amls score ...` through this subcommand's own parser (independent of other rooms)."""
-    parser = argparse.ArgumentParser(prog="amls")
-    cli_score.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
 def read_csv(path) -> list[tuple[str, float]]:
     with open(path, newline="") as fh:
         rows = list(csv.reader(fh))
@@ -271,13 +262,13 @@ def test_cli_top_limits_csv_and_prints(scored_files, tmp_path, capsys):
     assert printed == best
 
 
-def test_cli_refuses_a_store_with_another_stretch(model, tmp_path, caplog):
+def test_cli_refuses_a_store_with_another_stretch(model, tmp_path, capsys):
     with CutoutStore.create(tmp_path / "png.h5", height=SIZE, width=SIZE, channels=3,
                             stretch={"name": "none"}) as store:
         store.append(["a"], random_images(1))
     model_dir = save_model_dir(tmp_path / "m", ema=model, student=model, meta=make_meta())
     status = main(["score", str(tmp_path / "png.h5"), "--model", str(model_dir),
                    "-o", str(tmp_path / "x.csv")])
-    assert status == 1
-    assert "stretch" in caplog.text
+    assert status == 2
+    assert "amls score: error:" in capsys.readouterr().err
     assert not (tmp_path / "x.csv").exists()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ml_backend import server_cli
 from ml_backend.cli import main
+from ml_backend.cli import serve as server_cli
 
 
 @pytest.fixture

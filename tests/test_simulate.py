@@ -101,12 +101,13 @@ def test_simulate_command_prints_cycles_then_final_summary(tmp_path, capsys):
     assert 0.0 <= final["auroc"] <= 1.0 and final["score_images_per_second"] > 0
 
 
-def test_simulate_command_reports_truth_ids_missing_from_the_store(tmp_path, caplog):
+def test_simulate_command_reports_truth_ids_missing_from_the_store(tmp_path, capsys):
     make_toy_store(tmp_path / "toy.h5")
     write_labels_csv(tmp_path / "truth.csv", {"nope": 1})
     code = main(["simulate", str(tmp_path / "toy.h5"), "--truth", str(tmp_path / "truth.csv")])
     assert code == 2
-    assert "not in" in caplog.text and "nope" in caplog.text
+    err = capsys.readouterr().err
+    assert "amls simulate: error:" in err and "not in" in err and "nope" in err
 
 
 def test_simulate_command_passes_size_and_center_crop_to_training(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -276,12 +277,12 @@ def test_cli_trains_then_continues(store_and_labels, tmp_path, capsys):
     assert second["iterations_total"] == 3
     assert read_meta(tmp_path / "m2").parent == first["version"]
 
-    with pytest.raises(SystemExit, match="image size 32 in the model, 64 now"):
-        main(["train", str(store), "--labels", str(labels), "--image-size", "64",
-              "--init", str(tmp_path / "m1"), "-o", str(tmp_path / "m3")])
-    with pytest.raises(SystemExit, match="centre crop 1.0 in the model, 0.5 now"):
-        main(["train", str(store), "--labels", str(labels), "--center-crop", "0.5",
-              "--init", str(tmp_path / "m1"), "-o", str(tmp_path / "m3")])
+    err = _train_error(capsys, str(store), "--labels", str(labels), "--image-size", "64",
+                       "--init", str(tmp_path / "m1"), "-o", str(tmp_path / "m3"))
+    assert re.search("image size 32 in the model, 64 now", err)
+    err = _train_error(capsys, str(store), "--labels", str(labels), "--center-crop", "0.5",
+                       "--init", str(tmp_path / "m1"), "-o", str(tmp_path / "m3"))
+    assert re.search("centre crop 1.0 in the model, 0.5 now", err)
 
 
 def test_cli_center_crop_is_recorded_and_kept_by_continuations(store_and_labels, tmp_path,
@@ -318,11 +319,12 @@ def test_cli_training_settings_are_recorded_inherited_and_kept(store_and_labels,
     # Inherited by the continuation; hyperparameters may change, the invariance may not.
     assert (second.invariance, second.bn_momentum, second.drop_path_rate, second.drop_rate) == (
         "flip", 0.01, 0.2, 0.3)
-    with pytest.raises(SystemExit, match="invariance flip in the model, dihedral now"):
-        main(["train", str(store), *common, "--invariance", "dihedral",
-              "--init", str(tmp_path / "m1"), "-o", str(tmp_path / "m3")])
-    with pytest.raises(SystemExit, match="drop_rate must be in"):
-        main(["train", str(store), *common, "--drop-rate", "1", "-o", str(tmp_path / "m4")])
+    err = _train_error(capsys, str(store), *common, "--invariance", "dihedral",
+                       "--init", str(tmp_path / "m1"), "-o", str(tmp_path / "m3"))
+    assert re.search("invariance flip in the model, dihedral now", err)
+    err = _train_error(capsys, str(store), *common, "--drop-rate", "1", "-o",
+                       str(tmp_path / "m4"))
+    assert re.search("drop_rate must be in", err)
 
 
 def test_cli_new_model_takes_the_invariance_the_store_records(store_and_labels, tmp_path,
@@ -344,11 +346,20 @@ def test_cli_refuses_a_center_crop_outside_0_1(value, capsys):
     assert "--center-crop" in capsys.readouterr().err
 
 
-def test_cli_names_ids_missing_from_the_store(store_and_labels, tmp_path):
+def test_cli_names_ids_missing_from_the_store(store_and_labels, tmp_path, capsys):
     store, labels = store_and_labels
     labels.write_text("id,label\nc000,normal\nnope1,anomaly\nnope2,normal\n")
-    with pytest.raises(SystemExit, match=r"2 id\(s\) .* not in store .*'nope1', 'nope2'"):
-        main(["train", str(store), "--labels", str(labels), "-o", str(tmp_path / "m")])
+    err = _train_error(capsys, str(store), "--labels", str(labels), "-o", str(tmp_path / "m"))
+    assert re.search(r"2 id\(s\) .* not in store .*'nope1', 'nope2'", err)
+
+
+def _train_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """`amls train ARGV` fails with status 2 and one "amls train: error:" line; that line."""
+    capsys.readouterr()
+    assert main(["train", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("amls train: error: ") and err.count("\n") == 1
+    return err
 
 
 def test_ema_warmup_follows_lifetime_steps_and_caps_at_decay():

@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ml_backend.core.config import TrainConfig
+from ml_backend.core.errors import AmlsError
 from ml_backend.core.model import build_model, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ VERSION_PREFIX = "amls-"
 _FILE_MODE = 0o644
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(AmlsError, RuntimeError):
     """A model directory is missing, incomplete or corrupt."""
 
 

@@ -11,8 +11,12 @@ import csv
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ml_backend.core.store import CutoutStore
 
 LABEL_NAMES = {1: "anomaly", 0: "normal"}
 _LABEL_VALUES = {name: value for value, name in LABEL_NAMES.items()}
@@ -117,3 +121,15 @@ def read_scores_csv(path: str | Path) -> tuple[list[str], np.ndarray]:
         ids.append(cutout_id)
         scores.append(score)
     return ids, np.asarray(scores, dtype=np.float64)
+
+
+def truth_vector(store: CutoutStore, truth_csv: str | Path) -> np.ndarray:
+    """(len(store),) ints: 1 anomaly, 0 normal, -1 for store rows the truth file lacks."""
+    labels = read_labels_csv(truth_csv)
+    truth = np.full(len(store), -1, dtype=np.int64)
+    missing = [i for i in labels if i not in store]
+    if missing:
+        raise ValueError(f"{truth_csv}: {len(missing)} ids are not in {store.path}, "
+                         f"e.g. {missing[:3]}")
+    truth[store.indices_of(list(labels))] = list(labels.values())
+    return truth

@@ -64,9 +64,6 @@ def run_build(args: argparse.Namespace) -> int:
                                          invariance=args.invariance)
     except BuildFailed as err:
         report = err.report
-    except (OSError, ValueError) as err:
-        log.error("%s", err)
-        return 1
     for path, reason in report.failed:
         sys.stdout.write(f"failed: {path}: {reason}\n")
     sys.stdout.write(f"{args.output}: {report.summary()}\n")
@@ -77,13 +74,9 @@ def run_info(args: argparse.Namespace) -> int:
     """Print {"path", "count", "shape", "channels", "stretch", "invariance", "created"}."""
     from ml_backend.core.store import CutoutStore
 
-    try:
-        with CutoutStore.open(args.store) as store:
-            info = {"path": str(store.path), "count": len(store), "shape": list(store.shape),
-                    "channels": store.channels, "stretch": store.stretch,
-                    "invariance": store.invariance, "created": store.created}
-    except (OSError, ValueError) as err:
-        log.error("%s", err)
-        return 1
+    with CutoutStore.open(args.store) as store:
+        info = {"path": str(store.path), "count": len(store), "shape": list(store.shape),
+                "channels": store.channels, "stretch": store.stretch,
+                "invariance": store.invariance, "created": store.created}
     sys.stdout.write(json.dumps(info) + "\n")
     return 0

@@ -25,28 +25,24 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print the metrics as JSON; exit status 1 with a message on bad or mismatched input."""
+    """Print the metrics as JSON; bad or mismatched input is an error (exit status 2)."""
     import numpy as np
 
     from ml_backend.core import metrics
     from ml_backend.core.csvio import read_labels_csv, read_scores_csv
 
-    try:
-        ids, scores = read_scores_csv(args.scores)
-        truth = read_labels_csv(args.truth)
-        scored = set(ids)
-        missing = [cid for cid in truth if cid not in scored]
-        if missing:
-            raise ValueError(f"{len(missing)} of {len(truth)} ids in {args.truth} have no score "
-                             f"in {args.scores}, e.g. {missing[:5]}")
-        keep = np.array([cid in truth for cid in ids], dtype=bool)
-        labels = np.array([truth[cid] for cid, k in zip(ids, keep, strict=True) if k], dtype=int)
-        result = metrics.evaluate(labels, scores[keep])
-        if args.plot:
-            metrics.plot_evaluation(labels, scores[keep], args.plot)
-    except (OSError, ValueError) as err:
-        log.error("%s", err)
-        return 1
+    ids, scores = read_scores_csv(args.scores)
+    truth = read_labels_csv(args.truth)
+    scored = set(ids)
+    missing = [cid for cid in truth if cid not in scored]
+    if missing:
+        raise ValueError(f"{len(missing)} of {len(truth)} ids in {args.truth} have no score "
+                         f"in {args.scores}, e.g. {missing[:5]}")
+    keep = np.array([cid in truth for cid in ids], dtype=bool)
+    labels = np.array([truth[cid] for cid, k in zip(ids, keep, strict=True) if k], dtype=int)
+    result = metrics.evaluate(labels, scores[keep])
+    if args.plot:
+        metrics.plot_evaluation(labels, scores[keep], args.plot)
     ignored = int((~keep).sum())
     if ignored:
         log.warning("%d scored ids are not in %s and were ignored", ignored, args.truth)

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from import_tools import fits_reader, plan
 from import_tools.pipeline import Output, Settings, Writer, open_existing, run_jobs
+from import_tools.push import push
 from import_tools.report import ImportSummary, write_report
+from ml_backend.config import Config
 from ml_backend.core.config import INVARIANCES
 from ml_backend.core.stretch import make_stretch, parse_stretch_params
+from ml_backend.labelstudio import LabelStudioClient
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     fits_p.add_argument("--files-per-object", type=int, default=1, metavar="N",
                         help="N consecutive files form one object, one channel each")
     _add_common(fits_p, stretch_default="asinh")
-    fits_p.set_defaults(func=guarded(_cmd_fits))
+    fits_p.set_defaults(func=_cmd_fits)
 
     for kind in ("hdf5", "zarr"):
         arr = kinds.add_parser(kind, help=f"an {kind.upper()} image stack or group-per-image file")
@@ -44,17 +45,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         arr.add_argument("--image-key", default="Img",
                          help="image dataset inside each per-image group (default Img)")
         _add_common(arr, stretch_default="none")
-        arr.set_defaults(func=guarded(_cmd_array), kind=kind)
+        arr.set_defaults(func=_cmd_array, kind=kind)
 
     images = kinds.add_parser("images", help="a PNG / JPEG / TIFF folder tree")
     images.add_argument("directory", type=Path)
     images.add_argument("--channels", type=int, default=3, choices=(1, 3))
     _add_common(images, stretch_default=None)
-    images.set_defaults(func=guarded(_cmd_images))
+    images.set_defaults(func=_cmd_images)
 
-    from import_tools import push
-
-    push.register(kinds)
+    _register_push(kinds)
 
 
 def _add_common(parser: argparse.ArgumentParser, *, stretch_default: str | None) -> None:
@@ -78,28 +77,6 @@ def _add_common(parser: argparse.ArgumentParser, *, stretch_default: str | None)
                         help="exit 0 even when some items failed")
     parser.add_argument("--report", type=Path,
                         help="failure report, JSON lines (default: <store>.report.jsonl)")
-
-
-def guarded(command: Callable[[argparse.Namespace], int]
-            ) -> Callable[[argparse.Namespace], int]:
-    """Run a command with the import's exit codes: 0 everything imported, 1 some items failed
-    (listed in the report), 2 the run itself failed (bad arguments or input, or an
-    unexpected error: one clear message, the traceback with -v)."""
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return command(args)
-        except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as err:
-            log.debug("import failed", exc_info=True)
-            print(f"amls import {args.import_kind}: error: {err}", file=sys.stderr)
-            return 2
-        except Exception as err:  # noqa: BLE001 - the run itself failed; say so
-            log.debug("import failed", exc_info=True)
-            print(f"amls import {args.import_kind}: the run failed: "
-                  f"{type(err).__name__}: {err} (rerun with -v for the traceback)",
-                  file=sys.stderr)
-            return 2
-
-    return run
 
 
 def _finish(args: argparse.Namespace, summary: ImportSummary) -> int:
@@ -207,3 +184,38 @@ def _cmd_images(args: argparse.Namespace) -> int:
     summary = import_image_folder(args.directory, output, size=args.size,
                                   channels=args.channels, invariance=args.invariance)
     return _finish(args, summary)
+
+
+def _register_push(kinds: argparse._SubParsersAction) -> None:
+    """Add `amls import push`."""
+    p = kinds.add_parser("push", help="create Label Studio tasks from imported stores")
+    p.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    p.add_argument("--store", type=Path, action="append", required=True, dest="stores",
+                   help="cutout store whose <store>.tasks.jsonl to push (repeatable)")
+    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--with-predictions", type=Path, metavar="MODEL_DIR",
+                   help="score the stores with this model and attach predictions")
+    p.add_argument("--anomaly-label", default="anomaly",
+                   help="choice value meaning anomaly in the label config (default anomaly)")
+    p.add_argument("--document-root", type=Path,
+                   help="LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT, to register local-files storage "
+                        "(default: the environment variable, if set)")
+    p.add_argument("--url", help="Label Studio URL (default: $LABEL_STUDIO_URL)")
+    p.add_argument("--api-key", help="API token (default: $LABEL_STUDIO_API_KEY)")
+    p.set_defaults(func=_cmd_push)
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    cfg = Config.from_env()
+    url = args.url or cfg.label_studio_url
+    key = args.api_key or cfg.label_studio_api_key
+    if not url or not key:
+        raise ValueError("need --url/--api-key or LABEL_STUDIO_URL and "
+                         "LABEL_STUDIO_API_KEY")
+    root = args.document_root or cfg.local_files_root
+    client = LabelStudioClient(url, key)
+    summary = push(client, args.project, args.stores, batch_size=args.batch_size,
+                   document_root=Path(root) if root else None,
+                   model_dir=args.with_predictions, anomaly_label=args.anomaly_label)
+    print(summary.line())
+    return 0

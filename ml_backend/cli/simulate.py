@@ -6,10 +6,9 @@ import argparse
 import json
 import sys
 
-import numpy as np
-
-from ml_backend.core.cli_options import add_training_options, center_crop_arg, training_overrides
+from ml_backend.cli.options import add_training_options, center_crop_arg, training_overrides
 from ml_backend.core.config import TrainConfig
+from ml_backend.core.csvio import truth_vector
 
 FINAL_KEYS = ("auroc", "ap", "precision_top_0_1pct", "precision_top_1pct",
               "seconds_per_cycle", "score_images_per_second")
@@ -48,20 +47,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     add_training_options(p)
     p.set_defaults(func=run)
-
-
-def truth_vector(store, truth_csv: str) -> np.ndarray:
-    """(len(store),) ints: 1 anomaly, 0 normal, -1 for store rows the truth file lacks."""
-    from ml_backend.core.csvio import read_labels_csv
-
-    labels = read_labels_csv(truth_csv)
-    truth = np.full(len(store), -1, dtype=np.int64)
-    missing = [i for i in labels if i not in store]
-    if missing:
-        raise ValueError(f"{truth_csv}: {len(missing)} ids are not in {store.path}, "
-                         f"e.g. {missing[:3]}")
-    truth[store.indices_of(list(labels))] = list(labels.values())
-    return truth
 
 
 def run(args: argparse.Namespace) -> int:

@@ -45,27 +45,23 @@ def _positive_int(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Score the store, write the CSV; exit status 1 with a message on bad input."""
+    """Score the store and write the CSV."""
     import numpy as np
 
-    from ml_backend.core.checkpoint import CheckpointError, load_model_dir
+    from ml_backend.core.checkpoint import load_model_dir
     from ml_backend.core.csvio import write_scores_csv
     from ml_backend.core.scoring import score_store
     from ml_backend.core.store import CutoutStore
 
-    try:
-        model, meta = load_model_dir(args.model)
-        with CutoutStore.open(args.store) as store:
-            start = time.perf_counter()
-            scores = score_store(store, model, meta, batch_size=args.batch_size,
-                                 device=args.device, compile=args.compile,
-                                 progress_desc=f"scoring {store.path.name}")
-            seconds = time.perf_counter() - start
-            ids = store.ids()[:len(scores)]
-        write_scores_csv(args.output, ids, scores, top=args.top)
-    except (CheckpointError, OSError, ValueError) as err:
-        logger.error("%s", err)
-        return 1
+    model, meta = load_model_dir(args.model)
+    with CutoutStore.open(args.store) as store:
+        start = time.perf_counter()
+        scores = score_store(store, model, meta, batch_size=args.batch_size,
+                             device=args.device, compile=args.compile,
+                             progress_desc=f"scoring {store.path.name}")
+        seconds = time.perf_counter() - start
+        ids = store.ids()[:len(scores)]
+    write_scores_csv(args.output, ids, scores, top=args.top)
     logger.info("scored %d images with model %s in %.1f s (%.0f images/s); wrote %s",
                 len(scores), meta.version, seconds, len(scores) / max(seconds, 1e-9),
                 args.output)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ml_backend.core.cli_options import add_training_options, center_crop_arg, training_overrides
+from ml_backend.cli.options import add_training_options, center_crop_arg, training_overrides
 from ml_backend.core.config import TrainConfig
 from ml_backend.core.csvio import LABEL_NAMES, read_labels_csv
 from ml_backend.core.sources import StoreSubset
@@ -55,14 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ml_backend.core.checkpoint import CheckpointError  # torch loads on first real use
-
-    try:
-        summary = train_from_files(args.store, args.labels, args.output, init_dir=args.init,
-                                   overrides=_overrides(args))
-    except (ValueError, KeyError, FileNotFoundError, CheckpointError, FloatingPointError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        raise SystemExit(f"amls train: error: {message}") from err
+    summary = train_from_files(args.store, args.labels, args.output, init_dir=args.init,
+                               overrides=_overrides(args))
     print(json.dumps(summary))
     return 0
 
