@@ -7,8 +7,9 @@ version's predictions written, "Most anomalous first" view in place) for a proje
 
     python -m benchmarks.loop_latency --tasks 1000 --webhooks 500
 
-Starts a private Label Studio (tests/live_services.py; binary from AMLS_LABEL_STUDIO_BIN) and
-serves the backend in-process with in-process jobs. Prints one JSON object.
+Starts a private Label Studio (tests/support/live_services.py; binary from
+AMLS_LABEL_STUDIO_BIN) and serves the backend in-process with in-process jobs. Prints one JSON
+object.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from ml_backend.app import create_app
 from ml_backend.config import Config
 from ml_backend.core.config import TrainConfig
 from ml_backend.service import AnomalyService
-from tests.live_services import running_label_studio
+from tests.support.live_services import running_label_studio
 
 logger = logging.getLogger("benchmarks.loop_latency")
 

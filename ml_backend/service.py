@@ -11,6 +11,7 @@ import functools
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -215,7 +216,7 @@ class AnomalyService:
                 for t in ids]
 
 
-def _model_dir_state(root: Any) -> str:
+def _model_dir_state(root: Path) -> str:
     """"ok" when MODEL_DIR is a writable folder, or could be made in a writable one; else why.
 
     Only looks: a health check creates nothing."""

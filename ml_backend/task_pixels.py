@@ -14,12 +14,17 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ml_backend.labelstudio import LabelStudioClient
 from ml_backend.registry import ModelRegistry
+
+if TYPE_CHECKING:  # torch loads only when a job or /predict scores
+    from torch import nn
+
+    from ml_backend.core.checkpoint import ModelMeta
 
 logger = logging.getLogger(__name__)
 
@@ -256,8 +261,8 @@ def unlabeled_pool(pixels: ProjectPixels, task_ids: list[int], default: str) -> 
     return StoreSubset(pixels.stores[path], np.array(rows, dtype=np.int64))
 
 
-def score_tasks(pixels: ProjectPixels, task_ids: Sequence[int], model: Any, meta: Any,
-                batch_size: int, device: str) -> list[tuple[int, float]]:
+def score_tasks(pixels: ProjectPixels, task_ids: Sequence[int], model: nn.Module,
+                meta: ModelMeta, batch_size: int, device: str) -> list[tuple[int, float]]:
     """(task id, P(anomaly)) for the tasks that have pixels, scored store by store in
     streaming batches. A store whose channels or stretch differ from the model's is skipped
     with a warning (its tasks get no score)."""

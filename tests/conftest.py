@@ -1,11 +1,12 @@
-"""Shared fixtures: live Redis and Label Studio servers (see tests/live_services.py)."""
+"""Shared fixtures: live Redis and Label Studio servers (see tests/support/live_services.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import pytest
-from live_services import LiveLabelStudio, running_label_studio, running_redis
+
+from tests.support.live_services import LiveLabelStudio, running_label_studio, running_redis
 
 
 @pytest.fixture(scope="session")

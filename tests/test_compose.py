@@ -16,10 +16,10 @@ from urllib.parse import urlparse
 
 import pytest
 import yaml
-from live_services import missing_service
 
 from ml_backend.cli import build_parser
 from ml_backend.config import Config
+from tests.support.live_services import missing_service
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE = REPO / "docker-compose.yml"

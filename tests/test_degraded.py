@@ -8,8 +8,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from json_server import json_server
-from shipped import BINARY_CONFIG
 
 from demo.local_servers import free_port
 from ml_backend.app import create_app
@@ -21,6 +19,8 @@ from ml_backend.core.store import CutoutStore
 from ml_backend.registry import ModelRegistry
 from ml_backend.service import AnomalyService
 from ml_backend.submitters import RQSubmitter
+from tests.support.json_server import json_server
+from tests.support.shipped import BINARY_CONFIG
 
 SIZE = 32
 LABEL_CONFIG = BINARY_CONFIG

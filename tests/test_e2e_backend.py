@@ -20,8 +20,6 @@ from typing import Any
 
 import pytest
 import requests
-from live_services import REPO_ROOT, LiveLabelStudio
-from shipped import BINARY_CONFIG, FROM_NAME, TO_NAME
 
 from demo.local_servers import free_port, stop_process
 from ml_backend.app import create_app
@@ -31,6 +29,8 @@ from ml_backend.core.config import TrainConfig
 from ml_backend.label_schema import VIEW_TITLE
 from ml_backend.registry import ModelRegistry
 from ml_backend.service import AnomalyService
+from tests.support.live_services import REPO_ROOT, LiveLabelStudio
+from tests.support.shipped import BINARY_CONFIG, FROM_NAME, TO_NAME
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -21,7 +21,6 @@ import torch
 from astropy.io import fits
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from shipped import BINARY_CONFIG
 
 from import_tools.fits_reader import FitsError, read_fits
 from import_tools.jobs import FitsImageJob
@@ -35,6 +34,7 @@ from ml_backend.core.model import build_model, set_seed
 from ml_backend.core.store import CutoutStore
 from ml_backend.registry import ModelRegistry
 from ml_backend.service import AnomalyService
+from tests.support.shipped import BINARY_CONFIG
 
 SIZE = 32
 STRETCH = {"name": "none"}

@@ -11,12 +11,12 @@ import pytest
 import requests
 from astropy.io import fits
 from astropy.wcs import WCS
-from shipped import BINARY_CONFIG, FROM_NAME, TO_NAME
 
 from import_tools.push import push
 from ml_backend.cli import main
 from ml_backend.labelstudio import LabelStudioClient
 from ml_backend.task_rows import append_tasks, read_tasks, tasks_path
+from tests.support.shipped import BINARY_CONFIG, FROM_NAME, TO_NAME
 
 M13 = Path(astropy.__file__).parent / "io/fits/hdu/compressed/tests/data/m13.fits"
 LABEL_CONFIG = BINARY_CONFIG

@@ -12,14 +12,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from shipped import BINARY_CONFIG, FROM_NAME, TO_NAME
-from store_tasks import random_store_tasks
 
 from ml_backend import jobs
 from ml_backend.config import Config
 from ml_backend.core import train
 from ml_backend.core.config import TrainConfig
 from ml_backend.registry import ModelRegistry
+from tests.support.shipped import BINARY_CONFIG, FROM_NAME, TO_NAME
+from tests.support.store_tasks import random_store_tasks
 
 LABEL_CONFIG = BINARY_CONFIG
 N_TASKS, ANOMALIES, NORMALS = 16, (1, 2, 3), (4, 5, 6, 7, 8)

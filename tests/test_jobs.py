@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-from json_server import json_server
 
 from demo.local_servers import free_port
 from ml_backend.jobs import run_training
@@ -27,6 +26,7 @@ from ml_backend.submitters import (
     RQSubmitter,
     wait_for_quiet,
 )
+from tests.support.json_server import json_server
 
 LABEL_CONFIG = """<View><Image name="image" value="$image"/>
 <Choices name="class" toName="image"><Choice value="normal"/><Choice value="anomaly"/>

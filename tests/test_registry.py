@@ -6,13 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from shipped import BINARY_CONFIG
 
 from ml_backend.config import Config
 from ml_backend.core.config import TrainConfig
 from ml_backend.registry import ModelRegistry
 from ml_backend.service import UNTRAINED, AnomalyService
 from ml_backend.submitters import InProcessSubmitter
+from tests.support.shipped import BINARY_CONFIG
 
 LABEL_CONFIG = BINARY_CONFIG
 

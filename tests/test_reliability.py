@@ -18,9 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from json_server import send_json
-from live_services import DEFAULT_REDIS_BIN, kill_rq_worker, missing_service, start_rq_worker
-from shipped import BINARY_CONFIG
 
 from demo.local_servers import free_port
 from ml_backend.app import create_app
@@ -30,6 +27,14 @@ from ml_backend.labelstudio import LabelStudioClient
 from ml_backend.registry import ModelRegistry
 from ml_backend.service import AnomalyService
 from ml_backend.submitters import QUEUED, InProcessSubmitter, JobSubmitter, RQSubmitter
+from tests.support.json_server import send_json
+from tests.support.live_services import (
+    DEFAULT_REDIS_BIN,
+    kill_rq_worker,
+    missing_service,
+    start_rq_worker,
+)
+from tests.support.shipped import BINARY_CONFIG
 
 PROJECT = 5
 N_WEBHOOKS = 1000

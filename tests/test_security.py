@@ -20,7 +20,6 @@ import pytest
 import requests
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from shipped import BINARY_CONFIG
 
 from import_tools.previews import preview_relpath
 from ml_backend.app import BadRequest, create_app, project_id_of
@@ -29,6 +28,7 @@ from ml_backend.core.config import TrainConfig
 from ml_backend.labelstudio import MAX_REDIRECTS, LabelStudioClient
 from ml_backend.registry import ModelRegistry
 from ml_backend.service import AnomalyService
+from tests.support.shipped import BINARY_CONFIG
 
 USER, PASSWORD = "label-studio", "pw-Zq81-never-logged"
 API_KEY = "key-7d1f0c-never-logged"

@@ -219,7 +219,7 @@ def test_demo_headless_check_sets_up_and_stops_its_servers(tmp_path):
     ls_bin = Path(os.environ.get("AMLS_LABEL_STUDIO_BIN",
                                  REPO / ".ls-venv" / "bin" / "label-studio"))
     if not ls_bin.exists():
-        from live_services import missing_service
+        from tests.support.live_services import missing_service
 
         missing_service(f"Label Studio binary not found at {ls_bin}")
     ls_port, backend_port = free_port(), free_port()

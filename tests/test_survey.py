@@ -17,8 +17,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from live_services import kill_rq_worker
-from shipped import BINARY_CONFIG
 
 from ml_backend import survey
 from ml_backend.cli import main as amls_main
@@ -37,6 +35,8 @@ from ml_backend.labelstudio import LabelStudioClient
 from ml_backend.survey import queue as survey_queue
 from ml_backend.survey import shard as survey_shard
 from ml_backend.task_rows import append_tasks, make_task, tasks_path
+from tests.support.live_services import kill_rq_worker
+from tests.support.shipped import BINARY_CONFIG
 
 SIZE = 32
 STRETCH = {"name": "none"}

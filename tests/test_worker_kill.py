@@ -16,10 +16,6 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from json_server import json_server
-from live_services import kill_rq_worker, start_rq_worker
-from shipped import BINARY_CONFIG
-from store_tasks import random_store_tasks
 
 from ml_backend import jobs
 from ml_backend.config import Config
@@ -27,6 +23,10 @@ from ml_backend.core.config import TrainConfig
 from ml_backend.registry import ModelRegistry
 from ml_backend.service import AnomalyService
 from ml_backend.submitters import QUEUED, RQSubmitter
+from tests.support.json_server import json_server
+from tests.support.live_services import kill_rq_worker, start_rq_worker
+from tests.support.shipped import BINARY_CONFIG
+from tests.support.store_tasks import random_store_tasks
 
 PROJECT = 11
 API_KEY = "scripted-key"

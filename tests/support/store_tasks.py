@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from shipped import FROM_NAME, TO_NAME
 
 from ml_backend.core.store import CutoutStore
+from tests.support.shipped import FROM_NAME, TO_NAME
 
 
 def random_store_tasks(store: Path, n_tasks: int, anomalies: Collection[int],

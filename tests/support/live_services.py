@@ -55,7 +55,7 @@ from demo.local_servers import (
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_LS_BIN = REPO_ROOT / ".ls-venv" / "bin" / "label-studio"
 DEFAULT_REDIS_BIN = Path("/usr/bin/redis-server")
 LS_START_TIMEOUT_S = float(os.environ.get("AMLS_LS_START_TIMEOUT_S", "300"))
@@ -83,7 +83,7 @@ def missing_service(reason: str) -> None:
 
 def start_rq_worker(redis_url: str, queue_name: str) -> subprocess.Popen:
     """A real `rq worker --burst` in its own session, able to import the tests and the code."""
-    tests_dir = Path(__file__).resolve().parent
+    tests_dir = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests_dir), str(tests_dir.parent)])}
     return subprocess.Popen([str(Path(sys.executable).parent / "rq"), "worker", "--burst",
                              "--url", redis_url, queue_name], cwd=tests_dir, env=env,

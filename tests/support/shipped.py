@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-LABEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "label_config"
+LABEL_CONFIG_DIR = Path(__file__).resolve().parents[2] / "label_config"
 # The default project config: <Image name="image" value="$image">, <Choices name="label">.
 BINARY_CONFIG = (LABEL_CONFIG_DIR / "anomaly_binary.xml").read_text(encoding="utf-8")
 FROM_NAME, TO_NAME = "label", "image"
