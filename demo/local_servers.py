@@ -88,11 +88,17 @@ def wait_for(check: Callable[[], bool], timeout_s: float, what: str,
                        f"(log: {log_path}); log tail:\n{tail}")
 
 
-def label_studio_env(base_env: Mapping[str, str], data_dir: Path,
-                     document_root: Path) -> dict[str, str]:
+def label_studio_env(base_env: Mapping[str, str], data_dir: Path, document_root: Path, *,
+                     username: str, password: str, token: str) -> dict[str, str]:
     """Environment for a local Label Studio: SQLite in `data_dir`, files under
-    `document_root` served as local files, ML backends on loopback allowed."""
+    `document_root` served as local files, ML backends on loopback allowed, no telemetry.
+    The first user and its legacy API token come from the environment, not the command
+    line, so `ps` does not show them."""
     return {**base_env,
+            "LABEL_STUDIO_USERNAME": username,
+            "LABEL_STUDIO_PASSWORD": password,
+            "LABEL_STUDIO_USER_TOKEN": token,
+            "COLLECT_ANALYTICS": "false",
             "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir),
             "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
             "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
@@ -102,11 +108,8 @@ def label_studio_env(base_env: Mapping[str, str], data_dir: Path,
             "DJANGO_DB": "sqlite"}
 
 
-def label_studio_command(binary: Path, port: int, data_dir: Path, *, username: str,
-                         password: str, token: str) -> list[str]:
-    """`label-studio start` on 127.0.0.1:`port` with this user and legacy API token."""
-    # `--opt=value`: a random password may start with "-".
+def label_studio_command(binary: Path, port: int, data_dir: Path) -> list[str]:
+    """`label-studio start` on 127.0.0.1:`port`; the user comes from `label_studio_env`."""
     return [str(binary), "start", "--no-browser", "--port", str(port),
             "--internal-host", "127.0.0.1", "--data-dir", str(data_dir),
-            f"--username={username}", f"--password={password}", f"--user-token={token}",
             "--enable-legacy-api-token"]

@@ -221,7 +221,8 @@ def run(args: argparse.Namespace) -> int:
     creds = credentials(data / "credentials.json")
     ls_url = f"http://127.0.0.1:{args.ls_port}"
     backend_url = f"http://127.0.0.1:{args.backend_port}"
-    ls_env = label_studio_env(base_env, data / "label-studio", data)
+    ls_env = label_studio_env(base_env, data / "label-studio", data, username=creds.username,
+                              password=creds.password, token=creds.token)
     backend_env = {**base_env,
                    "LABEL_STUDIO_URL": ls_url, "LABEL_STUDIO_API_KEY": creds.token,
                    "MODEL_DIR": str(data / "models"), "AMLS_STORE_ROOTS": str(data),
@@ -230,9 +231,7 @@ def run(args: argparse.Namespace) -> int:
                    "AMLS_CENTER_CROP": base_env.get("AMLS_CENTER_CROP", "0.5")}
     with children() as procs:
         procs.append(start_process(
-            label_studio_command(args.ls_bin, args.ls_port, data / "label-studio",
-                                 username=creds.username, password=creds.password,
-                                 token=creds.token),
+            label_studio_command(args.ls_bin, args.ls_port, data / "label-studio"),
             ls_env, logs / "label-studio.log", cwd=REPO))
         procs.append(start_process(
             [sys.executable, "-m", "ml_backend.cli", "serve", "--host", "127.0.0.1",

@@ -1,9 +1,11 @@
 """Screenshot of one task's labelling page in a running Label Studio, for the docs.
 
-    python -m demo.screenshot --url http://127.0.0.1:8080 --username demo@localhost \
-        --password ... --project 1 --task 66 --out docs/labeling.png
+    python -m demo.screenshot --url http://127.0.0.1:8080 --project 1 --task 66 --out task.png
 
-Needs Debian's `chromium` and `chromium-driver` and `selenium` from PyPI. Chromium runs
+The login is read from the demo's credentials file (`--credentials`, default
+demo-data/credentials.json, which `make demo` writes), never from the command line.
+Needs Debian's `chromium` and `chromium-driver` and `selenium` (`pip install -e '.[docs]'`).
+Chromium runs
 headless in a fresh temporary profile, logs in through the login form, opens the task in
 the Data Manager (where the prediction of the project's model version is shown) and waits
 until the cutout image has loaded.
@@ -12,6 +14,7 @@ until the cutout image has loaded.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import tempfile
@@ -77,20 +80,46 @@ def _image_loaded(driver) -> bool:
         "i => i.src.includes('local-files') && i.complete && i.naturalWidth > 0);"))
 
 
+DEFAULT_CREDENTIALS = Path(__file__).resolve().parent.parent / "demo-data" / "credentials.json"
+
+
+def read_login(path: Path) -> tuple[str, str]:
+    """(username, password) from a demo credentials file; ValueError naming what is wrong."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return str(data["username"]), str(data["password"])
+    except FileNotFoundError:
+        raise ValueError(f"{path} does not exist: run `make demo` first, or pass "
+                         "--credentials") from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a demo credentials file with a username and "
+                         f"password ({type(err).__name__}: {err})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m demo.screenshot",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--url", required=True, help="Label Studio base URL")
-    p.add_argument("--username", required=True)
-    p.add_argument("--password", required=True)
+    p.add_argument("--credentials", type=Path, default=DEFAULT_CREDENTIALS,
+                   help="JSON file with username and password (default: the demo's)")
     p.add_argument("--project", type=int, required=True)
     p.add_argument("--task", type=int, required=True)
     p.add_argument("--tab", type=int, help="Data Manager tab (view) id to open the task in")
-    p.add_argument("--out", type=Path, default=Path("docs/labeling.png"))
+    p.add_argument("--out", type=Path, required=True, help="PNG file to write")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    take_screenshot(args.url.rstrip("/"), args.username, args.password, args.project,
-                    args.task, args.out, tab=args.tab)
+    try:
+        import selenium  # noqa: F401 - checked here for a clear message
+    except ImportError:
+        print("demo.screenshot needs selenium: pip install -e '.[docs]'", file=sys.stderr)
+        return 2
+    try:
+        username, password = read_login(args.credentials)
+    except ValueError as err:
+        print(f"demo.screenshot: {err}", file=sys.stderr)
+        return 2
+    take_screenshot(args.url.rstrip("/"), username, password, args.project, args.task,
+                    args.out, tab=args.tab)
     return 0
 
 

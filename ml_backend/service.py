@@ -11,6 +11,7 @@ import functools
 import logging
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,13 @@ MODEL_CLASS = "AnomalyMatch"
 # /health asks Label Studio at most this often, and waits at most LABEL_STUDIO_TIMEOUT_S.
 LABEL_STUDIO_CHECK_S = 15.0
 LABEL_STUDIO_TIMEOUT_S = 1.0
+
+
+def iso_utc(epoch_s: float | None) -> str | None:
+    """Epoch seconds as ISO 8601 UTC to the second ("2026-12-03T12:40:10Z"); None stays None."""
+    if epoch_s is None:
+        return None
+    return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class AnomalyService:
@@ -160,7 +168,7 @@ class AnomalyService:
             "versions": self.registry.versions(project_id),
             "queue": {**self.submitter.state(project_id),
                       "last_duration_s": status.get("last_duration_s"),
-                      "last_finished": status.get("last_finished"),
+                      "last_finished": iso_utc(status.get("last_finished")),
                       "last_error": status.get("last_error"),
                       "jobs_total": status.get("jobs_total", 0),
                       "last_result": status.get("last_result")},

@@ -15,6 +15,7 @@ import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -166,8 +167,9 @@ def wait_for_jobs(backend: Backend, project_id: int, since: float) -> dict[str, 
         project = metrics["projects"].get(str(project_id))
         if project is not None:
             queue = project["queue"]
-            if (not queue["queued"] and not queue["running"]
-                    and (queue["last_finished"] or 0) > since):
+            finished = queue["last_finished"]  # ISO 8601 UTC, to the second
+            if (not queue["queued"] and not queue["running"] and finished is not None
+                    and datetime.fromisoformat(finished).timestamp() >= int(since)):
                 return project
         time.sleep(1.0)
     raise AssertionError(f"no finished training job for project {project_id} within "

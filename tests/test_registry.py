@@ -169,7 +169,12 @@ def test_service_scores_store_tasks_and_reloads_when_latest_moves(tmp_path: Path
     assert metrics["model_version"] == NAMES[1]
     assert metrics["label_counts"] == {"anomaly": 2, "normal": 3}
     assert metrics["queue"]["queued"] is False
+    assert metrics["queue"]["last_finished"] is None  # no job has finished yet
     assert service.versions(7)["versions"] == NAMES[:2]
+
+    registry.write_status(7, {"last_finished": 1796301610.75, "last_duration_s": 3.5})
+    queue = service.metrics()["projects"]["7"]["queue"]
+    assert queue["last_finished"] == "2026-12-03T12:40:10Z" and queue["last_duration_s"] == 3.5
 
 
 def test_prune_removes_what_killed_jobs_left_once_stale(tmp_path: Path):

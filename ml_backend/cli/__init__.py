@@ -55,6 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     set_verbose(args.verbose)
+    if not args.verbose:
+        # httpx logs every request at INFO, including the 404 that ends each paginated read
+        # of Label Studio's tasks; those lines are noise unless debugging.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
     except INPUT_ERRORS as err:

@@ -55,8 +55,6 @@ def setup_project_command(args: argparse.Namespace) -> int:
     except OSError as err:
         logger.error("cannot read label config %s: %s", args.config, err)
         return 2
-    if not getattr(args, "verbose", False):
-        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request
     basic_auth = (cfg.basic_auth_user, cfg.basic_auth_pass) if cfg.auth_enabled else None
     request = SetupRequest(title=args.title, label_config=label_config,
                            backend_url=args.backend_url, project_id=args.project,

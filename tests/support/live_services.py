@@ -155,16 +155,16 @@ def running_label_studio() -> Iterator[LiveLabelStudio]:
 
     port = free_port()
     token = secrets.token_hex(20)
-    # Hex, not urlsafe: a password starting with "-" would be read as a command-line option.
+    # Hex: a password that is safe in any shell or log line.
     username, password = "amls-test@localhost", secrets.token_hex(12)
     base = Path(tempfile.mkdtemp(prefix="amls-ls-"))
     document_root = base / "docroot"
     document_root.mkdir()
     log_path = base / "label-studio.log"
-    env = label_studio_env(os.environ, base / "data", document_root)
+    env = label_studio_env(os.environ, base / "data", document_root, username=username,
+                           password=password, token=token)
     env["SSRF_PROTECTION_ENABLED"] = "false"  # allow URL imports from loopback addresses
-    cmd = label_studio_command(binary, port, base / "data", username=username,
-                               password=password, token=token) + ["--log-level", "WARNING"]
+    cmd = label_studio_command(binary, port, base / "data") + ["--log-level", "WARNING"]
     url = f"http://127.0.0.1:{port}"
     proc = start_process(cmd, env, log_path, cwd=base)
     try:
