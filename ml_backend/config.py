@@ -56,6 +56,11 @@ class Config:
     # A queued job starts once no training request came for this many seconds (a burst of
     # annotations becomes one job); it waits at most 30 s in total.
     debounce_s: float = 2.0
+    # The least a project needs before its first (and every) training job: this many
+    # anomaly labels and this many other labels (AMLS_MIN_ANOMALIES, AMLS_MIN_NORMALS).
+    # A job with fewer is skipped, with the reason in /metrics' last_result.
+    min_anomalies: int = 1
+    min_normals: int = 3
     # Extra hosts (besides LABEL_STUDIO_URL's) that task images may be downloaded from.
     allowed_image_hosts: tuple[str, ...] = ()
     # Label Studio's LOCAL_FILES_DOCUMENT_ROOT, for import tools that make previews servable
@@ -70,7 +75,7 @@ class Config:
         for owner, names in ((self.train, ("iterations", "image_size", "batch_size",
                                            "score_batch_size")),
                              (self, ("versions_kept", "prediction_write_batch",
-                                     "job_timeout_s"))):
+                                     "job_timeout_s", "min_anomalies", "min_normals"))):
             for name in names:
                 value = getattr(owner, name)
                 if value < 1:
@@ -157,6 +162,8 @@ class Config:
             queue_name=env.get("AMLS_QUEUE", "amls"),
             job_timeout_s=_int(env, "AMLS_JOB_TIMEOUT_S", 3600),
             debounce_s=_float(env, "AMLS_DEBOUNCE_S", 2.0),
+            min_anomalies=_int(env, "AMLS_MIN_ANOMALIES", 1),
+            min_normals=_int(env, "AMLS_MIN_NORMALS", 3),
             allowed_image_hosts=tuple(
                 h.strip() for h in env.get("AMLS_ALLOWED_IMAGE_HOSTS", "").split(",") if h.strip()),
             store_roots=tuple(Path(p) for p in env.get("AMLS_STORE_ROOTS", "").split(os.pathsep)

@@ -121,9 +121,11 @@ def train_and_publish(project_id: int, settings: Config, client: LabelStudioClie
     held_out = ground_truth_labels(tasks, schema)
     labels = {t: y for t, y in latest_labels(tasks, schema).items() if t not in held_out}
     n_anomaly = sum(labels.values())
-    if n_anomaly == 0 or n_anomaly == len(labels):
-        reason = (f"needs at least one {anomaly_label!r} and one other label; has {n_anomaly} "
-                  f"{anomaly_label!r} of {len(labels)}")
+    n_other = len(labels) - n_anomaly
+    if n_anomaly < settings.min_anomalies or n_other < settings.min_normals:
+        reason = (f"needs at least {settings.min_anomalies} {anomaly_label!r} and "
+                  f"{settings.min_normals} other labels (AMLS_MIN_ANOMALIES, "
+                  f"AMLS_MIN_NORMALS); has {n_anomaly} and {n_other}")
         logger.info("project %d: not training yet: %s", project_id, reason)
         return {"project": project_id, "status": "skipped", "reason": reason}
     pixels = resolve_pixels(project_id, tasks, schema.image_key, registry,

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from ml_backend import jobs
-from ml_backend.config import Config
+from ml_backend.config import Config, ConfigError
 from ml_backend.core import train
 from ml_backend.core.config import TrainConfig
 from ml_backend.registry import ModelRegistry
@@ -210,3 +210,23 @@ def test_a_decompression_bomb_is_a_value_error(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow raises above 2x this
     with pytest.raises(ValueError, match="decompression bomb"):
         task_pixels.decode_image(data)
+
+
+def test_a_job_waits_for_the_minimal_label_set(project):
+    fake, registry, settings = project
+    # The project has 3 anomalies and 5 normals: asking for 6 normals skips the job.
+    summary = jobs.run_training(7, settings.replace(min_normals=6), fake)
+    assert summary["status"] == "skipped"
+    assert "needs at least 1 'anomaly' and 6 other labels" in summary["reason"]
+    assert "has 3 and 5" in summary["reason"]
+    assert registry.latest(7) is None and fake.predictions == {}
+    summary = jobs.run_training(7, settings.replace(min_anomalies=4), fake)
+    assert summary["status"] == "skipped" and "has 3 and 5" in summary["reason"]
+
+
+def test_the_minimal_label_set_comes_from_the_environment():
+    cfg = Config.from_env({"AMLS_MIN_ANOMALIES": "2", "AMLS_MIN_NORMALS": "10"})
+    assert (cfg.min_anomalies, cfg.min_normals) == (2, 10)
+    assert (Config.from_env({}).min_anomalies, Config.from_env({}).min_normals) == (1, 3)
+    with pytest.raises(ConfigError, match="min_normals must be >= 1"):
+        Config.from_env({"AMLS_MIN_NORMALS": "0"})
