@@ -18,8 +18,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from amls_cli.options import center_crop_arg
 from benchmarks.datasets import FIRST_CLASSES, build_animal, build_first
-from ml_backend.cli.options import center_crop_arg
 from ml_backend.core.config import TrainConfig
 from ml_backend.core.csvio import truth_vector
 from ml_backend.core.simulate import METHODS, SimulationPlan, run_simulation

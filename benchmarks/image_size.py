@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from amls_cli.options import center_crop_arg
 from benchmarks.datasets import FIRST_CLASSES
 from benchmarks.detection_quality import dataset_paths, run_one, table_header, table_row
-from ml_backend.cli.options import center_crop_arg
 from ml_backend.core import metrics
 from ml_backend.core.baselines import extract_features, pretrained_feature_fn
 from ml_backend.core.config import TrainConfig

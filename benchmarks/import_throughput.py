@@ -25,8 +25,8 @@ import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS
 
-from ml_backend.cli import build_parser
-from ml_backend.cli import main as amls
+from amls_cli import build_parser
+from amls_cli import main as amls
 from ml_backend.core.store import CutoutStore
 
 M13 = Path(astropy.__file__).parent / "io/fits/hdu/compressed/tests/data/m13.fits"

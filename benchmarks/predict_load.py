@@ -77,7 +77,7 @@ def start_server(model_dir: Path, port: int, user: str, password: str, workers: 
     env = {**os.environ, "MODEL_DIR": str(model_dir), "BASIC_AUTH_USER": user,
            "BASIC_AUTH_PASS": password, "AMLS_DEVICE": "cpu", "PYTHONPATH": str(REPO)}
     env.pop("REDIS_URL", None)
-    cmd = [sys.executable, "-m", "ml_backend.cli", "serve", "--host", "127.0.0.1", "--port",
+    cmd = [sys.executable, "-m", "amls_cli", "serve", "--host", "127.0.0.1", "--port",
            str(port), "--workers", str(workers)]
     with log.open("wb") as fh:
         proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)

@@ -81,7 +81,7 @@ def run_survey(store: Path, model: Path, out: Path, redis_url: str, workers: int
            "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
     start = time.perf_counter()
     survey.enqueue_pending(manifest.parent, redis_url, queue)
-    procs = [subprocess.Popen([sys.executable, "-m", "ml_backend.cli", "worker", "--burst"],
+    procs = [subprocess.Popen([sys.executable, "-m", "amls_cli", "worker", "--burst"],
                               env=env, cwd=REPO, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL) for _ in range(workers)]
     for proc in procs:

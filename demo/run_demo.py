@@ -175,7 +175,7 @@ def children() -> Iterator[list[subprocess.Popen]]:
 
 def amls(*args: str, env: dict[str, str]) -> None:
     """Run an `amls` subcommand with this interpreter; raise if it fails."""
-    cmd = [sys.executable, "-m", "ml_backend.cli", *args]
+    cmd = [sys.executable, "-m", "amls_cli", *args]
     done = subprocess.run(cmd, env=env, cwd=REPO, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"`amls {' '.join(args[:2])}` failed with status {done.returncode}")
@@ -234,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
             label_studio_command(args.ls_bin, args.ls_port, data / "label-studio"),
             ls_env, logs / "label-studio.log", cwd=REPO))
         procs.append(start_process(
-            [sys.executable, "-m", "ml_backend.cli", "serve", "--host", "127.0.0.1",
+            [sys.executable, "-m", "amls_cli", "serve", "--host", "127.0.0.1",
              "--port", str(args.backend_port)], backend_env, logs / "backend.log", cwd=REPO))
         print("Waiting for Label Studio (the first start migrates its database, "
               "a minute or two) ...")

@@ -1,4 +1,4 @@
-from ml_backend.cli import build_parser
+from amls_cli import build_parser
 
 
 def test_parser_builds_and_requires_a_command():

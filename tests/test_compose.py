@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from ml_backend.cli import build_parser
+from amls_cli import build_parser
 from ml_backend.config import Config
 from tests.support.live_services import missing_service
 

@@ -110,7 +110,7 @@ def serve(service: AnomalyService, cfg: Config) -> Iterator[str]:
 @contextlib.contextmanager
 def rq_worker(env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen]:
     with log_path.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "ml_backend.cli", "worker"],
+        proc = subprocess.Popen([sys.executable, "-m", "amls_cli", "worker"],
                                 env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:

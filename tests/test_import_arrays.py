@@ -13,7 +13,7 @@ import pytest
 import zarr
 from PIL import Image
 
-from ml_backend.cli import main
+from amls_cli import main
 from ml_backend.core.store import CutoutStore
 from ml_backend.core.stretch import make_stretch
 from ml_backend.task_rows import read_tasks, tasks_path

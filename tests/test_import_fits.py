@@ -14,7 +14,7 @@ from astropy.io import fits
 from astropy.wcs import WCS
 from PIL import Image
 
-from ml_backend.cli import main
+from amls_cli import main
 from ml_backend.core.store import CutoutStore
 from ml_backend.core.stretch import make_stretch
 from ml_backend.task_rows import read_tasks, tasks_path
@@ -363,6 +363,6 @@ def test_an_unexpected_error_is_a_message_and_exit_2(tmp_path, monkeypatch, caps
         raise RuntimeError("disk controller on fire")
 
     monkeypatch.setattr(pipeline, "run_jobs", broken)
-    monkeypatch.setattr("ml_backend.cli.imports.run_jobs", broken)
+    monkeypatch.setattr("amls_cli.imports.run_jobs", broken)
     assert amls_import(tmp_path, str(M13), "--size", "32") == 2
     assert "the run failed: RuntimeError: disk controller on fire" in capsys.readouterr().err

@@ -12,8 +12,8 @@ import requests
 from astropy.io import fits
 from astropy.wcs import WCS
 
+from amls_cli import main
 from import_tools.push import push
-from ml_backend.cli import main
 from ml_backend.labelstudio import LabelStudioClient
 from ml_backend.task_rows import append_tasks, read_tasks, tasks_path
 from tests.support.shipped import BINARY_CONFIG, FROM_NAME, TO_NAME

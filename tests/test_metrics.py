@@ -115,7 +115,7 @@ def test_plot_evaluation_writes_png(tmp_path):
 
 
 def test_cli_evaluate_prints_one_json_object(tmp_path, capsys):
-    from ml_backend.cli import main
+    from amls_cli import main
 
     (tmp_path / "scores.csv").write_text("id,score\na,0.9\nb,0.8\nc,0.7\nd,0.1\nextra,0.5\n")
     (tmp_path / "truth.csv").write_text("id,label\na,anomaly\nb,normal\nc,anomaly\nd,normal\n")
@@ -130,7 +130,7 @@ def test_cli_evaluate_prints_one_json_object(tmp_path, capsys):
 
 
 def test_cli_evaluate_truth_without_score_is_an_error(tmp_path, capsys):
-    from ml_backend.cli import main
+    from amls_cli import main
 
     (tmp_path / "scores.csv").write_text("id,score\na,0.9\n")
     (tmp_path / "truth.csv").write_text("id,label\na,anomaly\nb,normal\n")

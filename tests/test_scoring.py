@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ml_backend.cli import main
+from amls_cli import main
 from ml_backend.core.checkpoint import ModelMeta, new_version, save_model_dir, utc_now_iso
 from ml_backend.core.config import TrainConfig
 from ml_backend.core.model import anomaly_probability, build_model, set_seed

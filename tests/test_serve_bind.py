@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ml_backend.cli import main
-from ml_backend.cli import serve as server_cli
+from amls_cli import main
+from amls_cli import serve as server_cli
 
 
 @pytest.fixture

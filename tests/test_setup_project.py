@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from amls_cli import main
 from demo.local_servers import free_port, stop_process, wait_for
-from ml_backend.cli import main
 from ml_backend.label_schema import VIEW_TITLE
 from ml_backend.labelstudio import LabelStudioClient
 from ml_backend.project_setup import (
@@ -60,7 +60,7 @@ def backend(label_studio, tmp_path_factory) -> Iterator[tuple[str, Path]]:
            "LABEL_STUDIO_API_KEY": label_studio.token, "MODEL_DIR": str(workdir / "models"),
            "BASIC_AUTH_USER": AUTH[0], "BASIC_AUTH_PASS": AUTH[1], "OMP_NUM_THREADS": "1"}
     env.pop("REDIS_URL", None)
-    cmd = [sys.executable, "-m", "ml_backend.cli", "serve", "--host", "127.0.0.1",
+    cmd = [sys.executable, "-m", "amls_cli", "serve", "--host", "127.0.0.1",
            "--port", str(port)]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, env=env, cwd=REPO, start_new_session=True,

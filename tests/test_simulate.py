@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from ml_backend.cli import main
+from amls_cli import main
 from ml_backend.core.config import TrainConfig
 from ml_backend.core.csvio import write_labels_csv
 from ml_backend.core.simulate import SimulationPlan, choose_pool, oracle_picks, run_simulation

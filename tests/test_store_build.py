@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ml_backend.cli import main
+from amls_cli import main
 from ml_backend.core.image_folder import (
     STRETCH_MINMAX,
     BuildFailed,
@@ -131,4 +131,5 @@ def test_cli_build_and_info(folder, tmp_path, capsys):
     assert main(["store", "build", str(folder), "-o", str(out)]) == 1
     assert "failed: " in capsys.readouterr().out
     assert main(["store", "build", str(folder), "-o", str(out), "--skip-bad"]) == 0
-    assert main(["store", "info", str(tmp_path / "missing.h5")]) == 1
+    assert main(["store", "info", str(tmp_path / "missing.h5")]) == 2
+    assert "amls store info: error:" in capsys.readouterr().err

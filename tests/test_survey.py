@@ -18,8 +18,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from amls_cli import main as amls_main
 from ml_backend import survey
-from ml_backend.cli import main as amls_main
 from ml_backend.core.checkpoint import (
     ModelMeta,
     load_model_dir,
@@ -320,7 +320,7 @@ def worker_env(redis_url: str, queue: str) -> dict[str, str]:
 
 
 def start_worker(env: dict[str, str], log: Path, burst: bool = True) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "ml_backend.cli", "worker"] + (["--burst"] if burst else [])
+    cmd = [sys.executable, "-m", "amls_cli", "worker"] + (["--burst"] if burst else [])
     with log.open("ab") as fh:
         return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT,
                                 start_new_session=True)

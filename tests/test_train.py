@@ -11,7 +11,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from ml_backend.cli import main
+from amls_cli import main
 from ml_backend.core.checkpoint import load_training_state, read_meta
 from ml_backend.core.config import TrainConfig
 from ml_backend.core.csvio import write_labels_csv

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ml_backend.cli.options import add_training_options, center_crop_arg, training_overrides
+from amls_cli.options import add_training_options, center_crop_arg, training_overrides
 from ml_backend.core.config import TrainConfig
 from ml_backend.core.csvio import LABEL_NAMES, read_labels_csv
 from ml_backend.core.sources import StoreSubset

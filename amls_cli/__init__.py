@@ -20,8 +20,12 @@ from ml_backend.core.progress import set_verbose
 INPUT_ERRORS: tuple[type[BaseException], ...] = (AmlsError, ValueError, KeyError, OSError)
 
 
+# Where command groups keep the name of their subcommand ("amls store info", "amls import fits").
+SUBCOMMAND_DESTS = ("store_action", "import_kind", "survey_command")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from ml_backend.cli import (
+    from amls_cli import (
         evaluate,
         imports,
         score,
@@ -72,6 +76,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _report_failure(args: argparse.Namespace, text: str) -> None:
     logging.getLogger("amls").debug("command failed", exc_info=True)  # shown with -v
-    words = [args.command, getattr(args, "import_kind", None),
-             getattr(args, "survey_command", None)]
+    words = [args.command, *(getattr(args, dest, None) for dest in SUBCOMMAND_DESTS)]
     print(f"amls {' '.join(w for w in words if w)}: {text}", file=sys.stderr)

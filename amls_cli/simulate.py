@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from ml_backend.cli.options import add_training_options, center_crop_arg, training_overrides
+from amls_cli.options import add_training_options, center_crop_arg, training_overrides
 from ml_backend.core.config import TrainConfig
 from ml_backend.core.csvio import truth_vector
 
