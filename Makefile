@@ -24,10 +24,10 @@ $(LS_VENV)/.installed:
 install: $(VENV)/.installed
 
 lint: install
-	$(BIN)/ruff check ml_backend import_tools tests benchmarks demo
+	$(BIN)/ruff check amls_cli ml_backend import_tools tests benchmarks demo
 
 test: $(VENV)/.installed $(LS_VENV)/.installed
-	$(BIN)/ruff check ml_backend import_tools tests benchmarks demo
+	$(BIN)/ruff check amls_cli ml_backend import_tools tests benchmarks demo
 	AMLS_LABEL_STUDIO_BIN=$(abspath $(LS_VENV))/bin/label-studio $(BIN)/pytest -q $(PYTEST_ARGS)
 
 # Headless active-learning simulation on real FIRST radio galaxies (bent-tailed = rare);
