@@ -170,7 +170,7 @@ def train_and_publish(project_id: int, settings: Config, client: LabelStudioClie
     pruned = registry.prune(project_id, settings.versions_kept)
     kept = set(registry.versions(project_id)) - set(pruned)
     _delete_old_predictions(client, project_id, kept)
-    client.ensure_view(project_id)
+    client.ensure_views(project_id)
     return {"project": project_id, "status": "trained", "model_version": meta.version,
             "labels": counts, "label_studio_updated": switched,
             "predictions": written, "unlabeled": len(unlabeled), "evaluation": evaluation,

@@ -18,18 +18,48 @@ from label_studio_sdk.label_interface import LabelInterface
 
 # Label Studio serves files below LOCAL_FILES_DOCUMENT_ROOT at this URL prefix + relative path.
 LOCAL_FILES_PREFIX = "/data/local-files/?d="
-VIEW_TITLE = "Most anomalous first"
-# Data Manager view: unlabelled tasks only, highest prediction score (of the project's
-# model_version) first.
-VIEW_DATA: dict[str, Any] = {
-    "title": VIEW_TITLE,
-    "ordering": ["-tasks:predictions_score"],
-    "filters": {
-        "conjunction": "and",
-        "items": [{"filter": "filter:tasks:total_annotations", "operator": "equal",
-                   "type": "Number", "value": 0}],
-    },
+# ---- Data Manager tabs ------------------------------------------------------------------------
+# Label Studio 1.23 view data: a title, an ordering, filters and, per mode ("explore" = the
+# task list / grid, "labeling" = the list beside the labelling page), the columns to hide.
+# Column ids are "tasks:<Label Studio column>" and "tasks:data.<task data key>".
+VIEW_TITLE = "Most anomalous first"  # the queue: unlabelled tasks, highest score first
+LABELLED_TITLE = "Labelled"           # one's own work, most recently labelled first
+ALL_TITLE = "All tasks"
+
+# Label Studio's bookkeeping columns, which say nothing to someone judging images.
+_BOOKKEEPING = ("inner_id", "completed_at", "cancelled_annotations", "total_predictions",
+                "annotators", "annotations_ids", "predictions_model_versions",
+                "predictions_results", "file_upload", "storage_filename", "created_at",
+                "updated_at", "updated_by", "avg_lead_time", "draft_exists")
+# Task data for machines, not eyes: the server path of the cutout store and the FITS HDU.
+_MACHINE_DATA = ("store", "hdu")
+HIDDEN_COLUMNS: dict[str, list[str]] = {
+    "explore": [f"tasks:{c}" for c in _BOOKKEEPING] + [f"tasks:data.{k}" for k in _MACHINE_DATA],
+    # Beside the labelling page only the id, the score and the image stay.
+    "labeling": ([f"tasks:{c}" for c in (*_BOOKKEEPING, "total_annotations",
+                                          "annotations_results")]
+                 + [f"tasks:data.{k}" for k in (*_MACHINE_DATA, "cutout_id", "source", "ra",
+                                                 "dec")]),
 }
+
+
+def _annotations(operator: str) -> dict[str, Any]:
+    return {"conjunction": "and",
+            "items": [{"filter": "filter:tasks:total_annotations", "operator": operator,
+                       "type": "Number", "value": 0}]}
+
+
+# The tabs `amls setup-project` and every training job keep in place, in this order: their
+# title, ordering and filters are put back if changed; the hidden columns are a starting
+# point that an annotator may change (`LabelStudioClient.ensure_views`).
+VIEWS: tuple[dict[str, Any], ...] = (
+    {"title": VIEW_TITLE, "ordering": ["-tasks:predictions_score"],
+     "filters": _annotations("equal"), "hiddenColumns": HIDDEN_COLUMNS},
+    {"title": LABELLED_TITLE, "ordering": ["-tasks:completed_at"],
+     "filters": _annotations("greater"), "hiddenColumns": HIDDEN_COLUMNS},
+    {"title": ALL_TITLE, "ordering": ["-tasks:predictions_score"],
+     "filters": {"conjunction": "and", "items": []}, "hiddenColumns": HIDDEN_COLUMNS},
+)
 
 
 class LabelConfigError(ValueError):

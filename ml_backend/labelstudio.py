@@ -20,7 +20,7 @@ from label_studio_sdk import LabelStudio, PredictionRequest
 from label_studio_sdk.core.api_error import ApiError
 
 from ml_backend.core.errors import AmlsError
-from ml_backend.label_schema import VIEW_DATA, VIEW_TITLE, ChoiceSchema
+from ml_backend.label_schema import VIEWS, ChoiceSchema
 
 logger = logging.getLogger(__name__)
 
@@ -211,18 +211,30 @@ class LabelStudioClient:
         self._http("DELETE", f"api/projects/{project_id}/model-versions/",
                    json={"model_version": model_version})
 
-    def ensure_view(self, project_id: int) -> int:
-        """Create (or reset) the "Most anomalous first" Data Manager tab; return its id."""
+    def ensure_views(self, project_id: int) -> dict[str, int]:
+        """Create the Data Manager tabs of `VIEWS` that are missing, and put back the ordering
+        and filters of ours where they differ (the columns an annotator chose are kept; a
+        tab without any column choice gets ours); title -> view id."""
+        existing = {}
         for view in self.sdk.views.list(project=project_id):
-            data = view.data or {}
-            if isinstance(data, dict) and data.get("title") == VIEW_TITLE:
-                if data.get("ordering") != VIEW_DATA["ordering"]:
+            data = view.data if isinstance(view.data, dict) else {}
+            existing.setdefault(data.get("title"), (view, data))
+        ids = {}
+        for wanted in VIEWS:
+            title = wanted["title"]
+            if title in existing:
+                view, data = existing[title]
+                repair = {k: v for k, v in wanted.items()
+                          if data.get(k) != v and (k != "hiddenColumns" or k not in data)}
+                if repair:
                     self.sdk.views.update(id=str(view.id), project=project_id,
-                                          data={**data, **VIEW_DATA})
-                return int(view.id)
-        view = self.sdk.views.create(project=project_id, data=VIEW_DATA)
-        logger.info("project %d: created view %r (id %s)", project_id, VIEW_TITLE, view.id)
-        return int(view.id)
+                                          data={**data, **repair})
+                ids[title] = int(view.id)
+            else:
+                view = self.sdk.views.create(project=project_id, data=wanted)
+                logger.info("project %d: created view %r (id %s)", project_id, title, view.id)
+                ids[title] = int(view.id)
+        return ids
 
     def fetch_image(self, url: str, allowed_hosts: frozenset[str]) -> bytes:
         """Download a task image; relative URLs resolve against Label Studio.

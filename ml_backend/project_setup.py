@@ -10,7 +10,8 @@ One run leaves the project in this state, creating or fixing only what differs:
 4. the webhook Label Studio creates for that backend (`<backend>/webhook`, created without
    credentials) carries the backend's `Authorization` header;
 5. the preview folder is registered as local-files import storage (when `--previews` is given);
-6. the Data Manager tab "Most anomalous first" exists.
+6. the Data Manager tabs "Most anomalous first" (the queue), "Labelled" and "All tasks" exist,
+   with columns for eyes (no server paths, no bookkeeping).
 
 A second run with the same arguments changes nothing and creates no duplicates.
 """
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ml_backend.label_schema import parse_label_config
+from ml_backend.label_schema import VIEW_TITLE, parse_label_config
 from ml_backend.labelstudio import LabelStudioClient
 
 logger = logging.getLogger(__name__)
@@ -86,9 +87,10 @@ def setup_project(client: LabelStudioClient, request: SetupRequest) -> SetupResu
             project_id, request.previews.resolve()):
         changes.append(f"registered local-files storage {request.previews}")
     views_before = client.view_ids(project_id)
-    view_id = client.ensure_view(project_id)
-    if view_id not in views_before:
-        changes.append(f"created view {view_id}")
+    views = client.ensure_views(project_id)
+    changes += [f"created view {view_id} {title!r}" for title, view_id in views.items()
+                if view_id not in views_before]
+    view_id = views[VIEW_TITLE]
     url = f"{client.url}/projects/{project_id}/data?tab={view_id}"
     return SetupResult(project_id=project_id, project_url=url, ml_backend_id=int(backend.id),
                        webhook_id=webhook_id, view_id=view_id, changes=changes)

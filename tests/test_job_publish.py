@@ -64,8 +64,8 @@ class FakeLabelStudio:
     def delete_predictions(self, project_id: int, model_version: str) -> None:
         self.predictions.pop(model_version, None)
 
-    def ensure_view(self, project_id: int) -> int:
-        return 1
+    def ensure_views(self, project_id: int) -> dict[str, int]:
+        return {"Most anomalous first": 1}
 
 
 @pytest.fixture

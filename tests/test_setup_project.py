@@ -16,7 +16,7 @@ import requests
 
 from amls_cli import main
 from demo.local_servers import free_port, stop_process, wait_for
-from ml_backend.label_schema import VIEW_TITLE
+from ml_backend.label_schema import ALL_TITLE, HIDDEN_COLUMNS, LABELLED_TITLE, VIEW_TITLE
 from ml_backend.labelstudio import LabelStudioClient
 from ml_backend.project_setup import (
     TRAIN_EVERY_N_ANNOTATIONS,
@@ -123,7 +123,7 @@ def test_setup_creates_everything_and_a_rerun_changes_nothing(label_studio, back
         "backends": [(backend_url, "BASIC_AUTH", AUTH[0])],
         "webhooks": [(f"{backend_url}/webhook", {"Authorization": basic_auth_header(*AUTH)})],
         "storages": [str(previews)],
-        "views": [VIEW_TITLE],
+        "views": [VIEW_TITLE, LABELLED_TITLE, ALL_TITLE],
         "train_every": TRAIN_EVERY_N_ANNOTATIONS,
     }
     assert f"{label_studio.url}/projects/{project_id}/data?tab=" in first_out
@@ -147,6 +147,18 @@ def test_setup_creates_everything_and_a_rerun_changes_nothing(label_studio, back
     log = backend_log.read_text()
     assert answered in log
     assert '"POST /webhook HTTP/1.1" 401' not in log
+
+    # The tabs filter as their titles say, and keep the columns an annotator needs.
+    sdk.projects.import_tasks(id=project_id, request=[{"image": "/static/images/logo.svg"}])
+    views = {(v.data or {}).get("title"): v for v in sdk.views.list(project=project_id)}
+    listed = {title: {int(t.id) for t in sdk.tasks.list(project=project_id, view=v.id)}
+              for title, v in views.items()}
+    everything = {int(t.id) for t in sdk.tasks.list(project=project_id)}
+    assert listed[LABELLED_TITLE] == {task.id}
+    assert listed[VIEW_TITLE] == everything - {task.id} and len(everything) == 2
+    assert listed[ALL_TITLE] == everything
+    assert all(v.data["hiddenColumns"] == HIDDEN_COLUMNS for v in views.values())
+    assert "tasks:predictions_score" not in HIDDEN_COLUMNS["explore"]
 
 
 @pytest.mark.e2e

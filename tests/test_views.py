@@ -1,0 +1,81 @@
+"""The Data Manager tabs: what each one filters, orders and hides, kept in place idempotently."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+from ml_backend.label_schema import ALL_TITLE, HIDDEN_COLUMNS, LABELLED_TITLE, VIEW_TITLE, VIEWS
+from ml_backend.labelstudio import LabelStudioClient
+
+
+class FakeViews:
+    """`sdk.views` in memory: list / create / update, recording the writes."""
+
+    def __init__(self) -> None:
+        self.views: dict[int, dict[str, Any]] = {}
+        self.writes: list[str] = []
+
+    def list(self, project: int) -> list[SimpleNamespace]:
+        return [SimpleNamespace(id=i, data=d) for i, d in sorted(self.views.items())]
+
+    def create(self, project: int, data: dict[str, Any]) -> SimpleNamespace:
+        view_id = len(self.views) + 1
+        self.views[view_id] = dict(data)
+        self.writes.append(f"create {data['title']}")
+        return SimpleNamespace(id=view_id, data=data)
+
+    def update(self, id: str, project: int, data: dict[str, Any]) -> None:
+        self.views[int(id)] = dict(data)
+        self.writes.append(f"update {data['title']}")
+
+
+def client_with(views: FakeViews) -> LabelStudioClient:
+    client = LabelStudioClient("http://label-studio.invalid", "token")
+    client.sdk = SimpleNamespace(views=views)
+    return client
+
+
+def test_the_tabs_are_created_once_in_order():
+    views = FakeViews()
+    ids = client_with(views).ensure_views(3)
+    assert list(ids) == [VIEW_TITLE, LABELLED_TITLE, ALL_TITLE]
+    assert sorted(ids.values()) == [1, 2, 3]
+    assert client_with(views).ensure_views(3) == ids
+    assert views.writes == [f"create {t}" for t in ids]  # the second call wrote nothing
+
+
+def test_a_drifted_tab_is_reset_and_what_else_an_annotator_set_stays():
+    views = FakeViews()
+    client = client_with(views)
+    ids = client.ensure_views(3)
+    queue = views.views[ids[VIEW_TITLE]]
+    queue["ordering"] = ["tasks:id"]
+    queue["columnsWidth"] = {"tasks:data.image": 240}
+    queue["hiddenColumns"] = {"explore": [], "labeling": []}  # the annotator shows everything
+    del views.views[ids[ALL_TITLE]]["hiddenColumns"]  # a tab from before column choices
+    client.ensure_views(3)
+    assert views.views[ids[VIEW_TITLE]]["ordering"] == ["-tasks:predictions_score"]
+    assert views.views[ids[VIEW_TITLE]]["columnsWidth"] == {"tasks:data.image": 240}
+    assert views.views[ids[VIEW_TITLE]]["hiddenColumns"] == {"explore": [], "labeling": []}
+    assert views.views[ids[ALL_TITLE]]["hiddenColumns"] == HIDDEN_COLUMNS
+    assert views.writes[-2:] == [f"update {VIEW_TITLE}", f"update {ALL_TITLE}"]
+
+
+def test_the_queue_shows_unlabelled_tasks_best_first_and_the_labelled_tab_the_rest():
+    by_title = {v["title"]: v for v in VIEWS}
+    (queue_filter,) = by_title[VIEW_TITLE]["filters"]["items"]
+    (labelled_filter,) = by_title[LABELLED_TITLE]["filters"]["items"]
+    assert queue_filter["filter"] == labelled_filter["filter"] == "filter:tasks:total_annotations"
+    assert (queue_filter["operator"], labelled_filter["operator"]) == ("equal", "greater")
+    assert by_title[ALL_TITLE]["filters"]["items"] == []
+    assert by_title[VIEW_TITLE]["ordering"] == ["-tasks:predictions_score"]
+
+
+def test_columns_for_eyes_no_server_paths():
+    for mode in ("explore", "labeling"):
+        hidden = set(HIDDEN_COLUMNS[mode])
+        assert {"tasks:data.store", "tasks:storage_filename", "tasks:file_upload"} <= hidden
+        assert not {"tasks:id", "tasks:predictions_score", "tasks:data.image"} & hidden
+    shown = {"tasks:data.ra", "tasks:data.dec", "tasks:data.source", "tasks:data.cutout_id"}
+    assert not shown & set(HIDDEN_COLUMNS["explore"])
