@@ -216,6 +216,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
     client = LabelStudioClient(url, key)
     summary = push(client, args.project, args.stores, batch_size=args.batch_size,
                    document_root=Path(root) if root else None,
-                   model_dir=args.with_predictions, anomaly_label=args.anomaly_label)
+                   model_dir=args.with_predictions, anomaly_label=args.anomaly_label,
+                   prelabel=cfg.prelabel)
     print(summary.line())
     return 0

@@ -128,7 +128,7 @@ def _push_top(args: argparse.Namespace) -> int:
     client = LabelStudioClient(cfg.label_studio_url, cfg.label_studio_api_key)
     counts = survey.push_top(client, args.dir, args.k, args.project,
                              anomaly_label=cfg.anomaly_label, document_root=args.document_root,
-                             batch_size=cfg.prediction_write_batch)
+                             batch_size=cfg.prediction_write_batch, prelabel=cfg.prelabel)
     print(f"created {counts['created']} tasks; skipped {counts['already_in_project']} already "
           f"in the project and {counts['without_task_row']} without a task row")
     return 0

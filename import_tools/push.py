@@ -89,8 +89,10 @@ def _as_array(indices: list[int]) -> Any:
 
 def push(client: LabelStudioClient, project_id: int, store_paths: Sequence[Path], *,
          batch_size: int = 1000, document_root: Path | None = None, model_dir: Path | None = None,
-         anomaly_label: str = "anomaly") -> PushSummary:
-    """Create the stores' tasks the project lacks, in batches; see the module docstring."""
+         anomaly_label: str = "anomaly", prelabel: bool = False) -> PushSummary:
+    """Create the stores' tasks the project lacks, in batches; see the module docstring.
+    With `model_dir`, each task carries the model's score as a prediction (and, with
+    `prelabel`, the more likely choice)."""
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     summary = PushSummary()
@@ -103,7 +105,8 @@ def push(client: LabelStudioClient, project_id: int, store_paths: Sequence[Path]
         if folder is not None:
             client.ensure_local_storage(project_id, folder)
     if model_dir is not None:
-        schema = parse_label_config(client.label_config(project_id), anomaly_label)
+        schema = parse_label_config(client.label_config(project_id), anomaly_label,
+                                    prelabel=prelabel)
         tasks = attach_predictions(rows, store_paths, model_dir, schema)
     else:
         tasks = [{"data": row} for row in rows]

@@ -61,6 +61,8 @@ class Config:
     # A job with fewer is skipped, with the reason in /metrics' last_result.
     min_anomalies: int = 1
     min_normals: int = 3
+    # Predictions pre-select the more likely choice (AMLS_PRELABEL=true); default: score only.
+    prelabel: bool = False
     # Extra hosts (besides LABEL_STUDIO_URL's) that task images may be downloaded from.
     allowed_image_hosts: tuple[str, ...] = ()
     # Label Studio's LOCAL_FILES_DOCUMENT_ROOT, for import tools that make previews servable
@@ -164,6 +166,7 @@ class Config:
             debounce_s=_float(env, "AMLS_DEBOUNCE_S", 2.0),
             min_anomalies=_int(env, "AMLS_MIN_ANOMALIES", 1),
             min_normals=_int(env, "AMLS_MIN_NORMALS", 3),
+            prelabel=_bool(env, "AMLS_PRELABEL", False),
             allowed_image_hosts=tuple(
                 h.strip() for h in env.get("AMLS_ALLOWED_IMAGE_HOSTS", "").split(",") if h.strip()),
             store_roots=tuple(Path(p) for p in env.get("AMLS_STORE_ROOTS", "").split(os.pathsep)
@@ -184,6 +187,17 @@ def _train_config(env: Mapping[str, str]) -> TrainConfig:
                        batch_size=_int(env, "AMLS_BATCH_SIZE", 16),
                        score_batch_size=_int(env, "AMLS_SCORE_BATCH_SIZE", 256),
                        device=env.get("AMLS_DEVICE", "auto"))
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:

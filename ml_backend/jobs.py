@@ -116,7 +116,7 @@ def train_and_publish(project_id: int, settings: Config, client: LabelStudioClie
 
     _repoint_label_studio(client, registry, project_id)
     anomaly_label = settings.anomaly_label
-    schema = parse_label_config(label_config, anomaly_label)
+    schema = parse_label_config(label_config, anomaly_label, prelabel=settings.prelabel)
     tasks = list(client.iter_tasks(project_id))
     held_out = ground_truth_labels(tasks, schema)
     labels = {t: y for t, y in latest_labels(tasks, schema).items() if t not in held_out}

@@ -75,6 +75,9 @@ class ChoiceSchema:
     image_key: str        # task data key holding the image URL ("$image" -> "image")
     anomaly_choice: str   # choice value meaning "anomaly" (ANOMALY_LABEL)
     normal_choice: str    # first other choice value, e.g. "normal"
+    # Pre-select the more likely choice in each prediction. Off by default: a pre-filled
+    # answer invites accepting it, and the score alone orders the queue (AMLS_PRELABEL).
+    prelabel: bool = False
 
     def prediction_result(self, score: float) -> list[dict[str, Any]]:
         """The `result` list of a prediction: the more likely choice for P(anomaly) = score."""
@@ -83,12 +86,13 @@ class ChoiceSchema:
                  "value": {"choices": [choice]}}]
 
     def prediction(self, score: float | None, model_version: str) -> dict[str, Any]:
-        """One Label Studio prediction of P(anomaly) = score; None gives an empty result and
-        no score (nothing invented where the pixels are unavailable)."""
+        """One Label Studio prediction of P(anomaly) = score: the score (which orders the
+        queue) and, with `prelabel`, the more likely choice as its result. None gives an
+        empty result and no score (nothing invented where the pixels are unavailable)."""
         if score is None:
             return {"result": [], "model_version": model_version}
-        return {"result": self.prediction_result(score), "score": float(score),
-                "model_version": model_version}
+        result = self.prediction_result(score) if self.prelabel else []
+        return {"result": result, "score": float(score), "model_version": model_version}
 
     def label_of(self, result: Sequence[dict[str, Any]]) -> int | None:
         """1 for the anomaly choice, 0 for any other choice, None if our control is absent."""
@@ -101,7 +105,8 @@ class ChoiceSchema:
         return None
 
 
-def parse_label_config(label_config: str, anomaly_label: str) -> ChoiceSchema:
+def parse_label_config(label_config: str, anomaly_label: str, *,
+                       prelabel: bool = False) -> ChoiceSchema:
     """Find the first <Choices> that labels an <Image> and offers `anomaly_label`."""
     try:
         interface = LabelInterface(label_config)
@@ -121,7 +126,8 @@ def parse_label_config(label_config: str, anomaly_label: str) -> ChoiceSchema:
                                    f"{anomaly_label!r}; it needs a second choice")
         return ChoiceSchema(from_name=control.name, to_name=targets[0],
                             image_key=images[targets[0]].value.lstrip("$"),
-                            anomaly_choice=anomaly_label, normal_choice=others[0])
+                            anomaly_choice=anomaly_label, normal_choice=others[0],
+                            prelabel=prelabel)
     raise LabelConfigError(f"label config has no <Choices> with a {anomaly_label!r} choice "
                            "that labels an <Image>")
 

@@ -127,7 +127,8 @@ class AnomalyService:
         prediction has an empty `result` and no score: Label Studio accepts it and nothing is
         invented.
         """
-        schema = parse_label_config(label_config, self.cfg.anomaly_label)
+        schema = parse_label_config(label_config, self.cfg.anomaly_label,
+                                    prelabel=self.cfg.prelabel)
         loaded = self._model(project_id)
         if loaded is None:
             return [schema.prediction(None, UNTRAINED) for _ in tasks]

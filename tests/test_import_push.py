@@ -113,7 +113,7 @@ def test_push_with_predictions_scores_the_store(tmp_path):
         expected = dict(zip(store.ids(), score_store(store, model.eval(), meta), strict=True))
     model_dir = save_model_dir(tmp_path / "model", ema=model, student=model, meta=meta)
     client = make_client()
-    push(client, 1, [store_path], model_dir=model_dir)
+    push(client, 1, [store_path], model_dir=model_dir, prelabel=True)
     assert len(client.sdk.created) == 4
     for task in client.sdk.created:
         [prediction] = task["predictions"]
@@ -123,6 +123,9 @@ def test_push_with_predictions_scores_the_store(tmp_path):
         choice = "anomaly" if score >= 0.5 else "normal"
         assert prediction["result"] == [{"from_name": FROM_NAME, "to_name": TO_NAME,
                                          "type": "choices", "value": {"choices": [choice]}}]
+    again = make_client()  # by default the score comes without a pre-selected choice
+    push(again, 1, [store_path], model_dir=model_dir)
+    assert [t["predictions"][0]["result"] for t in again.sdk.created] == [[]] * 4
 
 
 def test_push_needs_credentials(tmp_path, monkeypatch, capsys):

@@ -230,3 +230,13 @@ def test_the_minimal_label_set_comes_from_the_environment():
     assert (Config.from_env({}).min_anomalies, Config.from_env({}).min_normals) == (1, 3)
     with pytest.raises(ConfigError, match="min_normals must be >= 1"):
         Config.from_env({"AMLS_MIN_NORMALS": "0"})
+
+
+@pytest.mark.parametrize("raw,value", [("", False), ("true", True), ("1", True), ("off", False)])
+def test_prelabel_comes_from_the_environment(raw, value):
+    assert Config.from_env({"AMLS_PRELABEL": raw}).prelabel is value
+
+
+def test_a_prelabel_that_is_not_a_boolean_is_refused():
+    with pytest.raises(ConfigError, match="AMLS_PRELABEL must be true or false"):
+        Config.from_env({"AMLS_PRELABEL": "maybe"})

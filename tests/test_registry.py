@@ -104,9 +104,9 @@ def test_status_round_trip(tmp_path: Path):
 
 # ---- the service on top of the registry --------------------------------------------------------
 
-def make_service(tmp_path: Path) -> AnomalyService:
+def make_service(tmp_path: Path, prelabel: bool = False) -> AnomalyService:
     cfg = Config(model_dir=tmp_path / "models", train=TrainConfig(device="cpu"),
-                 store_roots=(tmp_path,))
+                 store_roots=(tmp_path,), prelabel=prelabel)
     return AnomalyService(cfg, ModelRegistry(cfg.model_dir), InProcessSubmitter(lambda p: None))
 
 
@@ -144,7 +144,7 @@ def test_service_scores_store_tasks_and_reloads_when_latest_moves(tmp_path: Path
     with CutoutStore.create(store_path, height=32, width=32, channels=1,
                             stretch={"name": "none"}) as store:
         store.append(["a", "b", "c"], rng.integers(0, 255, (3, 32, 32, 1), dtype=np.uint8))
-    service = make_service(tmp_path)
+    service = make_service(tmp_path, prelabel=True)
     registry = service.registry
     tasks = [{"id": i, "data": {"store": str(store_path), "cutout_id": cid}}
              for i, cid in enumerate(["c", "a", "missing", "b"])]
@@ -164,6 +164,10 @@ def test_service_scores_store_tasks_and_reloads_when_latest_moves(tmp_path: Path
             assert r["result"][0]["value"]["choices"] == [expected]
         assert results[2] == {"result": [], "model_version": name}  # missing cutout
         assert results[4] == {"result": [], "model_version": name}  # no pixels known
+    # By default (no AMLS_PRELABEL) the same scores come with nothing pre-selected.
+    plain = make_service(tmp_path).predict(7, tasks, LABEL_CONFIG)
+    assert [r.get("score") for r in plain] == [r.get("score") for r in results]
+    assert all(r["result"] == [] for r in plain)
 
     metrics = service.metrics()["projects"]["7"]
     assert metrics["model_version"] == NAMES[1]

@@ -16,13 +16,14 @@ logger = logging.getLogger(__name__)
 
 def push_top(client: LabelStudioClient, survey_dir: str | Path, k: int, project_id: int, *,
              anomaly_label: str = "anomaly", document_root: Path | None = None,
-             batch_size: int = 500) -> dict[str, int]:
+             batch_size: int = 500, prelabel: bool = False) -> dict[str, int]:
     """Create tasks for the `k` highest-scoring cutouts the project lacks, with predictions.
 
     Task data comes from each store's ``<store>.tasks.jsonl`` (written by `amls import`);
     a cutout without a task row is skipped and counted. The prediction carries the survey
-    score and model version. Cutouts already in the project (by ``cutout_id``) are not
-    counted towards `k`. Returns counts: created, already_in_project, without_task_row.
+    score and model version (with `prelabel`, also the more likely choice). Cutouts already
+    in the project (by ``cutout_id``) are not counted towards `k`. Returns counts: created,
+    already_in_project, without_task_row.
     """
     from ml_backend.task_rows import read_tasks, tasks_path
 
@@ -31,7 +32,8 @@ def push_top(client: LabelStudioClient, survey_dir: str | Path, k: int, project_
     survey_dir = Path(survey_dir)
     manifest = read_manifest(survey_dir / MANIFEST)
     paths = {s["name"]: Path(s["path"]) for s in manifest["stores"]}
-    schema = parse_label_config(client.label_config(project_id), anomaly_label)
+    schema = parse_label_config(client.label_config(project_id), anomaly_label,
+                                prelabel=prelabel)
     existing = client.cutout_ids(project_id)
     task_rows: dict[str, dict[str, dict[str, Any]]] = {}
     counts = {"created": 0, "already_in_project": 0, "without_task_row": 0}
