@@ -26,7 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "setup-project", help="create / update a Label Studio project wired to the backend",
         description="Create (or bring up to date) a Label Studio project: label config, ML "
                     "backend connection, training on submit, webhook auth, preview storage "
-                    "and the 'Most anomalous first' view. Safe to re-run. Reads "
+                    "and the Data Manager tabs (Most anomalous first, Labelled, All tasks). Safe "
+                    "to re-run. Reads "
                     "LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY, BASIC_AUTH_USER/PASS and "
                     "ANOMALY_LABEL from the environment.")
     p.add_argument("--title", default=DEFAULT_TITLE,
