@@ -68,6 +68,12 @@ def _add_common(parser: argparse.ArgumentParser, *, stretch_default: str | None)
                             help=f"none, linear, log, asinh, zscale (default {stretch_default})")
         parser.add_argument("--stretch-param", action="append", metavar="KEY=VALUE",
                             help="stretch parameter, e.g. a=0.1 (repeatable)")
+    parser.add_argument("--preview-stretch", default="none",
+                        help="display stretch of the preview PNGs only (the store keeps what "
+                        "the model sees): none, linear, log, asinh, zscale; e.g. log for "
+                        "radio or X-ray cutouts on a black sky (default none)")
+    parser.add_argument("--preview-stretch-param", action="append", metavar="KEY=VALUE",
+                        help="preview stretch parameter, e.g. a=100 (repeatable)")
     parser.add_argument("--invariance", choices=INVARIANCES,
                         help="what training on these images should treat as the same image: "
                         "dihedral (flips and 90° rotations: sky cutouts, the default for a new "
@@ -95,6 +101,11 @@ def _stretch_spec(args: argparse.Namespace) -> dict:
     return make_stretch(spec).spec  # validates before any work starts
 
 
+def _preview_spec(args: argparse.Namespace) -> dict:
+    spec = parse_stretch_params(args.preview_stretch, args.preview_stretch_param)
+    return make_stretch(spec).spec
+
+
 def _square(size: int | None) -> tuple[int, int] | None:
     if size is not None and size < 1:
         raise ValueError(f"--size must be >= 1, got {size}")
@@ -117,7 +128,8 @@ def _resolve_size(args: argparse.Namespace, store_shape: tuple[int, ...] | None,
 
 def _run(args: argparse.Namespace, spec: dict, build) -> int:
     """Open the store, plan with `build(existing, store_shape)`, run, report."""
-    store = open_existing(args.store, spec, args.invariance)
+    preview = _preview_spec(args)
+    store = open_existing(args.store, spec, args.invariance, preview)
     try:
         existing = set(store.ids()) if store is not None else set()
         shape = store.shape if store is not None else None
@@ -129,7 +141,7 @@ def _run(args: argparse.Namespace, spec: dict, build) -> int:
     output = Output(store=args.store, previews=args.previews,
                     document_root=args.document_root, url_prefix=args.url_prefix)
     settings = Settings(stretch=spec, size=size, previews=args.previews,
-                        invariance=args.invariance or "dihedral")
+                        invariance=args.invariance or "dihedral", preview_stretch=preview)
     writer = Writer(output, settings, store)
     summary = run_jobs(work.jobs, writer, workers=args.workers, total=work.n_items)
     summary.skipped += work.skipped
@@ -182,7 +194,8 @@ def _cmd_images(args: argparse.Namespace) -> int:
     output = Output(store=args.store, previews=args.previews,
                     document_root=args.document_root, url_prefix=args.url_prefix)
     summary = import_image_folder(args.directory, output, size=args.size,
-                                  channels=args.channels, invariance=args.invariance)
+                                  channels=args.channels, invariance=args.invariance,
+                                  preview_stretch=_preview_spec(args))
     return _finish(args, summary)
 
 

@@ -216,7 +216,8 @@ def run(args: argparse.Namespace) -> int:
                 if k not in ("REDIS_URL", "BASIC_AUTH_USER", "BASIC_AUTH_PASS")
                 and not k.startswith("LABEL_STUDIO_")}
     amls("import", "images", str(data / "images"), "--store", str(store), "--previews",
-         str(previews), "--document-root", str(data), "--channels", "1", env=base_env)
+         str(previews), "--document-root", str(data), "--channels", "1",
+         "--preview-stretch", "log", env=base_env)
 
     creds = credentials(data / "credentials.json")
     ls_url = f"http://127.0.0.1:{args.ls_port}"

@@ -18,6 +18,7 @@ from import_tools.report import Failure, ImportSummary
 from ml_backend.core.image_folder import build_store_from_folder
 from ml_backend.core.progress import progress
 from ml_backend.core.store import CutoutStore
+from ml_backend.core.stretch import Stretch, make_stretch
 from ml_backend.task_rows import append_tasks, make_task, read_tasks, tasks_path
 
 log = logging.getLogger(__name__)
@@ -25,34 +26,38 @@ _BATCH = 256
 
 
 def import_image_folder(directory: Path, output: Output, *, size: int | None,
-                        channels: int, invariance: str | None = None) -> ImportSummary:
-    """Build / extend the store from ``directory``, then write missing previews and tasks."""
+                        channels: int, invariance: str | None = None,
+                        preview_stretch: dict | None = None) -> ImportSummary:
+    """Build / extend the store from ``directory``, then write missing previews (through
+    the store's preview stretch) and tasks."""
     built = build_store_from_folder(directory, output.store, size=size, channels=channels,
-                                    skip_bad=True, invariance=invariance)
+                                    skip_bad=True, invariance=invariance,
+                                    preview_stretch=preview_stretch)
     summary = ImportSummary(imported=built.added, skipped=built.skipped_existing,
                             failures=[Failure(path, "", reason) for path, reason in built.failed])
     if not output.store.exists():
         return summary
     done = read_tasks(tasks_path(output.store)) if tasks_path(output.store).exists() else {}
     with CutoutStore.open(output.store, "r") as store:
+        display = make_stretch(store.preview_stretch)
         todo = np.array([i for i, cid in enumerate(store.ids()) if cid not in done],
                         dtype=np.int64)
         with progress(total=todo.size, desc="previews", unit="img") as bar:
             for indices, images in store.iter_batches(_BATCH, indices=todo):
-                summary.failures.extend(_previews(store, output, indices, images))
+                summary.failures.extend(_previews(store, output, indices, images, display))
                 bar.update(len(indices))
     return summary
 
 
 def _previews(store: CutoutStore, output: Output, indices: np.ndarray,
-              images: np.ndarray) -> list[Failure]:
+              images: np.ndarray, display: Stretch) -> list[Failure]:
     ids = store.ids()
     meta = store.meta_table(indices)
     tasks, failures = [], []
     for k, i in enumerate(indices):
         cid = ids[int(i)]
         try:
-            path = write_preview(output.previews, cid, images[k])
+            path = write_preview(output.previews, cid, images[k], display)
         except (ValueError, OSError) as err:
             failures.append(Failure(str(meta["source"][k]), f"id={cid}", str(err)))
             continue

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +57,7 @@ class Settings:
     size: tuple[int, int]
     previews: Path
     invariance: str = "dihedral"
+    preview_stretch: dict = field(default_factory=lambda: {"name": "none"})
 
 
 # ---- the worker ---------------------------------------------------------------------------
@@ -75,6 +76,7 @@ def resize_uint8(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def run_job(job: Job, settings: Settings) -> list[DoneItem | Failure]:
     """Decode, stretch, resize and write previews for one job (runs in a worker process)."""
     stretch = make_stretch(settings.stretch)
+    display = make_stretch(settings.preview_stretch)
     out: list[DoneItem | Failure] = []
     for raw in job.load():
         if isinstance(raw, Failure):
@@ -83,7 +85,7 @@ def run_job(job: Job, settings: Settings) -> list[DoneItem | Failure]:
         try:
             result = stretch.apply(raw.pixels)
             pixels = resize_uint8(result.pixels, settings.size)
-            preview = write_preview(settings.previews, raw.id, pixels)
+            preview = write_preview(settings.previews, raw.id, pixels, display)
         except (ValueError, OSError) as err:
             out.append(Failure(raw.source, f"{raw.hdu} id={raw.id}", str(err)))
             continue
@@ -109,10 +111,10 @@ class Output:
                            previews_root=self.previews)
 
 
-def open_existing(store_path: Path, stretch_spec: dict,
-                  invariance: str | None = None) -> CutoutStore | None:
-    """The store opened for appending, or None if absent; ValueError on another stretch or
-    on another invariance (when `invariance` is given)."""
+def open_existing(store_path: Path, stretch_spec: dict, invariance: str | None = None,
+                  preview_stretch: dict | None = None) -> CutoutStore | None:
+    """The store opened for appending, or None if absent; ValueError on another stretch, or
+    on another invariance or preview stretch (when given)."""
     if not store_path.exists():
         return None
     store = CutoutStore.open(store_path, mode="a")
@@ -128,6 +130,12 @@ def open_existing(store_path: Path, stretch_spec: dict,
         raise ValueError(f"store {store_path} records invariance {recorded}; this "
                          f"import asks for {invariance}. Use another --store or drop "
                          "--invariance.")
+    if preview_stretch is not None and store.preview_stretch != preview_stretch:
+        recorded_preview = store.preview_stretch
+        store.close()
+        raise ValueError(f"store {store_path} wrote its previews with stretch "
+                         f"{recorded_preview}; this import asks for {preview_stretch}. Use "
+                         "another --store or the same --preview-stretch.")
     return store
 
 
@@ -150,7 +158,8 @@ class Writer:
             self.store = CutoutStore.create(self.output.store, height=h, width=w,
                                             channels=done[0].pixels.shape[-1],
                                             stretch=make_stretch(self.settings.stretch).spec,
-                                            invariance=self.settings.invariance)
+                                            invariance=self.settings.invariance,
+                                            preview_stretch=self.settings.preview_stretch)
         accepted = []
         for item in done:
             if item.pixels.shape != self.store.shape:

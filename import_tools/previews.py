@@ -1,5 +1,9 @@
 """PNG previews: the store's uint8 pixels as files Label Studio can serve, and their URLs.
 
+A preview may go through a display stretch first (`--preview-stretch`, recorded in the store
+as ``preview_stretch``): for eyes only, e.g. ``log`` makes the faint tails of radio sources
+on a black sky visible. The store's pixels, which the model sees, are never changed.
+
 Channel mapping: C = 1 -> greyscale PNG, C = 3 -> RGB PNG, any other C -> greyscale PNG of
 channel 0 (the model still sees all channels; the preview shows the first).
 """
@@ -13,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from ml_backend.core.atomic import atomic_file
+from ml_backend.core.stretch import Stretch
 from ml_backend.label_schema import LOCAL_FILES_PREFIX
 
 
@@ -41,12 +46,16 @@ def to_preview_image(pixels: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(pixels[..., 0]), mode="L")
 
 
-def write_preview(root: Path, cutout_id: str, pixels: np.ndarray) -> Path:
-    """Write ``<root>/<id>.png`` atomically (temporary file + rename); returns the path."""
+def write_preview(root: Path, cutout_id: str, pixels: np.ndarray,
+                  display: Stretch | None = None) -> Path:
+    """Write ``<root>/<id>.png`` atomically (temporary file + rename); returns the path.
+
+    `display` (a stretch of the uint8 values, per channel) is applied to a copy first."""
     path = root / preview_relpath(cutout_id)
     path.parent.mkdir(parents=True, exist_ok=True)
+    shown = pixels if display is None else display(pixels.astype(np.float32))
     with atomic_file(path, "wb") as fh:
-        to_preview_image(pixels).save(fh, format="PNG")
+        to_preview_image(shown).save(fh, format="PNG")
     return path
 
 

@@ -208,3 +208,38 @@ def test_import_records_the_invariance_and_refuses_another_on_append(tmp_path, g
                  "--store", str(images / "s.h5"), "--previews", str(images / "previews"),
                  "--invariance", "dihedral"]) == 2
     assert "records invariance flip" in capsys.readouterr().err
+
+
+def test_a_preview_stretch_brightens_previews_and_leaves_the_models_pixels(tmp_path, galaxies,
+                                                                           capsys):
+    from PIL import Image
+
+    plain, bright = tmp_path / "plain", tmp_path / "bright"
+    assert amls_import(plain, "hdf5", str(galaxies)) == 0
+    assert amls_import(bright, "hdf5", str(galaxies), "--preview-stretch", "log") == 0
+    with CutoutStore.open(plain / "s.h5") as a, CutoutStore.open(bright / "s.h5") as b:
+        np.testing.assert_array_equal(a.read(np.arange(len(a))), b.read(np.arange(len(b))))
+        assert a.preview_stretch == {"name": "none"}
+        assert b.preview_stretch["name"] == "log" and b.preview_stretch["a"] == 1000.0
+        ids, pixels = b.ids(), b.read(np.arange(len(b)))[..., 0]
+    for cid, stored in zip(ids, pixels, strict=True):
+        before = np.asarray(Image.open(plain / "previews" / f"{cid}.png"))
+        after = np.asarray(Image.open(bright / "previews" / f"{cid}.png"))
+        np.testing.assert_array_equal(before, stored)  # "none": the model's pixels
+        faint = (stored > 0) & (stored < 32)
+        assert faint.any() and (after[faint] >= 48).all()  # faint tails (1-31) now visible
+        assert (after[stored == 0] == 0).all()  # the empty sky stays black
+        assert after.max() == 255
+    # Appending with another preview stretch would mix two looks in one project: refused.
+    assert amls_import(bright, "hdf5", str(galaxies), "--preview-stretch", "asinh") == 2
+    assert "wrote its previews with stretch" in capsys.readouterr().err
+
+
+def test_the_image_folder_import_applies_and_records_the_preview_stretch(tmp_path, png_tree,
+                                                                         capsys):
+    assert amls_import(tmp_path, "images", str(png_tree), "--preview-stretch", "linear",
+                       "--allow-failures") == 0  # the tree holds one broken file
+    with CutoutStore.open(tmp_path / "s.h5") as store:
+        assert store.preview_stretch["name"] == "linear"
+    assert amls_import(tmp_path, "images", str(png_tree)) == 2
+    assert "records preview stretch" in capsys.readouterr().err

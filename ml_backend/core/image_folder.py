@@ -131,7 +131,8 @@ def _check_compatible(store: CutoutStore, stretch: dict[str, Any], channels: int
 def build_store_from_folder(images_dir: str | Path, out_path: str | Path, *,
                             size: int | None = None, channels: int = 3,
                             skip_bad: bool = False, compression: str = COMPRESSION,
-                            invariance: str | None = None) -> BuildReport:
+                            invariance: str | None = None,
+                            preview_stretch: dict[str, Any] | None = None) -> BuildReport:
     """Add every image under `images_dir` to the store `out_path` (created if missing).
 
     `size`: images are resized to size x size pixels (default: the size of the first new
@@ -142,6 +143,8 @@ def build_store_from_folder(images_dir: str | Path, out_path: str | Path, *,
     (the readable images are in the store by then). `compression` applies to a new store
     ("lzf", "gzip" or "none"; see :mod:`ml_backend.core.store`). `invariance` is recorded
     in a new store (default "dihedral"); an existing store with another one is refused.
+    `preview_stretch` (a stretch spec) is recorded in a new store; an existing store that
+    records another is refused.
     """
     images_dir, out_path = Path(images_dir), Path(out_path)
     if channels not in (1, 3):
@@ -157,6 +160,11 @@ def build_store_from_folder(images_dir: str | Path, out_path: str | Path, *,
         if store is not None and invariance is not None and store.invariance != invariance:
             raise ValueError(f"store {out_path} records invariance {store.invariance}; "
                              f"--invariance {invariance} differs: use a new store")
+        if (store is not None and preview_stretch is not None
+                and store.preview_stretch != preview_stretch):
+            raise ValueError(f"store {out_path} records preview stretch "
+                             f"{store.preview_stretch}; {preview_stretch} differs: use a new "
+                             "store or the same --preview-stretch")
         if store is not None:
             new = {cid: p for cid, p in files.items() if cid not in store}
             report.skipped_existing = len(files) - len(new)
@@ -173,7 +181,8 @@ def build_store_from_folder(images_dir: str | Path, out_path: str | Path, *,
                 out_path.parent.mkdir(parents=True, exist_ok=True)
                 store = CutoutStore.create(out_path, height=h, width=w, channels=channels,
                                            stretch=stretch, compression=compression,
-                                           invariance=invariance or "dihedral")
+                                           invariance=invariance or "dihedral",
+                                           preview_stretch=preview_stretch)
             else:
                 _check_compatible(store, stretch, channels, square)
             report.added = _add_images(store, todo, report)

@@ -72,13 +72,16 @@ class CutoutStore:
     @classmethod
     def create(cls, path: str | Path, *, height: int, width: int, channels: int,
                stretch: dict[str, Any], chunk_images: int = 16,
-               compression: str = COMPRESSION, invariance: str = "dihedral") -> CutoutStore:
+               compression: str = COMPRESSION, invariance: str = "dihedral",
+               preview_stretch: dict[str, Any] | None = None) -> CutoutStore:
         """Create an empty store at `path` (error if it exists), opened for appending.
 
         `stretch` describes how science pixels became uint8, e.g. ``{"name": "none"}``.
         `chunk_images` images per HDF5 chunk, reduced so that a chunk stays under 4 MiB.
         `compression` of the images: "lzf" (default), "gzip" (level 1) or "none".
         `invariance`: what training on this data should default to (`TrainConfig.invariance`).
+        `preview_stretch`: the display stretch the import tools write previews with, applied
+        to these uint8 pixels for eyes only (default ``{"name": "none"}``: the pixels as is).
         """
         path = Path(path)
         if path.exists():
@@ -102,6 +105,8 @@ class CutoutStore:
             file.attrs["created"] = datetime.now(UTC).isoformat(timespec="seconds")
             file.attrs["chunk_images"] = chunk_images
             file.attrs["invariance"] = invariance
+            file.attrs["preview_stretch"] = json.dumps(preview_stretch or {"name": "none"},
+                                                       sort_keys=True)
             file.create_dataset("images", shape=(0, height, width, channels),
                                 maxshape=(None, height, width, channels), dtype=np.uint8,
                                 chunks=(chunk_images, height, width, channels),
@@ -216,6 +221,11 @@ class CutoutStore:
     def invariance(self) -> str:
         """The weak-view invariance this data suits (stores made before it existed: dihedral)."""
         return str(self._file.attrs.get("invariance", "dihedral"))
+
+    @property
+    def preview_stretch(self) -> dict[str, Any]:
+        """The display stretch of the previews (stores made before it existed: none)."""
+        return json.loads(self._file.attrs.get("preview_stretch", '{"name": "none"}'))
 
     @property
     def created(self) -> str:
