@@ -21,7 +21,7 @@ INPUT_ERRORS: tuple[type[BaseException], ...] = (AmlsError, ValueError, KeyError
 
 
 # Where command groups keep the name of their subcommand ("amls store info", "amls import fits").
-SUBCOMMAND_DESTS = ("store_action", "import_kind", "survey_command")
+SUBCOMMAND_DESTS = ("store_action", "import_kind", "survey_command", "versions_action")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         store,
         survey,
         train,
+        versions,
     )
 
     parser = argparse.ArgumentParser(
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="debug logging and progress bars even when not on a terminal")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in (store, train, score, evaluate, simulate, imports, serve, setup_project,
-                  survey):
+                  survey, versions):
         group.register(sub)
     return parser
 

@@ -98,6 +98,14 @@ class ModelRegistry:
         logger.info("project %d: serving model version %s", project_id, version)
         return final
 
+    def set_latest(self, project_id: int, version: str) -> None:
+        """Serve an already published `version` again (a rollback); nothing is deleted."""
+        if version not in self.versions(project_id):
+            raise ValueError(f"project {project_id} has no model version {version!r}; it has "
+                             f"{', '.join(self.versions(project_id)) or 'none'}")
+        atomic_write_text(self.project_dir(project_id) / LATEST, version + "\n")
+        logger.info("project %d: serving model version %s again", project_id, version)
+
     def discard(self, staging: Path) -> None:
         """Remove an unfinished staging dir (a failed job)."""
         shutil.rmtree(staging, ignore_errors=True)
