@@ -1,4 +1,4 @@
-"""`amls import fits | hdf5 | zarr | images | push`: survey data into a store, previews, tasks."""
+"""`amls import fits | hdf5 | zarr | images | push | labels`: data in; tasks and labels out."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import logging
 from pathlib import Path
 
 from import_tools import fits_reader, plan
+from import_tools.labels import import_labels, write_label_report
 from import_tools.pipeline import Output, Settings, Writer, open_existing, run_jobs
 from import_tools.push import push
 from import_tools.report import ImportSummary, write_report
 from ml_backend.config import Config
 from ml_backend.core.config import INVARIANCES
+from ml_backend.core.csvio import read_labels_csv
 from ml_backend.core.stretch import make_stretch, parse_stretch_params
 from ml_backend.labelstudio import LabelStudioClient
 
@@ -54,6 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     images.set_defaults(func=_cmd_images)
 
     _register_push(kinds)
+    _register_labels(kinds)
 
 
 def _add_common(parser: argparse.ArgumentParser, *, stretch_default: str | None) -> None:
@@ -197,6 +200,41 @@ def _cmd_images(args: argparse.Namespace) -> int:
                                   channels=args.channels, invariance=args.invariance,
                                   preview_stretch=_preview_spec(args))
     return _finish(args, summary)
+
+
+def _register_labels(kinds: argparse._SubParsersAction) -> None:
+    """Add `amls import labels`."""
+    p = kinds.add_parser(
+        "labels", help="annotate tasks from an id,label CSV (e.g. esa/AnomalyMatch's)",
+        description="Each id,label row (label anomaly or normal) annotates the project's task "
+        "whose cutout_id is that id. Tasks already labelled are left alone (a different "
+        "label is reported as a conflict, never overwritten); a second run creates nothing. "
+        "Ids without a task and conflicts go to the report. Exit status 1 when some rows "
+        "were not imported (0 with --allow-failures).")
+    p.add_argument("labels", type=Path, metavar="LABELS.csv")
+    p.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    p.add_argument("--report", type=Path,
+                   help="rows not imported, CSV (default: <LABELS>.not-imported.csv)")
+    p.add_argument("--allow-failures", action="store_true",
+                   help="exit 0 even when some rows were not imported")
+    p.set_defaults(func=_cmd_labels)
+
+
+def _cmd_labels(args: argparse.Namespace) -> int:
+    cfg = Config.from_env()
+    if not cfg.label_studio_url or not cfg.label_studio_api_key:
+        raise ValueError("amls import labels needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
+    client = LabelStudioClient(cfg.label_studio_url, cfg.label_studio_api_key)
+    outcome = import_labels(client, args.project, args.labels, anomaly_label=cfg.anomaly_label)
+    print(outcome.line())
+    missed = outcome.unmatched + outcome.conflicts
+    if not missed:
+        return 0
+    report = args.report or args.labels.with_name(args.labels.stem + ".not-imported.csv")
+    write_label_report(report, outcome, read_labels_csv(args.labels))
+    print(f"  not imported: {', '.join(missed[:5])}{' ...' if len(missed) > 5 else ''} "
+          f"({len(missed)} rows in {report})")
+    return 0 if args.allow_failures else 1
 
 
 def _register_push(kinds: argparse._SubParsersAction) -> None:

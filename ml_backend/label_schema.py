@@ -79,11 +79,15 @@ class ChoiceSchema:
     # answer invites accepting it, and the score alone orders the queue (AMLS_PRELABEL).
     prelabel: bool = False
 
-    def prediction_result(self, score: float) -> list[dict[str, Any]]:
-        """The `result` list of a prediction: the more likely choice for P(anomaly) = score."""
-        choice = self.anomaly_choice if score >= 0.5 else self.normal_choice
+    def label_result(self, label: int) -> list[dict[str, Any]]:
+        """The `result` list that answers our control with 1 = anomaly or 0 = normal."""
+        choice = self.anomaly_choice if label == 1 else self.normal_choice
         return [{"from_name": self.from_name, "to_name": self.to_name, "type": "choices",
                  "value": {"choices": [choice]}}]
+
+    def prediction_result(self, score: float) -> list[dict[str, Any]]:
+        """The `result` list of a prediction: the more likely choice for P(anomaly) = score."""
+        return self.label_result(int(score >= 0.5))
 
     def prediction(self, score: float | None, model_version: str) -> dict[str, Any]:
         """One Label Studio prediction of P(anomaly) = score: the score (which orders the

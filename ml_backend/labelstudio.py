@@ -273,6 +273,10 @@ class LabelStudioClient:
         """Create tasks (``{"data": ..., "predictions": [...]}``) in one request."""
         self.sdk.projects.import_tasks(id=project_id, request=list(tasks))
 
+    def create_annotation(self, task_id: int, result: list[dict[str, Any]]) -> None:
+        """Submit an annotation of the task (as the API token's user)."""
+        self.sdk.annotations.create(id=task_id, result=result)
+
     def cutout_ids(self, project_id: int, page_size: int = 1000) -> set[str]:
         """``data.cutout_id`` of every task already in the project."""
         ids: set[str] = set()
