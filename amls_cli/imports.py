@@ -16,6 +16,7 @@ from ml_backend.core.config import INVARIANCES
 from ml_backend.core.csvio import read_labels_csv
 from ml_backend.core.stretch import make_stretch, parse_stretch_params
 from ml_backend.labelstudio import LabelStudioClient
+from ml_backend.task_rows import SKY_VIEWERS
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,9 @@ def _add_common(parser: argparse.ArgumentParser, *, stretch_default: str | None)
                             help=f"none, linear, log, asinh, zscale (default {stretch_default})")
         parser.add_argument("--stretch-param", action="append", metavar="KEY=VALUE",
                             help="stretch parameter, e.g. a=0.1 (repeatable)")
+    parser.add_argument("--sky-viewer", default="esasky", choices=[*SKY_VIEWERS, "none"],
+                        help="where each task's `sky` link (tasks with RA/Dec) points "
+                        "(default esasky)")
     parser.add_argument("--preview-stretch", default="none",
                         help="display stretch of the preview PNGs only (the store keeps what "
                         "the model sees): none, linear, log, asinh, zscale; e.g. log for "
@@ -142,7 +146,8 @@ def _run(args: argparse.Namespace, spec: dict, build) -> int:
             store.close()
         raise
     output = Output(store=args.store, previews=args.previews,
-                    document_root=args.document_root, url_prefix=args.url_prefix)
+                    document_root=args.document_root, url_prefix=args.url_prefix,
+                    sky_viewer=args.sky_viewer)
     settings = Settings(stretch=spec, size=size, previews=args.previews,
                         invariance=args.invariance or "dihedral", preview_stretch=preview)
     writer = Writer(output, settings, store)
@@ -195,7 +200,8 @@ def _cmd_images(args: argparse.Namespace) -> int:
     from import_tools.images import import_image_folder
 
     output = Output(store=args.store, previews=args.previews,
-                    document_root=args.document_root, url_prefix=args.url_prefix)
+                    document_root=args.document_root, url_prefix=args.url_prefix,
+                    sky_viewer=args.sky_viewer)
     summary = import_image_folder(args.directory, output, size=args.size,
                                   channels=args.channels, invariance=args.invariance,
                                   preview_stretch=_preview_spec(args))

@@ -64,6 +64,6 @@ def _previews(store: CutoutStore, output: Output, indices: np.ndarray,
         tasks.append(make_task(image_url=output.url(path), cutout_id=cid,
                                store_path=output.store, source=str(meta["source"][k]),
                                hdu=str(meta["hdu"][k]), ra=float(meta["ra"][k]),
-                               dec=float(meta["dec"][k])))
+                               dec=float(meta["dec"][k]), sky_viewer=output.sky_viewer))
     append_tasks(tasks_path(output.store), tasks)
     return failures

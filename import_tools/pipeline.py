@@ -104,6 +104,7 @@ class Output:
     previews: Path
     document_root: Path | None = None
     url_prefix: str | None = None
+    sky_viewer: str = "esasky"  # where each task's `sky` link points (task_rows.SKY_VIEWERS)
 
     def url(self, preview: Path) -> str:
         root = self.document_root if self.document_root is not None else self.previews.parent
@@ -175,7 +176,8 @@ class Writer:
             return
         append_tasks(tasks_path(self.output.store), (make_task(
             image_url=self.output.url(i.preview), cutout_id=i.id, store_path=self.output.store,
-            source=i.source, hdu=i.hdu, ra=i.ra, dec=i.dec) for i in accepted))
+            source=i.source, hdu=i.hdu, ra=i.ra, dec=i.dec, sky_viewer=self.output.sky_viewer)
+            for i in accepted))
         self.store.append([i.id for i in accepted], np.stack([i.pixels for i in accepted]),
                           ra=[np.nan if i.ra is None else i.ra for i in accepted],
                           dec=[np.nan if i.dec is None else i.dec for i in accepted],

@@ -7,6 +7,7 @@ import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 
 def tasks_path(store_path: Path) -> Path:
@@ -14,14 +15,43 @@ def tasks_path(store_path: Path) -> Path:
     return store_path.with_name(store_path.name + ".tasks.jsonl")
 
 
+# Sky viewers a task links to at its RA/Dec (ICRS degrees), `{ra}` / `{dec}` URL-encoded.
+SKY_VIEWERS: dict[str, str] = {
+    "esasky": "https://sky.esa.int/esasky/?target={ra}%20{dec}&fov=0.05&cooframe=J2000",
+    "legacysurvey": "https://www.legacysurvey.org/viewer?ra={ra}&dec={dec}&layer=ls-dr10&zoom=15",
+    "aladin": "https://aladin.cds.unistra.fr/AladinLite/?target={ra}%20{dec}&fov=0.05",
+}
+
+
+def sky_url(ra: float | None, dec: float | None, viewer: str = "esasky") -> str | None:
+    """The viewer's page centred on (ra, dec), or None without valid coordinates or viewer
+    "none". RA is wrapped into [0, 360); a Dec outside [-90, 90] gives None."""
+    if viewer == "none":
+        return None
+    if viewer not in SKY_VIEWERS:
+        raise ValueError(f"sky viewer must be one of {', '.join([*SKY_VIEWERS, 'none'])}, "
+                         f"got {viewer!r}")
+    if ra is None or dec is None or not (math.isfinite(ra) and math.isfinite(dec)):
+        return None
+    if not -90.0 <= dec <= 90.0:
+        return None
+    wrapped = round(ra % 360.0, 6) % 360.0  # 359.9999999 would print as 360.000000
+    return SKY_VIEWERS[viewer].format(ra=quote(f"{wrapped:.6f}"), dec=quote(f"{dec:+.6f}"))
+
+
 def make_task(*, image_url: str, cutout_id: str, store_path: Path, source: str, hdu: str,
-              ra: float | None, dec: float | None) -> dict[str, Any]:
-    """Task ``data``: image URL, cutout id, absolute store path, source, hdu, ra, dec (deg)."""
+              ra: float | None, dec: float | None, sky_viewer: str = "esasky") -> dict[str, Any]:
+    """Task ``data``: image URL, cutout id, absolute store path, source, hdu, ra, dec (deg)
+    and, with coordinates, ``sky``: a link to the sky viewer at that position."""
     def coord(value: float | None) -> float | None:
         return None if value is None or not math.isfinite(value) else float(value)
 
-    return {"image": image_url, "cutout_id": cutout_id, "store": str(store_path.resolve()),
+    data = {"image": image_url, "cutout_id": cutout_id, "store": str(store_path.resolve()),
             "source": source, "hdu": hdu, "ra": coord(ra), "dec": coord(dec)}
+    link = sky_url(data["ra"], data["dec"], sky_viewer)
+    if link is not None:
+        data["sky"] = link
+    return data
 
 
 def append_tasks(path: Path, tasks: Iterable[dict[str, Any]]) -> None:

@@ -1,0 +1,54 @@
+"""Task data rows: the sky-viewer link at a task's RA/Dec."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+
+from ml_backend.task_rows import make_task, sky_url
+
+
+def target(url: str) -> tuple[float, float]:
+    ra, dec = parse_qs(urlparse(url).query)["target"][0].split(" ")
+    return float(ra), float(dec)
+
+
+@pytest.mark.parametrize("ra,dec,expected", [
+    (0.0, -89.5, (0.0, -89.5)),
+    (359.9999995, 12.0, (0.0, 12.0)),  # would print as 360.000000
+    (360.0, 0.0, (0.0, 0.0)),
+    (-0.25, -30.5, (359.75, -30.5)),
+    (-1e-17, -5.0, (0.0, -5.0)),  # -1e-17 % 360 is 360.0 in floating point
+    (720.5, 45.0, (0.5, 45.0)),
+    (150.1123, 2.2041, (150.1123, 2.2041)),
+])
+def test_the_esasky_link_wraps_ra_and_keeps_the_sign_of_dec(ra, dec, expected):
+    url = sky_url(ra, dec)
+    assert url is not None and url.startswith("https://sky.esa.int/esasky/?target=")
+    got = target(url)
+    assert got[1] == pytest.approx(expected[1], abs=1e-6)
+    assert got[0] == pytest.approx(expected[0], abs=1e-6) and 0.0 <= got[0] < 360.0
+
+
+def test_a_positive_dec_survives_url_decoding():
+    url = sky_url(10.0, 5.0, "legacysurvey")
+    query = parse_qs(urlparse(url).query)
+    assert query["dec"] == ["+5.000000"] and query["ra"] == ["10.000000"]
+    assert target(sky_url(10.0, 5.0, "aladin")) == (10.0, 5.0)
+
+
+@pytest.mark.parametrize("ra,dec", [(None, 1.0), (1.0, None), (float("nan"), 1.0),
+                                    (1.0, float("inf")), (1.0, 91.0), (1.0, -90.5)])
+def test_no_link_without_valid_coordinates(ra, dec):
+    assert sky_url(ra, dec) is None
+    task = make_task(image_url="/a.png", cutout_id="a", store_path=Path("s.h5"), source="x",
+                     hdu="0", ra=ra, dec=dec)
+    assert "sky" not in task
+
+
+def test_viewer_none_and_unknown_viewers():
+    assert sky_url(1.0, 1.0, "none") is None
+    with pytest.raises(ValueError, match="sky viewer must be one of"):
+        sky_url(1.0, 1.0, "google")
