@@ -35,6 +35,9 @@ from ml_backend.task_pixels import (
 
 logger = logging.getLogger(__name__)
 
+# A running job records its progress at most this often (and at every change of stage).
+PROGRESS_EVERY_S = 2.0
+
 
 def run_training(project_id: int, settings: Config,
                  client: LabelStudioClient | None = None) -> dict[str, Any]:
@@ -67,14 +70,17 @@ def run_training(project_id: int, settings: Config,
     jobs_total = int(previous.get("jobs_total", 0)) + 1
     registry.write_status(project_id, {**previous, "running_since": started,
                                        "jobs_total": jobs_total})
+    progress = JobProgress(registry, project_id, started)
     try:
         summary = train_and_publish(project_id, settings, client, registry, label_config,
-                                    on_progress=_report_progress)
+                                    on_progress=progress)
     except Exception as err:
         _record_failure(registry, project_id, started, jobs_total, err)
         logger.error("project %d: training job failed after %.1f s: %s", project_id,
                      time.time() - started, err)
         raise
+    finally:
+        registry.write_progress(project_id, None)
     duration = time.time() - started
     registry.write_status(project_id, {"jobs_total": jobs_total, "last_finished": time.time(),
                                        "last_duration_s": round(duration, 3),
@@ -94,15 +100,29 @@ def _record_failure(registry: ModelRegistry, project_id: int, started: float,
         "last_traceback": "".join(trace), "last_result": None})
 
 
-def _report_progress(stage: str, done: int, total: int) -> None:
-    """Progress into the RQ job's meta (a no-op outside an RQ worker)."""
-    from rq import get_current_job
+class JobProgress:
+    """How far a job is, in MODEL_DIR/<project>/progress.json (what /metrics shows, for
+    in-process and RQ jobs alike) and in the RQ job's meta; written at most every
+    PROGRESS_EVERY_S seconds, and at every change of stage."""
 
-    job = get_current_job()
-    if job is None:
-        return
-    job.meta["progress"] = {"stage": stage, "done": done, "total": total}
-    job.save_meta()
+    def __init__(self, registry: ModelRegistry, project_id: int, started: float) -> None:
+        self.registry, self.project_id, self.started = registry, project_id, started
+        self._last: tuple[str, float] = ("", 0.0)
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        now = time.time()
+        if stage == self._last[0] and now - self._last[1] < PROGRESS_EVERY_S and done < total:
+            return
+        self._last = (stage, now)
+        progress = {"stage": stage, "done": done, "total": total, "started": self.started,
+                    "updated": now}
+        self.registry.write_progress(self.project_id, progress)
+        from rq import get_current_job
+
+        job = get_current_job()
+        if job is not None:
+            job.meta["progress"] = progress
+            job.save_meta()
 
 
 # ---- one training cycle ----------------------------------------------------------------------

@@ -34,6 +34,7 @@ VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 META = "meta.json"
 LATEST = "LATEST"
 STATUS = "status.json"
+PROGRESS = "progress.json"
 
 
 class ModelRegistry:
@@ -155,6 +156,21 @@ class ModelRegistry:
             return json.loads((self.project_dir(project_id) / STATUS).read_text())
         except FileNotFoundError:
             return {}
+
+    def write_progress(self, project_id: int, progress: dict[str, Any] | None) -> None:
+        """Record how far the running job is (None: no job running)."""
+        path = self.project_dir(project_id) / PROGRESS
+        if progress is None:
+            path.unlink(missing_ok=True)
+            return
+        self.project_dir(project_id).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(progress))
+
+    def read_progress(self, project_id: int) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.project_dir(project_id) / PROGRESS).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
 
     def projects(self) -> list[int]:
         """Project ids that have a directory under the root."""

@@ -42,6 +42,14 @@ def iso_utc(epoch_s: float | None) -> str | None:
     return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _progress(raw: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A running job's progress for /metrics: stage, done / total, ISO 8601 times."""
+    if raw is None:
+        return None
+    return {"stage": raw.get("stage"), "done": raw.get("done"), "total": raw.get("total"),
+            "started": iso_utc(raw.get("started")), "updated": iso_utc(raw.get("updated"))}
+
+
 class AnomalyService:
     """Predictions from each project's latest model; training requests to `submitter`."""
 
@@ -164,10 +172,13 @@ class AnomalyService:
         latest = self.registry.latest(project_id)
         meta = self.registry.read_meta(project_id, latest) if latest else {}
         status = self.registry.read_status(project_id)
+        state = self.submitter.state(project_id)
         return {
             "model_version": latest or UNTRAINED,
             "versions": self.registry.versions(project_id),
-            "queue": {**self.submitter.state(project_id),
+            "queue": {**state,
+                      "progress": _progress(self.registry.read_progress(project_id))
+                      if state["running"] else None,
                       "last_duration_s": status.get("last_duration_s"),
                       "last_finished": iso_utc(status.get("last_finished")),
                       "last_error": status.get("last_error"),

@@ -240,3 +240,21 @@ def test_prelabel_comes_from_the_environment(raw, value):
 def test_a_prelabel_that_is_not_a_boolean_is_refused():
     with pytest.raises(ConfigError, match="AMLS_PRELABEL must be true or false"):
         Config.from_env({"AMLS_PRELABEL": "maybe"})
+
+
+@pytest.mark.slow
+def test_a_running_job_reports_its_progress_and_clears_it_when_done(project):
+    fake, registry, settings = project
+    seen: list[dict | None] = []
+    write = fake.write_predictions
+
+    def write_and_look(*args, **kwargs):
+        seen.append(registry.read_progress(7))  # what /metrics would show right now
+        return write(*args, **kwargs)
+
+    fake.write_predictions = write_and_look
+    jobs.run_training(7, settings, fake)
+    (progress,) = seen
+    assert progress["stage"] == "write" and progress["total"] == N_TASKS - 8
+    assert progress["started"] <= progress["updated"]
+    assert registry.read_progress(7) is None  # cleared when the job ended

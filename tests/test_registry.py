@@ -201,3 +201,25 @@ def test_prune_removes_what_killed_jobs_left_once_stale(tmp_path: Path):
     assert not old_staging.exists() and not broken.exists()
     assert new_staging.exists(), "a running job's staging folder is left alone"
     assert registry.versions(1) == sorted(NAMES)
+
+
+class RunningSubmitter:
+    """A submitter whose every project has a job running."""
+
+    def state(self, project_id: int) -> dict[str, bool]:
+        return {"queued": False, "running": True}
+
+
+def test_metrics_show_a_running_jobs_progress_with_iso_times(tmp_path: Path):
+    cfg = Config(model_dir=tmp_path / "models", train=TrainConfig(device="cpu"))
+    registry = ModelRegistry(cfg.model_dir)
+    registry.write_progress(5, {"stage": "train", "done": 40, "total": 100,
+                                "started": 1796301600.0, "updated": 1796301610.2})
+    service = AnomalyService(cfg, registry, RunningSubmitter())
+    queue = service.metrics()["projects"]["5"]["queue"]
+    assert queue["running"] is True
+    assert queue["progress"] == {"stage": "train", "done": 40, "total": 100,
+                                 "started": "2026-12-03T12:40:00Z",
+                                 "updated": "2026-12-03T12:40:10Z"}
+    registry.write_progress(5, None)
+    assert service.metrics()["projects"]["5"]["queue"]["progress"] is None
