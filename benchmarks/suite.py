@@ -86,6 +86,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     # The pretrained backbone at a tenth of the head's learning rate (closer to a linear probe).
     Setting("backbone-lr-0.1", overrides={"backbone_lr_scale": 0.1}),
     Setting("flip+backbone-lr-0.1", overrides={"invariance": "flip", "backbone_lr_scale": 0.1}),
+    # Pseudo-labels aligned to the labelled class distribution (ReMixMatch).
+    Setting("dist-align", overrides={"distribution_alignment": True}),
+    Setting("flip+dist-align", overrides={"invariance": "flip", "distribution_alignment": True}),
 )}
 
 

@@ -101,3 +101,34 @@ def test_step_with_high_threshold_masks_everything_out():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     stats = fixmatch_step(model, *_step_inputs(6), opt, TrainConfig(threshold=1.0))
     assert stats.mask_rate == 0.0 and stats.loss_u == 0.0 and stats.pseudo_anomaly_rate == 0.0
+
+
+def test_distribution_alignment_pulls_the_pseudo_labels_to_the_target_share():
+    from ml_backend.core.fixmatch import DistributionAlignment
+
+    align = DistributionAlignment([0.99, 0.01], momentum=0.0)
+    probs = torch.tensor([[0.8, 0.2]] * 9 + [[0.02, 0.98]])  # mean anomaly share 0.278
+    aligned = align(probs)
+    torch.testing.assert_close(aligned.sum(1), torch.ones(10))
+    assert aligned[:9, 1].max() < 0.01  # the doubtful ones are no longer near-anomalies
+    assert aligned[9, 1] < probs[9, 1] and aligned[9].argmax() == 1  # the sure one stays
+    # A batch whose mean already is the target passes through unchanged.
+    balanced = DistributionAlignment([0.5, 0.5], momentum=0.0)
+    same = torch.tensor([[0.9, 0.1], [0.1, 0.9]])
+    torch.testing.assert_close(balanced(same), same)
+
+
+def test_distribution_alignment_changes_the_mask_through_the_loss():
+    from ml_backend.core.fixmatch import DistributionAlignment
+
+    logits_x, y = torch.zeros(2, 2), torch.tensor([0, 1])
+    weak = torch.log(torch.tensor([[0.04, 0.96]] * 4 + [[0.97, 0.03]] * 4))
+    strong = torch.zeros(8, 2)
+    *_, plain = fixmatch_loss(logits_x, y, weak, strong, 0.95, 1.0)
+    align = DistributionAlignment([0.99, 0.01], momentum=0.0)
+    *_, aligned = fixmatch_loss(logits_x, y, weak, strong, 0.95, 1.0, align)
+    assert plain.tolist() == [1.0] * 4 + [1.0] * 4
+    assert aligned[:4].sum() < 4  # half the batch "anomalous" against a 1 % prior: doubted
+    assert aligned[4:].tolist() == [1.0] * 4
+    with pytest.raises(ValueError, match="positive target"):
+        DistributionAlignment([1.0, 0.0])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import numpy as np
@@ -385,3 +386,17 @@ def test_ema_warmup_tracks_the_student_early():
     # Without warm-up 0.99**30 = 74 % of the start would remain; with it, under 15 %.
     remaining = (ema.module.weight - 1.0) / (start - 1.0)
     assert remaining.abs().max() < 0.15
+
+
+def test_a_cycle_with_distribution_alignment_trains_and_records_it(toy, tmp_path):
+    labeled, labels, pool = toy
+    cfg = FAST.replace(distribution_alignment=True, iterations=3)
+    result = train_cycle(cfg, labeled, labels, pool)
+    assert len(result.steps) == 3 and all(math.isfinite(s.loss) for s in result.steps)
+    assert all(0.0 <= s.pseudo_anomaly_rate <= 1.0 for s in result.steps)
+    meta = save_cycle(result, tmp_path / "m", cfg=cfg, stretch={"name": "none"}, parent=None,
+                      label_counts={"anomaly": 5, "normal": 20})
+    assert TrainConfig.from_dict(meta.config).distribution_alignment is True
+    saved = TrainConfig().to_dict()
+    del saved["distribution_alignment"]
+    assert TrainConfig.from_dict(saved).distribution_alignment is False  # older checkpoints

@@ -27,6 +27,10 @@ class TrainConfig:
     iterations: int = 100
     # A weak-view prediction becomes a hard pseudo-label above this probability.
     threshold: float = 0.95
+    # Align the weak-view probabilities to the labelled class distribution before the
+    # threshold (ReMixMatch's distribution alignment), so pseudo-labels follow the labels'
+    # anomaly share instead of the model's drift.
+    distribution_alignment: bool = False
     # Weight of the unlabelled (consistency) loss.
     lambda_u: float = 1.0
     # SGD settings; weight decay is not applied to BatchNorm weights or biases.
@@ -106,7 +110,8 @@ INVARIANCES = ("dihedral", "flip")
 # What a saved config that lacks a field was trained with (fields added after the first
 # release). Defaults may change; these never do.
 LEGACY_VALUES: dict[str, Any] = {"drop_path_rate": 0.0, "drop_rate": 0.0,
-                                 "invariance": "dihedral", "backbone_lr_scale": 1.0}
+                                 "invariance": "dihedral", "backbone_lr_scale": 1.0,
+                                 "distribution_alignment": False}
 
 
 def check_invariance(value: str) -> str:

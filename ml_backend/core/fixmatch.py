@@ -6,6 +6,7 @@ loss = CE(labelled) + lambda_u * mean_u[ 1(max p_weak >= tau) * CE(strong, argma
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,21 +29,54 @@ class StepStats:
     lr: float  # learning rate of the step (first parameter group)
 
 
+class DistributionAlignment:
+    """ReMixMatch's distribution alignment of the weak-view probabilities:
+    p -> normalise(p * target / m), m the running mean of p over recent batches (an EMA with
+    `momentum`). The pseudo-labels then follow the `target` class distribution rather than
+    wherever the model's average drifts, which matters when one class is 1 % of the pool.
+    """
+
+    def __init__(self, target: Sequence[float], momentum: float = 0.99) -> None:
+        target_t = torch.as_tensor(target, dtype=torch.float32)
+        if target_t.ndim != 1 or (target_t <= 0).any() or not 0.0 <= momentum < 1.0:
+            raise ValueError(f"need a positive target distribution and momentum in [0, 1), "
+                             f"got {target} and {momentum}")
+        self.target = target_t / target_t.sum()
+        self.momentum = momentum
+        self.mean: torch.Tensor | None = None
+        self.last: torch.Tensor | None = None  # the latest aligned batch (for statistics)
+
+    def __call__(self, probs: torch.Tensor) -> torch.Tensor:
+        """(N, K) probabilities -> aligned (N, K) probabilities (rows sum to 1)."""
+        if len(probs) == 0:
+            return probs
+        batch_mean = probs.mean(dim=0)
+        self.mean = batch_mean if self.mean is None else (
+            self.momentum * self.mean + (1.0 - self.momentum) * batch_mean)
+        target = self.target.to(probs.device)
+        aligned = probs * (target / self.mean.clamp_min(1e-6))
+        self.last = aligned / aligned.sum(dim=1, keepdim=True)
+        return self.last
+
+
 def fixmatch_loss(logits_x: torch.Tensor, y: torch.Tensor, logits_u_weak: torch.Tensor,
-                  logits_u_strong: torch.Tensor, threshold: float, lambda_u: float
+                  logits_u_strong: torch.Tensor, threshold: float, lambda_u: float,
+                  align: DistributionAlignment | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """FixMatch loss from logits.
 
     logits_x (B, K) with labels y (B,) int64; logits_u_weak / logits_u_strong (µB, K) of two
     views of the same unlabelled images. Returns (loss, loss_x, loss_u, mask) where mask (µB,)
-    is 1.0 where the weak view's top probability is >= threshold, else 0.0. With no unlabelled
-    images (µB = 0) loss_u is 0. NaN logits give a NaN loss.
+    is 1.0 where the weak view's top probability (after `align`, if given) is >= threshold,
+    else 0.0. With no unlabelled images (µB = 0) loss_u is 0. NaN logits give a NaN loss.
     """
     # Supervised: cross-entropy on the labelled batch.
     loss_x = F.cross_entropy(logits_x, y)
 
     # Pseudo-labels: hard argmax of the weak view, with no gradient through it.
     probs_u = torch.softmax(logits_u_weak.detach(), dim=1)
+    if align is not None:
+        probs_u = align(probs_u)
     confidence, pseudo_label = probs_u.max(dim=1)
 
     # Confidence mask: only confident predictions teach the strong view.
@@ -59,26 +93,28 @@ def fixmatch_loss(logits_x: torch.Tensor, y: torch.Tensor, logits_u_weak: torch.
 
 def fixmatch_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, u_weak: torch.Tensor,
                   u_strong: torch.Tensor, optimizer: torch.optim.Optimizer,
-                  cfg: TrainConfig) -> StepStats:
+                  cfg: TrainConfig, align: DistributionAlignment | None = None) -> StepStats:
     """One forward of [x; u_weak; u_strong] (one BN batch), backward and optimiser step.
 
     x (B, C, S, S) labelled model inputs with labels y (B,) in {0, 1}; u_weak / u_strong
     (µB, C, S, S) two views of the same unlabelled images (µB may be 0: supervised only).
-    The model is put in train mode. Uses cfg.threshold and cfg.lambda_u.
+    The model is put in train mode. Uses cfg.threshold and cfg.lambda_u; `align` (kept by
+    the caller across steps) aligns the pseudo-label distribution.
     """
     model.train()
     b, n_u = len(x), len(u_weak)
     logits = model(torch.cat([x, u_weak, u_strong]))  # (B + 2µB, 2)
     logits_x, logits_u_weak, logits_u_strong = logits.split([b, n_u, n_u])
     loss, loss_x, loss_u, mask = fixmatch_loss(
-        logits_x, y, logits_u_weak, logits_u_strong, cfg.threshold, cfg.lambda_u)
+        logits_x, y, logits_u_weak, logits_u_strong, cfg.threshold, cfg.lambda_u, align)
 
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
 
     # One device-to-host transfer for all statistics.
-    pseudo_anomaly = (logits_u_weak.detach().argmax(1) == 1).float()
+    pseudo = align.last if align is not None and align.last is not None else logits_u_weak
+    pseudo_anomaly = (pseudo.detach().argmax(1) == 1).float()
     n_masked_t = mask.sum()
     values = torch.stack([loss.detach(), loss_x.detach(), loss_u.detach(), n_masked_t,
                           (pseudo_anomaly * mask).sum()]).tolist()

@@ -34,6 +34,7 @@ from ml_backend.core.checkpoint import (
 )
 from ml_backend.core.config import TrainConfig
 from ml_backend.core.fixmatch import (
+    DistributionAlignment,
     ModelEMA,
     StepStats,
     WeightedLabeledSampler,
@@ -96,6 +97,10 @@ def train_cycle(cfg: TrainConfig, labeled: np.ndarray, labels: np.ndarray,
     logger.info("training %d iterations on %s: %d labelled (%d anomalies), %d unlabelled",
                 cfg.iterations, device, len(labels), int(y_all.sum()), len(unlabeled))
 
+    align = None
+    if cfg.distribution_alignment and n_unlabeled:
+        share = float(np.mean(np.asarray(labels) == 1))
+        align = DistributionAlignment([1.0 - share, share])
     steps: list[StepStats] = []
     start = time.perf_counter()
     with (_PoolReader(unlabeled, n_unlabeled, gen) as pool,
@@ -106,7 +111,7 @@ def train_cycle(cfg: TrainConfig, labeled: np.ndarray, labels: np.ndarray,
             u01 = _unit_images(pool.next(), cfg, x_all.shape[1:], device)
             u_weak, u_strong = augment(u01, gen)
             stats = fixmatch_step(student, _model_input(x), y_all[idx], _model_input(u_weak),
-                                  _model_input(u_strong), optimizer, cfg)
+                                  _model_input(u_strong), optimizer, cfg, align)
             if not math.isfinite(stats.loss):
                 raise FloatingPointError(f"training loss became {stats.loss} at iteration "
                                          f"{it + 1}; try a lower learning rate")
