@@ -13,7 +13,6 @@ from import_tools.push import push
 from import_tools.report import ImportSummary, write_report
 from ml_backend.config import Config
 from ml_backend.core.config import INVARIANCES
-from ml_backend.core.csvio import read_labels_csv
 from ml_backend.core.stretch import make_stretch, parse_stretch_params
 from ml_backend.labelstudio import LabelStudioClient
 from ml_backend.task_rows import SKY_VIEWERS
@@ -237,7 +236,7 @@ def _cmd_labels(args: argparse.Namespace) -> int:
     if not missed:
         return 0
     report = args.report or args.labels.with_name(args.labels.stem + ".not-imported.csv")
-    write_label_report(report, outcome, read_labels_csv(args.labels))
+    write_label_report(report, outcome)
     print(f"  not imported: {', '.join(missed[:5])}{' ...' if len(missed) > 5 else ''} "
           f"({len(missed)} rows in {report})")
     return 0 if args.allow_failures else 1

@@ -27,6 +27,7 @@ class LabelImport:
     already: int = 0
     conflicts: list[str] = field(default_factory=list)  # ids labelled otherwise in the project
     unmatched: list[str] = field(default_factory=list)  # ids no task has
+    asked: dict[str, int] = field(default_factory=dict, repr=False)  # the CSV's labels
 
     def line(self) -> str:
         return (f"created {self.created} annotations; {self.already} tasks already had that "
@@ -43,7 +44,7 @@ def import_labels(client: LabelStudioClient, project_id: int, labels_csv: Path, 
     by_cutout = {str(t["data"]["cutout_id"]): t for t in tasks
                  if isinstance(t.get("data"), dict) and t["data"].get("cutout_id") is not None}
     current = latest_labels(tasks, schema)
-    outcome = LabelImport()
+    outcome = LabelImport(asked=wanted)
     with progress(total=len(wanted), desc="labels", unit="label") as bar:
         for cutout_id, label in wanted.items():
             bar.update(1)
@@ -62,11 +63,11 @@ def import_labels(client: LabelStudioClient, project_id: int, labels_csv: Path, 
     return outcome
 
 
-def write_label_report(path: Path, outcome: LabelImport, wanted: dict[str, int]) -> None:
+def write_label_report(path: Path, outcome: LabelImport) -> None:
     """`id,label,problem` rows for every id not imported (unmatched or conflicting)."""
     rows = [(cid, "no task with this cutout_id") for cid in outcome.unmatched]
     rows += [(cid, "the task has another label; kept") for cid in outcome.conflicts]
     with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["id", "label", "problem"])
-        writer.writerows((cid, LABEL_NAMES[wanted[cid]], problem) for cid, problem in rows)
+        writer.writerows((cid, LABEL_NAMES[outcome.asked[cid]], problem) for cid, problem in rows)
