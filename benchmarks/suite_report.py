@@ -111,6 +111,48 @@ def _paired_lines(rows: Rows, datasets: list[str], settings: list[str], baseline
     return lines
 
 
+# (candidate prefix, baseline prefix, what the pair means); "" = the FixMatch model's metric.
+FAST_PAIRS = (
+    ("head", "", "head refit on the cycle's embeddings vs the FixMatch model"),
+    ("blend", "", "mean rank of both vs the FixMatch model"),
+    ("interim", "stale", "while a cycle trains: head on the last embeddings + new labels "
+                         "vs the last FixMatch scores"),
+)
+
+
+def fast_head_report(paths: Sequence[Path], protocol: str,
+                     metrics: Sequence[str]) -> list[str]:
+    """Per cycle, the instant re-ranking against FixMatch within the same runs (rows that
+    were run with `fast_head`); empty when there are none."""
+    rows = [r for runs in load_rows(paths, protocol).values() for r in runs.values()
+            if r.get("cycles") and "head_auroc" in r["cycles"][0]]
+    if not rows:
+        return []
+    lines = [f"### Instant re-ranking ({protocol} protocol; paired within each run, "
+             "candidate − baseline, 95 % bootstrap interval)", "",
+             "| suite | cycle | comparison | metric | runs | candidate | baseline "
+             "| mean diff | 95 % interval |", "|---" * 9 + "|"]
+    for suite in sorted({_suite(r["dataset"]) for r in rows}):
+        ours = [r for r in rows if _suite(r["dataset"]) == suite]
+        for cycle in range(1, max(len(r["cycles"]) for r in ours) + 1):
+            at = [r["cycles"][cycle - 1] for r in ours if len(r["cycles"]) >= cycle]
+            for cand, base, meaning in FAST_PAIRS:
+                for metric in metrics:
+                    a_key, b_key = f"{cand}_{metric}", f"{base}_{metric}" if base else metric
+                    pairs = [(c[b_key], c[a_key]) for c in at
+                             if c.get(a_key) is not None and c.get(b_key) is not None]
+                    if not pairs:
+                        continue
+                    pc = paired_comparison(*zip(*pairs, strict=True))
+                    lines.append(
+                        f"| {suite} | {cycle} | {meaning} | {metric} | {pc.n} | "
+                        f"{statistics.mean(p[1] for p in pairs):.3f} | "
+                        f"{statistics.mean(p[0] for p in pairs):.3f} | {pc.mean_diff:+.3f} | "
+                        f"[{pc.ci_low:+.3f}, {pc.ci_high:+.3f}] |")
+    return [*lines, ""]
+
+
 def print_report(paths: Sequence[Path], baseline: str, protocol: str,
                  metrics: Sequence[str]) -> None:
-    print("\n".join(report(paths, baseline, protocol, metrics)))
+    lines = report(paths, baseline, protocol, metrics)
+    print("\n".join(lines + fast_head_report(paths, protocol, metrics)))

@@ -11,7 +11,7 @@ import torch
 from amls_cli import main
 from ml_backend.core.checkpoint import ModelMeta, new_version, save_model_dir, utc_now_iso
 from ml_backend.core.config import TrainConfig
-from ml_backend.core.model import anomaly_probability, build_model, set_seed
+from ml_backend.core.model import anomaly_probability, build_model, pooled_features, set_seed
 from ml_backend.core.preprocess import center_crop, normalise, to_model_input, to_unit_tensor
 from ml_backend.core.scoring import score_images, score_store
 from ml_backend.core.sources import ArraySource
@@ -160,6 +160,26 @@ def test_score_store_follows_the_order_of_indices(model):
     indices = np.array([9, 2, 11, 0, 5])
     scores = score_store(source, model, make_meta(), indices=indices, batch_size=2, device="cpu")
     np.testing.assert_allclose(scores, score_images(model, images[indices], SIZE), rtol=1e-5)
+
+
+def test_features_come_from_the_same_pass_row_for_row_with_the_scores(model):
+    images = random_images(12, seed=5)
+    source = ArraySource(images, STRETCH)
+    with torch.inference_mode():
+        expected = pooled_features(model, to_model_input(images, SIZE)).numpy()
+    everything = np.zeros((12, model.num_features), dtype=np.float16)
+    scores = score_store(source, model, make_meta(), batch_size=5, device="cpu",
+                         features=everything)
+    np.testing.assert_allclose(everything, expected, rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(scores, score_images(model, images, SIZE), rtol=1e-5)
+    indices = np.array([7, 1, 7, 3])  # any order, repeats allowed
+    some = np.zeros((4, model.num_features), dtype=np.float32)
+    score_store(source, model, make_meta(), indices=indices, batch_size=2, device="cpu",
+                features=some)
+    np.testing.assert_allclose(some, expected[indices], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match=r"features must have shape \(4, D\)"):
+        score_store(source, model, make_meta(), indices=indices, device="cpu",
+                    features=np.zeros((12, 4), dtype=np.float32))
 
 
 class ShuffledSource(ArraySource):

@@ -146,3 +146,23 @@ def test_simulate_takes_the_invariance_the_store_records_unless_told(tmp_path, m
     args = ["simulate", str(tmp_path / "toy.h5"), "--truth", str(tmp_path / "truth.csv")]
     assert main(args) == 0 and main([*args, "--invariance", "dihedral"]) == 0
     assert seen == ["flip", "dihedral"]
+
+
+@pytest.mark.slow
+def test_fast_head_metrics_sit_beside_the_fixmatch_ones_without_changing_them(tmp_path):
+    _, truth = make_toy_store(tmp_path / "toy.h5")
+    cfg = TrainConfig(image_size=32, iterations=4, batch_size=8, uratio=2, pretrained=False,
+                      ema_decay=0.5, device="cpu")
+    plain = SimulationPlan(initial_anomalies=3, initial_normals=20, cycles=2, per_cycle=2)
+    fast = SimulationPlan(initial_anomalies=3, initial_normals=20, cycles=2, per_cycle=2,
+                          fast_head=True)
+    with CutoutStore.open(tmp_path / "toy.h5") as store:
+        without = list(run_simulation(store, truth, plain, cfg))
+        rows = list(run_simulation(store, truth, fast, cfg))
+    for a, b in zip(without, rows, strict=True):
+        assert b["auroc"] == pytest.approx(a["auroc"]) and b["n"] == a["n"]
+    prefixes = ("head", "blend", "interim")
+    for prefix in prefixes:
+        assert all(0.0 <= r[f"{prefix}_auroc"] <= 1.0 for r in rows)
+    assert "stale_auroc" not in rows[0] and 0.0 <= rows[1]["stale_auroc"] <= 1.0
+    assert rows[-1]["head_auroc"] > 0.8  # bright squares separate in any embedding

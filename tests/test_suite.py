@@ -18,7 +18,7 @@ from benchmarks.suite import (
     parse_setting,
     plan_jobs,
 )
-from benchmarks.suite_report import report, top1_ceiling
+from benchmarks.suite_report import fast_head_report, report, top1_ceiling
 
 
 def test_paired_comparison_counts_and_mean_by_hand():
@@ -117,6 +117,26 @@ def test_report_tables_means_and_pairs(tmp_path):
     log.write_text("\n".join(json.dumps(r) for r in two) + "\n")
     text = "\n".join(report([log], "default", "full", ["auroc"]))
     assert "| animal | flip | 4 | 4 / 0 | +0.050 | [+0.050, +0.050] | 2 / 0 | better |" in text
+
+
+def test_fast_head_settings_keep_old_keys_and_report_pairs_within_runs(tmp_path):
+    dataset = SUITES["first"][0]
+    fast = Job(dataset, 0, SETTINGS["default+fast"], "full")
+    assert "fast_head" in fast.key()
+    assert "fast_head" not in Job(dataset, 0, SETTINGS["default"], "full").key()
+    cycles = [{"auroc": 0.80, "head_auroc": 0.78, "blend_auroc": 0.81, "interim_auroc": 0.70},
+              {"auroc": 0.90, "head_auroc": 0.91, "blend_auroc": 0.90, "interim_auroc": 0.85,
+               "stale_auroc": 0.83}]
+    rows = [{**_row(f"first:{c}", "default+fast", 0, 0.9), "cycles": cycles}
+            for c in ("Bent", "FRI")]
+    log = tmp_path / "runs.jsonl"
+    log.write_text("\n".join(json.dumps(r) for r in [*rows, _row("first:Bent", "x", 0, 0.5)]))
+    text = "\n".join(fast_head_report([log], "full", ["auroc"]))
+    assert "| first | 1 | head refit on the cycle's embeddings vs the FixMatch model | auroc | 2 " \
+           "| 0.780 | 0.800 | -0.020 | [-0.020, -0.020] |" in text
+    assert "| first | 2 | while a cycle trains" in text and "| 0.850 | 0.830 | +0.020 |" in text
+    assert not any(line.startswith("| first | 1 | while") for line in text.splitlines())
+    assert fast_head_report([log], "screen", ["auroc"]) == []
 
 
 def test_top1_ceiling_is_remaining_anomalies_over_slots():

@@ -31,7 +31,7 @@ def pretrained_feature_fn(cfg: TrainConfig, in_chans: int) -> FeatureFn:
     The backbone is ImageNet-pretrained when `cfg.pretrained` (random otherwise) and runs in
     eval mode (BatchNorm running statistics).
     """
-    from ml_backend.core.model import build_model, resolve_device
+    from ml_backend.core.model import build_model, pooled_features, resolve_device
     from ml_backend.core.preprocess import to_model_input
 
     device = resolve_device(cfg.device)
@@ -41,8 +41,7 @@ def pretrained_feature_fn(cfg: TrainConfig, in_chans: int) -> FeatureFn:
     @torch.inference_mode()
     def features(images: np.ndarray) -> np.ndarray:
         x = to_model_input(images, cfg.image_size, device, cfg.center_crop)
-        pooled = model.forward_head(model.forward_features(x), pre_logits=True)  # (n, 1280)
-        return pooled.float().cpu().numpy()
+        return pooled_features(model, x).float().cpu().numpy()  # (n, 1280)
 
     return features
 

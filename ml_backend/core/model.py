@@ -83,6 +83,15 @@ def set_bn_momentum(model: nn.Module, momentum: float) -> int:
     return len(layers)
 
 
+def pooled_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The globally pooled penultimate features (B, model.num_features) the head reads.
+
+    In eval mode the head's dropout is off, so `model.get_classifier()(pooled_features(m, x))`
+    equals `model(x)`.
+    """
+    return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
 def anomaly_probability(logits: torch.Tensor) -> torch.Tensor:
     """Softmax probability of the anomaly class, (B, 2) logits -> (B,) float32 in [0, 1].
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ml_backend.core.checkpoint import ModelMeta
-from ml_backend.core.model import anomaly_probability, resolve_device
+from ml_backend.core.model import anomaly_probability, pooled_features, resolve_device
 from ml_backend.core.preprocess import to_model_input
 from ml_backend.core.progress import progress
 
@@ -77,13 +77,17 @@ def score_images(model: nn.Module, images_uint8: np.ndarray | torch.Tensor, imag
 def score_store(store: ScorableStore, model: nn.Module, meta: ModelMeta, *,
                 indices: np.ndarray | None = None, batch_size: int = 256,
                 device: str | torch.device = "auto", compile: bool = False,
-                progress_desc: str = "scoring") -> np.ndarray:
+                progress_desc: str = "scoring",
+                features: np.ndarray | None = None) -> np.ndarray:
     """Anomaly probabilities for a store's images, float32, in store order or `indices` order.
 
     `indices`: store rows to score (default all; any order, repeats allowed). Each distinct
     row is read once, in ascending order (sequential HDF5 chunks). Moves the model to
     `device` ("auto": CUDA when available) in eval mode and channels_last; on CUDA the
     forward pass runs under bf16 autocast. `compile=True` wraps it in `torch.compile`.
+    `features`: an (n scores, model.num_features) array (float16 is enough; a memmap for a
+    big store) that receives each image's pooled features (`model.pooled_features`) from the
+    same forward pass, row for row with the returned scores; costs no extra forward pass.
     Raises ValueError if the store's channels or stretch differ from `meta`.
     """
     check_compatible(store, meta)
@@ -91,37 +95,48 @@ def score_store(store: ScorableStore, model: nn.Module, meta: ModelMeta, *,
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     rows, inverse = _distinct_rows(indices, len(store))
     n = len(store) if rows is None else len(rows)
+    n_out = n if inverse is None else len(inverse)
+    if features is not None and (features.ndim != 2 or len(features) != n_out):
+        raise ValueError(f"features must have shape ({n_out}, D), got {features.shape}")
+    distinct_features = features if inverse is None or features is None else np.empty(
+        (n, features.shape[1]), dtype=features.dtype)
     scores = np.full(n, np.nan, dtype=np.float32)
     filled = np.zeros(n, dtype=bool)
     if n > 0:
         device = resolve_device(device)
         net = _prepare(model, device, compile)
         start = time.perf_counter()
-        _score_batches(store, net, device, meta, rows, batch_size, scores, filled,
-                       progress_desc)
+        _score_batches(store, net, device, meta, rows, batch_size, (scores, distinct_features),
+                       filled, progress_desc)
         seconds = time.perf_counter() - start
         logger.debug("scored %d images on %s in %.2f s (%.0f images/s)", n, device, seconds,
                      n / max(seconds, 1e-9))
     if not filled.all():
         raise RuntimeError(f"the store reader skipped {int((~filled).sum())} of {n} images")
-    return scores if inverse is None else scores[inverse]
+    if inverse is None:
+        return scores
+    if features is not None:
+        features[:] = distinct_features[inverse]
+    return scores[inverse]
 
 
 def _score_batches(store: ScorableStore, net: nn.Module, device: torch.device, meta: ModelMeta,
-                   rows: np.ndarray | None, batch_size: int, scores: np.ndarray,
-                   filled: np.ndarray, progress_desc: str) -> None:
-    """Fill scores[k] for the k-th of `rows` (or store row k when rows is None)."""
-    pending: list[tuple[np.ndarray, torch.Tensor]] = []
-    with torch.inference_mode(), progress(total=len(scores), desc=progress_desc,
+                   rows: np.ndarray | None, batch_size: int,
+                   out: tuple[np.ndarray, np.ndarray | None], filled: np.ndarray,
+                   progress_desc: str) -> None:
+    """Fill out[0][k] (score) and out[1][k] (features, when wanted) for the k-th of `rows`
+    (or store row k when rows is None)."""
+    pending: list[tuple[np.ndarray, torch.Tensor, torch.Tensor | None]] = []
+    with torch.inference_mode(), progress(total=len(filled), desc=progress_desc,
                                           unit="img") as bar:
         for batch_rows, images in store.iter_batches(batch_size, indices=rows, prefetch=2):
-            pending.append((_positions(batch_rows, rows),
-                            _forward_scores(net, images, meta.image_size, meta.center_crop,
-                                            device)))
+            probabilities, pooled = _forward(net, images, meta.image_size, meta.center_crop,
+                                             device, features=out[1] is not None)
+            pending.append((_positions(batch_rows, rows), probabilities, pooled))
             if len(pending) >= _FLUSH_EVERY:
-                _flush(pending, scores, filled)
+                _flush(pending, out, filled)
             bar.update(len(batch_rows))
-        _flush(pending, scores, filled)
+        _flush(pending, out, filled)
 
 
 def _prepare(model: nn.Module, device: torch.device, compile: bool) -> nn.Module:
@@ -131,12 +146,26 @@ def _prepare(model: nn.Module, device: torch.device, compile: bool) -> nn.Module
 
 def _forward_scores(model: nn.Module, images: np.ndarray | torch.Tensor, image_size: int,
                     crop: float, device: torch.device) -> torch.Tensor:
+    return _forward(model, images, image_size, crop, device, features=False)[0]
+
+
+def _forward(model: nn.Module, images: np.ndarray | torch.Tensor, image_size: int, crop: float,
+             device: torch.device, *, features: bool
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(anomaly probabilities, pooled features or None) of one batch, one forward pass."""
     x = to_model_input(images, image_size, device, crop)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
     with autocast:
-        logits = model(x)
-    return anomaly_probability(logits)
+        if not features:
+            return anomaly_probability(model(x)), None
+        pooled = pooled_features(_unwrapped(model), x)
+        return anomaly_probability(_unwrapped(model).get_classifier()(pooled)), pooled
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The module under `torch.compile` (which hides `forward_head` and the classifier)."""
+    return getattr(model, "_orig_mod", model)
 
 
 def _distinct_rows(indices: np.ndarray | None,
@@ -166,9 +195,12 @@ def _positions(batch_rows: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
     return found
 
 
-def _flush(pending: list[tuple[np.ndarray, torch.Tensor]], scores: np.ndarray,
-           filled: np.ndarray) -> None:
-    for positions, probabilities in pending:
+def _flush(pending: list[tuple[np.ndarray, torch.Tensor, torch.Tensor | None]],
+           out: tuple[np.ndarray, np.ndarray | None], filled: np.ndarray) -> None:
+    scores, features = out
+    for positions, probabilities, pooled in pending:
         scores[positions] = probabilities.float().cpu().numpy()
+        if features is not None and pooled is not None:
+            features[positions] = pooled.float().cpu().numpy()
         filled[positions] = True
     pending.clear()

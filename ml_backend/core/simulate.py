@@ -4,6 +4,16 @@ Start from a few labelled anomalies and normals drawn from a pool, then repeat: 
 cycle, score the unlabelled pool, and let the oracle label the ``per_cycle`` highest-scoring
 true anomalies (confirmed finds) and the ``per_cycle`` highest-scoring normals (corrected
 false positives). Metrics are always measured on the pool minus everything labelled.
+
+With ``fast_head`` each cycle's row also measures the instant re-ranking (`core.fast_head`)
+on the same unlabelled images, the oracle still picking from the FixMatch scores:
+
+- ``head_*``: the head refit on this cycle's embeddings with this cycle's labels;
+- ``blend_*``: the mean of the FixMatch and head ranks;
+- ``interim_*``: what annotators see while this cycle trains: the head on the previous
+  cycle's embeddings (ImageNet ones before cycle 1) with this cycle's labels;
+- ``stale_*``: the alternative without a fast path, the previous cycle's FixMatch scores
+  (absent in cycle 1, which has no previous model).
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ class SimulationPlan:
     per_cycle: int = 10
     pool: int = 10_000
     seed: int = 42
+    fast_head: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -100,10 +111,19 @@ def run_simulation(
     """
     pool, labelled = choose_pool(truth, plan)
     cfg = cfg.replace(seed=plan.seed)
+    fast = plan.fast_head and plan.method != "isolation-forest"
+    features = _imagenet_features(store, pool, cfg) if fast else None
+    stale: np.ndarray | None = None  # the previous cycle's FixMatch scores over the pool
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         parent: Path | None = None
         for cycle in range(1, plan.cycles + 1):
             unlabelled = np.setdiff1d(pool, labelled, assume_unique=True)
+            extra: dict[str, Any] = {}
+            if features is not None:
+                extra |= _head_metrics("interim", features, pool, labelled, unlabelled, truth)
+                if stale is not None:
+                    extra |= _prefixed("stale", truth[unlabelled],
+                                       stale[np.searchsorted(pool, unlabelled)])
             started = time.perf_counter()
             if plan.method == "isolation-forest":
                 from ml_backend.core.baselines import isolation_forest_scores
@@ -119,8 +139,13 @@ def run_simulation(
                 train_seconds = time.perf_counter() - started
                 model, meta = load_model_dir(parent)
                 score_started = time.perf_counter()
-                scores = score_store(store, model, meta, indices=unlabelled,
-                                     batch_size=cfg.score_batch_size, device=cfg.device)
+                if features is None:
+                    scores = score_store(store, model, meta, indices=unlabelled,
+                                         batch_size=cfg.score_batch_size, device=cfg.device)
+                else:  # the whole pool: the next interim head needs the new labels' features
+                    stale = score_store(store, model, meta, indices=pool, features=features,
+                                        batch_size=cfg.score_batch_size, device=cfg.device)
+                    scores = stale[np.searchsorted(pool, unlabelled)]
             score_seconds = time.perf_counter() - score_started
             result = metrics.evaluate(truth[unlabelled], scores)
             if plan.method != "isolation-forest":
@@ -134,11 +159,54 @@ def run_simulation(
                 seconds_per_cycle=round(time.perf_counter() - started, 3),
                 score_images_per_second=round(len(unlabelled) / max(score_seconds, 1e-9), 1),
             )
+            if features is not None:
+                head_scores = _head_scores(features, pool, labelled, unlabelled, truth)
+                extra |= _prefixed("head", truth[unlabelled], head_scores)
+                extra |= _prefixed("blend", truth[unlabelled], _mean_rank(scores, head_scores))
+            result.update(extra)
             log.info("cycle %d: %s", cycle, result)
             yield result
             if cycle < plan.cycles:
                 picks = oracle_picks(unlabelled, scores, truth, plan.per_cycle)
                 labelled = np.union1d(labelled, picks)
+
+
+_HEAD_KEYS = ("auroc", "ap", "precision_top_1pct")
+
+
+def _imagenet_features(store: CutoutStore, pool: np.ndarray, cfg: TrainConfig) -> np.ndarray:
+    """float16 pooled features of the pool rows from the ImageNet backbone (before cycle 1)."""
+    from ml_backend.core.baselines import extract_features, pretrained_feature_fn
+
+    fn = pretrained_feature_fn(cfg, int(store.shape[-1]))
+    return extract_features(store, pool, fn, cfg.score_batch_size).astype(np.float16)
+
+
+def _head_scores(features: np.ndarray, pool: np.ndarray, labelled: np.ndarray,
+                 unlabelled: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """The fast head fitted on the labelled pool rows, scoring the unlabelled ones."""
+    from ml_backend.core.fast_head import fit_fast_head
+
+    head = fit_fast_head(features, np.searchsorted(pool, labelled), truth[labelled])
+    return head.scores(features[np.searchsorted(pool, unlabelled)])
+
+
+def _head_metrics(prefix: str, features: np.ndarray, pool: np.ndarray, labelled: np.ndarray,
+                  unlabelled: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
+    return _prefixed(prefix, truth[unlabelled],
+                     _head_scores(features, pool, labelled, unlabelled, truth))
+
+
+def _prefixed(prefix: str, labels: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
+    result = metrics.evaluate(labels, scores)
+    return {f"{prefix}_{k}": result[k] for k in _HEAD_KEYS}
+
+
+def _mean_rank(*scores: np.ndarray) -> np.ndarray:
+    """Mean of the rank-normalised scores (0 = lowest, 1 = highest; ties share a rank)."""
+    from scipy.stats import rankdata
+
+    return np.mean([rankdata(s) / len(s) for s in scores], axis=0)
 
 
 def _train_one_cycle(

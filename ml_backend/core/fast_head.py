@@ -1,0 +1,130 @@
+"""Seconds-fast rankings from cached embeddings: a refit linear head, and "more like this".
+
+The instant re-ranking fits a class-balanced, L2-regularised logistic regression on the
+pooled features (`model.pooled_features`) of the labelled tasks and scores every other task
+with it: a few hundred labels and 100,000 cached embeddings take well under a second, against
+minutes for a FixMatch cycle. Features are standardised with the statistics of all the
+embeddings given at fit time (labelled and unlabelled alike), so rare directions of the
+unlabelled pool count as much as common ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# Inverse L2 strength of the logistic regression on standardised features (benchmarks/RESULTS.md,
+# "Instant re-ranking": chosen over 0.01..1 on both suites).
+DEFAULT_C = 0.1
+# Rows converted to float32 at a time when scoring a float16 cache.
+_CHUNK = 32_768
+
+
+@dataclass(frozen=True)
+class FastHead:
+    """A fitted linear head over standardised features; `scores` gives anomaly probabilities."""
+
+    mean: np.ndarray  # (D,) float32
+    scale: np.ndarray  # (D,) float32, > 0
+    weights: np.ndarray  # (D,) float32
+    bias: float
+    n_anomalies: int
+    n_normals: int
+
+    def scores(self, features: np.ndarray) -> np.ndarray:
+        """Anomaly probabilities (n,) float32 of feature rows (float16 or float32, memmap ok)."""
+        features = _check_features(features, len(self.weights))
+        out = np.empty(len(features), dtype=np.float32)
+        w = self.weights / self.scale
+        b = self.bias - float(self.mean @ w)
+        for start in range(0, len(features), _CHUNK):
+            block = np.asarray(features[start:start + _CHUNK], dtype=np.float32)
+            out[start:start + len(block)] = _sigmoid(block @ w + b)
+        return out
+
+
+def fit_fast_head(features: np.ndarray, labelled: np.ndarray, labels: np.ndarray, *,
+                  c: float = DEFAULT_C, seed: int = 0) -> FastHead:
+    """Fit the head on `features[labelled]` with 0/1 `labels` (1 = anomaly).
+
+    `features`: (n, D) embeddings of the whole project (their mean and spread standardise the
+    inputs); `labelled`: row indices into it. Classes are weighted to balance, so one anomaly
+    among hundreds of normals still moves the ranking. Raises ValueError without at least one
+    anomaly and one normal, or on NaN/infinite features.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    features = _check_features(features)
+    labelled = np.asarray(labelled, dtype=np.int64).reshape(-1)
+    labels = np.asarray(labels).reshape(-1)
+    if len(labelled) != len(labels):
+        raise ValueError(f"{len(labelled)} labelled rows but {len(labels)} labels")
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError(f"labels must be 0 (normal) or 1 (anomaly), got {np.unique(labels)}")
+    n_anomalies, n_normals = int(labels.sum()), int((labels == 0).sum())
+    if n_anomalies == 0 or n_normals == 0:
+        raise ValueError(f"a ranking head needs at least one anomaly and one normal label; "
+                         f"has {n_anomalies} anomalies and {n_normals} normals")
+    if c <= 0:
+        raise ValueError(f"c must be > 0, got {c}")
+    mean, scale = _moments(features)
+    x = (np.asarray(features[labelled], dtype=np.float32) - mean) / scale
+    if not np.isfinite(x).all():
+        raise ValueError("the labelled embeddings contain NaN or infinity")
+    model = LogisticRegression(C=c, class_weight="balanced", max_iter=2000, random_state=seed)
+    model.fit(x, labels.astype(np.int64))
+    return FastHead(mean=mean, scale=scale, weights=model.coef_[0].astype(np.float32),
+                    bias=float(model.intercept_[0]), n_anomalies=n_anomalies,
+                    n_normals=n_normals)
+
+
+def similar(features: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The `k` rows most similar to the query rows: (row indices, cosine similarity), best first.
+
+    Similarity = cosine between a row and the mean direction of the (unit-length) query rows;
+    the query rows themselves are included in the ranking (callers drop what they exclude).
+    """
+    features = _check_features(features)
+    query = np.asarray(features[np.asarray(query, dtype=np.int64)], dtype=np.float32)
+    if len(query) == 0:
+        raise ValueError("more-like-this needs at least one query row")
+    direction = (query / _norms(query)[:, None]).mean(axis=0)
+    direction /= max(float(np.linalg.norm(direction)), 1e-12)
+    sims = np.empty(len(features), dtype=np.float32)
+    for start in range(0, len(features), _CHUNK):
+        block = np.asarray(features[start:start + _CHUNK], dtype=np.float32)
+        sims[start:start + len(block)] = (block @ direction) / _norms(block)
+    k = min(k, len(sims))
+    top = np.argpartition(-sims, k - 1)[:k] if k < len(sims) else np.arange(len(sims))
+    top = top[np.argsort(-sims[top], kind="stable")]
+    return top, sims[top]
+
+
+def _moments(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and standard deviation (floored), accumulated in float64 chunks."""
+    total = np.zeros(features.shape[1])
+    squares = np.zeros(features.shape[1])
+    for start in range(0, len(features), _CHUNK):
+        block = np.asarray(features[start:start + _CHUNK], dtype=np.float64)
+        total += block.sum(axis=0)
+        squares += np.square(block).sum(axis=0)
+    mean = total / len(features)
+    std = np.sqrt(np.maximum(squares / len(features) - np.square(mean), 0.0))
+    return mean.astype(np.float32), np.maximum(std, 1e-6).astype(np.float32)
+
+
+def _check_features(features: np.ndarray, dim: int | None = None) -> np.ndarray:
+    if features.ndim != 2 or len(features) == 0:
+        raise ValueError(f"expected a non-empty (n, D) feature array, got shape {features.shape}")
+    if dim is not None and features.shape[1] != dim:
+        raise ValueError(f"features have {features.shape[1]} dimensions, the head {dim}")
+    return features
+
+
+def _norms(x: np.ndarray) -> np.ndarray:
+    return np.maximum(np.linalg.norm(x, axis=1), 1e-12)
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return (1.0 / (1.0 + np.exp(-np.clip(z, -60.0, 60.0)))).astype(np.float32)

@@ -1,0 +1,73 @@
+import numpy as np
+import pytest
+
+from ml_backend.core.fast_head import fit_fast_head, similar
+
+
+def clustered(n=400, n_anomalies=8, dim=32, seed=0):
+    """Normals around one centre, anomalies shifted along a few dimensions."""
+    rng = np.random.default_rng(seed)
+    features = rng.normal(size=(n, dim)).astype(np.float32)
+    truth = np.zeros(n, dtype=np.int64)
+    truth[rng.choice(n, n_anomalies, replace=False)] = 1
+    features[truth == 1, :4] += 4.0
+    return features.astype(np.float16), truth
+
+
+def test_one_labelled_anomaly_already_ranks_the_others_first():
+    features, truth = clustered()
+    anomaly = int(np.flatnonzero(truth)[0])
+    normals = np.flatnonzero(truth == 0)[:50]
+    labelled = np.r_[anomaly, normals]
+    head = fit_fast_head(features, labelled, truth[labelled])
+    assert (head.n_anomalies, head.n_normals) == (1, 50)
+    scores = head.scores(features)
+    others = np.setdiff1d(np.flatnonzero(truth), [anomaly])
+    top = np.argsort(-scores)[:len(others) + 1]
+    assert set(others) <= set(top)
+    assert scores.dtype == np.float32 and ((scores >= 0) & (scores <= 1)).all()
+
+
+def test_scores_agree_with_standardising_by_hand():
+    features, truth = clustered(n=100, n_anomalies=5)
+    labelled = np.arange(100)
+    head = fit_fast_head(features, labelled, truth)
+    x = (features.astype(np.float32) - head.mean) / head.scale
+    expected = 1 / (1 + np.exp(-(x @ head.weights + head.bias)))
+    np.testing.assert_allclose(head.scores(features), expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("labels, message", [
+    ([0, 0, 0], "has 0 anomalies and 3 normals"),
+    ([1, 1, 1], "has 3 anomalies and 0 normals"),
+])
+def test_one_class_only_is_refused(labels, message):
+    features, _ = clustered(n=20)
+    with pytest.raises(ValueError, match=message):
+        fit_fast_head(features, np.arange(3), np.array(labels))
+
+
+def test_bad_inputs_are_refused_clearly():
+    features, truth = clustered(n=20, n_anomalies=2)
+    with pytest.raises(ValueError, match="3 labelled rows but 2 labels"):
+        fit_fast_head(features, np.arange(3), np.array([0, 1]))
+    with pytest.raises(ValueError, match="must be 0"):
+        fit_fast_head(features, np.arange(2), np.array([0, 2]))
+    broken = features.copy()
+    broken[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        fit_fast_head(broken, np.arange(20), truth)
+    head = fit_fast_head(features, np.arange(20), truth)
+    with pytest.raises(ValueError, match="8 dimensions, the head 32"):
+        head.scores(np.zeros((3, 8), dtype=np.float32))
+
+
+def test_similar_orders_by_cosine_to_the_query_direction():
+    features = np.array([[1, 0], [0.9, 0.1], [0, 1], [-1, 0], [0.7, 0.7]], dtype=np.float32)
+    rows, sims = similar(features, [0], k=3)
+    assert list(rows) == [0, 1, 4]
+    np.testing.assert_allclose(sims, [1.0, 0.9 / np.hypot(0.9, 0.1), np.sqrt(0.5)], rtol=1e-5)
+    rows, _ = similar(features, [0, 2], k=10)  # mean direction of two queries; k capped
+    assert list(rows[:2]) == [4, 1] and len(rows) == 5 and rows[-1] == 3
+    with pytest.raises(ValueError, match="at least one query"):
+        similar(features, [], k=2)
