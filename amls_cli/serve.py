@@ -32,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                             "REDIS_URL, because jobs then run in the server process)")
     serve.set_defaults(func=serve_command)
 
-    worker = sub.add_parser("worker", help="run an RQ worker for training jobs (needs REDIS_URL)")
+    worker = sub.add_parser("worker", help="run an RQ worker for training jobs and "
+                                           "re-rankings (needs REDIS_URL)")
     worker.add_argument("--burst", action="store_true",
                         help="exit when the queue is empty instead of waiting for jobs")
     worker.set_defaults(func=worker_command)
@@ -103,8 +104,10 @@ def worker_command(args: argparse.Namespace) -> int:
     from rq import Queue, Worker
 
     connection = Redis.from_url(cfg.redis_url)
-    worker = Worker([Queue(cfg.queue_name, connection=connection)], connection=connection)
-    logger.info("RQ worker on queue %r (burst=%s)", cfg.queue_name, args.burst)
+    # Instant re-rankings first: a free worker takes them before the next training cycle.
+    names = [cfg.fast_queue_name, cfg.queue_name] if cfg.fast_rerank else [cfg.queue_name]
+    worker = Worker([Queue(n, connection=connection) for n in names], connection=connection)
+    logger.info("RQ worker on queues %s (burst=%s)", ", ".join(names), args.burst)
     worker.work(burst=args.burst)
     return 0
 

@@ -2,8 +2,10 @@
 
 Measures (1) seconds from the last annotation of a burst to the reordered queue (new model
 version's predictions written, "Most anomalous first" view in place) for a project of
-`--tasks` FIRST radio-galaxy images, and (2) webhook response time p50 / p99 under a burst of
-`--webhooks` concurrent POSTs to /webhook.
+`--tasks` FIRST radio-galaxy images, (2) for a second burst once a cycle has cached its
+embeddings, the seconds until the instant re-ranking's version is Label Studio's current one,
+beside the seconds until the next cycle's, and (3) webhook response time p50 / p99 under a
+burst of `--webhooks` concurrent POSTs to /webhook.
 
     python -m benchmarks.loop_latency --tasks 1000 --webhooks 500
 
@@ -83,10 +85,40 @@ def wait_for_job(url: str, project_id: int, since: float, timeout_s: float) -> d
         project = requests.get(f"{url}/metrics", timeout=5).json()["projects"].get(
             str(project_id))
         if project and not project["queue"]["queued"] and not project["queue"]["running"] \
-                and (project["queue"]["last_finished"] or 0) > since:
+                and _epoch(project["queue"]["last_finished"]) > since:
             return project
         time.sleep(0.25)
     raise TimeoutError(f"no finished job for project {project_id} within {timeout_s} s")
+
+
+def wait_for_rerank(url: str, project_id: int, since: float,
+                    timeout_s: float) -> dict[str, Any]:
+    """The project's metrics once a re-ranking finished after `since` (epoch seconds)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        project = requests.get(f"{url}/metrics", timeout=5).json()["projects"][str(project_id)]
+        rerank = project.get("rerank") or {}
+        if _epoch(rerank.get("last_finished")) > since and not rerank.get("running") \
+                and not rerank.get("queued"):
+            return project
+        time.sleep(0.1)
+    raise TimeoutError(f"no finished re-ranking for project {project_id} within {timeout_s} s")
+
+
+def _epoch(iso: str | None) -> float:
+    """/metrics' ISO 8601 time as epoch seconds (0 for none)."""
+    from datetime import datetime
+
+    return datetime.fromisoformat(iso).timestamp() if iso else 0.0
+
+
+def annotate(client: Any, labels: list[tuple[int, str]]) -> float:
+    """Create the annotations one by one; the epoch time of the last."""
+    for task_id, value in labels:
+        client.annotations.create(id=task_id, result=[{
+            "from_name": "morphology", "to_name": "image", "type": "choices",
+            "value": {"choices": [value]}}])
+    return time.time()
 
 
 def webhook_burst(url: str, project_id: int, n: int, workers: int) -> np.ndarray:
@@ -128,23 +160,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      debounce_s=args.debounce)
         with serve(cfg) as (url, _service):
             client.ml.create(url=url, project=project.id)
-            for task_id, value in [(t, "anomaly") for t in rare[:5]] + \
-                                  [(t, "normal") for t in common[::len(common) // 20][:20]]:
-                client.annotations.create(id=task_id, result=[{
-                    "from_name": "morphology", "to_name": "image", "type": "choices",
-                    "value": {"choices": [value]}}])
-            last = time.time()
+            normals = common[::len(common) // 40]
+            last = annotate(client, [(t, "anomaly") for t in rare[:5]]
+                            + [(t, "normal") for t in normals[:20]])
             metrics = wait_for_job(url, project.id, last, args.timeout)
             loop_s = time.time() - last
             if metrics["model_version"] == "untrained" or metrics["queue"]["last_error"]:
                 raise RuntimeError(f"the training job did not publish a model: {metrics}")
+            # A second burst: the instant re-ranking now has the cycle's embeddings.
+            last = annotate(client, [(t, "anomaly") for t in rare[5:7]]
+                            + [(t, "normal") for t in normals[20:23]])
+            fast = wait_for_rerank(url, project.id, last, args.timeout)
+            rerank_s = time.time() - last
+            result = fast["rerank"]["last_result"] or {}
+            if result.get("status") != "reranked":
+                raise RuntimeError(f"the re-ranking did not publish: {fast['rerank']}")
+            current = client.projects.get(id=project.id).model_version
+            second = wait_for_job(url, project.id, last, args.timeout)
+            cycle_s = time.time() - last
             latencies = webhook_burst(url, project.id, args.webhooks, args.concurrency)
         return {
             "tasks": len(tasks), "iterations": args.iterations, "image_size": args.image_size,
             "debounce_s": args.debounce,
             "last_annotation_to_reordered_queue_s": round(loop_s, 2),
             "job_duration_s": metrics["queue"]["last_duration_s"],
-            "jobs_run": metrics["queue"]["jobs_total"],
+            "second_burst_to_instant_order_s": round(rerank_s, 2),
+            "rerank_duration_s": fast["rerank"]["last_duration_s"],
+            "instant_version_current_in_label_studio": current == result["model_version"],
+            "second_burst_to_next_cycle_s": round(cycle_s, 2),
+            "jobs_run": second["queue"]["jobs_total"],
             "webhooks": args.webhooks, "concurrency": args.concurrency,
             "webhook_p50_ms": round(float(np.percentile(latencies, 50)) * 1e3, 2),
             "webhook_p99_ms": round(float(np.percentile(latencies, 99)) * 1e3, 2),

@@ -49,13 +49,18 @@ class Config:
     versions_kept: int = 3
     # Predictions written to Label Studio per API request.
     prediction_write_batch: int = 500
-    # RQ queue name.
+    # RQ queue name (training cycles; instant re-rankings use `fast_queue_name`).
     queue_name: str = "amls"
     # Seconds an RQ training job may run before RQ kills it.
     job_timeout_s: int = 3600
     # A queued job starts once no training request came for this many seconds (a burst of
     # annotations becomes one job); it waits at most 30 s in total.
     debounce_s: float = 2.0
+    # Re-rank from cached embeddings (`ml_backend.rerank`) on every burst, within seconds,
+    # before the training cycle finishes (AMLS_FAST_RERANK); it waits rerank_debounce_s of quiet
+    # (AMLS_RERANK_DEBOUNCE_S). On RQ it runs from the queue "<queue_name>-fast".
+    fast_rerank: bool = True
+    rerank_debounce_s: float = 1.0
     # The least a project needs before its first (and every) training job: this many
     # anomaly labels and this many other labels (AMLS_MIN_ANOMALIES, AMLS_MIN_NORMALS).
     # A job with fewer is skipped, with the reason in /metrics' last_result.
@@ -73,6 +78,11 @@ class Config:
     # directory (unless that is the filesystem root). See `store_root_dirs`.
     store_roots: tuple[Path, ...] = ()
 
+    @property
+    def fast_queue_name(self) -> str:
+        """The RQ queue of instant re-rankings: `amls worker` takes them first."""
+        return f"{self.queue_name}-fast"
+
     def __post_init__(self) -> None:
         for owner, names in ((self.train, ("iterations", "image_size", "batch_size",
                                            "score_batch_size")),
@@ -82,9 +92,10 @@ class Config:
                 value = getattr(owner, name)
                 if value < 1:
                     raise ConfigError(f"{name} must be >= 1, got {value}")
-        if not 0.0 <= self.debounce_s <= MAX_DEBOUNCE_S:
-            raise ConfigError(f"debounce_s must be in [0, {MAX_DEBOUNCE_S:g}] seconds, got "
-                              f"{self.debounce_s}")
+        for name in ("debounce_s", "rerank_debounce_s"):
+            if not 0.0 <= getattr(self, name) <= MAX_DEBOUNCE_S:
+                raise ConfigError(f"{name} must be in [0, {MAX_DEBOUNCE_S:g}] seconds, got "
+                                  f"{getattr(self, name)}")
         if self.train.image_size < 32:
             raise ConfigError(f"image_size must be >= 32 pixels, got {self.train.image_size}")
         if self.invariance != "auto":
@@ -164,6 +175,8 @@ class Config:
             queue_name=env.get("AMLS_QUEUE", "amls"),
             job_timeout_s=_int(env, "AMLS_JOB_TIMEOUT_S", 3600),
             debounce_s=_float(env, "AMLS_DEBOUNCE_S", 2.0),
+            fast_rerank=_bool(env, "AMLS_FAST_RERANK", True),
+            rerank_debounce_s=_float(env, "AMLS_RERANK_DEBOUNCE_S", 1.0),
             min_anomalies=_int(env, "AMLS_MIN_ANOMALIES", 1),
             min_normals=_int(env, "AMLS_MIN_NORMALS", 3),
             prelabel=_bool(env, "AMLS_PRELABEL", False),

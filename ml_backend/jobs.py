@@ -21,15 +21,15 @@ import numpy as np
 from ml_backend.config import Config
 from ml_backend.core.checkpoint import VERSION_PREFIX
 from ml_backend.core.config import TrainConfig
+from ml_backend.core.embedding_cache import write_embeddings
 from ml_backend.label_schema import ground_truth_labels, latest_labels, parse_label_config
 from ml_backend.labelstudio import LabelStudioClient, ProjectNotFound
 from ml_backend.registry import ModelRegistry
 from ml_backend.task_pixels import (
     ImageSource,
-    ProjectPixels,
     read_tasks,
     resolve_pixels,
-    score_tasks,
+    score_and_embed,
     unlabeled_pool,
 )
 
@@ -171,25 +171,31 @@ def train_and_publish(project_id: int, settings: Config, client: LabelStudioClie
                           label_counts=counts)
         new_version = meta.version
         model, meta = load_model_dir(staging)
-        evaluation = _evaluate_held_out(project_id, pixels, held_out, model, meta,
-                                        cfg.score_batch_size, cfg.device)
-        scores = score_tasks(pixels, unlabeled, model, meta, cfg.score_batch_size, cfg.device)
+        # One pass over every task with pixels: scores, and the embeddings the instant
+        # re-ranking (`ml_backend.rerank`) fits its head on, labelled tasks included.
+        scored, probabilities, features = score_and_embed(
+            pixels, sorted(pixels.rows), model, meta, cfg.score_batch_size, cfg.device)
+        write_embeddings(staging, scored, features)
+        by_task = dict(zip(scored.tolist(), probabilities.tolist(), strict=True))
+        evaluation = _evaluate_held_out(project_id, held_out, by_task)
+        scores = [(t, by_task[t]) for t in unlabeled if t in by_task]
         on_progress("write", 0, len(scores))
         written = client.write_predictions(project_id, schema, scores, meta.version,
                                            settings.prediction_write_batch)
         # Local first: Label Studio is only ever pointed at a version that exists here.
-        registry.publish(project_id, staging, meta.version)
+        with registry.publish_lock(project_id):  # an instant re-ranking may publish too
+            registry.publish(project_id, staging, meta.version)
+            switched = point_label_studio_at(client, project_id, meta.version)
     except BaseException:
         registry.discard(staging)
         if new_version is not None:
-            _forget_version(client, project_id, new_version)
+            forget_version(client, project_id, new_version)
         raise
     finally:
         pixels.close()
-    switched = _point_label_studio_at(client, project_id, meta.version)
     pruned = registry.prune(project_id, settings.versions_kept)
     kept = set(registry.versions(project_id)) - set(pruned)
-    _delete_old_predictions(client, project_id, kept)
+    delete_old_predictions(client, project_id, kept)
     client.ensure_views(project_id)
     return {"project": project_id, "status": "trained", "model_version": meta.version,
             "labels": counts, "label_studio_updated": switched,
@@ -197,7 +203,7 @@ def train_and_publish(project_id: int, settings: Config, client: LabelStudioClie
             "skipped_tasks": len(tasks) - len(pixels.rows)}
 
 
-def _point_label_studio_at(client: LabelStudioClient, project_id: int, version: str) -> bool:
+def point_label_studio_at(client: LabelStudioClient, project_id: int, version: str) -> bool:
     """Make `version` (already published) the project's model version in Label Studio.
 
     A failure is logged, not raised: the version is published and serves /predict; the next
@@ -223,13 +229,15 @@ def _repoint_label_studio(client: LabelStudioClient, registry: ModelRegistry,
     if current != latest and (not current or current.startswith(VERSION_PREFIX)):
         logger.info("project %d: Label Studio names model version %r, LATEST is %s: "
                     "re-pointing it", project_id, current, latest)
-        _point_label_studio_at(client, project_id, latest)
+        point_label_studio_at(client, project_id, latest)
 
 
 def _parent_to_continue(project_id: int, registry: ModelRegistry, cfg: TrainConfig,
                         channels: int,
                         stretch: dict[str, Any]) -> Path | None:
     """The latest model to continue from, or None to start afresh from ImageNet weights.
+
+    A fast version (`ml_backend.rerank`) is skipped for the training cycle it refit.
 
     A model trained on another input or invariance (`lineage_mismatch`) cannot continue; the
     settings were changed on purpose, and every label is still in Label Studio, so the job
@@ -241,6 +249,13 @@ def _parent_to_continue(project_id: int, registry: ModelRegistry, cfg: TrainConf
     if parent_dir is None:
         return None
     meta = read_meta(parent_dir)
+    if meta.kind == "fast":  # a re-ranking's refit head: train on from the cycle it came from
+        parent_dir = registry.version_dir(project_id, str(meta.parent))
+        if not parent_dir.is_dir():
+            logger.warning("project %d: %s's parent %s is gone: starting a new model from "
+                           "ImageNet weights", project_id, meta.version, meta.parent)
+            return None
+        meta = read_meta(parent_dir)
     changes = lineage_mismatch(meta, cfg, channels, stretch)
     if not changes:
         return parent_dir
@@ -249,24 +264,22 @@ def _parent_to_continue(project_id: int, registry: ModelRegistry, cfg: TrainConf
     return None
 
 
-def _evaluate_held_out(project_id: int, pixels: ProjectPixels, held_out: dict[int, int],
-                       model: Any, meta: Any, batch_size: int, device: str
-                       ) -> dict[str, Any] | None:
+def _evaluate_held_out(project_id: int, held_out: dict[int, int],
+                       scores: dict[int, float]) -> dict[str, Any] | None:
     """AUROC, AP and top-k precision of the new model on the ground-truth tasks, or None."""
     from ml_backend.core.metrics import evaluate
 
-    task_ids = sorted(t for t in held_out if t in pixels.rows)
+    task_ids = sorted(t for t in held_out if t in scores)
     if not task_ids:
         return None
-    scored = score_tasks(pixels, task_ids, model, meta, batch_size, device)
-    result = evaluate(np.array([held_out[t] for t, _ in scored]),
-                      np.array([p for _, p in scored], dtype=np.float32))
+    result = evaluate(np.array([held_out[t] for t in task_ids]),
+                      np.array([scores[t] for t in task_ids], dtype=np.float32))
     logger.info("project %d: held-out evaluation on %d ground-truth tasks: %s", project_id,
-                len(scored), result)
+                len(task_ids), result)
     return result
 
 
-def _forget_version(client: LabelStudioClient, project_id: int, version: str) -> None:
+def forget_version(client: LabelStudioClient, project_id: int, version: str) -> None:
     """Best-effort removal of a failed version's predictions (the error is re-raised anyway)."""
     try:
         client.delete_predictions(project_id, version)
@@ -275,7 +288,7 @@ def _forget_version(client: LabelStudioClient, project_id: int, version: str) ->
                        project_id, version, err)
 
 
-def _delete_old_predictions(client: LabelStudioClient, project_id: int, kept: set[str]) -> None:
+def delete_old_predictions(client: LabelStudioClient, project_id: int, kept: set[str]) -> None:
     """Delete this backend's predictions whose version is no longer kept on disk."""
     for version in client.prediction_versions(project_id):
         if version.startswith(VERSION_PREFIX) and version not in kept:

@@ -7,6 +7,7 @@ Layout of one project directory::
         amls-20261125T115012Z-07c1/   version names sort by creation time
         LATEST                    text file holding the serving version name
         status.json               last job outcome (duration, error) for /metrics
+        rerank.json               last instant re-ranking's outcome
         cache.h5                  images fetched from Label Studio (plain LS projects)
 
 A new version is built in a hidden staging directory, renamed into place, and only then does
@@ -16,6 +17,8 @@ version, never half of one, and a job that fails before `publish` leaves LATEST 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -23,6 +26,7 @@ import re
 import secrets
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +38,9 @@ VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 META = "meta.json"
 LATEST = "LATEST"
 STATUS = "status.json"
+RERANK_STATUS = "rerank.json"
 PROGRESS = "progress.json"
+PUBLISH_LOCK = ".publish.lock"
 
 
 class ModelRegistry:
@@ -107,6 +113,21 @@ class ModelRegistry:
         atomic_write_text(self.project_dir(project_id) / LATEST, version + "\n")
         logger.info("project %d: serving model version %s again", project_id, version)
 
+    @contextlib.contextmanager
+    def publish_lock(self, project_id: int) -> Iterator[None]:
+        """Hold the project's publish lock while a job decides on and publishes a version.
+
+        A `flock` on a file opened here: each holder has its own open file, so RQ workers in
+        other processes and job threads of this one exclude each other alike."""
+        pdir = self.project_dir(project_id)
+        pdir.mkdir(parents=True, exist_ok=True)
+        with open(pdir / PUBLISH_LOCK, "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
     def discard(self, staging: Path) -> None:
         """Remove an unfinished staging dir (a failed job)."""
         shutil.rmtree(staging, ignore_errors=True)
@@ -121,7 +142,10 @@ class ModelRegistry:
             raise ValueError(f"keep must be >= 1, got {keep}")
         latest = self.latest(project_id)
         versions = self.versions(project_id)
-        doomed = [v for v in versions[:-keep] if v != latest]
+        # A fast version serves its parent's backbone embeddings: keep that parent too.
+        meta = self.read_meta(project_id, latest) if latest else {}
+        base = meta.get("parent") if meta.get("kind") == "fast" else None
+        doomed = [v for v in versions[:-keep] if v not in (latest, base)]
         for version in doomed:
             shutil.rmtree(self.version_dir(project_id, version))
             logger.info("project %d: pruned model version %s", project_id, version)
@@ -146,14 +170,15 @@ class ModelRegistry:
         except FileNotFoundError:
             return {}
 
-    def write_status(self, project_id: int, status: dict[str, Any]) -> None:
-        """Record the outcome of the last job (JSON-serialisable dict)."""
+    def write_status(self, project_id: int, status: dict[str, Any], name: str = STATUS) -> None:
+        """Record the outcome of the last job (JSON-serialisable dict); `name` RERANK_STATUS
+        for the instant re-ranking's."""
         self.project_dir(project_id).mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.project_dir(project_id) / STATUS, json.dumps(status, indent=1))
+        atomic_write_text(self.project_dir(project_id) / name, json.dumps(status, indent=1))
 
-    def read_status(self, project_id: int) -> dict[str, Any]:
+    def read_status(self, project_id: int, name: str = STATUS) -> dict[str, Any]:
         try:
-            return json.loads((self.project_dir(project_id) / STATUS).read_text())
+            return json.loads((self.project_dir(project_id) / name).read_text())
         except FileNotFoundError:
             return {}
 

@@ -21,7 +21,8 @@ from ml_backend.config import Config
 from ml_backend.jobs import run_training
 from ml_backend.label_schema import parse_label_config
 from ml_backend.labelstudio import LabelStudioClient
-from ml_backend.registry import ModelRegistry
+from ml_backend.registry import RERANK_STATUS, ModelRegistry
+from ml_backend.rerank import run_rerank
 from ml_backend.submitters import InProcessSubmitter, JobSubmitter, RQSubmitter
 from ml_backend.task_pixels import is_task_id, resolve_pixels, score_tasks
 
@@ -53,10 +54,12 @@ def _progress(raw: dict[str, Any] | None) -> dict[str, Any] | None:
 class AnomalyService:
     """Predictions from each project's latest model; training requests to `submitter`."""
 
-    def __init__(self, cfg: Config, registry: ModelRegistry, submitter: JobSubmitter) -> None:
+    def __init__(self, cfg: Config, registry: ModelRegistry, submitter: JobSubmitter,
+                 rerank_submitter: JobSubmitter | None = None) -> None:
         self.cfg = cfg
         self.registry = registry
         self.submitter = submitter
+        self.rerank_submitter = rerank_submitter  # instant re-rankings; None when disabled
         # project -> ((version served, model, meta), the LATEST it was chosen for)
         self._models: dict[int, tuple[tuple[str, Any, Any], str]] = {}
         self._lock = threading.Lock()
@@ -67,21 +70,28 @@ class AnomalyService:
 
     @classmethod
     def from_config(cls, cfg: Config) -> AnomalyService:
-        """Registry under cfg.model_dir; RQ jobs when cfg.redis_url is set, else a thread."""
+        """Registry under cfg.model_dir; RQ jobs when cfg.redis_url is set, else threads: one
+        for training cycles and, with cfg.fast_rerank, one for instant re-rankings."""
         registry = ModelRegistry(cfg.model_dir)
-        submitter: JobSubmitter
-        if cfg.redis_url:
-            submitter = RQSubmitter(cfg.redis_url, cfg.queue_name, run_training,
-                                    {"settings": cfg.for_jobs()}, cfg.job_timeout_s,
-                                    cfg.debounce_s)
-        else:  # the thread is in this process: it may keep the API key
-            settings = cfg.for_jobs().replace(label_studio_api_key=cfg.label_studio_api_key)
-            submitter = InProcessSubmitter(functools.partial(run_training, settings=settings),
-                                           debounce_s=cfg.debounce_s)
-        return cls(cfg, registry, submitter)
+        jobs = [(run_training, cfg.queue_name, cfg.debounce_s, "train")]
+        if cfg.fast_rerank:
+            jobs.append((run_rerank, cfg.fast_queue_name, cfg.rerank_debounce_s, "rerank"))
+        submitters: list[JobSubmitter] = []
+        for func, queue_name, debounce_s, name in jobs:
+            if cfg.redis_url:
+                submitters.append(RQSubmitter(cfg.redis_url, queue_name, func,
+                                              {"settings": cfg.for_jobs()}, cfg.job_timeout_s,
+                                              debounce_s, job_name=name))
+            else:  # the thread is in this process: it may keep the API key
+                settings = cfg.for_jobs().replace(label_studio_api_key=cfg.label_studio_api_key)
+                submitters.append(InProcessSubmitter(functools.partial(func, settings=settings),
+                                                     debounce_s=debounce_s))
+        return cls(cfg, registry, *submitters)
 
     def close(self) -> None:
         self.submitter.close()
+        if self.rerank_submitter is not None:
+            self.rerank_submitter.close()
 
     # ---- what Label Studio asks ----------------------------------------------------------
 
@@ -122,6 +132,9 @@ class AnomalyService:
         self._seen[project_id] = None
         while len(self._seen) > MAX_SEEN:
             del self._seen[next(iter(self._seen))]
+        if self.rerank_submitter is not None:  # seconds, from the last cycle's embeddings
+            logger.info("project %d: re-ranking %s", project_id,
+                        self.rerank_submitter.submit(project_id))
         outcome = self.submitter.submit(project_id)
         logger.info("project %d: training %s", project_id, outcome)
         return outcome
@@ -184,9 +197,21 @@ class AnomalyService:
                       "last_error": status.get("last_error"),
                       "jobs_total": status.get("jobs_total", 0),
                       "last_result": status.get("last_result")},
+            "rerank": self._rerank_metrics(project_id),
             "label_counts": meta.get("label_counts", {}),
             "metrics": meta.get("metrics", {}),
         }
+
+    def _rerank_metrics(self, project_id: int) -> dict[str, Any] | None:
+        """The instant re-ranking's queue state and last outcome; None when disabled."""
+        if self.rerank_submitter is None:
+            return None
+        status = self.registry.read_status(project_id, RERANK_STATUS)
+        return {**self.rerank_submitter.state(project_id),
+                "last_duration_s": status.get("last_duration_s"),
+                "last_finished": iso_utc(status.get("last_finished")),
+                "last_error": status.get("last_error"),
+                "last_result": status.get("last_result")}
 
     def _model(self, project_id: int) -> tuple[str, Any, Any] | None:
         """(version, model, meta) of LATEST, loading it when LATEST moved; None if untrained.

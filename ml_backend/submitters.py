@@ -144,7 +144,7 @@ class RQSubmitter:
     def __init__(self, redis_url: str, queue_name: str, func: Callable[..., Any],
                  kwargs: dict[str, Any], job_timeout_s: int = 3600,
                  debounce_s: float = 0.0, lock_ttl_s: float = LOCK_TTL_S,
-                 heartbeat_ttl_s: float = HEARTBEAT_TTL_S) -> None:
+                 heartbeat_ttl_s: float = HEARTBEAT_TTL_S, job_name: str = "train") -> None:
         from redis import Redis
         from rq import Queue
 
@@ -157,6 +157,7 @@ class RQSubmitter:
         self.debounce_s = debounce_s
         self.lock_ttl_s = lock_ttl_s
         self.heartbeat_ttl_s = heartbeat_ttl_s
+        self.job_name = job_name  # in RQ job ids and descriptions: "train", "rerank"
 
     def submit(self, project_id: int) -> str:
         """Queue a job (see the module docstring); QueueUnavailable if Redis is unreachable."""
@@ -178,10 +179,11 @@ class RQSubmitter:
                                                     self.queue.name, self.job_timeout_s,
                                                     self.debounce_s, self.lock_ttl_s,
                                                     self.heartbeat_ttl_s),
-                                    job_id=f"amls-train-{project_id}-{secrets.token_hex(6)}",
+                                    job_id=f"amls-{self.job_name}-{project_id}-"
+                                           f"{secrets.token_hex(6)}",
                                     timeout=self.job_timeout_s, result_ttl=24 * 3600,
                                     failure_ttl=7 * 24 * 3600,
-                                    description=f"train project {project_id}")
+                                    description=f"{self.job_name} project {project_id}")
         job.save()
         if not self.connection.set(key, job.id, nx=True, ex=ttl):
             if self._queued_job_alive(project_id):

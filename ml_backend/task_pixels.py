@@ -266,9 +266,22 @@ def score_tasks(pixels: ProjectPixels, task_ids: Sequence[int], model: nn.Module
     """(task id, P(anomaly)) for the tasks that have pixels, scored store by store in
     streaming batches. A store whose channels or stretch differ from the model's is skipped
     with a warning (its tasks get no score)."""
+    scored, scores, _ = score_and_embed(pixels, task_ids, model, meta, batch_size, device,
+                                        embed=False)
+    return list(zip(scored.tolist(), scores.tolist(), strict=True))
+
+
+def score_and_embed(pixels: ProjectPixels, task_ids: Sequence[int], model: nn.Module,
+                    meta: ModelMeta, batch_size: int, device: str, *, embed: bool = True
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(scored task ids, their P(anomaly) float32, their pooled features float16 or None),
+    from one forward pass per task; tasks without pixels or in an incompatible store (warned
+    about) are left out, as in `score_tasks`."""
     from ml_backend.core.scoring import check_compatible, score_store
 
-    scores: list[tuple[int, float]] = []
+    ids: list[np.ndarray] = []
+    scores: list[np.ndarray] = []
+    features: list[np.ndarray] = []
     for path, store in pixels.stores.items():
         tids = [t for t in task_ids if t in pixels.rows and pixels.rows[t][0] == path]
         if not tids:
@@ -279,7 +292,14 @@ def score_tasks(pixels: ProjectPixels, task_ids: Sequence[int], model: nn.Module
             logger.warning("not scoring %d task(s) from %s: %s", len(tids), path, err)
             continue
         rows = np.array([pixels.rows[t][1] for t in tids], dtype=np.int64)
-        probs = score_store(store, model, meta, indices=rows, batch_size=batch_size,
-                            device=device)
-        scores.extend(zip(tids, (float(p) for p in probs), strict=True))
-    return scores
+        out = np.empty((len(rows), model.num_features), dtype=np.float16) if embed else None
+        scores.append(score_store(store, model, meta, indices=rows, batch_size=batch_size,
+                                  device=device, features=out))
+        ids.append(np.array(tids, dtype=np.int64))
+        if out is not None:
+            features.append(out)
+    if not ids:
+        return (np.zeros(0, np.int64), np.zeros(0, np.float32),
+                np.zeros((0, model.num_features), np.float16) if embed else None)
+    return (np.concatenate(ids), np.concatenate(scores),
+            np.concatenate(features) if embed else None)

@@ -8,7 +8,6 @@ says so, and the next job re-points Label Studio.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -18,54 +17,15 @@ from ml_backend.config import Config, ConfigError
 from ml_backend.core import train
 from ml_backend.core.config import TrainConfig
 from ml_backend.registry import ModelRegistry
-from tests.support.shipped import BINARY_CONFIG, FROM_NAME, TO_NAME
+from tests.support.job_project import (
+    ANOMALIES,
+    N_TASKS,
+    NORMALS,
+    FakeLabelStudio,
+    job_settings,
+)
+from tests.support.shipped import FROM_NAME, TO_NAME
 from tests.support.store_tasks import random_store_tasks
-
-LABEL_CONFIG = BINARY_CONFIG
-N_TASKS, ANOMALIES, NORMALS = 16, (1, 2, 3), (4, 5, 6, 7, 8)
-
-
-class FakeLabelStudio:
-    """The client calls a job makes, in memory; `fail` names one method that raises."""
-
-    def __init__(self, tasks: list[dict[str, Any]]) -> None:
-        self.tasks = tasks
-        self.model_version = ""
-        self.predictions: dict[str, int] = {}
-        self.fail: str | None = None
-
-    def _maybe_fail(self, name: str) -> None:
-        if self.fail == name:
-            raise ConnectionError(f"injected failure in {name}")
-
-    def current_model_version(self, project_id: int) -> str:
-        return self.model_version
-
-    def label_config(self, project_id: int) -> str:
-        self._maybe_fail("label_config")
-        return LABEL_CONFIG
-
-    def iter_tasks(self, project_id: int):
-        self._maybe_fail("iter_tasks")
-        return iter(self.tasks)
-
-    def write_predictions(self, project_id, schema, scores, model_version, batch_size) -> int:
-        self._maybe_fail("write_predictions")
-        self.predictions[model_version] = len(scores)
-        return len(scores)
-
-    def set_model_version(self, project_id: int, model_version: str) -> None:
-        self._maybe_fail("set_model_version")
-        self.model_version = model_version
-
-    def prediction_versions(self, project_id: int) -> dict[str, int]:
-        return dict(self.predictions)
-
-    def delete_predictions(self, project_id: int, model_version: str) -> None:
-        self.predictions.pop(model_version, None)
-
-    def ensure_views(self, project_id: int) -> dict[str, int]:
-        return {"Most anomalous first": 1}
 
 
 @pytest.fixture
@@ -75,12 +35,6 @@ def project(tmp_path: Path) -> tuple[FakeLabelStudio, ModelRegistry, Config]:
     tasks = random_store_tasks(store, N_TASKS, ANOMALIES, NORMALS, invariance="flip")
     settings = job_settings(tmp_path).replace(store_roots=(store.parent,), versions_kept=5)
     return FakeLabelStudio(tasks), ModelRegistry(tmp_path / "models"), settings
-
-
-def job_settings(tmp_path: Path) -> Config:
-    """A two-iteration job on 32 px images, on the CPU."""
-    return Config(label_studio_url="http://ls.test", model_dir=tmp_path / "models",
-                  train=TrainConfig(iterations=2, image_size=32, batch_size=4, device="cpu"))
 
 
 @pytest.mark.slow
@@ -95,7 +49,6 @@ def test_a_job_publishes_then_points_label_studio(project):
 @pytest.mark.slow
 def test_the_job_takes_the_stores_invariance_unless_configured(project):
     from ml_backend.core.checkpoint import read_meta
-    from ml_backend.core.config import TrainConfig
 
     fake, registry, settings = project
     jobs.run_training(7, settings, fake)  # invariance "auto", the default

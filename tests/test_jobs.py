@@ -430,39 +430,17 @@ def test_ground_truth_annotations_form_the_held_out_set():
     assert ground_truth_labels(tasks, schema) == {1: 1, 4: 0}
 
 
-def test_held_out_evaluation_scores_the_ground_truth_tasks(tmp_path: Path, caplog):
-    import numpy as np
-
-    from ml_backend.core.checkpoint import ModelMeta
-    from ml_backend.core.config import TrainConfig
-    from ml_backend.core.model import build_model
-    from ml_backend.core.store import CutoutStore
+def test_held_out_evaluation_uses_the_scores_of_the_ground_truth_tasks(caplog):
     from ml_backend.jobs import _evaluate_held_out
-    from ml_backend.task_pixels import ProjectPixels
 
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 255, size=(6, 32, 32, 1), dtype=np.uint8)
-    path = tmp_path / "s.h5"
-    with CutoutStore.create(path, height=32, width=32, channels=1,
-                            stretch={"name": "none"}) as store:
-        store.append([f"c{i}" for i in range(6)], images)
-    cfg = TrainConfig(image_size=32, pretrained=False, device="cpu")
-    meta = ModelMeta(version="v1", parent=None, created="", config=cfg.to_dict(), image_size=32,
-                     channels=1, stretch={"name": "none"}, label_counts={}, metrics={},
-                     iterations_total=0)
-    pixels = ProjectPixels(stores={str(path): CutoutStore.open(path)},
-                            rows={10 + i: (str(path), i) for i in range(6)})
-    try:
-        model = build_model(cfg, 1).eval()
-        held_out = {10: 1, 11: 0, 12: 0, 13: 1, 99: 0}  # task 99 has no pixels: ignored
-        with caplog.at_level("INFO"):
-            result = _evaluate_held_out(7, pixels, held_out, model, meta, 4, "cpu")
-        assert result["n"] == 4 and result["n_anomalies"] == 2
-        assert 0.0 <= result["auroc"] <= 1.0 and 0.0 < result["ap"] <= 1.0
-        assert "held-out evaluation on 4 ground-truth tasks" in caplog.text
-        assert _evaluate_held_out(7, pixels, {}, model, meta, 4, "cpu") is None
-    finally:
-        pixels.close()
+    held_out = {10: 1, 11: 0, 12: 0, 13: 1, 99: 0}  # task 99 has no score (no pixels): ignored
+    scores = {10: 0.9, 11: 0.2, 12: 0.95, 13: 0.5, 14: 0.7}  # 14 is not ground truth
+    with caplog.at_level("INFO"):
+        result = _evaluate_held_out(7, held_out, scores)
+    assert result["n"] == 4 and result["n_anomalies"] == 2
+    assert result["auroc"] == 0.5  # each anomaly beats one of the two normals
+    assert "held-out evaluation on 4 ground-truth tasks" in caplog.text
+    assert _evaluate_held_out(7, {}, scores) is None
 
 
 def test_job_settings_travel_without_secrets_and_keep_every_training_setting(tmp_path: Path,
@@ -540,3 +518,40 @@ def test_projects_seen_are_bounded(tmp_path: Path):
     assert max(svc._seen) == service_module.MAX_SEEN + 49 and 1 not in svc._seen
     submitter.wait_idle(10)
     submitter.close()
+
+
+def test_a_burst_queues_a_rerank_beside_the_training_cycle_and_metrics_show_both(tmp_path):
+    from ml_backend.config import Config
+    from ml_backend.registry import RERANK_STATUS
+    from ml_backend.service import AnomalyService
+
+    trained, reranked = [], []
+    training = InProcessSubmitter(trained.append)
+    rerank = InProcessSubmitter(reranked.append)
+    registry = ModelRegistry(tmp_path)
+    svc = AnomalyService(Config(model_dir=tmp_path), registry, training, rerank)
+    assert svc.request_training(4) == QUEUED
+    assert training.wait_idle(10) and rerank.wait_idle(10)
+    assert trained == reranked == [4]
+    registry.write_status(4, {"last_finished": 0.0, "last_duration_s": 1.5, "last_error": None,
+                              "last_result": {"status": "reranked"}}, RERANK_STATUS)
+    shown = svc.metrics()["projects"]["4"]["rerank"]
+    assert shown["last_duration_s"] == 1.5 and shown["last_result"] == {"status": "reranked"}
+    assert shown["queued"] is False and shown["last_finished"] == "1970-01-01T00:00:00Z"
+    svc.close()
+    only_training = AnomalyService(Config(model_dir=tmp_path), registry, training)
+    assert only_training.metrics()["projects"]["4"]["rerank"] is None
+
+
+def test_from_config_builds_the_rerank_queue_unless_turned_off(tmp_path):
+    from ml_backend.config import Config
+    from ml_backend.service import AnomalyService
+
+    on = AnomalyService.from_config(Config(model_dir=tmp_path))
+    off = AnomalyService.from_config(Config(model_dir=tmp_path, fast_rerank=False))
+    assert isinstance(on.rerank_submitter, InProcessSubmitter)
+    assert on.rerank_submitter.debounce_s == 1.0 and off.rerank_submitter is None
+    assert Config.from_env({"AMLS_FAST_RERANK": "false"}).fast_rerank is False
+    assert Config(queue_name="q").fast_queue_name == "q-fast"
+    on.close()
+    off.close()

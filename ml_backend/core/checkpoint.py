@@ -68,6 +68,7 @@ class ModelMeta:
     metrics: dict[str, Any] = field(default_factory=dict)       # last cycle's statistics
     iterations_total: int = 0         # training iterations over the whole lineage
     center_crop: float = 1.0          # fraction of each cutout side kept before resizing
+    kind: str = "fixmatch"            # "fast": `parent`'s backbone with a refit head (rerank)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,0 +1,150 @@
+"""The instant re-ranking: a new order within seconds of a burst of annotations.
+
+`run_rerank(project_id, settings)` reads the project's labels, fits the fast head
+(`core.fast_head`) on the embeddings the latest training cycle cached (`core.embedding_cache`),
+scores every unlabelled task from the cache and publishes the result as a "fast" model
+version: the cycle's backbone with the refit head as its classifier, so /predict, rollback and
+pruning treat it like any other version. The next FixMatch cycle trains on from the cycle the
+fast version refit (`jobs._parent_to_continue`), and a re-ranking that finds a newer version
+published while it ran (a cycle finished) discards its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ml_backend.config import Config
+from ml_backend.core.checkpoint import (
+    ModelMeta,
+    load_model_dir,
+    new_version,
+    save_model_dir,
+    utc_now_iso,
+)
+from ml_backend.core.embedding_cache import read_embeddings
+from ml_backend.core.fast_head import DEFAULT_C, FastHead, fit_fast_head
+from ml_backend.jobs import delete_old_predictions, forget_version, point_label_studio_at
+from ml_backend.label_schema import ground_truth_labels, latest_labels, parse_label_config
+from ml_backend.labelstudio import LabelStudioClient, ProjectNotFound
+from ml_backend.registry import RERANK_STATUS, ModelRegistry
+
+logger = logging.getLogger(__name__)
+
+
+def run_rerank(project_id: int, settings: Config,
+               client: LabelStudioClient | None = None) -> dict[str, Any]:
+    """Re-rank a project from cached embeddings and publish it; a JSON-able summary.
+
+    `client` as in `jobs.run_training`. The outcome is recorded in
+    MODEL_DIR/<project>/rerank.json; on an error the serving version stays and it propagates.
+    """
+    registry = ModelRegistry(settings.model_dir)
+    started = time.time()
+    try:
+        if client is None:
+            key = settings.label_studio_api_key or Config.from_env().label_studio_api_key
+            client = LabelStudioClient(settings.label_studio_url, key)
+        summary = rerank_and_publish(project_id, settings, client, registry)
+    except ProjectNotFound as err:
+        logger.warning("project %d: not re-ranking: %s", project_id, err)
+        return {"project": project_id, "status": "skipped", "reason": str(err)}
+    except Exception as err:
+        registry.write_status(project_id, {"last_finished": time.time(),
+                                           "last_duration_s": round(time.time() - started, 3),
+                                           "last_error": f"{type(err).__name__}: {err}",
+                                           "last_result": None}, RERANK_STATUS)
+        logger.error("project %d: instant re-ranking failed: %s", project_id, err)
+        raise
+    duration = round(time.time() - started, 3)
+    registry.write_status(project_id, {"last_finished": time.time(), "last_duration_s": duration,
+                                       "last_error": None, "last_result": summary},
+                          RERANK_STATUS)
+    logger.info("project %d: instant re-ranking done in %.1f s: %s", project_id, duration,
+                summary)
+    return {**summary, "duration_s": duration}
+
+
+def rerank_and_publish(project_id: int, settings: Config, client: LabelStudioClient,
+                       registry: ModelRegistry) -> dict[str, Any]:
+    """The body of `run_rerank`."""
+    def skipped(reason: str) -> dict[str, Any]:
+        logger.info("project %d: not re-ranking: %s", project_id, reason)
+        return {"project": project_id, "status": "skipped", "reason": reason}
+
+    latest = registry.latest(project_id)
+    if latest is None:
+        return skipped("no model yet: the first training cycle embeds the project")
+    latest_meta = registry.read_meta(project_id, latest)
+    base = str(latest_meta["parent"]) if latest_meta.get("kind") == "fast" else latest
+    base_dir = registry.version_dir(project_id, base)
+    cache = read_embeddings(base_dir)
+    if cache is None:
+        return skipped(f"version {base} has no cached embeddings; its successor will")
+    schema = parse_label_config(client.label_config(project_id), settings.anomaly_label,
+                                prelabel=settings.prelabel)
+    tasks = list(client.iter_tasks(project_id))
+    held_out = ground_truth_labels(tasks, schema)
+    labels = {t: y for t, y in latest_labels(tasks, schema).items() if t not in held_out}
+    labelled_ids, labelled_rows = cache.rows_of(sorted(labels))
+    y = np.array([labels[t] for t in labelled_ids.tolist()], dtype=np.int64)
+    if y.sum() == 0 or (y == 0).sum() == 0:
+        return skipped(f"needs one {settings.anomaly_label!r} and one other label among the "
+                       f"{len(labelled_ids)} labelled tasks with cached embeddings")
+    head = fit_fast_head(cache.features, labelled_rows, y)
+    unlabelled = [t for t in cache.task_ids.tolist() if t not in labels and t not in held_out]
+    unlabelled_ids, unlabelled_rows = cache.rows_of(unlabelled)
+    scores = head.scores(cache.features)[unlabelled_rows]
+    model, base_meta = load_model_dir(base_dir)
+    install_head(model, head)
+    counts = {settings.anomaly_label: int(y.sum()), schema.normal_choice: int((y == 0).sum())}
+    meta = ModelMeta(version=new_version(), parent=base, created=utc_now_iso(),
+                     config=base_meta.config, image_size=base_meta.image_size,
+                     channels=base_meta.channels, stretch=base_meta.stretch,
+                     label_counts=counts, center_crop=base_meta.center_crop,
+                     iterations_total=base_meta.iterations_total, kind="fast",
+                     metrics={"fast_head_c": DEFAULT_C, "embedded_tasks": len(cache.task_ids)})
+    staging = registry.staging_dir(project_id)
+    try:
+        save_model_dir(staging, ema=model, student=model, meta=meta)
+        written = client.write_predictions(
+            project_id, schema, list(zip(unlabelled_ids.tolist(), scores.tolist(), strict=True)),
+            meta.version, settings.prediction_write_batch)
+        with registry.publish_lock(project_id):
+            now = registry.latest(project_id)
+            if now != latest:  # a cycle (fresher embeddings) finished meanwhile: it wins
+                registry.discard(staging)
+                forget_version(client, project_id, meta.version)
+                return skipped(f"version {now} was published while re-ranking")
+            registry.publish(project_id, staging, meta.version)
+            switched = point_label_studio_at(client, project_id, meta.version)
+    except BaseException:
+        registry.discard(staging)
+        forget_version(client, project_id, meta.version)
+        raise
+    pruned = registry.prune(project_id, settings.versions_kept)
+    delete_old_predictions(client, project_id, set(registry.versions(project_id)) - set(pruned))
+    return {"project": project_id, "status": "reranked", "model_version": meta.version,
+            "embeddings_of": base, "labels": counts, "predictions": written,
+            "label_studio_updated": switched,
+            "labels_without_embeddings": len(labels) - len(labelled_ids)}
+
+
+def install_head(model: nn.Module, head: FastHead) -> None:
+    """Make the model's 2-way classifier compute the fast head: softmax(logits)[anomaly] =
+    sigmoid(w·(f − mean)/scale + b) for pooled features f."""
+    from ml_backend.core.model import ANOMALY_INDEX
+
+    classifier = model.get_classifier()
+    w = torch.as_tensor(head.weights / head.scale, dtype=classifier.weight.dtype)
+    b = head.bias - float(head.mean @ (head.weights / head.scale))
+    with torch.no_grad():
+        classifier.weight.zero_()
+        classifier.bias.zero_()
+        classifier.weight[ANOMALY_INDEX] = w
+        classifier.bias[ANOMALY_INDEX] = b

@@ -1,0 +1,114 @@
+"""The instant re-ranking job against an in-memory Label Studio, on a real training job's
+cached embeddings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ml_backend import jobs, rerank
+from ml_backend.core.checkpoint import load_model_dir, read_meta
+from ml_backend.core.embedding_cache import read_embeddings
+from ml_backend.core.fast_head import fit_fast_head
+from ml_backend.core.scoring import score_store
+from ml_backend.core.store import CutoutStore
+from ml_backend.registry import RERANK_STATUS, ModelRegistry
+from tests.support.job_project import ANOMALIES, N_TASKS, NORMALS, FakeLabelStudio, job_settings
+from tests.support.store_tasks import random_store_tasks
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def trained(tmp_path: Path):
+    """A project after one training job: (fake client, registry, settings, store, version)."""
+    store = tmp_path / "stores" / "s.h5"
+    store.parent.mkdir()
+    fake = FakeLabelStudio(random_store_tasks(store, N_TASKS, ANOMALIES, NORMALS))
+    settings = job_settings(tmp_path).replace(store_roots=(store.parent,), versions_kept=5)
+    registry = ModelRegistry(tmp_path / "models")
+    assert rerank.run_rerank(7, settings, fake)["status"] == "skipped"  # no model yet
+    version = jobs.run_training(7, settings, fake)["model_version"]
+    return fake, registry, settings, store, version
+
+
+def test_a_training_job_caches_every_tasks_embedding_in_its_version(trained):
+    _, registry, _, _, version = trained
+    cache = read_embeddings(registry.version_dir(7, version))
+    assert sorted(cache.task_ids.tolist()) == list(range(N_TASKS))  # labelled ones too
+    assert cache.features.shape == (N_TASKS, 1280) and cache.features.dtype == np.float16
+    assert cache.features.nbytes / N_TASKS <= 3 * 1024
+    assert np.isfinite(cache.features).all() and cache.features.std() > 0
+
+
+def test_rerank_publishes_a_fast_version_whose_model_scores_like_the_head(trained):
+    fake, registry, settings, store, base = trained
+    summary = rerank.run_rerank(7, settings, fake)
+    assert summary["status"] == "reranked" and summary["embeddings_of"] == base
+    fast = summary["model_version"]
+    assert registry.latest(7) == fake.model_version == fast
+    meta = read_meta(registry.version_dir(7, fast))
+    assert meta.kind == "fast" and meta.parent == base
+    assert meta.label_counts == {"anomaly": len(ANOMALIES), "normal": len(NORMALS)}
+    labelled = set(ANOMALIES) | set(NORMALS)
+    assert set(fake.scores[fast]) == set(range(N_TASKS)) - labelled
+    # The published model reproduces the head's scores from pixels (what /predict serves).
+    cache = read_embeddings(registry.version_dir(7, base))
+    rows = cache.rows_of(sorted(labelled))[1]
+    head = fit_fast_head(cache.features, rows, np.isin(sorted(labelled), ANOMALIES).astype(int))
+    model, model_meta = load_model_dir(registry.version_dir(7, fast))
+    with CutoutStore.open(store) as s:
+        from_pixels = score_store(s, model, model_meta, device="cpu")
+    expected = head.scores(cache.features)[cache.rows_of(list(range(N_TASKS)))[1]]
+    np.testing.assert_allclose(from_pixels, expected, atol=2e-3)
+    np.testing.assert_allclose([fake.scores[fast][t] for t in sorted(fake.scores[fast])],
+                               expected[sorted(fake.scores[fast])], atol=1e-6)
+    assert registry.read_status(7, RERANK_STATUS)["last_error"] is None
+
+
+def test_the_next_cycle_trains_on_from_the_cycle_not_the_fast_head(trained):
+    fake, registry, settings, _, base = trained
+    rerank.run_rerank(7, settings, fake)
+    summary = jobs.run_training(7, settings, fake)
+    assert read_meta(registry.version_dir(7, summary["model_version"])).parent == base
+
+
+def test_pruning_keeps_the_cycle_a_fast_version_stands_on(trained):
+    fake, registry, settings, _, base = trained
+    fast = rerank.run_rerank(7, settings.replace(versions_kept=1), fake)["model_version"]
+    assert registry.versions(7) == [base, fast]
+    assert set(fake.predictions) == {base, fast}
+
+
+def test_a_cycle_published_meanwhile_wins_and_the_rerank_leaves_no_trace(trained, monkeypatch):
+    fake, registry, settings, _, base = trained
+    newer = {}
+    write = fake.write_predictions
+
+    def cycle_finishes_while_writing(project_id, schema, scores, version, batch):
+        if not newer:  # the training job publishes its version during the re-ranking
+            newer["version"] = None  # (its own write comes back here)
+            newer["version"] = jobs.run_training(7, settings, fake)["model_version"]
+        return write(project_id, schema, scores, version, batch)
+
+    monkeypatch.setattr(fake, "write_predictions", cycle_finishes_while_writing)
+    summary = rerank.run_rerank(7, settings, fake)
+    assert summary["status"] == "skipped" and newer["version"] in summary["reason"]
+    assert registry.latest(7) == fake.model_version == newer["version"]
+    assert set(fake.predictions) == {base, newer["version"]}
+    assert not [p for p in registry.project_dir(7).iterdir() if p.name.startswith(".staging")]
+
+
+def test_labels_of_one_class_only_do_not_rerank(tmp_path):
+    store = tmp_path / "stores" / "s.h5"
+    store.parent.mkdir()
+    fake = FakeLabelStudio(random_store_tasks(store, N_TASKS, ANOMALIES, NORMALS))
+    settings = job_settings(tmp_path).replace(store_roots=(store.parent,))
+    jobs.run_training(7, settings, fake)
+    for task in fake.tasks:
+        if task["id"] in ANOMALIES:
+            task["annotations"] = []
+    summary = rerank.run_rerank(7, settings, fake)
+    assert summary["status"] == "skipped" and "needs one 'anomaly'" in summary["reason"]
