@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         score,
         serve,
         setup_project,
+        similar,
         simulate,
         store,
         survey,
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="debug logging and progress bars even when not on a terminal")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in (store, train, score, evaluate, simulate, imports, serve, setup_project,
-                  survey, versions):
+                  survey, versions, similar):
         group.register(sub)
     return parser
 

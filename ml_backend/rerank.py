@@ -27,8 +27,8 @@ from ml_backend.core.checkpoint import (
     save_model_dir,
     utc_now_iso,
 )
-from ml_backend.core.embedding_cache import read_embeddings
-from ml_backend.core.fast_head import DEFAULT_C, FastHead, fit_fast_head
+from ml_backend.core.embedding_cache import Embeddings, read_embeddings
+from ml_backend.core.fast_head import DEFAULT_C, FastHead, fit_fast_head, similar
 from ml_backend.jobs import delete_old_predictions, forget_version, point_label_studio_at
 from ml_backend.label_schema import ground_truth_labels, latest_labels, parse_label_config
 from ml_backend.labelstudio import LabelStudioClient, ProjectNotFound
@@ -80,10 +80,8 @@ def rerank_and_publish(project_id: int, settings: Config, client: LabelStudioCli
     latest = registry.latest(project_id)
     if latest is None:
         return skipped("no model yet: the first training cycle embeds the project")
-    latest_meta = registry.read_meta(project_id, latest)
-    base = str(latest_meta["parent"]) if latest_meta.get("kind") == "fast" else latest
+    base, cache = cycle_embeddings(registry, project_id, latest)
     base_dir = registry.version_dir(project_id, base)
-    cache = read_embeddings(base_dir)
     if cache is None:
         return skipped(f"version {base} has no cached embeddings; its successor will")
     schema = parse_label_config(client.label_config(project_id), settings.anomaly_label,
@@ -133,6 +131,40 @@ def rerank_and_publish(project_id: int, settings: Config, client: LabelStudioCli
             "embeddings_of": base, "labels": counts, "predictions": written,
             "label_studio_updated": switched,
             "labels_without_embeddings": len(labels) - len(labelled_ids)}
+
+
+def cycle_embeddings(registry: ModelRegistry, project_id: int,
+                     version: str) -> tuple[str, Embeddings | None]:
+    """(the training cycle behind `version`: itself or a fast version's parent, its cached
+    embeddings or None)."""
+    meta = registry.read_meta(project_id, version)
+    base = str(meta["parent"]) if meta.get("kind") == "fast" else version
+    return base, read_embeddings(registry.version_dir(project_id, base))
+
+
+def similar_tasks(registry: ModelRegistry, project_id: int, task_ids: list[int],
+                  top: int) -> list[tuple[int, float]]:
+    """"More like this": the `top` tasks whose serving embeddings point most nearly the way
+    the given tasks' do, (task id, cosine similarity) best first, the given tasks left out.
+
+    Raises ValueError when the project has no model or cached embeddings, or when a given
+    task has no embedding (not in the project, or imported after the last cycle)."""
+    latest = registry.latest(project_id)
+    if latest is None:
+        raise ValueError(f"project {project_id} has no model yet under {registry.root}")
+    base, cache = cycle_embeddings(registry, project_id, latest)
+    if cache is None:
+        raise ValueError(f"project {project_id}: version {base} has no cached embeddings "
+                         "(it predates them); the next training cycle writes them")
+    found, rows = cache.rows_of(task_ids)
+    missing = sorted(set(task_ids) - set(found.tolist()))
+    if missing:
+        raise ValueError(f"project {project_id}: no embedding for task(s) "
+                         f"{', '.join(map(str, missing))} in version {base}")
+    order, sims = similar(cache.features, rows, top + len(rows))
+    keep = ~np.isin(order, rows)
+    return list(zip(cache.task_ids[order[keep]][:top].tolist(),
+                    sims[keep][:top].tolist(), strict=True))
 
 
 def install_head(model: nn.Module, head: FastHead) -> None:

@@ -264,3 +264,51 @@ def test_annotations_reorder_the_queue(label_studio: LiveLabelStudio, galaxy_sto
     top = sum(is_rare[t] for t in ordered[:20])
     random_expectation = 20 * sum(is_rare.values()) / len(unlabelled)
     assert top >= 3 * random_expectation, (top, random_expectation)
+
+    # (f) a second burst: the instant re-ranking publishes a fast version from the cycle's
+    # cached embeddings before the next cycle does, and it orders the view too
+    before_second = version
+    fresh_rare = [t for t in rare if t not in labelled]
+    fresh_common = [t for t in common if t not in labelled]
+    second = [(t, "anomaly") for t in fresh_rare[:2]] + \
+             [(t, "normal") for t in fresh_common[::len(fresh_common) // 3][:3]]
+    for task_id, value in second:
+        client.annotations.create(id=task_id, result=choice(value))
+    second_annotation = time.time()
+    fast_metrics = wait_for_rerank(backend, project_id, second_annotation)
+    fast = fast_metrics["rerank"]["last_result"]
+    assert fast["status"] == "reranked" and fast["embeddings_of"] == before_second, fast
+    registry = ModelRegistry(backend.cfg.model_dir)
+    fast_meta = read_meta(registry.version_dir(project_id, fast["model_version"]))
+    assert (fast_meta.kind, fast_meta.parent) == ("fast", before_second)
+    labelled |= {t for t, _ in second}
+    tasks = {int(t.id): t.dict() for t in client.tasks.list(project=project_id, fields="all",
+                                                              page_size=1000)}
+    fast_scores = {t: latest_score(tasks[t], fast["model_version"]) for t in set(tasks) - labelled}
+    assert all(s is not None for s in fast_scores.values()), fast_scores
+    # (seconds after the burst, while the cycle still trains)
+    assert client.projects.get(id=project_id).model_version == fast["model_version"]
+    ordered = [int(t.id) for t in client.tasks.list(project=project_id, view=views[0].id,
+                                                    page_size=1000)]
+    assert [fast_scores[t] for t in ordered] == sorted(fast_scores.values(), reverse=True)
+    # ... and the next cycle trains on from the FixMatch version, not the fast head
+    after = wait_for_jobs(backend, project_id, second_annotation)
+    cycle = read_meta(registry.version_dir(project_id, after["model_version"]))
+    assert (cycle.kind, cycle.parent) == ("fixmatch", before_second), after
+    assert client.projects.get(id=project_id).model_version == after["model_version"]
+
+
+def wait_for_rerank(backend: Backend, project_id: int, since: float) -> dict[str, Any]:
+    """Poll /metrics until a re-ranking finished after `since` and none is queued or running."""
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while time.monotonic() < deadline:
+        project = requests.get(f"{backend.url}/metrics", timeout=5).json()["projects"][
+            str(project_id)]
+        rerank = project["rerank"]
+        finished = rerank["last_finished"]
+        if (not rerank["queued"] and not rerank["running"] and finished is not None
+                and datetime.fromisoformat(finished).timestamp() >= int(since)):
+            return project
+        time.sleep(0.5)
+    raise AssertionError(f"no finished re-ranking for project {project_id} within "
+                         f"{JOB_TIMEOUT_S:.0f} s: {project}")

@@ -112,3 +112,27 @@ def test_labels_of_one_class_only_do_not_rerank(tmp_path):
             task["annotations"] = []
     summary = rerank.run_rerank(7, settings, fake)
     assert summary["status"] == "skipped" and "needs one 'anomaly'" in summary["reason"]
+
+
+def test_more_like_this_ranks_by_the_cached_embeddings_and_explains_refusals(trained, capsys,
+                                                                             monkeypatch):
+    from amls_cli import main
+    from ml_backend.core.fast_head import similar
+    from ml_backend.rerank import similar_tasks
+
+    fake, registry, settings, _, base = trained
+    rerank.run_rerank(7, settings, fake)  # LATEST is now fast: its parent's embeddings serve
+    cache = read_embeddings(registry.version_dir(7, base))
+    rows, _ = similar(cache.features, cache.rows_of([1, 2])[1], N_TASKS)
+    expected = [t for t in cache.task_ids[rows].tolist() if t not in (1, 2)][:4]
+    answer = similar_tasks(registry, 7, [1, 2], top=4)
+    assert [t for t, _ in answer] == expected
+    assert all(-1.0 <= s <= 1.0 for _, s in answer)
+    monkeypatch.setenv("MODEL_DIR", str(registry.root))
+    assert main(["similar", "--project", "7", "1", "2", "--top", "4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [int(line.split("\t")[0]) for line in lines] == expected
+    assert main(["similar", "--project", "7", "999"]) == 2
+    assert "no embedding for task(s) 999" in capsys.readouterr().err
+    assert main(["similar", "--project", "8", "1"]) == 2
+    assert "project 8 has no model yet" in capsys.readouterr().err
