@@ -24,7 +24,11 @@ LOCAL_FILES_PREFIX = "/data/local-files/?d="
 # Column ids are "tasks:<Label Studio column>" and "tasks:data.<task data key>".
 VIEW_TITLE = "Most anomalous first"  # the queue: unlabelled tasks, highest score first
 LABELLED_TITLE = "Labelled"           # one's own work, most recently labelled first
+UNSURE_TITLE = "Model unsure"         # unlabelled tasks near the decision boundary
 ALL_TITLE = "All tasks"
+# The scores "Model unsure" shows. Both the FixMatch model (labelled batches half anomalies)
+# and the re-ranking head (class-balanced) put the boundary between the classes at 0.5.
+UNSURE_SCORES = {"min": 0.25, "max": 0.75}
 
 # Label Studio's bookkeeping columns, which say nothing to someone judging images.
 _BOOKKEEPING = ("inner_id", "completed_at", "cancelled_annotations", "total_predictions",
@@ -43,10 +47,10 @@ HIDDEN_COLUMNS: dict[str, list[str]] = {
 }
 
 
-def _annotations(operator: str) -> dict[str, Any]:
+def _annotations(operator: str, *more: dict[str, Any]) -> dict[str, Any]:
     return {"conjunction": "and",
             "items": [{"filter": "filter:tasks:total_annotations", "operator": operator,
-                       "type": "Number", "value": 0}]}
+                       "type": "Number", "value": 0}, *more]}
 
 
 # The tabs `amls setup-project` and every training job keep in place, in this order: their
@@ -57,6 +61,11 @@ VIEWS: tuple[dict[str, Any], ...] = (
      "filters": _annotations("equal"), "hiddenColumns": HIDDEN_COLUMNS},
     {"title": LABELLED_TITLE, "ordering": ["-tasks:completed_at"],
      "filters": _annotations("greater"), "hiddenColumns": HIDDEN_COLUMNS},
+    {"title": UNSURE_TITLE, "ordering": ["-tasks:predictions_score"],
+     "filters": _annotations("equal", {"filter": "filter:tasks:predictions_score",
+                                       "operator": "in", "type": "Number",
+                                       "value": UNSURE_SCORES}),
+     "hiddenColumns": HIDDEN_COLUMNS},
     {"title": ALL_TITLE, "ordering": ["-tasks:predictions_score"],
      "filters": {"conjunction": "and", "items": []}, "hiddenColumns": HIDDEN_COLUMNS},
 )

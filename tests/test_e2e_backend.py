@@ -27,7 +27,7 @@ from ml_backend.app import create_app
 from ml_backend.config import Config
 from ml_backend.core.checkpoint import read_meta
 from ml_backend.core.config import TrainConfig
-from ml_backend.label_schema import VIEW_TITLE
+from ml_backend.label_schema import UNSURE_SCORES, UNSURE_TITLE, VIEW_TITLE
 from ml_backend.registry import ModelRegistry
 from ml_backend.service import AnomalyService
 from tests.support.live_services import REPO_ROOT, LiveLabelStudio
@@ -258,6 +258,16 @@ def test_annotations_reorder_the_queue(label_studio: LiveLabelStudio, galaxy_sto
     assert set(ordered) == unlabelled
     ordered_scores = [scores[t] for t in ordered]
     assert ordered_scores == sorted(ordered_scores, reverse=True)
+
+    # ... and "Model unsure" lists the unlabelled tasks scored near the boundary, best first
+    (unsure,) = [v for v in client.views.list(project=project_id)
+                 if (v.data or {}).get("title") == UNSURE_TITLE]
+    near = [int(t.id) for t in client.tasks.list(project=project_id, view=unsure.id,
+                                                 page_size=1000)]
+    band = {t for t in unlabelled
+            if UNSURE_SCORES["min"] <= scores[t] <= UNSURE_SCORES["max"]}
+    assert set(near) == band
+    assert [scores[t] for t in near] == sorted((scores[t] for t in near), reverse=True)
 
     # (e) the top of the queue is enriched in true anomalies at least 3x over random order
     is_rare = {t: cutouts[t].startswith(f"{RARE_CLASS}/") for t in unlabelled}

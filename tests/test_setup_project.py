@@ -16,7 +16,13 @@ import requests
 
 from amls_cli import main
 from demo.local_servers import free_port, stop_process, wait_for
-from ml_backend.label_schema import ALL_TITLE, HIDDEN_COLUMNS, LABELLED_TITLE, VIEW_TITLE
+from ml_backend.label_schema import (
+    ALL_TITLE,
+    HIDDEN_COLUMNS,
+    LABELLED_TITLE,
+    UNSURE_TITLE,
+    VIEW_TITLE,
+)
 from ml_backend.labelstudio import LabelStudioClient
 from ml_backend.project_setup import (
     TRAIN_EVERY_N_ANNOTATIONS,
@@ -123,7 +129,7 @@ def test_setup_creates_everything_and_a_rerun_changes_nothing(label_studio, back
         "backends": [(backend_url, "BASIC_AUTH", AUTH[0])],
         "webhooks": [(f"{backend_url}/webhook", {"Authorization": basic_auth_header(*AUTH)})],
         "storages": [str(previews)],
-        "views": [VIEW_TITLE, LABELLED_TITLE, ALL_TITLE],
+        "views": [VIEW_TITLE, LABELLED_TITLE, UNSURE_TITLE, ALL_TITLE],
         "train_every": TRAIN_EVERY_N_ANNOTATIONS,
     }
     assert f"{label_studio.url}/projects/{project_id}/data?tab=" in first_out
@@ -157,6 +163,7 @@ def test_setup_creates_everything_and_a_rerun_changes_nothing(label_studio, back
     assert listed[LABELLED_TITLE] == {task.id}
     assert listed[VIEW_TITLE] == everything - {task.id} and len(everything) == 2
     assert listed[ALL_TITLE] == everything
+    assert listed[UNSURE_TITLE] == set()  # nothing is scored yet: nothing near the boundary
     assert all(v.data["hiddenColumns"] == HIDDEN_COLUMNS for v in views.values())
     assert "tasks:predictions_score" not in HIDDEN_COLUMNS["explore"]
 

@@ -5,7 +5,15 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
-from ml_backend.label_schema import ALL_TITLE, HIDDEN_COLUMNS, LABELLED_TITLE, VIEW_TITLE, VIEWS
+from ml_backend.label_schema import (
+    ALL_TITLE,
+    HIDDEN_COLUMNS,
+    LABELLED_TITLE,
+    UNSURE_SCORES,
+    UNSURE_TITLE,
+    VIEW_TITLE,
+    VIEWS,
+)
 from ml_backend.labelstudio import LabelStudioClient
 
 
@@ -39,8 +47,8 @@ def client_with(views: FakeViews) -> LabelStudioClient:
 def test_the_tabs_are_created_once_in_order():
     views = FakeViews()
     ids = client_with(views).ensure_views(3)
-    assert list(ids) == [VIEW_TITLE, LABELLED_TITLE, ALL_TITLE]
-    assert sorted(ids.values()) == [1, 2, 3]
+    assert list(ids) == [VIEW_TITLE, LABELLED_TITLE, UNSURE_TITLE, ALL_TITLE]
+    assert sorted(ids.values()) == [1, 2, 3, 4]
     assert client_with(views).ensure_views(3) == ids
     assert views.writes == [f"create {t}" for t in ids]  # the second call wrote nothing
 
@@ -70,6 +78,17 @@ def test_the_queue_shows_unlabelled_tasks_best_first_and_the_labelled_tab_the_re
     assert (queue_filter["operator"], labelled_filter["operator"]) == ("equal", "greater")
     assert by_title[ALL_TITLE]["filters"]["items"] == []
     assert by_title[VIEW_TITLE]["ordering"] == ["-tasks:predictions_score"]
+
+
+def test_the_unsure_tab_shows_unlabelled_tasks_scored_near_the_boundary():
+    unsure = next(v for v in VIEWS if v["title"] == UNSURE_TITLE)
+    unlabelled, band = unsure["filters"]["items"]
+    assert (unlabelled["filter"], unlabelled["operator"]) == ("filter:tasks:total_annotations",
+                                                              "equal")
+    assert band == {"filter": "filter:tasks:predictions_score", "operator": "in",
+                    "type": "Number", "value": UNSURE_SCORES}
+    assert UNSURE_SCORES["min"] < 0.5 < UNSURE_SCORES["max"]
+    assert unsure["ordering"] == ["-tasks:predictions_score"]
 
 
 def test_columns_for_eyes_no_server_paths():
