@@ -53,9 +53,7 @@ def run_training(project_id: int, settings: Config,
     registry = ModelRegistry(settings.model_dir)
     started = time.time()
     try:
-        if client is None:
-            key = settings.label_studio_api_key or Config.from_env().label_studio_api_key
-            client = LabelStudioClient(settings.label_studio_url, key)
+        client = client or job_client(settings)
         label_config = client.label_config(project_id)
     except ProjectNotFound as err:
         logger.warning("project %d: not training: %s", project_id, err)
@@ -87,6 +85,13 @@ def run_training(project_id: int, settings: Config,
                                        "last_error": None, "last_result": summary})
     logger.info("project %d: training job done in %.1f s: %s", project_id, duration, summary)
     return {**summary, "duration_s": round(duration, 3)}
+
+
+def job_client(settings: Config) -> LabelStudioClient:
+    """The Label Studio client of a job: `settings`' URL and API key or, when it has none
+    (`Config.for_jobs()`: RQ workers), the worker's LABEL_STUDIO_API_KEY."""
+    key = settings.label_studio_api_key or Config.from_env().label_studio_api_key
+    return LabelStudioClient(settings.label_studio_url, key)
 
 
 def _record_failure(registry: ModelRegistry, project_id: int, started: float,

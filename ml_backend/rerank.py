@@ -29,7 +29,12 @@ from ml_backend.core.checkpoint import (
 )
 from ml_backend.core.embedding_cache import Embeddings, read_embeddings
 from ml_backend.core.fast_head import DEFAULT_C, FastHead, fit_fast_head, similar
-from ml_backend.jobs import delete_old_predictions, forget_version, point_label_studio_at
+from ml_backend.jobs import (
+    delete_old_predictions,
+    forget_version,
+    job_client,
+    point_label_studio_at,
+)
 from ml_backend.label_schema import ground_truth_labels, latest_labels, parse_label_config
 from ml_backend.labelstudio import LabelStudioClient, ProjectNotFound
 from ml_backend.registry import RERANK_STATUS, ModelRegistry
@@ -47,10 +52,8 @@ def run_rerank(project_id: int, settings: Config,
     registry = ModelRegistry(settings.model_dir)
     started = time.time()
     try:
-        if client is None:
-            key = settings.label_studio_api_key or Config.from_env().label_studio_api_key
-            client = LabelStudioClient(settings.label_studio_url, key)
-        summary = rerank_and_publish(project_id, settings, client, registry)
+        summary = rerank_and_publish(project_id, settings, client or job_client(settings),
+                                     registry)
     except ProjectNotFound as err:
         logger.warning("project %d: not re-ranking: %s", project_id, err)
         return {"project": project_id, "status": "skipped", "reason": str(err)}

@@ -159,20 +159,22 @@ def create_project(ls: LiveLabelStudio, store: Path, folder: Path) -> tuple[int,
     return project.id, {int(t["id"]): t["data"]["cutout_id"] for t in listed}
 
 
-def wait_for_jobs(backend: Backend, project_id: int, since: float) -> dict[str, Any]:
-    """Poll /metrics until a job finished after `since` and nothing is queued or running."""
+def wait_for_jobs(backend: Backend, project_id: int, since: float,
+                  part: str = "queue") -> dict[str, Any]:
+    """Poll /metrics until a job of `part` ("queue": training, "rerank": instant re-ranking)
+    finished after `since` and none is queued or running; the project's metrics."""
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while time.monotonic() < deadline:
         metrics = requests.get(f"{backend.url}/metrics", timeout=5).json()
         project = metrics["projects"].get(str(project_id))
         if project is not None:
-            queue = project["queue"]
+            queue = project[part]
             finished = queue["last_finished"]  # ISO 8601 UTC, to the second
             if (not queue["queued"] and not queue["running"] and finished is not None
                     and datetime.fromisoformat(finished).timestamp() >= int(since)):
                 return project
-        time.sleep(1.0)
-    raise AssertionError(f"no finished training job for project {project_id} within "
+        time.sleep(0.5)
+    raise AssertionError(f"no finished {part} job for project {project_id} within "
                          f"{JOB_TIMEOUT_S:.0f} s; metrics: {metrics}")
 
 
@@ -285,7 +287,7 @@ def test_annotations_reorder_the_queue(label_studio: LiveLabelStudio, galaxy_sto
     for task_id, value in second:
         client.annotations.create(id=task_id, result=choice(value))
     second_annotation = time.time()
-    fast_metrics = wait_for_rerank(backend, project_id, second_annotation)
+    fast_metrics = wait_for_jobs(backend, project_id, second_annotation, "rerank")
     fast = fast_metrics["rerank"]["last_result"]
     assert fast["status"] == "reranked" and fast["embeddings_of"] == before_second, fast
     registry = ModelRegistry(backend.cfg.model_dir)
@@ -306,19 +308,3 @@ def test_annotations_reorder_the_queue(label_studio: LiveLabelStudio, galaxy_sto
     cycle = read_meta(registry.version_dir(project_id, after["model_version"]))
     assert (cycle.kind, cycle.parent) == ("fixmatch", before_second), after
     assert client.projects.get(id=project_id).model_version == after["model_version"]
-
-
-def wait_for_rerank(backend: Backend, project_id: int, since: float) -> dict[str, Any]:
-    """Poll /metrics until a re-ranking finished after `since` and none is queued or running."""
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while time.monotonic() < deadline:
-        project = requests.get(f"{backend.url}/metrics", timeout=5).json()["projects"][
-            str(project_id)]
-        rerank = project["rerank"]
-        finished = rerank["last_finished"]
-        if (not rerank["queued"] and not rerank["running"] and finished is not None
-                and datetime.fromisoformat(finished).timestamp() >= int(since)):
-            return project
-        time.sleep(0.5)
-    raise AssertionError(f"no finished re-ranking for project {project_id} within "
-                         f"{JOB_TIMEOUT_S:.0f} s: {project}")
