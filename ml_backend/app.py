@@ -9,6 +9,7 @@ Routes (all optionally behind HTTP basic auth):
     POST /train            legacy "train now" -> queue a training job
     GET  /versions         {"versions": [...]} for ?project= (or a JSON body's "project")
     GET  /metrics          per-project serving version, queue state and last job outcome
+    GET  /similar          "more like this": ?project=&tasks=12,40&top= -> tasks by similarity
 
 Label Studio identifies a project as an int, as "<id>.<created timestamp>" (ML API calls)
 or as a serialized project object (webhooks); `project_id_of` accepts all three.
@@ -29,10 +30,11 @@ import re
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException, NotFound, RequestEntityTooLarge
 
 from ml_backend.config import Config
 from ml_backend.label_schema import LabelConfigError, parse_label_config
+from ml_backend.rerank import similar_tasks
 from ml_backend.service import AnomalyService
 from ml_backend.submitters import QueueUnavailable
 
@@ -49,6 +51,8 @@ ACTION_PAYLOAD_KEY = {"ANNOTATION_CREATED": "annotation", "ANNOTATIONS_CREATED":
 MAX_BODY_BYTES = 32 * 2**20
 # Tasks one /predict may ask for (Label Studio sends one, or a page of them).
 MAX_PREDICT_TASKS = 10_000
+# Tasks "more like this" may return at most.
+MAX_SIMILAR = 1000
 # Label Studio project ids are database integers.
 MAX_PROJECT_ID = 2**31 - 1
 # "7" or "7.1700000000" (id and creation timestamp): ASCII digits only.
@@ -129,6 +133,25 @@ def create_app(service: AnomalyService, cfg: Config) -> Flask:
     @app.get("/metrics")
     def metrics() -> Response:
         return jsonify(service.metrics())
+
+    @app.get("/similar")
+    def similar() -> Response:
+        """"More like this": ?project=7&tasks=12,40&top=20 -> tasks ranked by similarity."""
+        project_id = project_id_of(request.args.get("project"))
+        raw = request.args.get("tasks", "")
+        if not raw or not all(part.strip().isascii() and part.strip().isdigit()
+                              for part in raw.split(",")):
+            raise BadRequest("'tasks' must be comma-separated task ids, e.g. tasks=12,40")
+        top = request.args.get("top", "20")
+        if not (top.isascii() and top.isdigit()) or not 1 <= int(top) <= MAX_SIMILAR:
+            raise BadRequest(f"'top' must be an integer in 1..{MAX_SIMILAR}")
+        task_ids = [int(part) for part in raw.split(",")]
+        try:
+            ranked = similar_tasks(service.registry, project_id, task_ids, int(top))
+        except ValueError as err:  # no model, no cache, or unknown tasks: the caller's to fix
+            raise NotFound(str(err)) from None
+        return jsonify({"project": project_id, "tasks": task_ids, "similar": [
+            {"task": t, "similarity": round(sim, 4)} for t, sim in ranked]})
 
     return app
 

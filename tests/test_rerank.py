@@ -136,3 +136,24 @@ def test_more_like_this_ranks_by_the_cached_embeddings_and_explains_refusals(tra
     assert "no embedding for task(s) 999" in capsys.readouterr().err
     assert main(["similar", "--project", "8", "1"]) == 2
     assert "project 8 has no model yet" in capsys.readouterr().err
+
+
+def test_the_similar_route_answers_json_and_refuses_clearly(trained):
+    from ml_backend.app import create_app
+    from ml_backend.rerank import similar_tasks
+    from ml_backend.service import AnomalyService
+    from ml_backend.submitters import InProcessSubmitter
+
+    _, registry, settings, _, _ = trained
+    service = AnomalyService(settings, registry, InProcessSubmitter(lambda p: None))
+    http = create_app(service, settings).test_client()
+    answer = http.get("/similar?project=7&tasks=1,2&top=3")
+    assert answer.status_code == 200
+    assert [r["task"] for r in answer.json["similar"]] == \
+        [t for t, _ in similar_tasks(registry, 7, [1, 2], 3)]
+    assert http.get("/similar?project=7&tasks=1;2").status_code == 400
+    assert http.get("/similar?project=7&tasks=1&top=0").status_code == 400
+    assert http.get("/similar?tasks=1").status_code == 400
+    missing = http.get("/similar?project=7&tasks=999")
+    assert missing.status_code == 404 and "no embedding for task(s) 999" in missing.json["error"]
+    service.close()
