@@ -181,7 +181,7 @@ def train_and_publish(project_id: int, settings: Config, client: LabelStudioClie
         scored, probabilities, features = score_and_embed(
             pixels, sorted(pixels.rows), model, meta, cfg.score_batch_size, cfg.device)
         write_embeddings(staging, scored, features)
-        by_task = dict(zip(scored.tolist(), probabilities.tolist(), strict=True))
+        by_task = dict(zip(scored, probabilities.tolist(), strict=True))
         evaluation = _evaluate_held_out(project_id, held_out, by_task)
         scores = [(t, by_task[t]) for t in unlabeled if t in by_task]
         on_progress("write", 0, len(scores))

@@ -268,18 +268,18 @@ def score_tasks(pixels: ProjectPixels, task_ids: Sequence[int], model: nn.Module
     with a warning (its tasks get no score)."""
     scored, scores, _ = score_and_embed(pixels, task_ids, model, meta, batch_size, device,
                                         embed=False)
-    return list(zip(scored.tolist(), scores.tolist(), strict=True))
+    return list(zip(scored, scores.tolist(), strict=True))
 
 
 def score_and_embed(pixels: ProjectPixels, task_ids: Sequence[int], model: nn.Module,
                     meta: ModelMeta, batch_size: int, device: str, *, embed: bool = True
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+                    ) -> tuple[list[int], np.ndarray, np.ndarray | None]:
     """(scored task ids, their P(anomaly) float32, their pooled features float16 or None),
     from one forward pass per task; tasks without pixels or in an incompatible store (warned
-    about) are left out, as in `score_tasks`."""
+    about) are left out, as in `score_tasks`. Ids stay Python ints: /predict may name any."""
     from ml_backend.core.scoring import check_compatible, score_store
 
-    ids: list[np.ndarray] = []
+    ids: list[int] = []
     scores: list[np.ndarray] = []
     features: list[np.ndarray] = []
     for path, store in pixels.stores.items():
@@ -295,11 +295,10 @@ def score_and_embed(pixels: ProjectPixels, task_ids: Sequence[int], model: nn.Mo
         out = np.empty((len(rows), model.num_features), dtype=np.float16) if embed else None
         scores.append(score_store(store, model, meta, indices=rows, batch_size=batch_size,
                                   device=device, features=out))
-        ids.append(np.array(tids, dtype=np.int64))
+        ids.extend(tids)
         if out is not None:
             features.append(out)
     if not ids:
-        return (np.zeros(0, np.int64), np.zeros(0, np.float32),
+        return ([], np.zeros(0, np.float32),
                 np.zeros((0, model.num_features), np.float16) if embed else None)
-    return (np.concatenate(ids), np.concatenate(scores),
-            np.concatenate(features) if embed else None)
+    return ids, np.concatenate(scores), np.concatenate(features) if embed else None
