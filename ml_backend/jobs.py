@@ -22,7 +22,7 @@ from ml_backend.config import Config
 from ml_backend.core.checkpoint import VERSION_PREFIX
 from ml_backend.core.config import TrainConfig
 from ml_backend.core.embedding_cache import write_embeddings
-from ml_backend.label_schema import ground_truth_labels, latest_labels, parse_label_config
+from ml_backend.label_schema import parse_label_config, training_labels
 from ml_backend.labelstudio import LabelStudioClient, ProjectNotFound
 from ml_backend.registry import ModelRegistry
 from ml_backend.task_pixels import (
@@ -143,8 +143,7 @@ def train_and_publish(project_id: int, settings: Config, client: LabelStudioClie
     anomaly_label = settings.anomaly_label
     schema = parse_label_config(label_config, anomaly_label, prelabel=settings.prelabel)
     tasks = list(client.iter_tasks(project_id))
-    held_out = ground_truth_labels(tasks, schema)
-    labels = {t: y for t, y in latest_labels(tasks, schema).items() if t not in held_out}
+    labels, held_out = training_labels(tasks, schema)
     n_anomaly = sum(labels.values())
     n_other = len(labels) - n_anomaly
     if n_anomaly < settings.min_anomalies or n_other < settings.min_normals:

@@ -186,3 +186,12 @@ def local_files_dir(rows: Iterable[dict[str, Any]], document_root: Path) -> Path
                          f"document root {document_root}) does not exist: push with the "
                          "--document-root the import used")
     return folder
+
+
+def training_labels(tasks: list[dict[str, Any]],
+                    schema: ChoiceSchema) -> tuple[dict[int, int], dict[int, int]]:
+    """(labels to train on, held-out ground-truth labels): task id -> 1 anomaly / 0 normal;
+    a ground-truth task is never trained on."""
+    held_out = ground_truth_labels(tasks, schema)
+    labels = {t: y for t, y in latest_labels(tasks, schema).items() if t not in held_out}
+    return labels, held_out

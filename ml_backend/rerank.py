@@ -35,7 +35,7 @@ from ml_backend.jobs import (
     job_client,
     point_label_studio_at,
 )
-from ml_backend.label_schema import ground_truth_labels, latest_labels, parse_label_config
+from ml_backend.label_schema import parse_label_config, training_labels
 from ml_backend.labelstudio import LabelStudioClient, ProjectNotFound
 from ml_backend.registry import RERANK_STATUS, ModelRegistry
 
@@ -90,8 +90,7 @@ def rerank_and_publish(project_id: int, settings: Config, client: LabelStudioCli
     schema = parse_label_config(client.label_config(project_id), settings.anomaly_label,
                                 prelabel=settings.prelabel)
     tasks = list(client.iter_tasks(project_id))
-    held_out = ground_truth_labels(tasks, schema)
-    labels = {t: y for t, y in latest_labels(tasks, schema).items() if t not in held_out}
+    labels, held_out = training_labels(tasks, schema)
     labelled_ids, labelled_rows = cache.rows_of(sorted(labels))
     y = np.array([labels[t] for t in labelled_ids.tolist()], dtype=np.int64)
     if y.sum() == 0 or (y == 0).sum() == 0:
