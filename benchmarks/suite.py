@@ -14,7 +14,8 @@ holds complete pairs. `--workers 2` runs two at a time, each on `--threads` torc
 
 Protocols: "full" is the paper's (5 anomalies + 495 normals, 3 cycles of 100 iterations,
 oracle adds 10 + 10 per cycle, pool 10,000); "screen" is a quick look for ideas (1 cycle,
-pool 4,000) and never decides a default. `report` prints the per-class table, the suite
+pool 4,000) and never decides a default; "smoke" (2 cycles of 5 iterations) only checks that
+a grid runs. `report` prints the per-class table, the suite
 means and paired comparisons (`benchmarks.paired`) against a baseline setting.
 """
 
@@ -82,6 +83,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("bn-0.01", overrides={"bn_momentum": 0.01}),
     Setting("drop-0.2", overrides={"drop_path_rate": 0.2, "drop_rate": 0.2}),
     Setting("bn-frozen", overrides={"bn_momentum": 0.0}),
+    Setting("flip+bn-frozen", overrides={"invariance": "flip", "bn_momentum": 0.0}),
     # Weak views: horizontal flips only instead of the dihedral group.
     Setting("flip", overrides={"invariance": "flip"}),
     Setting("ref-fix+flip", overrides={**REFERENCE_FIX, "invariance": "flip"}),
@@ -93,6 +95,28 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("flip+dist-align", overrides={"invariance": "flip", "distribution_alignment": True}),
     # The default, with the instant re-ranking measured beside it (same FixMatch numbers).
     Setting("default+fast", fast_head=True),
+    # Scoring: the mean over the invariance's symmetry views (test-time augmentation).
+    Setting("tta", overrides={"test_time_augmentation": True}),
+    Setting("flip+tta", overrides={"invariance": "flip", "test_time_augmentation": True}),
+    # The pseudo-label threshold, lowered: more unlabelled images teach at 1-5 % imbalance.
+    Setting("thr-0.8", overrides={"threshold": 0.8}),
+    Setting("flip+thr-0.8", overrides={"invariance": "flip", "threshold": 0.8}),
+    # 50 iterations per cycle (the paper's Table 5 has 50 best).
+    Setting("iter-50", overrides={"iterations": 50}),
+    Setting("flip+iter-50", overrides={"invariance": "flip", "iterations": 50}),
+    # A quarter of each labelled batch anomalous instead of half.
+    Setting("afrac-0.25", overrides={"anomaly_fraction": 0.25}),
+    Setting("flip+afrac-0.25", overrides={"invariance": "flip", "anomaly_fraction": 0.25}),
+    # Score with the student (EMA decay 0: the "EMA" is the student itself).
+    Setting("ema-off", overrides={"ema_decay": 0.0}),
+    Setting("flip+ema-off", overrides={"invariance": "flip", "ema_decay": 0.0}),
+    # Milder strong views: RandAugment magnitude 0.3, cutout a quarter of the side.
+    Setting("strong-light", overrides={"randaug_magnitude": 0.3, "cutout_fraction": 0.25}),
+    Setting("flip+strong-light", overrides={"invariance": "flip", "randaug_magnitude": 0.3,
+                                            "cutout_fraction": 0.25}),
+    # 96 px model input instead of 64 (2.25x the pixels).
+    Setting("size-96", overrides={"image_size": 96}),
+    Setting("flip+size-96", overrides={"invariance": "flip", "image_size": 96}),
 )}
 
 
@@ -101,6 +125,9 @@ PROTOCOLS: dict[str, dict[str, int]] = {
              "pool": 10_000, "iterations": 100},
     "screen": {"initial_anomalies": 5, "initial_normals": 495, "cycles": 1, "per_cycle": 10,
                "pool": 4_000, "iterations": 100},
+    # Seconds per run: checks that a grid runs at all (a new machine, a new setting).
+    "smoke": {"initial_anomalies": 5, "initial_normals": 50, "cycles": 2, "per_cycle": 5,
+              "pool": 1_000, "iterations": 5},
 }
 
 
@@ -112,15 +139,26 @@ class Job:
     seed: int
     setting: Setting
     protocol: str
+    device: str = "cpu"  # "cpu" or "cuda": the two give different numbers, never paired
+    fast_head: bool = False  # measure the instant re-ranking too (`--fast-head`)
+    compare_tta: bool = False  # score the other way round too (`--compare-tta`)
+
+    @property
+    def measures_fast_head(self) -> bool:
+        return self.fast_head or self.setting.fast_head
 
     def key(self) -> str:
-        """What makes a run the same run: data, seed, method, overrides and protocol."""
+        """What makes a run the same run: data, seed, method, overrides, protocol, device."""
         parts: list[Any] = [self.dataset.name, self.dataset.rare_fraction,
                             self.dataset.center_crop, self.seed, self.setting.name,
                             self.setting.method, self.setting.overrides,
                             PROTOCOLS[self.protocol]]
-        if self.setting.fast_head:  # only then, so that older runs keep their keys
+        if self.measures_fast_head:  # only then, so that older runs keep their keys
             parts.append("fast_head")
+        if self.device != "cpu":  # likewise
+            parts.append(self.device)
+        if self.compare_tta:
+            parts.append("compare_tta")
         return json.dumps(parts, sort_keys=True)
 
 
@@ -149,9 +187,11 @@ def parse_setting(text: str) -> Setting:
 
 
 def plan_jobs(datasets: Sequence[DatasetSpec], settings: Sequence[Setting], seeds: Sequence[int],
-              protocol: str) -> list[Job]:
+              protocol: str, *, device: str = "cpu", fast_head: bool = False,
+              compare_tta: bool = False) -> list[Job]:
     """Seed-major order: every (dataset, setting) of one seed before the next seed."""
-    return [Job(d, seed, s, protocol) for seed in seeds for d in datasets for s in settings]
+    return [Job(d, seed, s, protocol, device, fast_head, compare_tta)
+            for seed in seeds for d in datasets for s in settings]
 
 
 def done_keys(log_path: Path) -> set[str]:
@@ -167,17 +207,24 @@ def done_keys(log_path: Path) -> set[str]:
     return keys
 
 
-def run_job(job: Job, store: Path, truth: Path, threads: int) -> dict[str, Any]:
-    """Run one job (in a worker process) and return its log row."""
+def run_job(job: Job, store: Path, truth: Path, threads: int,
+            start_before: float | None = None) -> dict[str, Any] | None:
+    """Run one job (in a worker process) and return its log row; None, without running it,
+    once the wall-clock time `start_before` (epoch seconds) has passed."""
+    if start_before is not None and time.time() > start_before:
+        return None
     import torch
 
     torch.set_num_threads(threads)
+    if job.device == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest kernels
     protocol = dict(PROTOCOLS[job.protocol])
-    iterations = protocol.pop("iterations")
-    cfg = TrainConfig(center_crop=job.dataset.center_crop, iterations=iterations,
-                      **job.setting.overrides)
+    iterations = protocol.pop("iterations", None)
+    cfg = TrainConfig(center_crop=job.dataset.center_crop, device=job.device,
+                      **({"iterations": iterations} | job.setting.overrides))
     plan = SimulationPlan(method=job.setting.method, seed=job.seed,
-                          fast_head=job.setting.fast_head, **protocol)
+                          fast_head=job.measures_fast_head, compare_tta=job.compare_tta,
+                          **protocol)
     started = time.perf_counter()
     cycles = run_one(store, truth, plan, cfg)
     return {
@@ -186,12 +233,17 @@ def run_job(job: Job, store: Path, truth: Path, threads: int) -> dict[str, Any]:
         "method": job.setting.method, "overrides": job.setting.overrides,
         "protocol": job.protocol, "cycles": cycles, **cycles[-1],
         "wall_seconds": round(time.perf_counter() - started, 1), "threads": threads,
+        "device": job.device,
     }
 
 
 def run_grid(jobs: list[Job], log_path: Path, data_root: Path, workers: int,
-             threads: int) -> Iterator[dict[str, Any]]:
-    """Run the jobs the log lacks, appending each finished row to it; yields the rows."""
+             threads: int, stop_after: float | None = None) -> Iterator[dict[str, Any]]:
+    """Run the jobs the log lacks, appending each finished row to it; yields the rows.
+
+    stop_after: seconds from now after which no further run starts (runs under way finish),
+    so that a grid fits a fixed time slot; None: run them all.
+    """
     done = done_keys(log_path)
     todo = [j for j in jobs if j.key() not in done]
     log.warning("%d of %d runs already in %s; %d to go", len(jobs) - len(todo), len(jobs),
@@ -200,11 +252,15 @@ def run_grid(jobs: list[Job], log_path: Path, data_root: Path, workers: int,
              for d in dict.fromkeys(j.dataset for j in todo)}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     context = {"workers": workers, "cpus": os.cpu_count(), "commit": _commit()}
+    start_before = None if stop_after is None else time.time() + stop_after
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        futures: dict[Future, Job] = {pool.submit(run_job, j, *paths[j.dataset], threads): j
-                                      for j in todo}
+        futures: dict[Future, Job] = {
+            pool.submit(run_job, j, *paths[j.dataset], threads, start_before): j for j in todo}
         for future in as_completed(futures):
-            row = future.result() | context
+            result = future.result()
+            if result is None:
+                continue
+            row = result | context
             with log_path.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
                 fh.flush()
@@ -256,11 +312,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where dataset stores are built (once)")
     run.add_argument("--workers", type=int, default=2, help="runs at a time (default 2)")
     run.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
+    run.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                     help="where runs train and score (default cpu); logged and kept apart")
+    run.add_argument("--fast-head", action="store_true",
+                     help="also measure the instant re-ranking in every run")
+    run.add_argument("--compare-tta", action="store_true",
+                     help="also score every cycle the other way round (tta_* metrics)")
+    run.add_argument("--stop-after", type=float, metavar="SECONDS",
+                     help="start no run after this many seconds (runs under way finish)")
     report = sub.add_parser("report", help="per-class table, suite means, paired comparisons")
     report.add_argument("logs", type=Path, nargs="+")
     report.add_argument("--baseline", default="default")
     report.add_argument("--protocol", choices=sorted(PROTOCOLS), default="full")
     report.add_argument("--metrics", nargs="+", default=["auroc", "ap", "precision_top_1pct"])
+    report.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="report the runs made on this device (default cpu)")
     return parser
 
 
@@ -270,13 +336,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "report":
         from benchmarks.suite_report import print_report
 
-        print_report(args.logs, args.baseline, args.protocol, args.metrics)
+        print_report(args.logs, args.baseline, args.protocol, args.metrics, args.device)
         return 0
     settings = _settings(args)
     if not settings:
         raise SystemExit("choose --settings and/or --set")
-    jobs = plan_jobs(_datasets(args), settings, range(args.seeds), args.protocol)
-    for row in run_grid(jobs, args.log, args.data, args.workers, args.threads):
+    jobs = plan_jobs(_datasets(args), settings, range(args.seeds), args.protocol,
+                     device=args.device, fast_head=args.fast_head,
+                     compare_tta=args.compare_tta)
+    for row in run_grid(jobs, args.log, args.data, args.workers, args.threads,
+                        args.stop_after):
         print(json.dumps({k: row[k] for k in ("dataset", "seed", "setting", "auroc", "ap",
                                              "precision_top_1pct", "wall_seconds")}),
               flush=True)

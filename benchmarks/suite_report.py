@@ -18,8 +18,9 @@ from ml_backend.core.metrics import top_count
 Rows = dict[tuple[str, str], dict[int, dict[str, Any]]]  # (dataset, setting) -> seed -> row
 
 
-def load_rows(paths: Sequence[Path], protocol: str) -> Rows:
-    """The latest row of every (dataset, setting, seed) run under `protocol`."""
+def load_rows(paths: Sequence[Path], protocol: str, device: str = "cpu") -> Rows:
+    """The latest row of every (dataset, setting, seed) run under `protocol` on `device`
+    (rows from before devices were logged ran on the CPU)."""
     rows: Rows = defaultdict(dict)
     for path in paths:
         for line in path.read_text().splitlines():
@@ -27,7 +28,7 @@ def load_rows(paths: Sequence[Path], protocol: str) -> Rows:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if row.get("protocol") == protocol:
+            if row.get("protocol") == protocol and row.get("device", "cpu") == device:
                 rows[(row["dataset"], row["setting"])][row["seed"]] = row
     return rows
 
@@ -50,9 +51,9 @@ def _suite(dataset: str) -> str:
 
 
 def report(paths: Sequence[Path], baseline: str, protocol: str,
-           metrics: Sequence[str]) -> list[str]:
+           metrics: Sequence[str], device: str = "cpu") -> list[str]:
     """The report's markdown lines."""
-    rows = load_rows(paths, protocol)
+    rows = load_rows(paths, protocol, device)
     datasets = sorted({d for d, _ in rows}, key=lambda d: (_suite(d), d))
     settings = sorted({s for _, s in rows}, key=lambda s: (s != baseline, s))
     lines: list[str] = []
@@ -117,15 +118,22 @@ FAST_PAIRS = (
     ("blend", "", "mean rank of both vs the FixMatch model"),
     ("interim", "stale", "while a cycle trains: head on the last embeddings + new labels "
                          "vs the last FixMatch scores"),
+    ("zblend", "", "blend of model and head as one linear head vs the FixMatch model"),
+    ("zblend", "blend", "that linear blend vs the mean rank of both"),
+    ("interim_zblend", "interim", "while a cycle trains: the head blended with the last "
+                                  "model vs the head alone"),
+    ("tta", "", "the same model scored the other way round (test-time augmentation) vs "
+                "its own scores"),
 )
 
 
 def fast_head_report(paths: Sequence[Path], protocol: str,
-                     metrics: Sequence[str]) -> list[str]:
-    """Per cycle, the instant re-ranking against FixMatch within the same runs (rows that
-    were run with `fast_head`); empty when there are none."""
-    rows = [r for runs in load_rows(paths, protocol).values() for r in runs.values()
-            if r.get("cycles") and "head_auroc" in r["cycles"][0]]
+                     metrics: Sequence[str], device: str = "cpu") -> list[str]:
+    """Per cycle, the instant re-ranking against FixMatch (rows run with `fast_head`) and
+    the other scoring rule (rows run with `compare_tta`) within the same runs; empty when
+    there are none."""
+    rows = [r for runs in load_rows(paths, protocol, device).values() for r in runs.values()
+            if r.get("cycles") and ({"head_auroc", "tta_auroc"} & set(r["cycles"][0]))]
     if not rows:
         return []
     lines = [f"### Instant re-ranking ({protocol} protocol; paired within each run, "
@@ -153,6 +161,6 @@ def fast_head_report(paths: Sequence[Path], protocol: str,
 
 
 def print_report(paths: Sequence[Path], baseline: str, protocol: str,
-                 metrics: Sequence[str]) -> None:
-    lines = report(paths, baseline, protocol, metrics)
-    print("\n".join(lines + fast_head_report(paths, protocol, metrics)))
+                 metrics: Sequence[str], device: str = "cpu") -> None:
+    lines = report(paths, baseline, protocol, metrics, device)
+    print("\n".join(lines + fast_head_report(paths, protocol, metrics, device)))

@@ -137,3 +137,28 @@ def test_sharpness_matches_the_pil_kernel():
     blurred[..., 1:-1, 1:-1] = smooth.view(2, 3, 7, 7)
     f = factor.view(2, 1, 1, 1)
     assert torch.allclose(out, (f * x + (1 - f) * blurred).clamp(0, 1), atol=1e-6)
+
+
+@pytest.mark.parametrize("invariance, n_views", [("dihedral", 8), ("flip", 2)])
+def test_symmetry_views_are_the_distinct_group_members_input_first(invariance, n_views):
+    from ml_backend.core.augment import symmetry_views
+
+    x = torch.rand(3, 2, 5, 5)
+    before = x.clone()
+    views = symmetry_views(x, invariance)
+    assert len(views) == n_views
+    assert torch.equal(views[0], x) and torch.equal(x, before)
+    flat = {tuple(v[0, 0].flatten().tolist()) for v in views}
+    assert len(flat) == n_views  # no view repeats
+    for v in views:  # each is a rearrangement of the same pixels
+        assert torch.equal(v.flatten(-2).sort(-1).values, x.flatten(-2).sort(-1).values)
+
+
+def test_dihedral_views_need_square_images():
+    from ml_backend.core.augment import symmetry_views
+
+    with pytest.raises(ValueError, match="square"):
+        symmetry_views(torch.rand(1, 1, 4, 6), "dihedral")
+    assert len(symmetry_views(torch.rand(1, 1, 4, 6), "flip")) == 2
+    with pytest.raises(ValueError, match="invariance"):
+        symmetry_views(torch.rand(1, 1, 4, 4), "rotate")

@@ -71,3 +71,34 @@ def test_similar_orders_by_cosine_to_the_query_direction():
     assert list(rows[:2]) == [4, 1] and len(rows) == 5 and rows[-1] == 3
     with pytest.raises(ValueError, match="at least one query"):
         similar(features, [], k=2)
+
+
+def test_blend_with_model_is_the_mean_of_both_standardised_logits():
+    from ml_backend.core.fast_head import blend_with_model
+
+    features, truth = clustered(n=300, n_anomalies=6)
+    head = fit_fast_head(features, np.arange(300), truth)
+    rng = np.random.default_rng(1)
+    weight, bias = rng.normal(size=features.shape[1]).astype(np.float32), 0.7
+    blended = blend_with_model(head, weight, bias, features)
+
+    f = features.astype(np.float64)
+    model_logit = f @ weight + bias
+    head_logit = ((f - head.mean) / head.scale) @ head.weights + head.bias
+    z = 0.5 * ((model_logit - model_logit.mean()) / model_logit.std()
+               + (head_logit - head_logit.mean()) / head_logit.std())
+    np.testing.assert_allclose(blended.scores(features), 1 / (1 + np.exp(-z)), atol=1e-5)
+    assert (blended.n_anomalies, blended.n_normals) == (6, 294)
+
+
+def test_blend_with_model_ignores_the_scale_of_either_logit():
+    from ml_backend.core.fast_head import blend_with_model
+
+    features, truth = clustered(n=200, n_anomalies=5)
+    head = fit_fast_head(features, np.arange(200), truth)
+    weight = np.random.default_rng(2).normal(size=features.shape[1])
+    small = blend_with_model(head, weight, 0.0, features).scores(features)
+    large = blend_with_model(head, 1000 * weight, 0.0, features).scores(features)
+    np.testing.assert_allclose(small, large, atol=1e-5)
+    with pytest.raises(ValueError, match="model weight has shape"):
+        blend_with_model(head, weight[:3], 0.0, features)

@@ -126,3 +126,17 @@ def test_resolve_device():
 def test_in_chans_must_be_positive():
     with pytest.raises(ValueError, match="in_chans"):
         build_model(CFG, 0)
+
+
+def test_anomaly_logit_weights_reproduce_the_models_probability():
+    from ml_backend.core.model import anomaly_logit_weights, pooled_features
+
+    torch.manual_seed(0)
+    model = build_model(TrainConfig(pretrained=False, head_init_std=0.3), 3).eval()
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        expected = anomaly_probability(model(x)).numpy()
+        features = pooled_features(model, x).numpy()
+    weight, bias = anomaly_logit_weights(model)
+    np.testing.assert_allclose(1 / (1 + np.exp(-(features @ weight + bias))), expected,
+                               rtol=1e-5, atol=1e-6)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 
 import numpy as np
 import pytest
@@ -292,3 +293,32 @@ def test_cli_refuses_a_store_with_another_stretch(model, tmp_path, capsys):
     assert status == 2
     assert "amls score: error:" in capsys.readouterr().err
     assert not (tmp_path / "x.csv").exists()
+
+
+@pytest.mark.parametrize("invariance, turns", [
+    ("flip", [lambda a: a, lambda a: a[:, :, ::-1]]),
+    ("dihedral", [lambda a, k=k, f=f: np.rot90(a[:, :, ::-1] if f else a, k, axes=(1, 2))
+                  for k in range(4) for f in (False, True)]),
+])
+def test_test_time_augmentation_scores_the_mean_over_the_views(model, invariance, turns):
+    images = random_images(6, seed=8)
+    meta = make_meta()
+    tta = dataclasses.replace(meta, config={**meta.config, "invariance": invariance,
+                                            "test_time_augmentation": True})
+    features = np.zeros((6, model.num_features), dtype=np.float32)
+    scores = score_store(ArraySource(images, STRETCH), model, tta, batch_size=4, device="cpu",
+                         features=features)
+    views = [np.ascontiguousarray(turn(images)) for turn in turns]
+    expected = np.mean([score_images(model, v, SIZE) for v in views], axis=0)
+    np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-6)
+    with torch.inference_mode():
+        mean_features = np.mean([pooled_features(model, to_model_input(v, SIZE)).numpy()
+                                 for v in views], axis=0)
+    np.testing.assert_allclose(features, mean_features, rtol=1e-3, atol=1e-4)
+    plain = score_store(ArraySource(images, STRETCH), model, meta, device="cpu")
+    assert not np.allclose(plain, scores)  # the views really changed the scores
+
+
+def test_models_saved_before_test_time_augmentation_score_without_it():
+    legacy = {k: v for k, v in CFG.to_dict().items() if k != "test_time_augmentation"}
+    assert TrainConfig.from_dict(legacy).test_time_augmentation is False

@@ -161,8 +161,32 @@ def test_fast_head_metrics_sit_beside_the_fixmatch_ones_without_changing_them(tm
         rows = list(run_simulation(store, truth, fast, cfg))
     for a, b in zip(without, rows, strict=True):
         assert b["auroc"] == pytest.approx(a["auroc"]) and b["n"] == a["n"]
-    prefixes = ("head", "blend", "interim")
+    prefixes = ("head", "blend", "zblend", "interim")
     for prefix in prefixes:
         assert all(0.0 <= r[f"{prefix}_auroc"] <= 1.0 for r in rows)
-    assert "stale_auroc" not in rows[0] and 0.0 <= rows[1]["stale_auroc"] <= 1.0
+    # Before cycle 1 no model is behind the (ImageNet) embeddings: nothing to blend with.
+    for later_only in ("stale", "interim_zblend"):
+        assert f"{later_only}_auroc" not in rows[0] and 0.0 <= rows[1][f"{later_only}_auroc"] <= 1
     assert rows[-1]["head_auroc"] > 0.8  # bright squares separate in any embedding
+
+
+@pytest.mark.slow
+def test_compare_tta_scores_the_same_model_the_other_way_without_changing_the_run(tmp_path):
+    _, truth = make_toy_store(tmp_path / "toy.h5")
+    cfg = TrainConfig(image_size=32, iterations=3, batch_size=8, uratio=2, pretrained=False,
+                      ema_decay=0.5, device="cpu")
+    plain = SimulationPlan(initial_anomalies=3, initial_normals=20, cycles=2, per_cycle=2)
+    compared = SimulationPlan(initial_anomalies=3, initial_normals=20, cycles=2, per_cycle=2,
+                              compare_tta=True)
+    with CutoutStore.open(tmp_path / "toy.h5") as store:
+        without = list(run_simulation(store, truth, plain, cfg))
+        rows = list(run_simulation(store, truth, compared, cfg))
+        on = list(run_simulation(store, truth, compared,
+                                 cfg.replace(test_time_augmentation=True)))
+    for a, b in zip(without, rows, strict=True):
+        assert b["auroc"] == pytest.approx(a["auroc"])
+        assert 0.0 <= b["tta_auroc"] <= 1.0
+    # With TTA in the config the roles swap: the first cycle (same model, same labels) has
+    # the plain scores as its tta_* and the TTA scores as its own.
+    assert on[0]["tta_auroc"] == pytest.approx(rows[0]["auroc"])
+    assert on[0]["auroc"] == pytest.approx(rows[0]["tta_auroc"])

@@ -17,6 +17,7 @@ from benchmarks.suite import (
     done_keys,
     parse_setting,
     plan_jobs,
+    run_job,
 )
 from benchmarks.suite_report import fast_head_report, report, top1_ceiling
 
@@ -84,6 +85,36 @@ def test_plan_is_seed_major_and_keys_tell_runs_apart():
     screen = Job(datasets[0], 0, settings[0], "screen")
     assert screen.key() != jobs[0].key()
     assert Job(datasets[0], 0, SETTINGS["default"], "full").key() == jobs[0].key()
+
+
+def test_device_and_within_run_measurements_keep_old_keys_and_tell_runs_apart():
+    dataset, setting = SUITES["first"][0], SETTINGS["default"]
+    cpu = Job(dataset, 0, setting, "full")
+    cuda = Job(dataset, 0, setting, "full", device="cuda")
+    tta = Job(dataset, 0, setting, "full", compare_tta=True)
+    fast = Job(dataset, 0, setting, "full", fast_head=True)
+    assert json.loads(cpu.key())[-1] == PROTOCOLS["full"]  # nothing appended on the CPU
+    assert json.loads(cuda.key())[-1] == "cuda" and json.loads(tta.key())[-1] == "compare_tta"
+    assert fast.key() == Job(dataset, 0, setting, "full", fast_head=True).key() != cpu.key()
+    assert len({cpu.key(), cuda.key(), tta.key(), fast.key()}) == 4
+
+
+def test_a_run_past_its_start_deadline_is_skipped_without_running(tmp_path):
+    job = Job(SUITES["first"][0], 0, SETTINGS["default"], "smoke")
+    assert run_job(job, tmp_path / "missing.h5", tmp_path / "missing.csv", 1,
+                   start_before=0.0) is None
+
+
+def test_the_report_keeps_devices_apart(tmp_path):
+    rows = [_row("animal:Cat", "default", 0, 0.80), _row("animal:Cat", "flip", 0, 0.85),
+            {**_row("animal:Cat", "default", 0, 0.10), "device": "cuda"},
+            {**_row("animal:Cat", "flip", 0, 0.95), "device": "cuda"}]
+    log = tmp_path / "runs.jsonl"
+    log.write_text("\n".join(json.dumps(r) for r in rows))
+    cpu = "\n".join(report([log], "default", "full", ["auroc"]))
+    cuda = "\n".join(report([log], "default", "full", ["auroc"], device="cuda"))
+    assert "| animal:Cat | 0.800 (1) | 0.850 (1) |" in cpu
+    assert "| animal:Cat | 0.100 (1) | 0.950 (1) |" in cuda
 
 
 def test_done_keys_lets_a_grid_resume_past_a_torn_line(tmp_path):

@@ -73,6 +73,21 @@ SYMMETRIES: dict[str, Callable[[torch.Tensor, torch.Generator], torch.Tensor]] =
 }
 
 
+def symmetry_views(x: torch.Tensor, invariance: str) -> list[torch.Tensor]:
+    """Every deterministic view of a square batch under `invariance`, the input first.
+
+    "dihedral": the 8 flips and 90° rotations; "flip": the input and its left-right mirror.
+    Test-time augmentation averages the model over these (`TrainConfig.test_time_augmentation`).
+    """
+    check_invariance(invariance)
+    if invariance == "flip":
+        return [x, x.flip(-1)]
+    if x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"dihedral views need square images, got {tuple(x.shape[-2:])}")
+    turns = [torch.rot90(x, k, dims=(-2, -1)) for k in range(4)]
+    return turns + [t.flip(-1) for t in turns]
+
+
 def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
     """Per-sample integer shifts in [-max_shift, max_shift] pixels, reflect-padded."""
     n, _, h, w = x.shape

@@ -57,6 +57,10 @@ class TrainConfig:
     # and 90° rotations (sky cutouts have no "up"), "flip" = horizontal flips only (upright
     # photographs). Shifts are always on.
     invariance: str = "dihedral"
+    # Score each image as the mean anomaly probability (and mean features) over every view
+    # of `invariance` (8 for dihedral, 2 for flip) instead of the image alone: test-time
+    # augmentation, at that many forward passes per scored image. Training is unchanged.
+    test_time_augmentation: bool = False
     # Std of the re-initialised binary head: small, so early pseudo-labels stay below threshold.
     head_init_std: float = 1e-3
     # Oversample anomalies so each labelled batch is about this fraction anomalous.
@@ -111,7 +115,8 @@ INVARIANCES = ("dihedral", "flip")
 # release). Defaults may change; these never do.
 LEGACY_VALUES: dict[str, Any] = {"drop_path_rate": 0.0, "drop_rate": 0.0,
                                  "invariance": "dihedral", "backbone_lr_scale": 1.0,
-                                 "distribution_alignment": False}
+                                 "distribution_alignment": False,
+                                 "test_time_augmentation": False}
 
 
 def check_invariance(value: str) -> str:

@@ -79,6 +79,35 @@ def fit_fast_head(features: np.ndarray, labelled: np.ndarray, labels: np.ndarray
                     n_normals=n_normals)
 
 
+def blend_with_model(head: FastHead, weight: np.ndarray, bias: float,
+                     features: np.ndarray) -> FastHead:
+    """One linear head whose logit is the mean of the model's own anomaly logit
+    (`weight · f + bias`) and `head`'s, each standardised to mean 0 and spread 1 over
+    `features` (at most _MOMENT_ROWS evenly spaced rows), so neither dominates by its scale.
+
+    Both logits are linear in the pooled features f, so the blend is too: it installs as a
+    classifier like the head itself. (D,) `weight`: the model's anomaly-minus-normal row.
+    """
+    features = _check_features(features, len(head.weights))
+    weight = np.asarray(weight, dtype=np.float64).reshape(-1)
+    if weight.shape != head.weights.shape:
+        raise ValueError(f"model weight has shape {weight.shape}, the head {head.weights.shape}")
+    # In standardised coordinates x = (f - mean) / scale both logits are w·x + b.
+    mean, scale = head.mean.astype(np.float64), head.scale.astype(np.float64)
+    terms = [(weight * scale, float(bias + weight @ mean)),
+             (head.weights.astype(np.float64), head.bias)]
+    step = max(1, len(features) // _MOMENT_ROWS)
+    x = (np.asarray(features[::step], dtype=np.float64) - mean) / scale
+    blended_w, blended_b = np.zeros_like(mean), 0.0
+    for w, b in terms:
+        logits = x @ w + b
+        spread = max(float(logits.std()), 1e-6)
+        blended_w += w / (2 * spread)
+        blended_b += (b - float(logits.mean())) / (2 * spread)
+    return FastHead(mean=head.mean, scale=head.scale, weights=blended_w.astype(np.float32),
+                    bias=blended_b, n_anomalies=head.n_anomalies, n_normals=head.n_normals)
+
+
 def similar(features: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The `k` rows most similar to the query rows: (row indices, cosine similarity), best first.
 

@@ -92,6 +92,16 @@ def pooled_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model.forward_head(model.forward_features(x), pre_logits=True)
 
 
+def anomaly_logit_weights(model: nn.Module) -> tuple[np.ndarray, float]:
+    """(weight (D,), bias) of the anomaly-minus-normal logit over pooled features: the
+    model's anomaly probability is sigmoid(weight · f + bias)."""
+    classifier = model.get_classifier()
+    w = classifier.weight.detach().float().cpu().numpy()
+    b = classifier.bias.detach().float().cpu().numpy()
+    other = 1 - ANOMALY_INDEX
+    return w[ANOMALY_INDEX] - w[other], float(b[ANOMALY_INDEX] - b[other])
+
+
 def anomaly_probability(logits: torch.Tensor) -> torch.Tensor:
     """Softmax probability of the anomaly class, (B, 2) logits -> (B,) float32 in [0, 1].
 

@@ -1,8 +1,9 @@
 """Anomaly scores for images and whole stores: streamed, batched, bounded memory.
 
-Score = softmax probability of the "anomaly" logit, float32 in [0, 1]. A store is read in
-batches by its prefetching reader, so memory holds one batch of images (plus the prefetched
-ones) and one float32 per scored image, whatever the store's size.
+Score = softmax probability of the "anomaly" logit, float32 in [0, 1]; with the model's
+`test_time_augmentation` the mean of it over the symmetry views of its invariance. A store
+is read in batches by its prefetching reader, so memory holds one batch of images (plus the
+prefetched ones) and one float32 per scored image, whatever the store's size.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ml_backend.core.augment import symmetry_views
 from ml_backend.core.checkpoint import ModelMeta
+from ml_backend.core.config import TrainConfig
 from ml_backend.core.model import anomaly_probability, pooled_features, resolve_device
 from ml_backend.core.preprocess import to_model_input
 from ml_backend.core.progress import progress
@@ -131,7 +134,8 @@ def _score_batches(store: ScorableStore, net: nn.Module, device: torch.device, m
                                           unit="img") as bar:
         for batch_rows, images in store.iter_batches(batch_size, indices=rows, prefetch=2):
             probabilities, pooled = _forward(net, images, meta.image_size, meta.center_crop,
-                                             device, features=out[1] is not None)
+                                             device, features=out[1] is not None,
+                                             views=tta_invariance(meta))
             pending.append((_positions(batch_rows, rows), probabilities, pooled))
             if len(pending) >= _FLUSH_EVERY:
                 _flush(pending, out, filled)
@@ -150,17 +154,34 @@ def _forward_scores(model: nn.Module, images: np.ndarray | torch.Tensor, image_s
 
 
 def _forward(model: nn.Module, images: np.ndarray | torch.Tensor, image_size: int, crop: float,
-             device: torch.device, *, features: bool
+             device: torch.device, *, features: bool, views: str | None = None
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(anomaly probabilities, pooled features or None) of one batch, one forward pass."""
+    """(anomaly probabilities, pooled features or None) of one batch.
+
+    One forward pass, or with `views` (an invariance) the means of probabilities and features
+    over every view of that invariance (`augment.symmetry_views`).
+    """
     x = to_model_input(images, image_size, device, crop)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
+    batches = [x] if views is None else symmetry_views(x, views)
+    probabilities, pooled = [], []
     with autocast:
-        if not features:
-            return anomaly_probability(model(x)), None
-        pooled = pooled_features(_unwrapped(model), x)
-        return anomaly_probability(_unwrapped(model).get_classifier()(pooled)), pooled
+        for view in batches:
+            if not features:
+                probabilities.append(anomaly_probability(model(view)))
+                continue
+            pooled.append(pooled_features(_unwrapped(model), view))
+            probabilities.append(
+                anomaly_probability(_unwrapped(model).get_classifier()(pooled[-1])))
+    mean_features = torch.stack(pooled).float().mean(0) if pooled else None
+    return torch.stack(probabilities).mean(0), mean_features
+
+
+def tta_invariance(meta: ModelMeta) -> str | None:
+    """The invariance whose views scoring averages over, or None (one plain forward pass)."""
+    cfg = TrainConfig.from_dict(meta.config)
+    return cfg.invariance if cfg.test_time_augmentation else None
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:

@@ -13,11 +13,20 @@ on the same unlabelled images, the oracle still picking from the FixMatch scores
 - ``interim_*``: what annotators see while this cycle trains: the head on the previous
   cycle's embeddings (ImageNet ones before cycle 1) with this cycle's labels;
 - ``stale_*``: the alternative without a fast path, the previous cycle's FixMatch scores
-  (absent in cycle 1, which has no previous model).
+  (absent in cycle 1, which has no previous model);
+- ``zblend_*`` and ``interim_zblend_*``: the head blended with the model whose embeddings it
+  reads (`fast_head.blend_with_model`: the mean of both standardised logits, one linear head,
+  what the product publishes) after the cycle and while the next one trains.
+
+With ``compare_tta`` each cycle's row also holds ``tta_*``: the same model scored the other
+way round (with test-time augmentation when the config has none, without it when it has),
+on the same unlabelled images, so one run pairs the two scoring rules; the oracle still
+picks from the config's own scores.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 import time
@@ -29,9 +38,10 @@ from typing import Any
 import numpy as np
 
 from ml_backend.core import metrics
-from ml_backend.core.checkpoint import load_model_dir, read_meta
+from ml_backend.core.checkpoint import ModelMeta, load_model_dir, read_meta
 from ml_backend.core.config import TrainConfig
 from ml_backend.core.fixmatch import StepStats
+from ml_backend.core.model import anomaly_logit_weights
 from ml_backend.core.scoring import score_store
 from ml_backend.core.sources import StoreSubset
 from ml_backend.core.store import CutoutStore
@@ -52,6 +62,7 @@ class SimulationPlan:
     pool: int = 10_000
     seed: int = 42
     fast_head: bool = False
+    compare_tta: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -114,13 +125,17 @@ def run_simulation(
     fast = plan.fast_head and plan.method != "isolation-forest"
     features = _imagenet_features(store, pool, cfg) if fast else None
     stale: np.ndarray | None = None  # the previous cycle's FixMatch scores over the pool
+    logit: tuple[np.ndarray, float] | None = None  # that model's anomaly logit over features
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         parent: Path | None = None
         for cycle in range(1, plan.cycles + 1):
             unlabelled = np.setdiff1d(pool, labelled, assume_unique=True)
             extra: dict[str, Any] = {}
             if features is not None:
-                extra |= _head_metrics("interim", features, pool, labelled, unlabelled, truth)
+                ranked = _head_rankings(features, pool, labelled, unlabelled, truth, logit)
+                extra |= _prefixed("interim", truth[unlabelled], ranked["head"])
+                if "zblend" in ranked:
+                    extra |= _prefixed("interim_zblend", truth[unlabelled], ranked["zblend"])
                 if stale is not None:
                     extra |= _prefixed("stale", truth[unlabelled],
                                        stale[np.searchsorted(pool, unlabelled)])
@@ -150,6 +165,10 @@ def run_simulation(
             result = metrics.evaluate(truth[unlabelled], scores)
             if plan.method != "isolation-forest":
                 result.update(_step_summary(steps))
+                if plan.compare_tta:
+                    extra |= _prefixed("tta", truth[unlabelled], score_store(
+                        store, model, _tta_toggled(meta), indices=unlabelled,
+                        batch_size=cfg.score_batch_size, device=cfg.device))
             result.update(
                 cycle=cycle,
                 method=plan.method,
@@ -160,9 +179,12 @@ def run_simulation(
                 score_images_per_second=round(len(unlabelled) / max(score_seconds, 1e-9), 1),
             )
             if features is not None:
-                head_scores = _head_scores(features, pool, labelled, unlabelled, truth)
-                extra |= _prefixed("head", truth[unlabelled], head_scores)
-                extra |= _prefixed("blend", truth[unlabelled], _mean_rank(scores, head_scores))
+                logit = anomaly_logit_weights(model)
+                ranked = _head_rankings(features, pool, labelled, unlabelled, truth, logit)
+                extra |= _prefixed("head", truth[unlabelled], ranked["head"])
+                extra |= _prefixed("zblend", truth[unlabelled], ranked["zblend"])
+                extra |= _prefixed("blend", truth[unlabelled],
+                                   _mean_rank(scores, ranked["head"]))
             result.update(extra)
             log.info("cycle %d: %s", cycle, result)
             yield result
@@ -174,6 +196,12 @@ def run_simulation(
 _HEAD_KEYS = ("auroc", "ap", "precision_top_1pct")
 
 
+def _tta_toggled(meta: ModelMeta) -> ModelMeta:
+    """`meta` with test-time augmentation switched the other way."""
+    on = TrainConfig.from_dict(meta.config).test_time_augmentation
+    return dataclasses.replace(meta, config={**meta.config, "test_time_augmentation": not on})
+
+
 def _imagenet_features(store: CutoutStore, pool: np.ndarray, cfg: TrainConfig) -> np.ndarray:
     """float16 pooled features of the pool rows from the ImageNet backbone (before cycle 1)."""
     from ml_backend.core.baselines import extract_features, pretrained_feature_fn
@@ -182,19 +210,20 @@ def _imagenet_features(store: CutoutStore, pool: np.ndarray, cfg: TrainConfig) -
     return extract_features(store, pool, fn, cfg.score_batch_size).astype(np.float16)
 
 
-def _head_scores(features: np.ndarray, pool: np.ndarray, labelled: np.ndarray,
-                 unlabelled: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """The fast head fitted on the labelled pool rows, scoring the unlabelled ones."""
-    from ml_backend.core.fast_head import fit_fast_head
+def _head_rankings(features: np.ndarray, pool: np.ndarray, labelled: np.ndarray,
+                   unlabelled: np.ndarray, truth: np.ndarray,
+                   logit: tuple[np.ndarray, float] | None) -> dict[str, np.ndarray]:
+    """Scores of the unlabelled pool rows by the fast head fitted on the labelled ones
+    ("head") and, given the `logit` of the model behind the features, by the head blended
+    with it ("zblend")."""
+    from ml_backend.core.fast_head import blend_with_model, fit_fast_head
 
     head = fit_fast_head(features, np.searchsorted(pool, labelled), truth[labelled])
-    return head.scores(features[np.searchsorted(pool, unlabelled)])
-
-
-def _head_metrics(prefix: str, features: np.ndarray, pool: np.ndarray, labelled: np.ndarray,
-                  unlabelled: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
-    return _prefixed(prefix, truth[unlabelled],
-                     _head_scores(features, pool, labelled, unlabelled, truth))
+    rows = features[np.searchsorted(pool, unlabelled)]
+    out = {"head": head.scores(rows)}
+    if logit is not None:
+        out["zblend"] = blend_with_model(head, *logit, features).scores(rows)
+    return out
 
 
 def _prefixed(prefix: str, labels: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
