@@ -11,8 +11,19 @@ from typing import Any
 
 from ml_backend.core.config import INVARIANCES, check_center_crop
 
+
+def yes_no(text: str) -> bool:
+    """argparse type of an on/off option: yes/no (also true/false, on/off, 1/0)."""
+    value = text.strip().lower()
+    if value in ("yes", "true", "on", "1"):
+        return True
+    if value in ("no", "false", "off", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected yes or no, got {text!r}")
+
+
 # (option, TrainConfig field, type, help)
-_OPTIONS: tuple[tuple[str, str, type, str], ...] = (
+_OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
     ("--invariance", "invariance", str,
      "symmetries the weak view teaches: dihedral (flips and 90° rotations, for sky cutouts) "
      "or flip (horizontal flips only, for upright photographs); default: what the store "
@@ -24,6 +35,10 @@ _OPTIONS: tuple[tuple[str, str, type, str], ...] = (
     ("--drop-rate", "drop_rate", float, "dropout before the head in training (default 0)"),
     ("--backbone-lr-scale", "backbone_lr_scale", float,
      "learning rate of the pretrained backbone as a fraction of the head's, 0 to 1 (default 1)"),
+    ("--distribution-alignment", "distribution_alignment", yes_no,
+     "yes/no: align the pseudo-labels to the labelled anomaly share (default no)"),
+    ("--test-time-augmentation", "test_time_augmentation", yes_no,
+     "yes/no: score as the mean over the invariance's flips/rotations (default no)"),
 )
 
 

@@ -12,6 +12,7 @@ and prints images/s for both (best of --repeats alternating passes) and their ra
 the CPU-time ratio stays meaningful on a machine shared with other jobs.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/scoring_throughput.py [--n 10000] [--size 64]
+        [--tta flip|dihedral]
 """
 
 from __future__ import annotations
@@ -83,13 +84,18 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile both; use --repeats >= 2 (first pass compiles)")
     parser.add_argument("--repeats", type=int, default=2, help="timed passes; best is kept")
+    parser.add_argument("--tta", choices=("none", "flip", "dihedral"), default="none",
+                        help="score_store with test-time augmentation over these views "
+                             "(the bare forward stays one pass: the ratio is its cost)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
 
-    cfg = TrainConfig(pretrained=False, image_size=args.size)
+    cfg = TrainConfig(pretrained=False, image_size=args.size,
+                      test_time_augmentation=args.tta != "none",
+                      invariance="dihedral" if args.tta == "none" else args.tta)
     set_seed(0)
     model = build_model(cfg, args.channels).to(device=device, memory_format=torch.channels_last)
     model.eval()
@@ -117,7 +123,8 @@ def main() -> None:
                 bare_times.append(timed(lambda: bare_forward(net, batches, device)))
 
     print(f"device {device}, torch threads {torch.get_num_threads()}, "
-          f"batch {args.batch_size}, compile {args.compile}, best of {args.repeats}")
+          f"batch {args.batch_size}, compile {args.compile}, test-time views {args.tta}, "
+          f"best of {args.repeats}")
     report(args.n, store_times, bare_times)
 
 

@@ -61,6 +61,10 @@ class Config:
     # (AMLS_RERANK_DEBOUNCE_S). On RQ it runs from the queue "<queue_name>-fast".
     fast_rerank: bool = True
     rerank_debounce_s: float = 1.0
+    # What a re-ranking ranks by (AMLS_RERANK_BLEND): the refit head blended with the
+    # cycle's own classifier (`fast_head.blend_with_model`), or the head alone. When blending
+    # (and fast_rerank), every training job also publishes its new cycle blended this way.
+    rerank_blend: bool = True
     # The least a project needs before its first (and every) training job: this many
     # anomaly labels and this many other labels (AMLS_MIN_ANOMALIES, AMLS_MIN_NORMALS).
     # A job with fewer is skipped, with the reason in /metrics' last_result.
@@ -177,6 +181,7 @@ class Config:
             debounce_s=_float(env, "AMLS_DEBOUNCE_S", 2.0),
             fast_rerank=_bool(env, "AMLS_FAST_RERANK", True),
             rerank_debounce_s=_float(env, "AMLS_RERANK_DEBOUNCE_S", 1.0),
+            rerank_blend=_bool(env, "AMLS_RERANK_BLEND", True),
             min_anomalies=_int(env, "AMLS_MIN_ANOMALIES", 1),
             min_normals=_int(env, "AMLS_MIN_NORMALS", 3),
             prelabel=_bool(env, "AMLS_PRELABEL", False),
@@ -199,6 +204,12 @@ def _train_config(env: Mapping[str, str]) -> TrainConfig:
                        image_size=_int(env, "AMLS_IMAGE_SIZE", 64), center_crop=crop,
                        batch_size=_int(env, "AMLS_BATCH_SIZE", 16),
                        score_batch_size=_int(env, "AMLS_SCORE_BATCH_SIZE", 256),
+                       distribution_alignment=_bool(
+                           env, "AMLS_DISTRIBUTION_ALIGNMENT",
+                           TrainConfig.distribution_alignment),
+                       test_time_augmentation=_bool(
+                           env, "AMLS_TEST_TIME_AUGMENTATION",
+                           TrainConfig.test_time_augmentation),
                        device=env.get("AMLS_DEVICE", "auto"))
 
 

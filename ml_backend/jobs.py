@@ -72,6 +72,8 @@ def run_training(project_id: int, settings: Config,
     try:
         summary = train_and_publish(project_id, settings, client, registry, label_config,
                                     on_progress=progress)
+        if summary["status"] == "trained" and settings.fast_rerank and settings.rerank_blend:
+            summary["ranking"] = _publish_blend(project_id, settings, client, registry)
     except Exception as err:
         _record_failure(registry, project_id, started, jobs_total, err)
         logger.error("project %d: training job failed after %.1f s: %s", project_id,
@@ -85,6 +87,21 @@ def run_training(project_id: int, settings: Config,
                                        "last_error": None, "last_result": summary})
     logger.info("project %d: training job done in %.1f s: %s", project_id, duration, summary)
     return {**summary, "duration_s": round(duration, 3)}
+
+
+def _publish_blend(project_id: int, settings: Config, client: LabelStudioClient,
+                   registry: ModelRegistry) -> dict[str, Any]:
+    """Right after a cycle, publish it blended with a head refit on its own embeddings
+    (`ml_backend.rerank`): the ranking benchmarks/RESULTS.md measures best after a cycle.
+    The cycle is already published, so a failure here only leaves its own scores serving."""
+    from ml_backend.rerank import rerank_and_publish
+
+    try:
+        return rerank_and_publish(project_id, settings, client, registry)
+    except Exception as err:  # the cycle's own version serves; the next burst tries again
+        logger.warning("project %d: blending the new cycle failed, its own scores serve: %s",
+                       project_id, err, exc_info=True)
+        return {"status": "failed", "reason": f"{type(err).__name__}: {err}"}
 
 
 def job_client(settings: Config) -> LabelStudioClient:

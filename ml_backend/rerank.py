@@ -2,8 +2,9 @@
 
 `run_rerank(project_id, settings)` reads the project's labels, fits the fast head
 (`core.fast_head`) on the embeddings the latest training cycle cached (`core.embedding_cache`),
+blends it with that cycle's own classifier (`Config.rerank_blend`; benchmarks/RESULTS.md),
 scores every unlabelled task from the cache and publishes the result as a "fast" model
-version: the cycle's backbone with the refit head as its classifier, so /predict, rollback and
+version: the cycle's backbone with the blend as its classifier, so /predict, rollback and
 pruning treat it like any other version. The next FixMatch cycle trains on from the cycle the
 fast version refit (`jobs._parent_to_continue`), and a re-ranking that finds a newer version
 published while it ran (a cycle finished) discards its own.
@@ -28,7 +29,14 @@ from ml_backend.core.checkpoint import (
     utc_now_iso,
 )
 from ml_backend.core.embedding_cache import Embeddings, read_embeddings
-from ml_backend.core.fast_head import DEFAULT_C, FastHead, fit_fast_head, similar
+from ml_backend.core.fast_head import (
+    DEFAULT_C,
+    FastHead,
+    blend_with_model,
+    fit_fast_head,
+    similar,
+)
+from ml_backend.core.model import anomaly_logit_weights
 from ml_backend.jobs import (
     delete_old_predictions,
     forget_version,
@@ -97,10 +105,12 @@ def rerank_and_publish(project_id: int, settings: Config, client: LabelStudioCli
         return skipped(f"needs one {settings.anomaly_label!r} and one other label among the "
                        f"{len(labelled_ids)} labelled tasks with cached embeddings")
     head = fit_fast_head(cache.features, labelled_rows, y)
+    model, base_meta = load_model_dir(base_dir)
+    if settings.rerank_blend:  # the cycle's classifier still knows what the head cannot
+        head = blend_with_model(head, *anomaly_logit_weights(model), cache.features)
     unlabelled = [t for t in cache.task_ids.tolist() if t not in labels and t not in held_out]
     unlabelled_ids, unlabelled_rows = cache.rows_of(unlabelled)
     scores = head.scores(cache.features)[unlabelled_rows]
-    model, base_meta = load_model_dir(base_dir)
     install_head(model, head)
     counts = {settings.anomaly_label: int(y.sum()), schema.normal_choice: int((y == 0).sum())}
     meta = ModelMeta(version=new_version(), parent=base, created=utc_now_iso(),
@@ -108,7 +118,8 @@ def rerank_and_publish(project_id: int, settings: Config, client: LabelStudioCli
                      channels=base_meta.channels, stretch=base_meta.stretch,
                      label_counts=counts, center_crop=base_meta.center_crop,
                      iterations_total=base_meta.iterations_total, kind="fast",
-                     metrics={"fast_head_c": DEFAULT_C, "embedded_tasks": len(cache.task_ids)})
+                     metrics={"fast_head_c": DEFAULT_C, "embedded_tasks": len(cache.task_ids),
+                              "blended_with_cycle": settings.rerank_blend})
     staging = registry.staging_dir(project_id)
     try:
         save_model_dir(staging, ema=model, student=model, meta=meta)

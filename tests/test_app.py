@@ -244,7 +244,10 @@ def test_config_defaults_and_overrides():
     cfg = Config.from_env({"LABEL_STUDIO_URL": "http://ls:8080/", "MODEL_DIR": "/m",
                            "AMLS_ITERATIONS": "30", "AMLS_ALLOWED_IMAGE_HOSTS": "a.org, b:81",
                            "AMLS_DEBOUNCE_S": "0.5", "LABEL_STUDIO_API_KEY": "sekrit",
-                           "AMLS_CENTER_CROP": "0.4", "AMLS_INVARIANCE": "flip"})
+                           "AMLS_CENTER_CROP": "0.4", "AMLS_INVARIANCE": "flip",
+                           "AMLS_TEST_TIME_AUGMENTATION": "true",
+                           "AMLS_DISTRIBUTION_ALIGNMENT": "on"})
+    assert cfg.train.test_time_augmentation and cfg.train.distribution_alignment
     assert cfg.label_studio_url == "http://ls:8080"
     assert (cfg.train.iterations, cfg.debounce_s, str(cfg.model_dir)) == (30, 0.5, "/m")
     assert cfg.train.center_crop == 0.4 and cfg.for_jobs().train.center_crop == 0.4
@@ -265,6 +268,7 @@ def test_config_defaults_and_overrides():
     ({"LABEL_STUDIO_URL": "localhost:8080"}, "LABEL_STUDIO_URL"),
     ({"REDIS_URL": "localhost:6379"}, "REDIS_URL"),
     ({"AMLS_DEVICE": "tpu"}, "AMLS_DEVICE"),
+    ({"AMLS_TEST_TIME_AUGMENTATION": "maybe"}, "AMLS_TEST_TIME_AUGMENTATION"),
     ({"ANOMALY_LABEL": " "}, "ANOMALY_LABEL"),
 ])
 def test_config_rejects_bad_values(env, fragment):

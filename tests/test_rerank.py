@@ -11,7 +11,8 @@ import pytest
 from ml_backend import jobs, rerank
 from ml_backend.core.checkpoint import load_model_dir, read_meta
 from ml_backend.core.embedding_cache import read_embeddings
-from ml_backend.core.fast_head import fit_fast_head
+from ml_backend.core.fast_head import blend_with_model, fit_fast_head
+from ml_backend.core.model import anomaly_logit_weights
 from ml_backend.core.scoring import score_store
 from ml_backend.core.store import CutoutStore
 from ml_backend.registry import RERANK_STATUS, ModelRegistry
@@ -43,21 +44,27 @@ def test_a_training_job_caches_every_tasks_embedding_in_its_version(trained):
     assert np.isfinite(cache.features).all() and cache.features.std() > 0
 
 
-def test_rerank_publishes_a_fast_version_whose_model_scores_like_the_head(trained):
+@pytest.mark.parametrize("blend", [True, False])
+def test_rerank_publishes_a_fast_version_whose_model_scores_like_the_head(trained, blend):
     fake, registry, settings, store, base = trained
-    summary = rerank.run_rerank(7, settings, fake)
+    summary = rerank.run_rerank(7, settings.replace(rerank_blend=blend), fake)
     assert summary["status"] == "reranked" and summary["embeddings_of"] == base
     fast = summary["model_version"]
     assert registry.latest(7) == fake.model_version == fast
     meta = read_meta(registry.version_dir(7, fast))
     assert meta.kind == "fast" and meta.parent == base
     assert meta.label_counts == {"anomaly": len(ANOMALIES), "normal": len(NORMALS)}
+    assert meta.metrics["blended_with_cycle"] is blend
     labelled = set(ANOMALIES) | set(NORMALS)
     assert set(fake.scores[fast]) == set(range(N_TASKS)) - labelled
-    # The published model reproduces the head's scores from pixels (what /predict serves).
+    # The published model reproduces the head's scores (blended with the cycle's own
+    # classifier, or alone) from pixels: what /predict serves.
     cache = read_embeddings(registry.version_dir(7, base))
     rows = cache.rows_of(sorted(labelled))[1]
     head = fit_fast_head(cache.features, rows, np.isin(sorted(labelled), ANOMALIES).astype(int))
+    if blend:
+        cycle_model, _ = load_model_dir(registry.version_dir(7, base))
+        head = blend_with_model(head, *anomaly_logit_weights(cycle_model), cache.features)
     model, model_meta = load_model_dir(registry.version_dir(7, fast))
     with CutoutStore.open(store) as s:
         from_pixels = score_store(s, model, model_meta, device="cpu")
@@ -66,6 +73,45 @@ def test_rerank_publishes_a_fast_version_whose_model_scores_like_the_head(traine
     np.testing.assert_allclose([fake.scores[fast][t] for t in sorted(fake.scores[fast])],
                                expected[sorted(fake.scores[fast])], atol=1e-6)
     assert registry.read_status(7, RERANK_STATUS)["last_error"] is None
+
+
+def test_a_training_job_publishes_its_cycle_then_the_cycle_blended_with_a_head(tmp_path):
+    store = tmp_path / "stores" / "s.h5"
+    store.parent.mkdir()
+    fake = FakeLabelStudio(random_store_tasks(store, N_TASKS, ANOMALIES, NORMALS))
+    settings = job_settings(tmp_path).replace(store_roots=(store.parent,), rerank_blend=True)
+    registry = ModelRegistry(tmp_path / "models")
+    summary = jobs.run_training(7, settings, fake)
+    cycle, ranking = summary["model_version"], summary["ranking"]
+    assert ranking["status"] == "reranked" and ranking["embeddings_of"] == cycle
+    assert registry.latest(7) == fake.model_version == ranking["model_version"]
+    meta = read_meta(registry.version_dir(7, ranking["model_version"]))
+    assert (meta.kind, meta.parent, meta.metrics["blended_with_cycle"]) == ("fast", cycle, True)
+    unlabelled = set(range(N_TASKS)) - set(ANOMALIES) - set(NORMALS)
+    assert set(fake.scores[cycle]) == set(fake.scores[ranking["model_version"]]) == unlabelled
+    # The next cycle still trains on from the cycle itself.
+    again = jobs.run_training(7, settings, fake)
+    assert read_meta(registry.version_dir(7, again["model_version"])).parent == cycle
+    # Without the fast re-ranking there is no blend either.
+    plain = jobs.run_training(7, settings.replace(fast_rerank=False), fake)
+    assert "ranking" not in plain and registry.latest(7) == plain["model_version"]
+
+
+def test_a_failed_blend_leaves_the_cycle_serving(tmp_path, monkeypatch):
+    store = tmp_path / "stores" / "s.h5"
+    store.parent.mkdir()
+    fake = FakeLabelStudio(random_store_tasks(store, N_TASKS, ANOMALIES, NORMALS))
+    settings = job_settings(tmp_path).replace(store_roots=(store.parent,), rerank_blend=True)
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(rerank, "blend_with_model", broken)
+    summary = jobs.run_training(7, settings, fake)
+    assert summary["status"] == "trained" and summary["ranking"]["status"] == "failed"
+    assert "disk full" in summary["ranking"]["reason"]
+    assert ModelRegistry(tmp_path / "models").latest(7) == fake.model_version \
+        == summary["model_version"]
 
 
 def test_the_next_cycle_trains_on_from_the_cycle_not_the_fast_head(trained):

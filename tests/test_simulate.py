@@ -125,9 +125,14 @@ def test_simulate_command_passes_size_and_center_crop_to_training(tmp_path, monk
     monkeypatch.setattr(simulate, "run_simulation", fake_run)
     assert main(["simulate", str(tmp_path / "toy.h5"), "--truth", str(tmp_path / "truth.csv"),
                  "--size", "48", "--center-crop", "0.5", "--invariance", "flip",
-                 "--bn-momentum", "0.01", "--drop-path-rate", "0.2", "--drop-rate", "0.2"]) == 0
+                 "--bn-momentum", "0.01", "--drop-path-rate", "0.2", "--drop-rate", "0.2",
+                 "--test-time-augmentation", "yes", "--distribution-alignment", "no"]) == 0
     assert (seen[0].image_size, seen[0].center_crop, seen[0].invariance) == (48, 0.5, "flip")
     assert (seen[0].bn_momentum, seen[0].drop_path_rate, seen[0].drop_rate) == (0.01, 0.2, 0.2)
+    assert seen[0].test_time_augmentation and not seen[0].distribution_alignment
+    with pytest.raises(SystemExit):
+        main(["simulate", str(tmp_path / "toy.h5"), "--truth", str(tmp_path / "truth.csv"),
+              "--test-time-augmentation", "maybe"])
 
 
 def test_simulate_takes_the_invariance_the_store_records_unless_told(tmp_path, monkeypatch):

@@ -60,6 +60,8 @@ class FakeLabelStudio:
 
 
 def job_settings(tmp_path: Path) -> Config:
-    """A two-iteration job on 32 px images, on the CPU."""
+    """A two-iteration job on 32 px images, on the CPU, that publishes the cycle's own scores
+    (the blend a job publishes after it is tested on its own: `rerank_blend=True`)."""
     return Config(label_studio_url="http://ls.test", model_dir=tmp_path / "models",
-                  train=TrainConfig(iterations=2, image_size=32, batch_size=4, device="cpu"))
+                  train=TrainConfig(iterations=2, image_size=32, batch_size=4, device="cpu"),
+                  rerank_blend=False)
