@@ -258,13 +258,15 @@ def _parent_to_continue(project_id: int, registry: ModelRegistry, cfg: TrainConf
                         stretch: dict[str, Any]) -> Path | None:
     """The latest model to continue from, or None to start afresh from ImageNet weights.
 
-    A fast version (`ml_backend.rerank`) is skipped for the training cycle it refit.
+    A fast version (`ml_backend.rerank`) is skipped for the training cycle it refit, and a
+    first ranking on ImageNet embeddings (kind "imagenet") starts a new model.
 
     A model trained on another input or invariance (`lineage_mismatch`) cannot continue; the
     settings were changed on purpose, and every label is still in Label Studio, so the job
     starts a new lineage instead of failing.
     """
     from ml_backend.core.checkpoint import lineage_mismatch, read_meta
+    from ml_backend.rerank import IMAGENET_KIND
 
     parent_dir = registry.latest_dir(project_id)
     if parent_dir is None:
@@ -277,6 +279,8 @@ def _parent_to_continue(project_id: int, registry: ModelRegistry, cfg: TrainConf
                            "ImageNet weights", project_id, meta.version, meta.parent)
             return None
         meta = read_meta(parent_dir)
+    if meta.kind == IMAGENET_KIND:  # a first ranking before any cycle: nothing trained yet
+        return None
     changes = lineage_mismatch(meta, cfg, channels, stretch)
     if not changes:
         return parent_dir

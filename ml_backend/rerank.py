@@ -28,7 +28,7 @@ from ml_backend.core.checkpoint import (
     save_model_dir,
     utc_now_iso,
 )
-from ml_backend.core.embedding_cache import Embeddings, read_embeddings
+from ml_backend.core.embedding_cache import Embeddings, read_embeddings, write_embeddings
 from ml_backend.core.fast_head import (
     DEFAULT_C,
     FastHead,
@@ -46,8 +46,12 @@ from ml_backend.jobs import (
 from ml_backend.label_schema import parse_label_config, training_labels
 from ml_backend.labelstudio import LabelStudioClient, ProjectNotFound
 from ml_backend.registry import RERANK_STATUS, ModelRegistry
+from ml_backend.task_pixels import ImageSource, resolve_pixels, score_and_embed
 
 logger = logging.getLogger(__name__)
+
+# The kind of a first ranking's version: the ImageNet backbone, its embeddings and a head.
+IMAGENET_KIND = "imagenet"
 
 
 def run_rerank(project_id: int, settings: Config,
@@ -83,30 +87,43 @@ def run_rerank(project_id: int, settings: Config,
 
 def rerank_and_publish(project_id: int, settings: Config, client: LabelStudioClient,
                        registry: ModelRegistry) -> dict[str, Any]:
-    """The body of `run_rerank`."""
+    """The body of `run_rerank`.
+
+    Before the first training cycle there are no cached embeddings: the first ranking embeds
+    every task with the ImageNet backbone and publishes a version of kind "imagenet" that
+    holds them (benchmarks/RESULTS.md: a head on ImageNet features ranks the top of the queue
+    better than a first FixMatch cycle does). Training never continues from it.
+    """
     def skipped(reason: str) -> dict[str, Any]:
         logger.info("project %d: not re-ranking: %s", project_id, reason)
         return {"project": project_id, "status": "skipped", "reason": reason}
 
     latest = registry.latest(project_id)
-    if latest is None:
-        return skipped("no model yet: the first training cycle embeds the project")
-    base, cache = cycle_embeddings(registry, project_id, latest)
-    base_dir = registry.version_dir(project_id, base)
-    if cache is None:
-        return skipped(f"version {base} has no cached embeddings; its successor will")
     schema = parse_label_config(client.label_config(project_id), settings.anomaly_label,
                                 prelabel=settings.prelabel)
     tasks = list(client.iter_tasks(project_id))
     labels, held_out = training_labels(tasks, schema)
+    if latest is None:
+        if not 0 < sum(labels.values()) < len(labels):
+            return skipped(f"no model yet, and a first ranking needs one "
+                           f"{settings.anomaly_label!r} and one other label")
+        cache, model, base_meta = imagenet_embeddings(project_id, settings, client, registry,
+                                                      tasks, schema.image_key)
+        base = None
+    else:
+        base, cache = cycle_embeddings(registry, project_id, latest)
+        if cache is None:
+            return skipped(f"version {base} has no cached embeddings; its successor will")
+        model, base_meta = load_model_dir(registry.version_dir(project_id, base))
     labelled_ids, labelled_rows = cache.rows_of(sorted(labels))
     y = np.array([labels[t] for t in labelled_ids.tolist()], dtype=np.int64)
     if y.sum() == 0 or (y == 0).sum() == 0:
         return skipped(f"needs one {settings.anomaly_label!r} and one other label among the "
                        f"{len(labelled_ids)} labelled tasks with cached embeddings")
     head = fit_fast_head(cache.features, labelled_rows, y)
-    model, base_meta = load_model_dir(base_dir)
-    if settings.rerank_blend:  # the cycle's classifier still knows what the head cannot
+    # The cycle's classifier still knows what the head cannot (an ImageNet base has none).
+    blended = settings.rerank_blend and base_meta.kind == "fixmatch"
+    if blended:
         head = blend_with_model(head, *anomaly_logit_weights(model), cache.features)
     unlabelled = [t for t in cache.task_ids.tolist() if t not in labels and t not in held_out]
     unlabelled_ids, unlabelled_rows = cache.rows_of(unlabelled)
@@ -117,12 +134,15 @@ def rerank_and_publish(project_id: int, settings: Config, client: LabelStudioCli
                      config=base_meta.config, image_size=base_meta.image_size,
                      channels=base_meta.channels, stretch=base_meta.stretch,
                      label_counts=counts, center_crop=base_meta.center_crop,
-                     iterations_total=base_meta.iterations_total, kind="fast",
+                     iterations_total=base_meta.iterations_total,
+                     kind="fast" if base is not None else IMAGENET_KIND,
                      metrics={"fast_head_c": DEFAULT_C, "embedded_tasks": len(cache.task_ids),
-                              "blended_with_cycle": settings.rerank_blend})
+                              "blended_with_cycle": blended})
     staging = registry.staging_dir(project_id)
     try:
         save_model_dir(staging, ema=model, student=model, meta=meta)
+        if base is None:  # the first ranking keeps its embeddings for the bursts that follow
+            write_embeddings(staging, cache.task_ids, cache.features)
         written = client.write_predictions(
             project_id, schema, list(zip(unlabelled_ids.tolist(), scores.tolist(), strict=True)),
             meta.version, settings.prediction_write_batch)
@@ -141,15 +161,44 @@ def rerank_and_publish(project_id: int, settings: Config, client: LabelStudioCli
     pruned = registry.prune(project_id, settings.versions_kept)
     delete_old_predictions(client, project_id, set(registry.versions(project_id)) - set(pruned))
     return {"project": project_id, "status": "reranked", "model_version": meta.version,
-            "embeddings_of": base, "labels": counts, "predictions": written,
+            "embeddings_of": base or meta.version, "labels": counts, "predictions": written,
             "label_studio_updated": switched,
             "labels_without_embeddings": len(labels) - len(labelled_ids)}
 
 
+def imagenet_embeddings(project_id: int, settings: Config, client: LabelStudioClient,
+                        registry: ModelRegistry, tasks: list[dict[str, Any]],
+                        image_key: str) -> tuple[Embeddings, nn.Module, ModelMeta]:
+    """Every task's pooled features from the ImageNet backbone, under the settings a first
+    training cycle would use (the store's invariance and stretch, size, crop): (embeddings,
+    the backbone with its fresh head, a meta describing it)."""
+    from ml_backend.core.model import build_model
+
+    pixels = resolve_pixels(project_id, tasks, image_key, registry, settings.store_root_dirs,
+                            ImageSource(client, settings.image_hosts))
+    try:
+        pixels.check_same_pixels()
+        if not pixels.rows:
+            raise ValueError(f"project {project_id}: no task has pixels to embed")
+        store = next(iter(pixels.stores.values()))
+        cfg = settings.train_config(store.invariance)
+        channels = int(store.shape[-1])
+        model = build_model(cfg, channels)
+        meta = ModelMeta(version=IMAGENET_KIND, parent=None, created=utc_now_iso(),
+                         config=cfg.to_dict(), image_size=cfg.image_size, channels=channels,
+                         stretch=dict(store.stretch), center_crop=cfg.center_crop,
+                         kind=IMAGENET_KIND)
+        ids, _, features = score_and_embed(pixels, sorted(pixels.rows), model, meta,
+                                           cfg.score_batch_size, cfg.device)
+    finally:
+        pixels.close()
+    return Embeddings(np.asarray(ids, dtype=np.int64), features), model, meta
+
+
 def cycle_embeddings(registry: ModelRegistry, project_id: int,
                      version: str) -> tuple[str, Embeddings | None]:
-    """(the training cycle behind `version`: itself or a fast version's parent, its cached
-    embeddings or None)."""
+    """(the version whose embeddings `version` ranks by: itself (a training cycle or a first,
+    ImageNet ranking) or a fast version's parent, its cached embeddings or None)."""
     meta = registry.read_meta(project_id, version)
     base = str(meta["parent"]) if meta.get("kind") == "fast" else version
     return base, read_embeddings(registry.version_dir(project_id, base))

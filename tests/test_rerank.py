@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from ml_backend import jobs, rerank
 from ml_backend.core.checkpoint import load_model_dir, read_meta
@@ -30,7 +31,6 @@ def trained(tmp_path: Path):
     fake = FakeLabelStudio(random_store_tasks(store, N_TASKS, ANOMALIES, NORMALS))
     settings = job_settings(tmp_path).replace(store_roots=(store.parent,), versions_kept=5)
     registry = ModelRegistry(tmp_path / "models")
-    assert rerank.run_rerank(7, settings, fake)["status"] == "skipped"  # no model yet
     version = jobs.run_training(7, settings, fake)["model_version"]
     return fake, registry, settings, store, version
 
@@ -112,6 +112,61 @@ def test_a_failed_blend_leaves_the_cycle_serving(tmp_path, monkeypatch):
     assert "disk full" in summary["ranking"]["reason"]
     assert ModelRegistry(tmp_path / "models").latest(7) == fake.model_version \
         == summary["model_version"]
+
+
+def test_the_first_ranking_embeds_with_imagenet_and_the_first_cycle_starts_afresh(tmp_path):
+    from ml_backend.core.model import build_model, pooled_features
+    from ml_backend.core.preprocess import to_model_input
+
+    store = tmp_path / "stores" / "s.h5"
+    store.parent.mkdir()
+    fake = FakeLabelStudio(random_store_tasks(store, N_TASKS, ANOMALIES, NORMALS))
+    settings = job_settings(tmp_path).replace(store_roots=(store.parent,))
+    registry = ModelRegistry(tmp_path / "models")
+    first = rerank.run_rerank(7, settings, fake)
+    assert first["status"] == "reranked" and first["embeddings_of"] == first["model_version"]
+    version = first["model_version"]
+    assert registry.latest(7) == fake.model_version == version
+    meta = read_meta(registry.version_dir(7, version))
+    assert (meta.kind, meta.parent, meta.metrics["blended_with_cycle"]) == ("imagenet", None,
+                                                                           False)
+    # Its embeddings are the ImageNet backbone's, for every task, under the job's settings.
+    cache = read_embeddings(registry.version_dir(7, version))
+    assert sorted(cache.task_ids.tolist()) == list(range(N_TASKS))
+    with CutoutStore.open(store) as s:
+        pixels = s.read(np.arange(N_TASKS))
+        model, model_meta = load_model_dir(registry.version_dir(7, version))
+        served = score_store(s, model, model_meta, device="cpu")
+    backbone = build_model(settings.train.replace(invariance="dihedral"), 1).eval()
+    with torch.inference_mode():
+        expected = pooled_features(backbone, to_model_input(pixels, 32)).numpy()
+    rows = cache.rows_of(list(range(N_TASKS)))[1]
+    np.testing.assert_allclose(cache.features[rows], expected, rtol=1e-2, atol=1e-2)
+    # It serves the head fitted on them, and wrote it for the unlabelled tasks.
+    unlabelled = sorted(fake.scores[version])
+    assert set(unlabelled) == set(range(N_TASKS)) - set(ANOMALIES) - set(NORMALS)
+    np.testing.assert_allclose([fake.scores[version][t] for t in unlabelled], served[unlabelled],
+                               atol=2e-3)
+    # The next burst refits on the same embeddings; the first cycle trains from ImageNet.
+    again = rerank.run_rerank(7, settings, fake)
+    fast = read_meta(registry.version_dir(7, again["model_version"]))
+    assert (fast.kind, fast.parent, again["embeddings_of"]) == ("fast", version, version)
+    cycle = jobs.run_training(7, settings, fake)["model_version"]
+    cycle_meta = read_meta(registry.version_dir(7, cycle))
+    assert (cycle_meta.kind, cycle_meta.parent) == ("fixmatch", None)
+
+
+def test_no_first_ranking_without_both_classes(tmp_path):
+    store = tmp_path / "stores" / "s.h5"
+    store.parent.mkdir()
+    tasks = random_store_tasks(store, N_TASKS, ANOMALIES, NORMALS)
+    for task in tasks:
+        if task["id"] in ANOMALIES:
+            task["annotations"] = []
+    settings = job_settings(tmp_path).replace(store_roots=(store.parent,))
+    summary = rerank.run_rerank(7, settings, FakeLabelStudio(tasks))
+    assert summary["status"] == "skipped" and "no model yet" in summary["reason"]
+    assert ModelRegistry(tmp_path / "models").latest(7) is None
 
 
 def test_the_next_cycle_trains_on_from_the_cycle_not_the_fast_head(trained):
