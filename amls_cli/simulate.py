@@ -7,7 +7,7 @@ import json
 import sys
 
 from amls_cli.options import add_training_options, center_crop_arg, training_overrides
-from ml_backend.core.config import TrainConfig
+from ml_backend.core.config import TrainConfig, kind_defaults
 from ml_backend.core.csvio import truth_vector
 
 FINAL_KEYS = ("auroc", "ap", "precision_top_0_1pct", "precision_top_1pct",
@@ -60,8 +60,10 @@ def run(args: argparse.Namespace) -> int:
         pool=args.pool, seed=args.seed,
     )
     with CutoutStore.open(args.store) as store:
-        # The store says which invariance suits its data unless --invariance is given.
-        overrides = {"invariance": store.invariance} | training_overrides(args)
+        # The store says which invariance suits its data unless --invariance is given, and
+        # that kind of data has its defaults (test-time augmentation) unless told otherwise.
+        given = training_overrides(args)
+        overrides = kind_defaults(given.get("invariance", store.invariance)) | given
         cfg = TrainConfig(iterations=args.iterations, image_size=args.size,
                           center_crop=args.center_crop, seed=args.seed, device=args.device,
                           **overrides)

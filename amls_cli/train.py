@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from amls_cli.options import add_training_options, center_crop_arg, training_overrides
-from ml_backend.core.config import TrainConfig
+from ml_backend.core.config import TrainConfig, kind_defaults
 from ml_backend.core.csvio import LABEL_NAMES, read_labels_csv
 from ml_backend.core.sources import StoreSubset
 from ml_backend.core.store import CutoutStore
@@ -79,9 +79,11 @@ def train_from_files(store_path: Path, labels_path: Path, out_dir: Path, *,
         raise ValueError(f"{labels_path} has no labels")
     parent = read_meta(init_dir) if init_dir is not None else None
     with CutoutStore.open(store_path) as store:
-        # A new model takes the invariance the store records unless --invariance is given.
-        overrides = ({"invariance": store.invariance} if parent is None else {}) | (
-            overrides or {})
+        # A new model takes the invariance the store records unless --invariance is given,
+        # and that kind of data's defaults (test-time augmentation) unless told otherwise.
+        overrides = overrides or {}
+        if parent is None:
+            overrides = kind_defaults(overrides.get("invariance", store.invariance)) | overrides
         cfg = _config(parent, overrides, init_dir, store.channels, store.stretch)
         labeled_rows = _rows_of(store, list(labels_by_id), labels_path)
         labels = np.fromiter(labels_by_id.values(), dtype=np.int64, count=len(labels_by_id))

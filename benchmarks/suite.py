@@ -98,6 +98,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     # Scoring: the mean over the invariance's symmetry views (test-time augmentation).
     Setting("tta", overrides={"test_time_augmentation": True}),
     Setting("flip+tta", overrides={"invariance": "flip", "test_time_augmentation": True}),
+    Setting("flip+dist-align+tta", overrides={"invariance": "flip", "distribution_alignment": True,
+                                              "test_time_augmentation": True}),
     # The pseudo-label threshold, lowered: more unlabelled images teach at 1-5 % imbalance.
     Setting("thr-0.8", overrides={"threshold": 0.8}),
     Setting("flip+thr-0.8", overrides={"invariance": "flip", "threshold": 0.8}),

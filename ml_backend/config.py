@@ -13,7 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from ml_backend.core.config import TrainConfig, check_center_crop, check_invariance
+from ml_backend.core.config import (
+    TrainConfig,
+    check_center_crop,
+    check_invariance,
+    kind_defaults,
+)
 
 # Longest a queued job waits for a burst of annotations to end (AMLS_DEBOUNCE_S's bound).
 MAX_DEBOUNCE_S = 30.0
@@ -40,11 +45,15 @@ class Config:
     anomaly_label: str = "anomaly"
     # Training and scoring hyperparameters of every job (FixMatch iterations per cycle, input
     # size, centre crop, batch sizes, torch device "cpu" / "cuda" / "auto"); the rest of
-    # TrainConfig keeps its paper defaults. Its `invariance` is not used: see below.
+    # TrainConfig keeps its paper defaults. Its `invariance` and `test_time_augmentation` are
+    # not used: see below.
     train: TrainConfig = TrainConfig()
     # Symmetries the weak view teaches: "dihedral" (sky cutouts), "flip" (upright photos) or
     # "auto": what the task's cutout store records (`amls import --invariance`; else dihedral).
     invariance: str = "auto"
+    # Test-time augmentation (AMLS_TEST_TIME_AUGMENTATION): None ("auto") = the default of
+    # the chosen invariance's kind of data (`core.config.kind_defaults`), else on / off.
+    test_time_augmentation: bool | None = None
     # Model versions kept per project on disk and as predictions in Label Studio.
     versions_kept: int = 3
     # Predictions written to Label Studio per API request.
@@ -156,9 +165,14 @@ class Config:
                             basic_auth_user="", store_roots=self.store_root_dirs)
 
     def train_config(self, store_invariance: str) -> TrainConfig:
-        """The TrainConfig of a job on a store recording `store_invariance`."""
+        """The TrainConfig of a job on a store recording `store_invariance`: its invariance
+        (unless AMLS_INVARIANCE says otherwise) and that kind's defaults (`kind_defaults`)
+        for what AMLS_TEST_TIME_AUGMENTATION leaves on auto."""
         chosen = store_invariance if self.invariance == "auto" else self.invariance
-        return self.train.replace(invariance=chosen)
+        settings = kind_defaults(chosen)
+        if self.test_time_augmentation is not None:
+            settings["test_time_augmentation"] = self.test_time_augmentation
+        return self.train.replace(**settings)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -174,6 +188,9 @@ class Config:
             anomaly_label=env.get("ANOMALY_LABEL", "anomaly"),
             train=_train_config(env),
             invariance=env.get("AMLS_INVARIANCE", "auto").strip() or "auto",
+            test_time_augmentation=(None if env.get("AMLS_TEST_TIME_AUGMENTATION", "auto")
+                                    .strip().lower() in ("", "auto")
+                                    else _bool(env, "AMLS_TEST_TIME_AUGMENTATION", False)),
             versions_kept=_int(env, "AMLS_VERSIONS_KEPT", 3),
             prediction_write_batch=_int(env, "AMLS_PREDICTION_WRITE_BATCH", 500),
             queue_name=env.get("AMLS_QUEUE", "amls"),
@@ -207,9 +224,6 @@ def _train_config(env: Mapping[str, str]) -> TrainConfig:
                        distribution_alignment=_bool(
                            env, "AMLS_DISTRIBUTION_ALIGNMENT",
                            TrainConfig.distribution_alignment),
-                       test_time_augmentation=_bool(
-                           env, "AMLS_TEST_TIME_AUGMENTATION",
-                           TrainConfig.test_time_augmentation),
                        device=env.get("AMLS_DEVICE", "auto"))
 
 

@@ -247,13 +247,28 @@ def test_config_defaults_and_overrides():
                            "AMLS_CENTER_CROP": "0.4", "AMLS_INVARIANCE": "flip",
                            "AMLS_TEST_TIME_AUGMENTATION": "true",
                            "AMLS_DISTRIBUTION_ALIGNMENT": "on"})
-    assert cfg.train.test_time_augmentation and cfg.train.distribution_alignment
+    assert cfg.train_config("dihedral").test_time_augmentation  # forced on for any kind
+    assert cfg.train.distribution_alignment
     assert cfg.label_studio_url == "http://ls:8080"
     assert (cfg.train.iterations, cfg.debounce_s, str(cfg.model_dir)) == (30, 0.5, "/m")
     assert cfg.train.center_crop == 0.4 and cfg.for_jobs().train.center_crop == 0.4
     assert cfg.train_config("dihedral").invariance == "flip"
     assert cfg.image_hosts == frozenset({"a.org", "b:81", "ls:8080"})
     assert "sekrit" not in repr(cfg)
+
+
+@pytest.mark.parametrize("env, store_invariance, invariance, tta", [
+    ({}, "dihedral", "dihedral", False),  # sky cutouts: eight views unproven, off
+    ({}, "flip", "flip", True),  # photographs: two views, on (benchmarks/RESULTS.md)
+    ({"AMLS_INVARIANCE": "flip"}, "dihedral", "flip", True),
+    ({"AMLS_TEST_TIME_AUGMENTATION": "auto"}, "flip", "flip", True),
+    ({"AMLS_TEST_TIME_AUGMENTATION": "false"}, "flip", "flip", False),
+    ({"AMLS_TEST_TIME_AUGMENTATION": "true"}, "dihedral", "dihedral", True),
+])
+def test_a_jobs_training_config_follows_the_kind_of_data(env, store_invariance, invariance,
+                                                          tta):
+    cfg = Config.from_env(env).train_config(store_invariance)
+    assert (cfg.invariance, cfg.test_time_augmentation) == (invariance, tta)
 
 
 @pytest.mark.parametrize("env, fragment", [

@@ -140,17 +140,20 @@ def test_simulate_takes_the_invariance_the_store_records_unless_told(tmp_path, m
 
     ids, truth = make_toy_store(tmp_path / "toy.h5", invariance="flip")
     write_labels_csv(tmp_path / "truth.csv", dict(zip(ids, truth.tolist(), strict=True)))
-    seen = []
+    seen, tta = [], []
 
     def fake_run(store, truth, plan, cfg):
         seen.append(cfg.invariance)
+        tta.append(cfg.test_time_augmentation)
         yield dict.fromkeys(("auroc", "ap", "precision_top_0_1pct", "precision_top_1pct",
                              "seconds_per_cycle", "score_images_per_second"), 0.0)
 
     monkeypatch.setattr(simulate, "run_simulation", fake_run)
     args = ["simulate", str(tmp_path / "toy.h5"), "--truth", str(tmp_path / "truth.csv")]
     assert main(args) == 0 and main([*args, "--invariance", "dihedral"]) == 0
-    assert seen == ["flip", "dihedral"]
+    assert main([*args, "--test-time-augmentation", "no"]) == 0
+    assert seen == ["flip", "dihedral", "flip"]
+    assert tta == [True, False, False]  # each kind's default, unless told
 
 
 @pytest.mark.slow
