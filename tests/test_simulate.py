@@ -156,17 +156,22 @@ def test_simulate_takes_the_invariance_the_store_records_unless_told(tmp_path, m
     assert tta == [True, False, False]  # each kind's default, unless told
 
 
+# Two short cycles on the toy store: the within-run measurements' tests.
+TOY_CFG = TrainConfig(image_size=32, iterations=3, batch_size=8, uratio=2, pretrained=False,
+                      ema_decay=0.5, device="cpu")
+
+
+def toy_plan(**measure: bool) -> SimulationPlan:
+    return SimulationPlan(initial_anomalies=3, initial_normals=20, cycles=2, per_cycle=2,
+                          **measure)
+
+
 @pytest.mark.slow
 def test_fast_head_metrics_sit_beside_the_fixmatch_ones_without_changing_them(tmp_path):
     _, truth = make_toy_store(tmp_path / "toy.h5")
-    cfg = TrainConfig(image_size=32, iterations=4, batch_size=8, uratio=2, pretrained=False,
-                      ema_decay=0.5, device="cpu")
-    plain = SimulationPlan(initial_anomalies=3, initial_normals=20, cycles=2, per_cycle=2)
-    fast = SimulationPlan(initial_anomalies=3, initial_normals=20, cycles=2, per_cycle=2,
-                          fast_head=True)
     with CutoutStore.open(tmp_path / "toy.h5") as store:
-        without = list(run_simulation(store, truth, plain, cfg))
-        rows = list(run_simulation(store, truth, fast, cfg))
+        without = list(run_simulation(store, truth, toy_plan(), TOY_CFG))
+        rows = list(run_simulation(store, truth, toy_plan(fast_head=True), TOY_CFG))
     for a, b in zip(without, rows, strict=True):
         assert b["auroc"] == pytest.approx(a["auroc"]) and b["n"] == a["n"]
     prefixes = ("head", "blend", "zblend", "interim")
@@ -181,16 +186,12 @@ def test_fast_head_metrics_sit_beside_the_fixmatch_ones_without_changing_them(tm
 @pytest.mark.slow
 def test_compare_tta_scores_the_same_model_the_other_way_without_changing_the_run(tmp_path):
     _, truth = make_toy_store(tmp_path / "toy.h5")
-    cfg = TrainConfig(image_size=32, iterations=3, batch_size=8, uratio=2, pretrained=False,
-                      ema_decay=0.5, device="cpu")
-    plain = SimulationPlan(initial_anomalies=3, initial_normals=20, cycles=2, per_cycle=2)
-    compared = SimulationPlan(initial_anomalies=3, initial_normals=20, cycles=2, per_cycle=2,
-                              compare_tta=True)
+    compared = toy_plan(compare_tta=True)
     with CutoutStore.open(tmp_path / "toy.h5") as store:
-        without = list(run_simulation(store, truth, plain, cfg))
-        rows = list(run_simulation(store, truth, compared, cfg))
+        without = list(run_simulation(store, truth, toy_plan(), TOY_CFG))
+        rows = list(run_simulation(store, truth, compared, TOY_CFG))
         on = list(run_simulation(store, truth, compared,
-                                 cfg.replace(test_time_augmentation=True)))
+                                 TOY_CFG.replace(test_time_augmentation=True)))
     for a, b in zip(without, rows, strict=True):
         assert b["auroc"] == pytest.approx(a["auroc"])
         assert 0.0 <= b["tta_auroc"] <= 1.0
