@@ -73,9 +73,14 @@ class Setting:
     fast_head: bool = False
 
 
+# What every setting's overrides apply to: the defaults the log's first runs had, so that a
+# setting keeps meaning what it meant when its runs were logged (and their keys stay valid)
+# when a TrainConfig default changes. Today's product defaults are the settings "dist-align"
+# (dihedral, sky cutouts) and "flip+dist-align+tta" (flip, photographs).
+SUITE_BASE: dict[str, Any] = {"distribution_alignment": False, "test_time_augmentation": False}
 REFERENCE_FIX = {"bn_momentum": 0.01, "drop_path_rate": 0.2, "drop_rate": 0.2}
 SETTINGS: dict[str, Setting] = {s.name: s for s in (
-    Setting("default"),
+    Setting("default"),  # the session-8 defaults (SUITE_BASE), not today's
     Setting("supervised", method="supervised"),
     Setting("isolation-forest", method="isolation-forest"),
     # esa/AnomalyMatch's fix of the same backbone (REGRESSION_INVESTIGATION.md), and its parts.
@@ -209,6 +214,13 @@ def done_keys(log_path: Path) -> set[str]:
     return keys
 
 
+def job_config(job: Job) -> TrainConfig:
+    """The TrainConfig a job trains with: SUITE_BASE, the protocol's iterations, the setting."""
+    iterations = PROTOCOLS[job.protocol]["iterations"]
+    return TrainConfig(center_crop=job.dataset.center_crop, device=job.device,
+                       **(SUITE_BASE | {"iterations": iterations} | job.setting.overrides))
+
+
 def run_job(job: Job, store: Path, truth: Path, threads: int,
             start_before: float | None = None) -> dict[str, Any] | None:
     """Run one job (in a worker process) and return its log row; None, without running it,
@@ -221,9 +233,8 @@ def run_job(job: Job, store: Path, truth: Path, threads: int,
     if job.device == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest kernels
     protocol = dict(PROTOCOLS[job.protocol])
-    iterations = protocol.pop("iterations", None)
-    cfg = TrainConfig(center_crop=job.dataset.center_crop, device=job.device,
-                      **({"iterations": iterations} | job.setting.overrides))
+    protocol.pop("iterations")
+    cfg = job_config(job)
     plan = SimulationPlan(method=job.setting.method, seed=job.seed,
                           fast_head=job.measures_fast_head, compare_tta=job.compare_tta,
                           **protocol)

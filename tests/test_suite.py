@@ -15,11 +15,13 @@ from benchmarks.suite import (
     SUITES,
     Job,
     done_keys,
+    job_config,
     parse_setting,
     plan_jobs,
     run_job,
 )
 from benchmarks.suite_report import fast_head_report, report, top1_ceiling
+from ml_backend.core.config import TrainConfig
 
 
 def test_paired_comparison_counts_and_mean_by_hand():
@@ -97,6 +99,17 @@ def test_device_and_within_run_measurements_keep_old_keys_and_tell_runs_apart():
     assert json.loads(cuda.key())[-1] == "cuda" and json.loads(tta.key())[-1] == "compare_tta"
     assert fast.key() == Job(dataset, 0, setting, "full", fast_head=True).key() != cpu.key()
     assert len({cpu.key(), cuda.key(), tta.key(), fast.key()}) == 4
+
+
+def test_settings_keep_their_logged_meaning_when_defaults_change():
+    first = SUITES["first"][0]
+    default = job_config(Job(first, 0, SETTINGS["default"], "full"))
+    assert not default.distribution_alignment and not default.test_time_augmentation
+    assert TrainConfig().distribution_alignment  # today's default differs
+    assert (default.center_crop, default.iterations) == (0.5, 100)
+    product = job_config(Job(SUITES["animal"][0], 0, SETTINGS["flip+dist-align+tta"], "smoke"))
+    assert (product.invariance, product.distribution_alignment,
+            product.test_time_augmentation, product.iterations) == ("flip", True, True, 5)
 
 
 def test_a_run_past_its_start_deadline_is_skipped_without_running(tmp_path):
