@@ -140,7 +140,7 @@ def rerank_and_publish(project_id: int, settings: Config, client: LabelStudioCli
                               "blended_with_cycle": blended})
     staging = registry.staging_dir(project_id)
     try:
-        save_model_dir(staging, ema=model, student=model, meta=meta)
+        save_model_dir(staging, ema=model, student=None, meta=meta)  # scores only
         if base is None:  # the first ranking keeps its embeddings for the bursts that follow
             write_embeddings(staging, cache.task_ids, cache.features)
         written = client.write_predictions(

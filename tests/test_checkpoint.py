@@ -92,6 +92,18 @@ def test_optimizer_state_is_optional(tmp_path):
     assert meta.channels == 1 and model.conv_stem.in_channels == 1
 
 
+def test_a_scoring_only_directory_has_no_student_and_cannot_be_trained_on(tmp_path):
+    student, ema = trained_pair(2, channels=1)
+    path = save_model_dir(tmp_path / "m", ema=ema, student=None, meta=make_meta(channels=1))
+    assert not (path / checkpoint.STUDENT_WEIGHTS).exists()
+    model, _ = load_model_dir(path)
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(x), ema.eval()(x), atol=1e-5)
+    with pytest.raises(CheckpointError, match="does not list student"):
+        load_training_state(path)
+
+
 def test_loading_leaves_global_rng_alone(saved):
     torch.manual_seed(5)
     expected = torch.rand(3)

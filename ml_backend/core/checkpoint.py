@@ -106,9 +106,13 @@ def utc_now_iso() -> str:
     return datetime.now(UTC).replace(microsecond=0).isoformat()
 
 
-def save_model_dir(out_dir: str | Path, *, ema: nn.Module, student: nn.Module, meta: ModelMeta,
+def save_model_dir(out_dir: str | Path, *, ema: nn.Module, student: nn.Module | None,
+                   meta: ModelMeta,
                    optimizer_state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a model directory atomically, replacing any existing one; returns its path.
+
+    `student` None: a model that only scores (a re-ranking's version), which no training
+    continues from; `load_training_state` refuses it.
 
     Files are written into a hidden temporary sibling and fsynced; then the old directory
     (if any) is renamed aside, the new one renamed into place and the old one deleted.
@@ -119,7 +123,9 @@ def save_model_dir(out_dir: str | Path, *, ema: nn.Module, student: nn.Module, m
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
-        files = {EMA_WEIGHTS: _state_of(ema), STUDENT_WEIGHTS: _state_of(student)}
+        files = {EMA_WEIGHTS: _state_of(ema)}
+        if student is not None:
+            files[STUDENT_WEIGHTS] = _state_of(student)
         if optimizer_state is not None:
             files[OPTIMIZER_STATE] = _contiguous_cpu(optimizer_state)
         manifest = {}
