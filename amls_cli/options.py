@@ -36,9 +36,11 @@ _OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
     ("--backbone-lr-scale", "backbone_lr_scale", float,
      "learning rate of the pretrained backbone as a fraction of the head's, 0 to 1 (default 1)"),
     ("--distribution-alignment", "distribution_alignment", yes_no,
-     "yes/no: align the pseudo-labels to the labelled anomaly share (default no)"),
+     "yes/no: align the pseudo-labels to the labelled anomaly share (default: yes for "
+     "dihedral data, no for flip data)"),
     ("--test-time-augmentation", "test_time_augmentation", yes_no,
-     "yes/no: score as the mean over the invariance's flips/rotations (default no)"),
+     "yes/no: score as the mean over the invariance's flips/rotations (default: yes for "
+     "flip data, no for dihedral data)"),
 )
 
 

@@ -45,15 +45,17 @@ class Config:
     anomaly_label: str = "anomaly"
     # Training and scoring hyperparameters of every job (FixMatch iterations per cycle, input
     # size, centre crop, batch sizes, torch device "cpu" / "cuda" / "auto"); the rest of
-    # TrainConfig keeps its paper defaults. Its `invariance` and `test_time_augmentation` are
-    # not used: see below.
+    # TrainConfig keeps its paper defaults. Its `invariance`, `test_time_augmentation` and
+    # `distribution_alignment` are not used: see below.
     train: TrainConfig = TrainConfig()
     # Symmetries the weak view teaches: "dihedral" (sky cutouts), "flip" (upright photos) or
     # "auto": what the task's cutout store records (`amls import --invariance`; else dihedral).
     invariance: str = "auto"
-    # Test-time augmentation (AMLS_TEST_TIME_AUGMENTATION): None ("auto") = the default of
-    # the chosen invariance's kind of data (`core.config.kind_defaults`), else on / off.
+    # Test-time augmentation and distribution alignment (AMLS_TEST_TIME_AUGMENTATION,
+    # AMLS_DISTRIBUTION_ALIGNMENT): None ("auto") = the default of the chosen invariance's
+    # kind of data (`core.config.kind_defaults`), else on / off.
     test_time_augmentation: bool | None = None
+    distribution_alignment: bool | None = None
     # Model versions kept per project on disk and as predictions in Label Studio.
     versions_kept: int = 3
     # Predictions written to Label Studio per API request.
@@ -170,8 +172,9 @@ class Config:
         for what AMLS_TEST_TIME_AUGMENTATION leaves on auto."""
         chosen = store_invariance if self.invariance == "auto" else self.invariance
         settings = kind_defaults(chosen)
-        if self.test_time_augmentation is not None:
-            settings["test_time_augmentation"] = self.test_time_augmentation
+        for name in ("test_time_augmentation", "distribution_alignment"):
+            if getattr(self, name) is not None:
+                settings[name] = getattr(self, name)
         return self.train.replace(**settings)
 
     @classmethod
@@ -188,9 +191,8 @@ class Config:
             anomaly_label=env.get("ANOMALY_LABEL", "anomaly"),
             train=_train_config(env),
             invariance=env.get("AMLS_INVARIANCE", "auto").strip() or "auto",
-            test_time_augmentation=(None if env.get("AMLS_TEST_TIME_AUGMENTATION", "auto")
-                                    .strip().lower() in ("", "auto")
-                                    else _bool(env, "AMLS_TEST_TIME_AUGMENTATION", False)),
+            test_time_augmentation=_auto_bool(env, "AMLS_TEST_TIME_AUGMENTATION"),
+            distribution_alignment=_auto_bool(env, "AMLS_DISTRIBUTION_ALIGNMENT"),
             versions_kept=_int(env, "AMLS_VERSIONS_KEPT", 3),
             prediction_write_batch=_int(env, "AMLS_PREDICTION_WRITE_BATCH", 500),
             queue_name=env.get("AMLS_QUEUE", "amls"),
@@ -221,9 +223,6 @@ def _train_config(env: Mapping[str, str]) -> TrainConfig:
                        image_size=_int(env, "AMLS_IMAGE_SIZE", 64), center_crop=crop,
                        batch_size=_int(env, "AMLS_BATCH_SIZE", 16),
                        score_batch_size=_int(env, "AMLS_SCORE_BATCH_SIZE", 256),
-                       distribution_alignment=_bool(
-                           env, "AMLS_DISTRIBUTION_ALIGNMENT",
-                           TrainConfig.distribution_alignment),
                        device=env.get("AMLS_DEVICE", "auto"))
 
 
@@ -236,6 +235,13 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     if raw in ("0", "false", "no", "off"):
         return False
     raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def _auto_bool(env: Mapping[str, str], name: str) -> bool | None:
+    """None for unset or "auto", else `_bool`."""
+    if env.get(name, "").strip().lower() in ("", "auto"):
+        return None
+    return _bool(env, name, False)
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:

@@ -247,8 +247,8 @@ def test_config_defaults_and_overrides():
                            "AMLS_CENTER_CROP": "0.4", "AMLS_INVARIANCE": "flip",
                            "AMLS_TEST_TIME_AUGMENTATION": "true",
                            "AMLS_DISTRIBUTION_ALIGNMENT": "on"})
-    assert cfg.train_config("dihedral").test_time_augmentation  # forced on for any kind
-    assert cfg.train.distribution_alignment
+    forced = cfg.train_config("dihedral")  # both forced on, whatever the kind
+    assert forced.test_time_augmentation and forced.distribution_alignment
     assert cfg.label_studio_url == "http://ls:8080"
     assert (cfg.train.iterations, cfg.debounce_s, str(cfg.model_dir)) == (30, 0.5, "/m")
     assert cfg.train.center_crop == 0.4 and cfg.for_jobs().train.center_crop == 0.4
@@ -257,18 +257,21 @@ def test_config_defaults_and_overrides():
     assert "sekrit" not in repr(cfg)
 
 
-@pytest.mark.parametrize("env, store_invariance, invariance, tta", [
-    ({}, "dihedral", "dihedral", False),  # sky cutouts: eight views unproven, off
-    ({}, "flip", "flip", True),  # photographs: two views, on (benchmarks/RESULTS.md)
-    ({"AMLS_INVARIANCE": "flip"}, "dihedral", "flip", True),
-    ({"AMLS_TEST_TIME_AUGMENTATION": "auto"}, "flip", "flip", True),
-    ({"AMLS_TEST_TIME_AUGMENTATION": "false"}, "flip", "flip", False),
-    ({"AMLS_TEST_TIME_AUGMENTATION": "true"}, "dihedral", "dihedral", True),
+@pytest.mark.parametrize("env, store_invariance, invariance, tta, align", [
+    # sky cutouts: alignment on, eight views unproven; photographs: the reverse
+    ({}, "dihedral", "dihedral", False, True),
+    ({}, "flip", "flip", True, False),
+    ({"AMLS_INVARIANCE": "flip"}, "dihedral", "flip", True, False),
+    ({"AMLS_TEST_TIME_AUGMENTATION": "auto"}, "flip", "flip", True, False),
+    ({"AMLS_TEST_TIME_AUGMENTATION": "false"}, "flip", "flip", False, False),
+    ({"AMLS_TEST_TIME_AUGMENTATION": "true"}, "dihedral", "dihedral", True, True),
+    ({"AMLS_DISTRIBUTION_ALIGNMENT": "off"}, "dihedral", "dihedral", False, False),
 ])
 def test_a_jobs_training_config_follows_the_kind_of_data(env, store_invariance, invariance,
-                                                          tta):
+                                                          tta, align):
     cfg = Config.from_env(env).train_config(store_invariance)
-    assert (cfg.invariance, cfg.test_time_augmentation) == (invariance, tta)
+    assert (cfg.invariance, cfg.test_time_augmentation, cfg.distribution_alignment) == (
+        invariance, tta, align)
 
 
 @pytest.mark.parametrize("env, fragment", [
@@ -284,6 +287,7 @@ def test_a_jobs_training_config_follows_the_kind_of_data(env, store_invariance, 
     ({"REDIS_URL": "localhost:6379"}, "REDIS_URL"),
     ({"AMLS_DEVICE": "tpu"}, "AMLS_DEVICE"),
     ({"AMLS_TEST_TIME_AUGMENTATION": "maybe"}, "AMLS_TEST_TIME_AUGMENTATION"),
+    ({"AMLS_DISTRIBUTION_ALIGNMENT": "2"}, "AMLS_DISTRIBUTION_ALIGNMENT"),
     ({"ANOMALY_LABEL": " "}, "ANOMALY_LABEL"),
 ])
 def test_config_rejects_bad_values(env, fragment):

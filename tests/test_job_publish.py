@@ -55,9 +55,12 @@ def test_the_job_takes_the_stores_invariance_unless_configured(project):
     auto = TrainConfig.from_dict(read_meta(registry.latest_dir(7)).config)
     jobs.run_training(7, settings.replace(invariance="dihedral"), fake)  # new lineage
     forced = read_meta(registry.latest_dir(7))
-    assert (auto.invariance, auto.test_time_augmentation) == ("flip", True)  # kind defaults
-    assert TrainConfig.from_dict(forced.config).invariance == "dihedral"
-    assert TrainConfig.from_dict(forced.config).test_time_augmentation is False
+    # each kind's defaults (core.config.kind_defaults)
+    assert (auto.invariance, auto.test_time_augmentation, auto.distribution_alignment) == (
+        "flip", True, False)
+    forced_cfg = TrainConfig.from_dict(forced.config)
+    assert (forced_cfg.invariance, forced_cfg.test_time_augmentation,
+            forced_cfg.distribution_alignment) == ("dihedral", False, True)
     assert forced.parent is None
 
 

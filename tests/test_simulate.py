@@ -144,7 +144,7 @@ def test_simulate_takes_the_invariance_the_store_records_unless_told(tmp_path, m
 
     def fake_run(store, truth, plan, cfg):
         seen.append(cfg.invariance)
-        tta.append(cfg.test_time_augmentation)
+        tta.append((cfg.test_time_augmentation, cfg.distribution_alignment))
         yield dict.fromkeys(("auroc", "ap", "precision_top_0_1pct", "precision_top_1pct",
                              "seconds_per_cycle", "score_images_per_second"), 0.0)
 
@@ -153,7 +153,7 @@ def test_simulate_takes_the_invariance_the_store_records_unless_told(tmp_path, m
     assert main(args) == 0 and main([*args, "--invariance", "dihedral"]) == 0
     assert main([*args, "--test-time-augmentation", "no"]) == 0
     assert seen == ["flip", "dihedral", "flip"]
-    assert tta == [True, False, False]  # each kind's default, unless told
+    assert tta == [(True, False), (False, True), (False, False)]  # the kind's, unless told
 
 
 # Two short cycles on the toy store: the within-run measurements' tests.
