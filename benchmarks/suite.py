@@ -75,8 +75,8 @@ class Setting:
 
 # What every setting's overrides apply to: the defaults the log's first runs had, so that a
 # setting keeps meaning what it meant when its runs were logged (and their keys stay valid)
-# when a TrainConfig default changes. Today's product defaults are the settings "dist-align"
-# (dihedral, sky cutouts) and "flip+dist-align+tta" (flip, photographs).
+# when a TrainConfig default changes. Today's product defaults (`kind_defaults`) are the
+# settings "dist-align" (dihedral, sky cutouts) and "flip+tta" (flip, photographs).
 SUITE_BASE: dict[str, Any] = {"distribution_alignment": False, "test_time_augmentation": False}
 REFERENCE_FIX = {"bn_momentum": 0.01, "drop_path_rate": 0.2, "drop_rate": 0.2}
 SETTINGS: dict[str, Setting] = {s.name: s for s in (
