@@ -3,8 +3,8 @@
 Layout of one project directory::
 
     MODEL_DIR/7/
-        amls-20261125T114500Z-3f9a/   model directory (meta.json + safetensors, core.checkpoint)
-        amls-20261125T115012Z-07c1/   version names sort by creation time
+        amls-20261125T114500123Z-3f9a/   model directory (meta.json + safetensors, core.checkpoint)
+        amls-20261125T115012456Z-07c1/   version names sort by creation time
         LATEST                    text file holding the serving version name
         status.json               last job outcome (duration, error) for /metrics
         rerank.json               last instant re-ranking's outcome

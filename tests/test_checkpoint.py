@@ -55,10 +55,10 @@ def saved(tmp_path):
 
 
 def test_version_is_sortable_and_unique():
-    t0 = datetime(2026, 11, 25, 12, 3, 1, tzinfo=UTC)
+    t0 = datetime(2026, 11, 25, 12, 3, 1, 42_000, tzinfo=UTC)
     v0, v1 = new_version(t0), new_version(t0 + timedelta(seconds=1))
-    assert re.fullmatch(r"amls-20261125T120301Z-[0-9a-f]{4}", v0)
-    assert v0 < v1
+    assert re.fullmatch(r"amls-20261125T120301042Z-[0-9a-f]{4}", v0)
+    assert v0 < v1 < new_version(t0 + timedelta(seconds=1, milliseconds=1))
     assert len({new_version(t0) for _ in range(20)}) > 1
 
 

@@ -95,7 +95,8 @@ def test_sigkilled_worker_leaves_the_previous_version_serving(tmp_path, redis_ur
         settings = Config(label_studio_url=url, label_studio_api_key=API_KEY,
                           model_dir=tmp_path / "models", store_roots=(tmp_path / "stores",),
                           train=TrainConfig(iterations=2, image_size=32, batch_size=4,
-                                            device="cpu"))
+                                            device="cpu"),
+                          rerank_blend=False)  # the cycle itself serves (no blend after it)
         registry = ModelRegistry(settings.model_dir)
         first = jobs.run_training(PROJECT, settings)["model_version"]
         assert ls.model_version == first and ls.predictions == {first: unlabelled}

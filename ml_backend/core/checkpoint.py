@@ -57,7 +57,7 @@ class CheckpointError(AmlsError, RuntimeError):
 class ModelMeta:
     """What a model directory describes: lineage, training config and the data it expects."""
 
-    version: str                      # e.g. "amls-20261125T120301Z-3f9a"; sorts by time
+    version: str                      # e.g. "amls-20261125T120301042Z-3f9a"; sorts by time
     parent: str | None                # version this one continued from, None for a fresh model
     created: str                      # ISO 8601 UTC time of saving
     config: dict[str, Any]            # TrainConfig.to_dict()
@@ -96,9 +96,11 @@ class TrainingState:
 
 
 def new_version(now: datetime | None = None) -> str:
-    """A new, time-sortable model version: "amls-YYYYMMDDTHHMMSSZ-xxxx" (UTC, 4 hex)."""
+    """A new, time-sortable model version: "amls-YYYYMMDDTHHMMSSmmmZ-xxxx" (UTC to the
+    millisecond, 4 hex): a cycle and the blend published after it often share a second."""
     now = datetime.now(UTC) if now is None else now.astimezone(UTC)
-    return f"{VERSION_PREFIX}{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(2)}"
+    return (f"{VERSION_PREFIX}{now:%Y%m%dT%H%M%S}{now.microsecond // 1000:03d}Z-"
+            f"{secrets.token_hex(2)}")
 
 
 def utc_now_iso() -> str:
