@@ -78,5 +78,6 @@ def setup_project_command(args: argparse.Namespace) -> int:
     for change in result.changes or ["nothing to change: project already set up"]:
         print(f"- {change}")
     print(f"Project {result.project_id}: {result.project_url}")
+    print(f"Dashboard: {args.backend_url.rstrip('/')}/dashboard/{result.project_id}")
     return 0
 

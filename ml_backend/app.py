@@ -10,6 +10,7 @@ Routes (all optionally behind HTTP basic auth):
     GET  /versions         {"versions": [...]} for ?project= (or a JSON body's "project")
     GET  /metrics          per-project serving version, queue state and last job outcome
     GET  /similar          "more like this": ?project=&tasks=12,40&top= -> tasks by similarity
+    GET  /dashboard/<id>   an HTML page for people: scores, quality, training, top candidates
 
 Label Studio identifies a project as an int, as "<id>.<created timestamp>" (ML API calls)
 or as a serialized project object (webhooks); `project_id_of` accepts all three.
@@ -33,6 +34,7 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, NotFound, RequestEntityTooLarge
 
 from ml_backend.config import Config
+from ml_backend.dashboard_page import render_dashboard
 from ml_backend.label_schema import LabelConfigError, parse_label_config
 from ml_backend.rerank import similar_tasks
 from ml_backend.service import AnomalyService
@@ -133,6 +135,14 @@ def create_app(service: AnomalyService, cfg: Config) -> Flask:
     @app.get("/metrics")
     def metrics() -> Response:
         return jsonify(service.metrics())
+
+    @app.get("/dashboard/<project>")
+    def dashboard(project: str) -> Response:
+        """The project's model at a glance: HTML for people (`ml_backend.dashboard_page`)."""
+        project_id = project_id_of(project)
+        page = render_dashboard(service.registry, project_id,
+                                service.project_metrics(project_id), cfg.label_studio_url)
+        return Response(page, mimetype="text/html")
 
     @app.get("/similar")
     def similar() -> Response:

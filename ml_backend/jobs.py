@@ -22,6 +22,7 @@ from ml_backend.config import Config
 from ml_backend.core.checkpoint import VERSION_PREFIX
 from ml_backend.core.config import TrainConfig
 from ml_backend.core.embedding_cache import write_embeddings
+from ml_backend.dashboard_data import record_version
 from ml_backend.label_schema import parse_label_config, training_labels
 from ml_backend.labelstudio import LabelStudioClient, ProjectNotFound
 from ml_backend.registry import ModelRegistry
@@ -198,6 +199,8 @@ def train_and_publish(project_id: int, settings: Config, client: LabelStudioClie
             pixels, sorted(pixels.rows), model, meta, cfg.score_batch_size, cfg.device)
         write_embeddings(staging, scored, features)
         by_task = dict(zip(scored, probabilities.tolist(), strict=True))
+        record_version(staging, registry.latest_dir(project_id), by_task, labels, held_out,
+                       tasks, schema.image_key, result.steps)
         evaluation = _evaluate_held_out(project_id, held_out, by_task)
         scores = [(t, by_task[t]) for t in unlabeled if t in by_task]
         on_progress("write", 0, len(scores))

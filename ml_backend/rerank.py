@@ -37,6 +37,7 @@ from ml_backend.core.fast_head import (
     similar,
 )
 from ml_backend.core.model import anomaly_logit_weights
+from ml_backend.dashboard_data import record_version
 from ml_backend.jobs import (
     delete_old_predictions,
     forget_version,
@@ -127,7 +128,8 @@ def rerank_and_publish(project_id: int, settings: Config, client: LabelStudioCli
         head = blend_with_model(head, *anomaly_logit_weights(model), cache.features)
     unlabelled = [t for t in cache.task_ids.tolist() if t not in labels and t not in held_out]
     unlabelled_ids, unlabelled_rows = cache.rows_of(unlabelled)
-    scores = head.scores(cache.features)[unlabelled_rows]
+    all_scores = head.scores(cache.features)
+    scores = all_scores[unlabelled_rows]
     install_head(model, head)
     counts = {settings.anomaly_label: int(y.sum()), schema.normal_choice: int((y == 0).sum())}
     meta = ModelMeta(version=new_version(), parent=base, created=utc_now_iso(),
@@ -143,6 +145,9 @@ def rerank_and_publish(project_id: int, settings: Config, client: LabelStudioCli
         save_model_dir(staging, ema=model, student=None, meta=meta)  # scores only
         if base is None:  # the first ranking keeps its embeddings for the bursts that follow
             write_embeddings(staging, cache.task_ids, cache.features)
+        record_version(staging, registry.latest_dir(project_id),
+                       dict(zip(cache.task_ids.tolist(), all_scores.tolist(), strict=True)),
+                       labels, held_out, tasks, schema.image_key)
         written = client.write_predictions(
             project_id, schema, list(zip(unlabelled_ids.tolist(), scores.tolist(), strict=True)),
             meta.version, settings.prediction_write_batch)

@@ -171,6 +171,10 @@ class AnomalyService:
             return {"projects": {}, "error": f"cannot list {self.registry.root}: {err}"}
         return {"projects": {str(p): self._safe_project_metrics(p) for p in projects}}
 
+    def project_metrics(self, project_id: int) -> dict[str, Any]:
+        """One project's /metrics entry (also for projects with no directory yet)."""
+        return self._safe_project_metrics(project_id)
+
     def _safe_project_metrics(self, project_id: int) -> dict[str, Any]:
         """One project's metrics, or {"error": ...}: one broken project never hides others."""
         try:
