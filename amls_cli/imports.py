@@ -68,7 +68,9 @@ def _add_common(parser: argparse.ArgumentParser, *, stretch_default: str | None)
     parser.add_argument("--size", type=int, help="cutout size in pixels (N x N)")
     if stretch_default is not None:
         parser.add_argument("--stretch", default=stretch_default,
-                            help=f"none, linear, log, asinh, zscale (default {stretch_default})")
+                            help="none, linear, log, asinh, zscale, or ESA fitsbolt's "
+                            "fitsbolt-linear, -log, -asinh, -zscale, -midtones (default "
+                            f"{stretch_default})")
         parser.add_argument("--stretch-param", action="append", metavar="KEY=VALUE",
                             help="stretch parameter, e.g. a=0.1 (repeatable)")
     parser.add_argument("--sky-viewer", default="esasky", choices=[*SKY_VIEWERS, "none"],
@@ -76,7 +78,7 @@ def _add_common(parser: argparse.ArgumentParser, *, stretch_default: str | None)
                         "(default esasky)")
     parser.add_argument("--preview-stretch", default="none",
                         help="display stretch of the preview PNGs only (the store keeps what "
-                        "the model sees): none, linear, log, asinh, zscale; e.g. log for "
+                        "the model sees): any --stretch name; e.g. log for "
                         "radio or X-ray cutouts on a black sky (default none)")
     parser.add_argument("--preview-stretch-param", action="append", metavar="KEY=VALUE",
                         help="preview stretch parameter, e.g. a=100 (repeatable)")

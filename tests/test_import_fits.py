@@ -368,3 +368,19 @@ def test_an_unexpected_error_is_a_message_and_exit_2(tmp_path, monkeypatch, caps
     monkeypatch.setattr("amls_cli.imports.run_jobs", broken)
     assert amls_import(tmp_path, str(M13), "--size", "32") == 2
     assert "the run failed: RuntimeError: disk controller on fire" in capsys.readouterr().err
+
+
+def test_a_fitsbolt_stretch_makes_the_store_and_is_recorded(tmp_path):
+    """ESA's fitsbolt normalisation end to end: the store holds fitsbolt's pixels of the
+    frame and records the spec; the preview shows the same pixels."""
+    pytest.importorskip("fitsbolt")
+    assert amls_import(tmp_path, str(M13), "--stretch", "fitsbolt-asinh",
+                       "--stretch-param", "scale=2") == 0
+    spec = {"name": "fitsbolt-asinh", "scale": 2.0, "clip": 99.8}
+    with CutoutStore.open(tmp_path / "s.h5") as store:
+        assert store.stretch == spec
+        pixels = store.read([0])[0]
+    expected = make_stretch(spec)(fits.getdata(M13).astype(np.float64))
+    np.testing.assert_array_equal(pixels[..., 0], expected)
+    np.testing.assert_array_equal(png(tmp_path, "m13"), pixels[..., 0])
+    assert not np.array_equal(expected, make_stretch(ASINH)(fits.getdata(M13)))

@@ -134,3 +134,72 @@ def test_parse_stretch_params():
         parse_stretch_params("asinh", ["a"])
     with pytest.raises(ValueError, match="not a number"):
         parse_stretch_params("asinh", ["a=big"])
+
+
+# ---- ESA's fitsbolt normalisations ------------------------------------------------------------
+
+FITSBOLT = ["fitsbolt-linear", "fitsbolt-log", "fitsbolt-asinh", "fitsbolt-zscale",
+            "fitsbolt-midtones"]
+
+
+def _sky(shape=(24, 24, 2)) -> np.ndarray:
+    image = np.random.default_rng(5).normal(0.0, 1.0, shape)
+    image[10:14, 10:14] += 40.0  # a source
+    return image
+
+
+@pytest.mark.parametrize("name", FITSBOLT)
+def test_fitsbolt_stretches_are_fitsbolts_own_per_channel(name):
+    fitsbolt = pytest.importorskip("fitsbolt")
+    stretch = make_stretch(name)
+    image = _sky()
+    before = image.copy()
+    out = stretch(image)
+    np.testing.assert_array_equal(image, before)  # input untouched
+    assert out.shape == image.shape and out.dtype == np.uint8
+    method = fitsbolt.NormalisationMethod[name.split("-")[1].upper()]
+    for c in range(image.shape[-1]):
+        (own,) = fitsbolt.normalise_images([image[..., c]], normalisation_method=method,
+                                           num_workers=1, show_progress=False)
+        np.testing.assert_array_equal(out[..., c], own)
+    assert out.max() == 255 and out[12, 12, 0] > np.median(out[..., 0])  # the source is bright
+
+
+def test_fitsbolt_parameters_reach_fitsbolt_and_are_recorded():
+    pytest.importorskip("fitsbolt")
+    image = _sky((24, 24))
+    soft = make_stretch({"name": "fitsbolt-asinh", "scale": 5.0})
+    assert soft.spec == {"name": "fitsbolt-asinh", "scale": 5.0, "clip": 99.8}
+    assert not np.array_equal(soft(image), make_stretch("fitsbolt-asinh")(image))
+    assert make_stretch(json.loads(json.dumps(soft.spec))).spec == soft.spec
+
+
+def test_fitsbolt_stretches_handle_nan_and_constant_channels():
+    pytest.importorskip("fitsbolt")
+    image = _sky((24, 24, 2))
+    image[0, :5, 0] = np.nan
+    image[..., 1] = 3.0
+    result = make_stretch("fitsbolt-log").apply(image)
+    assert result.n_nonfinite == 5 and (result.pixels[..., 1] == 0).all()
+    with pytest.raises(ValueError, match="no finite pixel"):
+        make_stretch("fitsbolt-log")(np.full((4, 4), np.nan))
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ({"name": "fitsbolt-log", "a": 0}, "a must be > 0"),
+    ({"name": "fitsbolt-asinh", "clip": 120}, "clip is a percentile"),
+    ({"name": "fitsbolt-linear", "a": 1}, "no parameter 'a'"),
+    ({"name": "fitsbolt-sqrt"}, "unknown stretch"),
+])
+def test_bad_fitsbolt_specs_are_refused(spec, message):
+    pytest.importorskip("fitsbolt")
+    with pytest.raises(ValueError, match=message):
+        make_stretch(spec)
+
+
+def test_without_fitsbolt_the_error_says_how_to_install_it(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "fitsbolt", None)  # import fitsbolt -> ImportError
+    with pytest.raises(ValueError, match=r"needs ESA's fitsbolt package: pip install"):
+        make_stretch("fitsbolt-asinh")

@@ -18,6 +18,10 @@ independently:
 
 A channel with no finite pixel raises ``ValueError``. ``{"name": "none"}`` means the pixels are
 already display values in [0, 255]: they are rounded and clipped, nothing else.
+
+The ``fitsbolt-*`` stretches hand step 2-4 of each channel to ESA's fitsbolt library
+(``fitsbolt.normalise_images``, the normalisation esa/AnomalyMatch uses), so cutouts can be
+stretched exactly as that tool does; they need ``pip install 'anomalymatch-labelstudio[esa]'``.
 """
 
 from __future__ import annotations
@@ -45,7 +49,14 @@ DEFAULTS: dict[str, dict[str, float]] = {
     "log": {"a": 1000.0, "lower_percentile": 0.0, "upper_percentile": 100.0},
     "asinh": {"a": 0.1, "lower_percentile": 0.5, "upper_percentile": 99.5},
     "zscale": {"contrast": 0.25, "n_samples": 1000.0},
+    # fitsbolt's methods and defaults (fitsbolt.normalise_images' norm_* arguments)
+    "fitsbolt-linear": {},
+    "fitsbolt-log": {"a": 1000.0},
+    "fitsbolt-asinh": {"scale": 0.7, "clip": 99.8},
+    "fitsbolt-zscale": {"contrast": 0.25, "n_samples": 1000.0},
+    "fitsbolt-midtones": {"percentile": 99.8, "desired_mean": 0.2},
 }
+FITSBOLT_PREFIX = "fitsbolt-"
 
 
 @dataclass(frozen=True)
@@ -60,6 +71,7 @@ class StretchResult:
 class _Parts:
     interval: Callable[[], BaseInterval] | None
     stretch: BaseStretch | None
+    external: Callable[[np.ndarray], np.ndarray] | None = None  # finite plane -> uint8
 
 
 def _check_percentiles(name: str, params: Mapping[str, float]) -> None:
@@ -70,7 +82,44 @@ def _check_percentiles(name: str, params: Mapping[str, float]) -> None:
             f"got {lo} and {hi}")
 
 
+def _fitsbolt_parts(name: str, params: Mapping[str, float]) -> _Parts:
+    """One channel through fitsbolt's normalisation of that name, with these parameters."""
+    try:
+        from fitsbolt import NormalisationMethod, normalise_images
+    except ImportError as err:
+        raise ValueError(f"stretch {name!r} needs ESA's fitsbolt package: pip install "
+                         "'anomalymatch-labelstudio[esa]'") from err
+    method = name[len(FITSBOLT_PREFIX):]
+    kwargs: dict[str, Any] = {
+        "linear": {},
+        "log": {"norm_log_scale_a": params.get("a")},
+        "asinh": {"norm_asinh_scale": [params.get("scale")],
+                  "norm_asinh_clip": [params.get("clip")]},
+        "zscale": {"norm_zscale_contrast": params.get("contrast"),
+                   "norm_zscale_n_samples": int(params.get("n_samples", 0))},
+        "midtones": {"norm_midtones_percentile": [params.get("percentile")],
+                     "norm_midtones_desired_mean": [params.get("desired_mean")]},
+    }[method]
+    for key, value in params.items():
+        if not value > 0:
+            raise ValueError(f"stretch {name!r}: {key} must be > 0, got {value}")
+    for key in ("clip", "percentile"):
+        if key in params and not params[key] <= 100.0:
+            raise ValueError(f"stretch {name!r}: {key} is a percentile, got {params[key]}")
+    enum = NormalisationMethod[method.upper()]
+
+    def run(plane: np.ndarray) -> np.ndarray:
+        (out,) = normalise_images([plane], output_dtype=np.uint8, normalisation_method=enum,
+                                  num_workers=1, show_progress=False, log_level="ERROR",
+                                  **kwargs)
+        return np.asarray(out, dtype=np.uint8).reshape(plane.shape)
+
+    return _Parts(interval=None, stretch=None, external=run)
+
+
 def _build_parts(name: str, params: Mapping[str, float]) -> _Parts:
+    if name.startswith(FITSBOLT_PREFIX):
+        return _fitsbolt_parts(name, params)
     if name == "none":
         return _Parts(interval=None, stretch=None)
     if name == "zscale":
@@ -151,6 +200,10 @@ class Stretch:
             raise ValueError(f"channel {index} has no finite pixel (all NaN/inf)")
         if n_bad:
             x[~finite] = x[finite].min()
+        if self._parts.external is not None:
+            if not x.max() > x.min():
+                return np.zeros(x.shape, dtype=np.uint8), n_bad
+            return self._parts.external(x), n_bad
         if self._parts.interval is None:
             return np.clip(np.rint(x), 0, 255).astype(np.uint8), n_bad
         vmin, vmax = self._parts.interval().get_limits(x)
