@@ -2,10 +2,12 @@
 
 Measures (1) seconds from the last annotation of a burst to the reordered queue (new model
 version's predictions written, "Most anomalous first" view in place) for a project of
-`--tasks` FIRST radio-galaxy images, (2) for a second burst once a cycle has cached its
-embeddings, the seconds until the instant re-ranking's version is Label Studio's current one,
-beside the seconds until the next cycle's, and (3) webhook response time p50 / p99 under a
-burst of `--webhooks` concurrent POSTs to /webhook.
+`--tasks` FIRST radio-galaxy images, and until the first ranking of all (polled from Label
+Studio's current model version; it may come before the burst's last annotation), (2) for a
+second burst once a cycle has cached its embeddings, the seconds until Label Studio's current
+version changes to the instant re-ranking's (the new order is visible), until that job has
+finished (its stages timed), and until the next cycle's, and (3) webhook response time p50 /
+p99 under a burst of `--webhooks` concurrent POSTs to /webhook.
 
     python -m benchmarks.loop_latency --tasks 1000 --webhooks 500
 
@@ -105,6 +107,25 @@ def wait_for_rerank(url: str, project_id: int, since: float,
     raise TimeoutError(f"no finished re-ranking for project {project_id} within {timeout_s} s")
 
 
+def wait_for_new_order(client: Any, project_id: int, before: str | None, since: float,
+                       timeout_s: float) -> tuple[str, float]:
+    """(Label Studio's model version once it is no longer `before`, seconds from `since`):
+    the moment the Data Manager orders the queue by new scores."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        current = client.projects.get(id=project_id).model_version
+        if current and current != before:
+            return str(current), time.time() - since
+        time.sleep(0.1)
+    raise TimeoutError(f"Label Studio kept model version {before!r} for {timeout_s} s")
+
+
+def _kind(cfg: Config, project_id: int, version: str) -> str:
+    from ml_backend.registry import ModelRegistry
+
+    return str(ModelRegistry(cfg.model_dir).read_meta(project_id, version).get("kind", "?"))
+
+
 def _epoch(iso: str | None) -> float:
     """/metrics' ISO 8601 time as epoch seconds (0 for none)."""
     from datetime import datetime
@@ -163,13 +184,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             normals = common[::len(common) // 40]
             last = annotate(client, [(t, "anomaly") for t in rare[:5]]
                             + [(t, "normal") for t in normals[:20]])
+            first_version, first_order_s = wait_for_new_order(client, project.id, None, last,
+                                                              args.timeout)
             metrics = wait_for_job(url, project.id, last, args.timeout)
             loop_s = time.time() - last
             if metrics["model_version"] == "untrained" or metrics["queue"]["last_error"]:
                 raise RuntimeError(f"the training job did not publish a model: {metrics}")
             # A second burst: the instant re-ranking now has the cycle's embeddings.
+            before = client.projects.get(id=project.id).model_version
             last = annotate(client, [(t, "anomaly") for t in rare[5:7]]
                             + [(t, "normal") for t in normals[20:23]])
+            fast_version, visible_s = wait_for_new_order(client, project.id, before, last,
+                                                         args.timeout)
             fast = wait_for_rerank(url, project.id, last, args.timeout)
             rerank_s = time.time() - last
             result = fast["rerank"]["last_result"] or {}
@@ -182,10 +208,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return {
             "tasks": len(tasks), "iterations": args.iterations, "image_size": args.image_size,
             "debounce_s": args.debounce,
+            "first_burst_to_first_order_s": round(first_order_s, 2),
+            "first_order_kind": _kind(cfg, project.id, first_version),
             "last_annotation_to_reordered_queue_s": round(loop_s, 2),
             "job_duration_s": metrics["queue"]["last_duration_s"],
-            "second_burst_to_instant_order_s": round(rerank_s, 2),
+            "second_burst_to_instant_order_visible_s": round(visible_s, 2),
+            "instant_order_kind": _kind(cfg, project.id, fast_version),
+            "second_burst_to_rerank_finished_s": round(rerank_s, 2),
             "rerank_duration_s": fast["rerank"]["last_duration_s"],
+            "rerank_stage_seconds": result.get("stage_seconds"),
             "instant_version_current_in_label_studio": current == result["model_version"],
             "second_burst_to_next_cycle_s": round(cycle_s, 2),
             "jobs_run": second["queue"]["jobs_total"],

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -167,11 +167,13 @@ def _versus(previous: Mapping[str, Any], top: Sequence[int],
 
 def record_version(staging: Path, previous_dir: Path | None, scores: Mapping[int, float],
                    labels: Mapping[int, int], held_out: Mapping[int, int],
-                   tasks: Sequence[Mapping[str, Any]], image_key: str,
+                   tasks: Iterable[Mapping[str, Any]], image_key: str,
                    steps: Sequence[StepStats] = ()) -> None:
-    """Write the summary of the version being built in `staging`, against the serving one's
-    (`previous_dir`). A failure is logged, never raised: the dashboard must not cost a model."""
+    """Write the summary of the version in `staging` (being built, or just published),
+    against the one it replaces (`previous_dir`). `tasks` (read here, lazily) give the gallery
+    its images. A failure is logged, never raised: the dashboard must not cost a model."""
     try:
+        tasks = list(tasks)
         images = {int(t["id"]): str((t.get("data") or {}).get(image_key, "")) for t in tasks}
         previous = read_summary(previous_dir) if previous_dir is not None else None
         write_summary(staging, summarise_version(

@@ -71,6 +71,18 @@ VIEWS: tuple[dict[str, Any], ...] = (
 )
 
 
+def task_query(*, annotated_only: bool = False,
+               ids: Sequence[int] | None = None) -> dict[str, Any] | None:
+    """The `query` of Label Studio's task list (Data Manager filters and selected items) for
+    tasks with a submitted annotation and / or the given task ids; None for every task."""
+    query: dict[str, Any] = {}
+    if annotated_only:
+        query["filters"] = _annotations("greater")
+    if ids is not None:
+        query["selectedItems"] = {"all": False, "included": [int(t) for t in ids]}
+    return query or None
+
+
 class LabelConfigError(ValueError):
     """The project's label config has no Image + Choices pair we can answer."""
 

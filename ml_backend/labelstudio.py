@@ -7,6 +7,7 @@ to Label Studio or imports the SDK's client; the data shapes are in `label_schem
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -20,7 +21,7 @@ from label_studio_sdk import LabelStudio, PredictionRequest
 from label_studio_sdk.core.api_error import ApiError
 
 from ml_backend.core.errors import AmlsError
-from ml_backend.label_schema import VIEWS, ChoiceSchema
+from ml_backend.label_schema import VIEWS, ChoiceSchema, task_query
 
 logger = logging.getLogger(__name__)
 
@@ -137,9 +138,15 @@ class LabelStudioClient:
             raise
         return str(project.label_config)
 
-    def iter_tasks(self, project_id: int, page_size: int = 500) -> Iterator[dict[str, Any]]:
-        """Every task of the project as a dict with `data` and `annotations`."""
-        pager = self.sdk.tasks.list(project=project_id, fields="all", page_size=page_size)
+    def iter_tasks(self, project_id: int, page_size: int = 500, *, annotated_only: bool = False,
+                   ids: Sequence[int] | None = None) -> Iterator[dict[str, Any]]:
+        """Every task of the project as a dict with `data` and `annotations`; only those with
+        a submitted annotation (`annotated_only`), or only the tasks `ids` (none if empty)."""
+        if ids is not None and not ids:
+            return
+        query = task_query(annotated_only=annotated_only, ids=ids)
+        pager = self.sdk.tasks.list(project=project_id, fields="all", page_size=page_size,
+                                    query=json.dumps(query) if query else None)
         for task in pager:
             yield task.dict() if hasattr(task, "dict") else dict(task)
 

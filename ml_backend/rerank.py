@@ -12,6 +12,7 @@ published while it ran (a cycle finished) discards its own.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from typing import Any
@@ -37,9 +38,8 @@ from ml_backend.core.fast_head import (
     similar,
 )
 from ml_backend.core.model import anomaly_logit_weights
-from ml_backend.dashboard_data import record_version
+from ml_backend.dashboard_data import GALLERY, record_version
 from ml_backend.jobs import (
-    delete_old_predictions,
     forget_version,
     job_client,
     point_label_studio_at,
@@ -99,23 +99,29 @@ def rerank_and_publish(project_id: int, settings: Config, client: LabelStudioCli
         logger.info("project %d: not re-ranking: %s", project_id, reason)
         return {"project": project_id, "status": "skipped", "reason": reason}
 
+    stages = Stages()
     latest = registry.latest(project_id)
     schema = parse_label_config(client.label_config(project_id), settings.anomaly_label,
                                 prelabel=settings.prelabel)
-    tasks = list(client.iter_tasks(project_id))
+    # Only labelled tasks carry labels: reading just those keeps this step small in a big
+    # project; the unlabelled tasks are the cached embeddings' other rows.
+    tasks = list(client.iter_tasks(project_id, annotated_only=True))
     labels, held_out = training_labels(tasks, schema)
+    stages.done("read_tasks")
     if latest is None:
         if not 0 < sum(labels.values()) < len(labels):
             return skipped(f"no model yet, and a first ranking needs one "
                            f"{settings.anomaly_label!r} and one other label")
         cache, model, base_meta = imagenet_embeddings(project_id, settings, client, registry,
-                                                      tasks, schema.image_key)
+                                                      list(client.iter_tasks(project_id)),
+                                                      schema.image_key)
         base = None
     else:
         base, cache = cycle_embeddings(registry, project_id, latest)
         if cache is None:
             return skipped(f"version {base} has no cached embeddings; its successor will")
         model, base_meta = load_model_dir(registry.version_dir(project_id, base))
+    stages.done("load_embeddings_and_model")
     labelled_ids, labelled_rows = cache.rows_of(sorted(labels))
     y = np.array([labels[t] for t in labelled_ids.tolist()], dtype=np.int64)
     if y.sum() == 0 or (y == 0).sum() == 0:
@@ -131,6 +137,7 @@ def rerank_and_publish(project_id: int, settings: Config, client: LabelStudioCli
     all_scores = head.scores(cache.features)
     scores = all_scores[unlabelled_rows]
     install_head(model, head)
+    stages.done("fit_and_score")
     counts = {settings.anomaly_label: int(y.sum()), schema.normal_choice: int((y == 0).sum())}
     meta = ModelMeta(version=new_version(), parent=base, created=utc_now_iso(),
                      config=base_meta.config, image_size=base_meta.image_size,
@@ -145,12 +152,11 @@ def rerank_and_publish(project_id: int, settings: Config, client: LabelStudioCli
         save_model_dir(staging, ema=model, student=None, meta=meta)  # scores only
         if base is None:  # the first ranking keeps its embeddings for the bursts that follow
             write_embeddings(staging, cache.task_ids, cache.features)
-        record_version(staging, registry.latest_dir(project_id),
-                       dict(zip(cache.task_ids.tolist(), all_scores.tolist(), strict=True)),
-                       labels, held_out, tasks, schema.image_key)
+        stages.done("save_version")
         written = client.write_predictions(
             project_id, schema, list(zip(unlabelled_ids.tolist(), scores.tolist(), strict=True)),
             meta.version, settings.prediction_write_batch)
+        stages.done("write_predictions")
         with registry.publish_lock(project_id):
             now = registry.latest(project_id)
             if now != latest:  # a cycle (fresher embeddings) finished meanwhile: it wins
@@ -159,16 +165,40 @@ def rerank_and_publish(project_id: int, settings: Config, client: LabelStudioCli
                 return skipped(f"version {now} was published while re-ranking")
             registry.publish(project_id, staging, meta.version)
             switched = point_label_studio_at(client, project_id, meta.version)
+        stages.done("publish")  # the new order is visible in Label Studio from here
     except BaseException:
         registry.discard(staging)
         forget_version(client, project_id, meta.version)
         raise
-    pruned = registry.prune(project_id, settings.versions_kept)
-    delete_old_predictions(client, project_id, set(registry.versions(project_id)) - set(pruned))
+    by_task = dict(zip(cache.task_ids.tolist(), all_scores.tolist(), strict=True))
+    top = sorted((t for t in unlabelled_ids.tolist()), key=lambda t: -by_task[t])[:GALLERY]
+    record_version(registry.version_dir(project_id, meta.version),
+                   registry.version_dir(project_id, latest) if latest else None, by_task,
+                   labels, held_out, itertools.chain(tasks, client.iter_tasks(project_id, ids=top)),
+                   schema.image_key)
+    stages.done("dashboard")
+    # Label Studio deletes predictions one by one (about 10 ms each, benchmarks/RESULTS.md),
+    # too slow for every burst: the next training job deletes those of pruned versions.
+    registry.prune(project_id, settings.versions_kept)
+    stages.done("prune")
     return {"project": project_id, "status": "reranked", "model_version": meta.version,
             "embeddings_of": base or meta.version, "labels": counts, "predictions": written,
             "label_studio_updated": switched,
-            "labels_without_embeddings": len(labels) - len(labelled_ids)}
+            "labels_without_embeddings": len(labels) - len(labelled_ids),
+            "stage_seconds": stages.seconds}
+
+
+class Stages:
+    """Seconds spent in each named stage of a job, in order (for /metrics and benchmarks)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def done(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = round(now - self._last, 3)
+        self._last = now
 
 
 def imagenet_embeddings(project_id: int, settings: Config, client: LabelStudioClient,

@@ -183,6 +183,36 @@ def test_pruning_keeps_the_cycle_a_fast_version_stands_on(trained):
     assert set(fake.predictions) == {base, fast}
 
 
+def test_a_rerank_reads_only_labelled_tasks_and_the_gallerys(trained):
+    """A re-ranking's reads do not grow with the project: the labelled tasks, then the
+    shown top candidates by id; the unlabelled tasks are the cached embeddings' rows."""
+    fake, registry, settings, _, _ = trained
+    fake.task_reads.clear()
+    summary = rerank.run_rerank(7, settings, fake)
+    labelled = set(ANOMALIES) | set(NORMALS)
+    (first, *rest) = fake.task_reads
+    assert first == (True, None) and (False, None) not in fake.task_reads
+    (gallery,) = [ids for annotated, ids in rest if ids is not None]
+    assert len(gallery) == N_TASKS - len(labelled) and not set(gallery) & labelled
+    assert set(summary["stage_seconds"]) == {"read_tasks", "load_embeddings_and_model",
+                                             "fit_and_score", "save_version",
+                                             "write_predictions", "publish", "dashboard",
+                                             "prune"}
+
+
+def test_label_studio_keeps_pruned_fast_versions_until_the_next_cycle_deletes_them(trained):
+    """Label Studio deletes predictions one at a time (slow): a re-ranking prunes only its
+    disk, and the next training job deletes the predictions of every version not kept."""
+    fake, registry, settings, _, base = trained
+    settings = settings.replace(versions_kept=1)
+    first = rerank.run_rerank(7, settings, fake)["model_version"]
+    second = rerank.run_rerank(7, settings, fake)["model_version"]
+    assert registry.versions(7) == [base, second]  # first pruned from disk ...
+    assert set(fake.predictions) == {base, first, second}  # ... not yet from Label Studio
+    cycle = jobs.run_training(7, settings, fake)["model_version"]
+    assert set(fake.predictions) == set(registry.versions(7)) == {cycle}
+
+
 def test_a_cycle_published_meanwhile_wins_and_the_rerank_leaves_no_trace(trained, monkeypatch):
     fake, registry, settings, _, base = trained
     newer = {}

@@ -22,6 +22,7 @@ class FakeLabelStudio:
         self.predictions: dict[str, int] = {}
         self.scores: dict[str, dict[int, float]] = {}
         self.fail: str | None = None
+        self.task_reads: list[tuple[bool, list[int] | None]] = []
 
     def _maybe_fail(self, name: str) -> None:
         if self.fail == name:
@@ -34,9 +35,15 @@ class FakeLabelStudio:
         self._maybe_fail("label_config")
         return LABEL_CONFIG
 
-    def iter_tasks(self, project_id: int):
+    def iter_tasks(self, project_id: int, *, annotated_only: bool = False,
+                   ids: list[int] | None = None):
+        """What Label Studio's task list answers for `LabelStudioClient.iter_tasks`."""
         self._maybe_fail("iter_tasks")
-        return iter(self.tasks)
+        self.task_reads.append((annotated_only, ids))
+        return iter([t for t in self.tasks
+                     if (not annotated_only or any(not a.get("was_cancelled")
+                                                   for a in t.get("annotations") or []))
+                     and (ids is None or t["id"] in ids)])
 
     def write_predictions(self, project_id, schema, scores, model_version, batch_size) -> int:
         self._maybe_fail("write_predictions")
