@@ -317,8 +317,25 @@ def forget_version(client: LabelStudioClient, project_id: int, version: str) -> 
 
 
 def delete_old_predictions(client: LabelStudioClient, project_id: int, kept: set[str]) -> None:
-    """Delete this backend's predictions whose version is no longer kept on disk."""
-    for version in client.prediction_versions(project_id):
-        if version.startswith(VERSION_PREFIX) and version not in kept:
-            client.delete_predictions(project_id, version)
-            logger.info("project %d: deleted predictions of old version %s", project_id, version)
+    """Delete this backend's predictions whose version is no longer kept on disk.
+
+    Housekeeping after a published version: a failure (Label Studio busy, a timeout while it
+    deletes a big version one prediction at a time) is logged, and the next job tries again.
+    """
+    try:
+        held = client.prediction_versions(project_id)
+    except Exception as err:  # noqa: BLE001 - see the docstring
+        logger.warning("project %d: cannot list prediction versions to prune (%s); the next "
+                       "job tries again", project_id, err)
+        return
+    for version, count in held.items():
+        if not version.startswith(VERSION_PREFIX) or version in kept:
+            continue
+        try:
+            client.delete_predictions(project_id, version, count)
+        except Exception as err:  # noqa: BLE001 - see the docstring
+            logger.warning("project %d: deleting the %d predictions of old version %s failed "
+                           "(%s); the next job tries again", project_id, count, version, err)
+            continue
+        logger.info("project %d: deleted %d predictions of old version %s", project_id, count,
+                    version)

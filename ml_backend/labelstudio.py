@@ -26,6 +26,8 @@ from ml_backend.label_schema import VIEWS, ChoiceSchema, task_query
 logger = logging.getLogger(__name__)
 
 HTTP_TIMEOUT_S = 60.0
+# Extra wait per prediction when deleting a version: Label Studio takes about 10 ms each.
+DELETE_S_PER_PREDICTION = 0.05
 # Redirects followed when downloading a task image; every hop must be an allowed host.
 MAX_REDIRECTS = 3
 # A task image larger than this is refused before it is read to the end.
@@ -213,10 +215,13 @@ class LabelStudioClient:
         data = response.json()
         return {str(k): int(v) for k, v in data.items()} if isinstance(data, dict) else {}
 
-    def delete_predictions(self, project_id: int, model_version: str) -> None:
-        """Delete every prediction of `model_version` in the project."""
+    def delete_predictions(self, project_id: int, model_version: str, count: int = 0) -> None:
+        """Delete every prediction of `model_version` in the project. Label Studio deletes
+        them one at a time (about 10 ms each on SQLite, benchmarks/RESULTS.md), so the wait
+        grows with `count`, the number it holds."""
         self._http("DELETE", f"api/projects/{project_id}/model-versions/",
-                   json={"model_version": model_version})
+                   json={"model_version": model_version},
+                   timeout=HTTP_TIMEOUT_S + DELETE_S_PER_PREDICTION * count)
 
     def ensure_views(self, project_id: int) -> dict[str, int]:
         """Create the Data Manager tabs of `VIEWS` that are missing, and put back the ordering
@@ -349,10 +354,11 @@ class LabelStudioClient:
         """Ids of the project's Data Manager tabs."""
         return {int(v.id) for v in self.sdk.views.list(project=project_id)}
 
-    def _http(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+    def _http(self, method: str, path: str, timeout: float = HTTP_TIMEOUT_S,
+              **kwargs: Any) -> requests.Response:
         response = requests.request(method, f"{self.url}/{path}",
                                     headers={"Authorization": f"Token {self._api_key}"},
-                                    timeout=HTTP_TIMEOUT_S, **kwargs)
+                                    timeout=timeout, **kwargs)
         if not response.ok:
             raise LabelStudioError(f"Label Studio {method} /{path} answered "
                                    f"{response.status_code}: {response.text[:300]}",

@@ -215,3 +215,20 @@ def test_a_running_job_reports_its_progress_and_clears_it_when_done(project):
     assert progress["stage"] == "write" and progress["total"] == N_TASKS - 8
     assert progress["started"] <= progress["updated"]
     assert registry.read_progress(7) is None  # cleared when the job ended
+
+
+@pytest.mark.slow
+def test_a_failed_prune_in_label_studio_keeps_the_job_and_the_next_one_retries(project):
+    """Deleting an old version's predictions can outlast a timeout in a big project (Label
+    Studio deletes them one at a time): the new version still serves, and the next job
+    deletes what is left."""
+    fake, registry, settings = project
+    settings = settings.replace(versions_kept=1)
+    first = jobs.run_training(7, settings, fake)["model_version"]
+    fake.fail = "delete_predictions"
+    second = jobs.run_training(7, settings, fake)
+    assert second["status"] == "trained" and registry.latest(7) == second["model_version"]
+    assert set(fake.predictions) == {first, second["model_version"]}  # not yet deleted
+    fake.fail = None
+    third = jobs.run_training(7, settings, fake)["model_version"]
+    assert set(fake.predictions) == {third} == set(registry.versions(7))

@@ -58,7 +58,8 @@ class FakeLabelStudio:
     def prediction_versions(self, project_id: int) -> dict[str, int]:
         return dict(self.predictions)
 
-    def delete_predictions(self, project_id: int, model_version: str) -> None:
+    def delete_predictions(self, project_id: int, model_version: str, count: int = 0) -> None:
+        self._maybe_fail("delete_predictions")
         self.predictions.pop(model_version, None)
 
     def ensure_views(self, project_id: int) -> dict[str, int]:
