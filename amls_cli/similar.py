@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 
 from ml_backend.config import Config
+from ml_backend.labelstudio import LabelStudioClient
 from ml_backend.registry import ModelRegistry
-from ml_backend.rerank import similar_tasks
+from ml_backend.rerank import similar_tab, similar_tasks
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,13 +21,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("tasks", type=int, nargs="+", metavar="TASK_ID",
                         help="Label Studio task ids to find more of")
     parser.add_argument("--top", type=int, default=20, help="how many to print (default 20)")
+    parser.add_argument("--tab", action="store_true",
+                        help="also show them in Label Studio as a Data Manager tab "
+                        "\"More like <ids>\" (needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)")
     parser.set_defaults(func=_similar)
 
 
 def _similar(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise ValueError(f"--top must be >= 1, got {args.top}")
-    registry = ModelRegistry(Config.from_env().model_dir)
-    for task_id, similarity in similar_tasks(registry, args.project, args.tasks, args.top):
+    cfg = Config.from_env()
+    registry = ModelRegistry(cfg.model_dir)
+    if args.tab:
+        client = LabelStudioClient(cfg.label_studio_url, cfg.label_studio_api_key)
+        view, ranked = similar_tab(registry, client, args.project, args.tasks, args.top)
+    else:
+        ranked = similar_tasks(registry, args.project, args.tasks, args.top)
+    for task_id, similarity in ranked:
         print(f"{task_id}\t{similarity:.4f}")
+    if args.tab:
+        print(f"Data Manager tab: {cfg.label_studio_url}/projects/{args.project}/data?tab={view}")
     return 0

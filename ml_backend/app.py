@@ -10,6 +10,7 @@ Routes (all optionally behind HTTP basic auth):
     GET  /versions         {"versions": [...]} for ?project= (or a JSON body's "project")
     GET  /metrics          per-project serving version, queue state and last job outcome
     GET  /similar          "more like this": ?project=&tasks=12,40&top= -> tasks by similarity
+    POST /similar/view     the same as a Data Manager tab in Label Studio -> its id and URL
     GET  /dashboard/<id>   an HTML page for people: scores, quality, training, top candidates
 
 Label Studio identifies a project as an int, as "<id>.<created timestamp>" (ML API calls)
@@ -31,12 +32,19 @@ import re
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
-from werkzeug.exceptions import HTTPException, NotFound, RequestEntityTooLarge
+from werkzeug.exceptions import (
+    BadGateway,
+    HTTPException,
+    NotFound,
+    RequestEntityTooLarge,
+    ServiceUnavailable,
+)
 
 from ml_backend.config import Config
 from ml_backend.dashboard_page import render_dashboard
 from ml_backend.label_schema import LabelConfigError, parse_label_config
-from ml_backend.rerank import similar_tasks
+from ml_backend.labelstudio import API_FAILURES, LabelStudioClient, describe_failure
+from ml_backend.rerank import similar_tab, similar_tasks
 from ml_backend.service import AnomalyService
 from ml_backend.submitters import QueueUnavailable
 
@@ -55,6 +63,7 @@ MAX_BODY_BYTES = 32 * 2**20
 MAX_PREDICT_TASKS = 10_000
 # Tasks "more like this" may return at most.
 MAX_SIMILAR = 1000
+MAX_TAB = 200  # tasks in a 'more like this' tab (one filter item each)
 # Label Studio project ids are database integers.
 MAX_PROJECT_ID = 2**31 - 1
 # "7" or "7.1700000000" (id and creation timestamp): ASCII digits only.
@@ -135,6 +144,33 @@ def create_app(service: AnomalyService, cfg: Config) -> Flask:
     @app.get("/metrics")
     def metrics() -> Response:
         return jsonify(service.metrics())
+
+    @app.post("/similar/view")
+    def similar_view() -> Response:
+        """"More like this" as a Data Manager tab: {"project": 7, "tasks": [12], "top": 20}
+        -> {"view": id, "url": the tab in Label Studio, "similar": [...]}."""
+        body = _json_object()
+        project_id = project_id_of(body.get("project"))
+        tasks, top = body.get("tasks"), body.get("top", 20)
+        if not isinstance(tasks, list) or not tasks or not all(
+                isinstance(t, int) and not isinstance(t, bool) and t > 0 for t in tasks):
+            raise BadRequest("'tasks' must be a non-empty list of task ids")
+        if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= MAX_TAB:
+            raise BadRequest(f"'top' must be an integer in 1..{MAX_TAB}")
+        if not cfg.label_studio_url or not cfg.label_studio_api_key:
+            raise ServiceUnavailable("LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY are needed to "
+                                     "create a Data Manager tab")
+        client = LabelStudioClient(cfg.label_studio_url, cfg.label_studio_api_key)
+        try:
+            view, ranked = similar_tab(service.registry, client, project_id, tasks, top)
+        except ValueError as err:  # no model, no cache, or unknown tasks
+            raise NotFound(str(err)) from None
+        except API_FAILURES as err:
+            raise BadGateway(f"Label Studio: {describe_failure(err)}") from None
+        return jsonify({"project": project_id, "view": view,
+                        "url": f"{cfg.label_studio_url}/projects/{project_id}/data?tab={view}",
+                        "similar": [{"task": t, "similarity": round(sim, 4)}
+                                    for t, sim in ranked]})
 
     @app.get("/dashboard/<project>")
     def dashboard(project: str) -> Response:

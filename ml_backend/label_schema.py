@@ -71,6 +71,25 @@ VIEWS: tuple[dict[str, Any], ...] = (
 )
 
 
+SIMILAR_PREFIX = "More like "  # tabs made by "more like this"
+
+
+def similar_view(query: Sequence[int], similar: Sequence[int]) -> dict[str, Any]:
+    """A Data Manager tab of the given tasks and those that look most like them ("more like
+    this"): Label Studio's filters cannot rank by our similarity, so it selects exactly those
+    tasks (id equal to any of them) and orders them by the project's current score."""
+    ids = list(dict.fromkeys([*map(int, query), *map(int, similar)]))
+    if not query or not similar:
+        raise ValueError("a 'more like this' tab needs given tasks and similar ones")
+    return {"title": SIMILAR_PREFIX + ", ".join(map(str, query[:5]))
+            + (" …" if len(query) > 5 else ""),
+            "ordering": ["-tasks:predictions_score"],
+            "filters": {"conjunction": "or", "items": [
+                {"filter": "filter:tasks:id", "operator": "equal", "type": "Number", "value": t}
+                for t in ids]},
+            "hiddenColumns": HIDDEN_COLUMNS}
+
+
 def task_query(*, annotated_only: bool = False,
                ids: Sequence[int] | None = None) -> dict[str, Any] | None:
     """The `query` of Label Studio's task list (Data Manager filters and selected items) for

@@ -248,6 +248,15 @@ class LabelStudioClient:
                 ids[title] = int(view.id)
         return ids
 
+    def put_view(self, project_id: int, data: dict[str, Any]) -> int:
+        """Create the Data Manager tab titled `data["title"]`, or replace that tab's data;
+        its id."""
+        for view in self.sdk.views.list(project=project_id):
+            if isinstance(view.data, dict) and view.data.get("title") == data["title"]:
+                self.sdk.views.update(id=str(view.id), project=project_id, data=data)
+                return int(view.id)
+        return int(self.sdk.views.create(project=project_id, data=data).id)
+
     def fetch_image(self, url: str, allowed_hosts: frozenset[str]) -> bytes:
         """Download a task image; relative URLs resolve against Label Studio.
 

@@ -44,7 +44,7 @@ from ml_backend.jobs import (
     job_client,
     point_label_studio_at,
 )
-from ml_backend.label_schema import parse_label_config, training_labels
+from ml_backend.label_schema import parse_label_config, similar_view, training_labels
 from ml_backend.labelstudio import LabelStudioClient, ProjectNotFound
 from ml_backend.registry import RERANK_STATUS, ModelRegistry
 from ml_backend.task_pixels import ImageSource, resolve_pixels, score_and_embed
@@ -262,6 +262,14 @@ def similar_tasks(registry: ModelRegistry, project_id: int, task_ids: list[int],
     keep = ~np.isin(order, rows)
     return list(zip(cache.task_ids[order[keep]][:top].tolist(),
                     sims[keep][:top].tolist(), strict=True))
+
+
+def similar_tab(registry: ModelRegistry, client: LabelStudioClient, project_id: int,
+                task_ids: list[int], top: int) -> tuple[int, list[tuple[int, float]]]:
+    """"More like this" as a Data Manager tab: (its view id, the ranked similar tasks)."""
+    ranked = similar_tasks(registry, project_id, task_ids, top)
+    view = client.put_view(project_id, similar_view(task_ids, [t for t, _ in ranked]))
+    return view, ranked
 
 
 def install_head(model: nn.Module, head: FastHead) -> None:

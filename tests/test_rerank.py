@@ -288,3 +288,29 @@ def test_the_similar_route_answers_json_and_refuses_clearly(trained):
     missing = http.get("/similar?project=7&tasks=999")
     assert missing.status_code == 404 and "no embedding for task(s) 999" in missing.json["error"]
     service.close()
+
+
+def test_the_similar_tab_route_refuses_clearly_before_and_at_label_studio(trained):
+    from ml_backend.app import create_app
+    from ml_backend.service import AnomalyService
+    from ml_backend.submitters import InProcessSubmitter
+
+    _, registry, settings, _, _ = trained
+
+    def post(cfg, body):
+        service = AnomalyService(cfg, registry, InProcessSubmitter(lambda p: None))
+        try:
+            return create_app(service, cfg).test_client().post("/similar/view", json=body)
+        finally:
+            service.close()
+
+    closed = settings.replace(label_studio_url="http://127.0.0.1:9", label_studio_api_key="k")
+    assert post(closed, {"project": 7, "tasks": []}).status_code == 400
+    assert post(closed, {"project": 7, "tasks": [1], "top": 0}).status_code == 400
+    assert post(closed, {"project": 7, "tasks": [True]}).status_code == 400
+    no_key = post(settings.replace(label_studio_api_key=""), {"project": 7, "tasks": [1]})
+    assert no_key.status_code == 503 and "LABEL_STUDIO_API_KEY" in no_key.json["error"]
+    unknown = post(closed, {"project": 7, "tasks": [999]})
+    assert unknown.status_code == 404 and "no embedding" in unknown.json["error"]
+    down = post(closed, {"project": 7, "tasks": [1], "top": 3})  # nothing listens on port 9
+    assert down.status_code == 502 and down.json["error"].startswith("Label Studio:")

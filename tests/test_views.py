@@ -5,6 +5,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
 from ml_backend.label_schema import (
     ALL_TITLE,
     HIDDEN_COLUMNS,
@@ -98,3 +100,17 @@ def test_columns_for_eyes_no_server_paths():
         assert not {"tasks:id", "tasks:predictions_score", "tasks:data.image"} & hidden
     shown = {"tasks:data.ra", "tasks:data.dec", "tasks:data.source", "tasks:data.cutout_id"}
     assert not shown & set(HIDDEN_COLUMNS["explore"])
+
+
+def test_a_more_like_this_tab_selects_exactly_the_given_and_similar_tasks():
+    from ml_backend.label_schema import SIMILAR_PREFIX, similar_view
+
+    view = similar_view([12, 40], [7, 40, 3])
+    assert view["title"] == SIMILAR_PREFIX + "12, 40"
+    assert view["filters"]["conjunction"] == "or"
+    assert [item["value"] for item in view["filters"]["items"]] == [12, 40, 7, 3]
+    assert {item["filter"] for item in view["filters"]["items"]} == {"filter:tasks:id"}
+    assert view["ordering"] == ["-tasks:predictions_score"]
+    assert similar_view(list(range(1, 8)), [9])["title"].endswith("1, 2, 3, 4, 5 …")
+    with pytest.raises(ValueError):
+        similar_view([], [1])
