@@ -74,7 +74,7 @@ def measure(ls: Any, n_tasks: int, batches: list[int]) -> dict[str, Any]:
     switch_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    client.delete_predictions(project.id, "bulk")
+    client.delete_predictions(project.id, "bulk", n_tasks)
     delete_s = time.perf_counter() - start
     held = client.prediction_versions(project.id)
     if any(held.get(f"ours-{size}") != n_tasks for size in batches) or "bulk" in held:
