@@ -58,8 +58,10 @@ class Config:
     distribution_alignment: bool | None = None
     # Model versions kept per project on disk and as predictions in Label Studio.
     versions_kept: int = 3
-    # Predictions written to Label Studio per API request.
-    prediction_write_batch: int = 500
+    # Predictions written to Label Studio per API request. Label Studio 1.23 recounts every
+    # task of the project after each request, so one request per version is fastest
+    # (benchmarks/RESULTS.md, "Label Studio's own costs").
+    prediction_write_batch: int = 100_000
     # RQ queue name (training cycles; instant re-rankings use `fast_queue_name`).
     queue_name: str = "amls"
     # Seconds an RQ training job may run before RQ kills it.
@@ -194,7 +196,7 @@ class Config:
             test_time_augmentation=_auto_bool(env, "AMLS_TEST_TIME_AUGMENTATION"),
             distribution_alignment=_auto_bool(env, "AMLS_DISTRIBUTION_ALIGNMENT"),
             versions_kept=_int(env, "AMLS_VERSIONS_KEPT", 3),
-            prediction_write_batch=_int(env, "AMLS_PREDICTION_WRITE_BATCH", 500),
+            prediction_write_batch=_int(env, "AMLS_PREDICTION_WRITE_BATCH", 100_000),
             queue_name=env.get("AMLS_QUEUE", "amls"),
             job_timeout_s=_int(env, "AMLS_JOB_TIMEOUT_S", 3600),
             debounce_s=_float(env, "AMLS_DEBOUNCE_S", 2.0),

@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 HTTP_TIMEOUT_S = 60.0
 # Extra wait per prediction when deleting a version: Label Studio takes about 10 ms each.
 DELETE_S_PER_PREDICTION = 0.05
+# ... and when importing predictions (about 1 ms each, plus a recount of the project's tasks).
+WRITE_S_PER_PREDICTION = 0.005
 # Redirects followed when downloading a task image; every hop must be an allowed host.
 MAX_REDIRECTS = 3
 # A task image larger than this is refused before it is read to the end.
@@ -104,6 +106,11 @@ def same_origin(url: str, other: str) -> bool:
 
     first = origin(url)
     return bool(first[0] and first[1]) and first == origin(other)
+
+
+def _write_timeout(n_predictions: int) -> int:
+    """Seconds to wait for one prediction import of that size (about 1,000 a second here)."""
+    return int(HTTP_TIMEOUT_S + WRITE_S_PER_PREDICTION * n_predictions)
 
 
 class LabelStudioClient:
@@ -191,7 +198,10 @@ class LabelStudioClient:
                             f"Studio; expected {written} or {written + len(batch)}")
                 # The SDK's own retries would re-send blindly; ours check first.
                 self.sdk.projects.import_predictions(id=project_id, request=batch,
-                                                     request_options={"max_retries": 0})
+                                                     request_options={
+                                                         "max_retries": 0,
+                                                         "timeout_in_seconds": _write_timeout(
+                                                             len(batch))})
                 return
             except API_FAILURES as err:
                 if not is_transient(err) or attempt == tries - 1:
