@@ -21,23 +21,18 @@ import csv
 import json
 import logging
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import requests
 
 from demo.screenshot import (
-    CHROMEDRIVER,
-    CHROMIUM,
-    CHROMIUM_FLAGS,
     DEFAULT_CREDENTIALS,
     PAGE_TIMEOUT_S,
     SETTLE_S,
-    read_login,
+    logged_in_browser,
+    login_for_screenshots,
 )
 
 logger = logging.getLogger("demo.docs_screenshots")
@@ -78,36 +73,6 @@ def _serving(backend: str, project: int) -> str:
     return str(projects.get(str(project), {}).get("model_version", "untrained"))
 
 
-@contextmanager
-def browser(url: str, username: str, password: str,
-            size: tuple[int, int] = (1400, 1000)) -> Iterator[Any]:
-    """Headless Chromium logged in to Label Studio (its cookie also loads the thumbnails the
-    backend's dashboard shows)."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    with tempfile.TemporaryDirectory(prefix="amls-chromium-") as profile:
-        options = webdriver.ChromeOptions()
-        options.binary_location = CHROMIUM
-        for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={profile}",
-                     f"--window-size={size[0]},{size[1]}"):
-            options.add_argument(flag)
-        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-        try:
-            wait = WebDriverWait(driver, PAGE_TIMEOUT_S)
-            driver.get(f"{url}/user/login/")
-            wait.until(ec.presence_of_element_located((By.NAME, "email"))).send_keys(username)
-            driver.find_element(By.NAME, "password").send_keys(password)
-            driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-            wait.until(lambda d: "/user/login" not in d.current_url)
-            yield driver
-        finally:
-            driver.quit()
-
-
 def shoot(driver: Any, page: str, out: Path, images: int = 1,
           size: tuple[int, int] = (1400, 1000)) -> Path:
     """Open `page` in a window of `size` (CSS pixels), wait for `images` decoded images and
@@ -137,17 +102,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="folder for the PNGs")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        import selenium  # noqa: F401 - checked here for a clear message
-        from label_studio_sdk import LabelStudio
-    except ImportError:
-        print("demo.docs_screenshots needs selenium: pip install -e '.[docs]'", file=sys.stderr)
+    from label_studio_sdk import LabelStudio
+
+    login = login_for_screenshots("demo.docs_screenshots", args.credentials)
+    if login is None:
         return 2
-    try:
-        username, password = read_login(args.credentials)
-        token = json.loads(args.credentials.read_text(encoding="utf-8"))["token"]
-    except (ValueError, KeyError) as err:
-        print(f"demo.docs_screenshots: {err}", file=sys.stderr)
+    username, password = login
+    token = json.loads(args.credentials.read_text(encoding="utf-8")).get("token")
+    if not token:
+        print(f"demo.docs_screenshots: {args.credentials} has no API token", file=sys.stderr)
         return 2
     url, backend = args.url.rstrip("/"), args.backend.rstrip("/")
     sdk = LabelStudio(base_url=url, api_key=token)
@@ -162,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     tab = requests.post(f"{backend}/similar/view", timeout=60, json={
         "project": args.project, "tasks": [top_rare], "top": 20}).json()
     project_data = f"{url}/projects/{args.project}/data"
-    with browser(url, username, password) as driver:
+    with logged_in_browser(url, username, password) as driver:
         shoot(driver, f"{backend}/dashboard/{args.project}", args.out / "dashboard.png", 8,
               size=(1300, 1700))
         shoot(driver, f"{project_data}?tab={views['Most anomalous first']}",

@@ -19,7 +19,10 @@ import logging
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger("demo.screenshot")
 
@@ -33,13 +36,11 @@ PAGE_TIMEOUT_S = 90.0
 SETTLE_S = 3.0
 
 
-def take_screenshot(url: str, username: str, password: str, project: int, task: int,
-                    out: Path, tab: int | None = None,
-                    size: tuple[int, int] = (1400, 1000)) -> Path:
-    """Log in, open `task` of `project` (in Data Manager tab `tab`), save the window as PNG.
-
-    `size` is the window in CSS pixels (width, height); returns `out`.
-    """
+@contextmanager
+def logged_in_browser(url: str, username: str, password: str,
+                      size: tuple[int, int] = (1400, 1000)) -> Iterator[Any]:
+    """Headless Chromium in a fresh temporary profile, logged in to Label Studio at `url`
+    through its login form; `size` is the window in CSS pixels (width, height)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -60,15 +61,28 @@ def take_screenshot(url: str, username: str, password: str, project: int, task: 
             driver.find_element(By.NAME, "password").send_keys(password)
             driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
             wait.until(lambda d: "/user/login" not in d.current_url)
-            view = f"tab={tab}&" if tab is not None else ""
-            driver.get(f"{url}/projects/{project}/data?{view}task={task}")
-            wait.until(_image_loaded)
-            time.sleep(SETTLE_S)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            if not driver.save_screenshot(str(out)):
-                raise RuntimeError(f"chromium could not write {out}")
+            yield driver
         finally:
             driver.quit()
+
+
+def take_screenshot(url: str, username: str, password: str, project: int, task: int,
+                    out: Path, tab: int | None = None,
+                    size: tuple[int, int] = (1400, 1000)) -> Path:
+    """Log in, open `task` of `project` (in Data Manager tab `tab`), save the window as PNG.
+
+    `size` is the window in CSS pixels (width, height); returns `out`.
+    """
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with logged_in_browser(url, username, password, size) as driver:
+        view = f"tab={tab}&" if tab is not None else ""
+        driver.get(f"{url}/projects/{project}/data?{view}task={task}")
+        WebDriverWait(driver, PAGE_TIMEOUT_S).until(_image_loaded)
+        time.sleep(SETTLE_S)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if not driver.save_screenshot(str(out)):
+            raise RuntimeError(f"chromium could not write {out}")
     logger.info("wrote %s", out)
     return out
 
@@ -96,6 +110,21 @@ def read_login(path: Path) -> tuple[str, str]:
                          f"password ({type(err).__name__}: {err})") from None
 
 
+def login_for_screenshots(prog: str, credentials: Path) -> tuple[str, str] | None:
+    """(username, password) when selenium is installed and the credentials file reads; else
+    None, with the reason printed for `prog`'s user."""
+    try:
+        import selenium  # noqa: F401 - checked here for a clear message
+    except ImportError:
+        print(f"{prog} needs selenium: pip install -e '.[docs]'", file=sys.stderr)
+        return None
+    try:
+        return read_login(credentials)
+    except ValueError as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m demo.screenshot",
                                 description=__doc__.split("\n")[0])
@@ -108,16 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="PNG file to write")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        import selenium  # noqa: F401 - checked here for a clear message
-    except ImportError:
-        print("demo.screenshot needs selenium: pip install -e '.[docs]'", file=sys.stderr)
+    login = login_for_screenshots("demo.screenshot", args.credentials)
+    if login is None:
         return 2
-    try:
-        username, password = read_login(args.credentials)
-    except ValueError as err:
-        print(f"demo.screenshot: {err}", file=sys.stderr)
-        return 2
+    username, password = login
     take_screenshot(args.url.rstrip("/"), username, password, args.project, args.task,
                     args.out, tab=args.tab)
     return 0
