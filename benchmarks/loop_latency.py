@@ -186,6 +186,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             + [(t, "normal") for t in normals[:20]])
             first_version, first_order_s = wait_for_new_order(client, project.id, None, last,
                                                               args.timeout)
+            first_kind = _kind(cfg, project.id, first_version)
             metrics = wait_for_job(url, project.id, last, args.timeout)
             loop_s = time.time() - last
             if metrics["model_version"] == "untrained" or metrics["queue"]["last_error"]:
@@ -196,6 +197,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             + [(t, "normal") for t in normals[20:23]])
             fast_version, visible_s = wait_for_new_order(client, project.id, before, last,
                                                          args.timeout)
+            fast_kind = _kind(cfg, project.id, fast_version)
             fast = wait_for_rerank(url, project.id, last, args.timeout)
             rerank_s = time.time() - last
             result = fast["rerank"]["last_result"] or {}
@@ -209,11 +211,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "tasks": len(tasks), "iterations": args.iterations, "image_size": args.image_size,
             "debounce_s": args.debounce,
             "first_burst_to_first_order_s": round(first_order_s, 2),
-            "first_order_kind": _kind(cfg, project.id, first_version),
+            "first_order_kind": first_kind,
             "last_annotation_to_reordered_queue_s": round(loop_s, 2),
             "job_duration_s": metrics["queue"]["last_duration_s"],
             "second_burst_to_instant_order_visible_s": round(visible_s, 2),
-            "instant_order_kind": _kind(cfg, project.id, fast_version),
+            "instant_order_kind": fast_kind,
             "second_burst_to_rerank_finished_s": round(rerank_s, 2),
             "rerank_duration_s": fast["rerank"]["last_duration_s"],
             "rerank_stage_seconds": result.get("stage_seconds"),
