@@ -65,7 +65,8 @@ def measure(ls: Any, n_tasks: int, batches: list[int], slow_parts: bool = True,
 
     start = time.perf_counter()
     sdk.projects.import_predictions(id=project.id, request=[
-        {"task": t, **schema.prediction(s, "bulk")} for t, s in scores])
+        {"task": t, **schema.prediction(s, "bulk")} for t, s in scores],
+        request_options={"timeout_in_seconds": 1800})
     bulk_s = time.perf_counter() - start
 
     ours = {}
