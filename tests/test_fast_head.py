@@ -62,15 +62,39 @@ def test_bad_inputs_are_refused_clearly():
         head.scores(np.zeros((3, 8), dtype=np.float32))
 
 
-def test_similar_orders_by_cosine_to_the_query_direction():
+def test_similar_orders_by_cosine_of_standardised_features_to_the_query_direction():
     features = np.array([[1, 0], [0.9, 0.1], [0, 1], [-1, 0], [0.7, 0.7]], dtype=np.float32)
+    z = (features - features.mean(axis=0)) / features.std(axis=0)  # by hand
+    unit = z / np.linalg.norm(z, axis=1, keepdims=True)
     rows, sims = similar(features, [0], k=3)
-    assert list(rows) == [0, 1, 4]
-    np.testing.assert_allclose(sims, [1.0, 0.9 / np.hypot(0.9, 0.1), np.sqrt(0.5)], rtol=1e-5)
-    rows, _ = similar(features, [0, 2], k=10)  # mean direction of two queries; k capped
-    assert list(rows[:2]) == [4, 1] and len(rows) == 5 and rows[-1] == 3
+    expected = np.argsort(-(unit @ unit[0]), kind="stable")[:3]
+    assert list(rows) == list(expected) and rows[0] == 0
+    np.testing.assert_allclose(sims, (unit @ unit[0])[expected], rtol=1e-5)
+    direction = unit[[0, 2]].mean(axis=0)
+    rows, sims = similar(features, [0, 2], k=10)  # mean direction of two queries; k capped
+    by_hand = unit @ (direction / np.linalg.norm(direction))
+    assert len(rows) == 5 and rows[0] == 4  # (rows 0 and 2 tie next)
+    np.testing.assert_allclose(sims, np.sort(by_hand)[::-1], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="at least one query"):
         similar(features, [], k=2)
+
+
+def test_similar_ignores_what_every_row_shares_and_loud_uninformative_features():
+    """Raw pooled features share a large offset and differ in scale per feature; raw cosine
+    then follows the loudest features. Standardised, the ranking is the same under any
+    per-feature offset and scale, and the query's own cluster comes first."""
+    features, truth = clustered(n=400, n_anomalies=8)
+    features = features.astype(np.float32)
+    anomalies = np.flatnonzero(truth)
+    loud = features * np.r_[np.ones(4), np.full(28, 30.0)].astype(np.float32) + 50.0
+    rows, sims = similar(loud, anomalies[:2], k=8)
+    same_rows, same_sims = similar(features, anomalies[:2], k=8)
+    assert list(rows) == list(same_rows) and len(set(rows) & set(anomalies)) >= 6
+    np.testing.assert_allclose(sims, same_sims, atol=1e-4)
+    direction = (loud[anomalies[:2]] / np.linalg.norm(loud[anomalies[:2]], axis=1,
+                                                      keepdims=True)).mean(axis=0)
+    raw = loud @ direction / np.linalg.norm(loud, axis=1)
+    assert len(set(np.argsort(-raw)[:8]) & set(anomalies)) <= 3  # raw cosine is lost
 
 
 def test_blend_with_model_is_the_mean_of_both_standardised_logits():
