@@ -127,11 +127,12 @@ def similar(features: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray
     direction = (query / _norms(query)[:, None]).mean(axis=0)
     direction /= max(float(np.linalg.norm(direction)), 1e-12)
     towards = torch.from_numpy(direction.astype(np.float32))
-    centre, scale = torch.from_numpy(mean), torch.from_numpy(std)
+    inverse = torch.from_numpy((1.0 / std).astype(np.float32))
+    shift = -torch.from_numpy(mean) * inverse
     sims = []
     for block in _float_blocks(features):
-        z = (block - centre) / scale
-        sims.append((z @ towards) / z.norm(dim=1).clamp_min(1e-12))
+        z = torch.addcmul(shift, block, inverse)  # (f - mean) / std in one pass
+        sims.append((z @ towards) / torch.linalg.vector_norm(z, dim=1).clamp_min(1e-12))
     sims = torch.cat(sims).numpy()
     k = min(k, len(sims))
     top = np.argpartition(-sims, k - 1)[:k] if k < len(sims) else np.arange(len(sims))
