@@ -8,7 +8,8 @@ the demo's truth.csv) and waits for the first training cycle. Then it saves:
 - `dashboard.png`: the backend's dashboard of the project;
 - `queue.png`: Label Studio's "Most anomalous first" tab (list view);
 - `more_like_this.png`: the "More like <task>" tab for the top-ranked bent-tailed galaxy;
-- `labeling_top.png` / `labeling_low.png`: the labelling page of the top- and a low-ranked task.
+- `labeling_top.png` / `labeling_low.png`: the labelling page of the top-ranked task and of
+  the one in the middle of the queue.
 
 The login comes from the demo's credentials file, never from the command line. Needs Debian's
 `chromium` and `chromium-driver` and `selenium` (`pip install -e '.[docs]'`).
