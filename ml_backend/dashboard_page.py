@@ -9,6 +9,7 @@ which the annotator's browser loads from Label Studio as in the Data Manager.
 from __future__ import annotations
 
 import html
+import math
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -47,7 +48,7 @@ def render_dashboard(registry: ModelRegistry, project_id: int, state: Mapping[st
     else:
         parts.append(_scores_section(summary))
         parts.append(_quality_section(versions, metas, summaries, summary))
-        parts.append(_training_section(current, metas, summaries, registry, project_id))
+        parts.append(_training_section(current, metas, summaries))
         parts.append(_gallery(summary, project_id, ls))
     parts.append(_versions_table(versions, metas, summaries, current))
     parts.append("</main></body></html>")
@@ -178,16 +179,12 @@ def _quality_section(versions: Sequence[str], metas: Mapping[str, Mapping[str, A
 
 
 def _training_section(current: str, metas: Mapping[str, Mapping[str, Any]],
-                      summaries: Mapping[str, Mapping[str, Any] | None],
-                      registry: ModelRegistry, project_id: int) -> str:
+                      summaries: Mapping[str, Mapping[str, Any] | None]) -> str:
     """The curves of the cycle the serving version rests on (itself or a fast version's
-    parent)."""
+    parent, which pruning keeps)."""
     meta = metas.get(current) or {}
     cycle = str(meta.get("parent")) if meta.get("kind") == "fast" else current
-    summary = summaries.get(cycle)
-    if summary is None and cycle not in summaries:
-        summary = read_summary(registry.version_dir(project_id, cycle))
-    steps = (summary or {}).get("steps")
+    steps = (summaries.get(cycle) or {}).get("steps")
     if not steps:
         return ("<section><h2>Training</h2><p class='muted'>The serving version is not a "
                 "training cycle with recorded steps.</p></section>")
@@ -247,8 +244,6 @@ def _versions_table(versions: Sequence[str], metas: Mapping[str, Mapping[str, An
 
 def _histogram_svg(hist: Mapping[str, Sequence[int]]) -> str:
     """Bars per score bin, one colour per group, side by side; log(1 + count) heights."""
-    import math
-
     groups = [g for g in ("unlabelled", "normal", "anomaly") if hist.get(g)]
     bins = max((len(hist[g]) for g in groups), default=0)
     top = max((math.log1p(c) for g in groups for c in hist[g]), default=0.0) or 1.0

@@ -171,7 +171,7 @@ def rerank_and_publish(project_id: int, settings: Config, client: LabelStudioCli
         forget_version(client, project_id, meta.version)
         raise
     by_task = dict(zip(cache.task_ids.tolist(), all_scores.tolist(), strict=True))
-    top = sorted((t for t in unlabelled_ids.tolist()), key=lambda t: -by_task[t])[:GALLERY]
+    top = unlabelled_ids[np.argsort(-scores, kind="stable")[:GALLERY]].tolist()
     record_version(registry.version_dir(project_id, meta.version),
                    registry.version_dir(project_id, latest) if latest else None, by_task,
                    labels, held_out, itertools.chain(tasks, client.iter_tasks(project_id, ids=top)),
