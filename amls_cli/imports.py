@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from import_tools import fits_reader, plan
+from import_tools import cutana_reader, fits_reader, plan
 from import_tools.labels import import_labels, write_label_report
 from import_tools.pipeline import Output, Settings, Writer, open_existing, run_jobs
 from import_tools.push import push
@@ -48,6 +48,20 @@ def register(sub: argparse._SubParsersAction) -> None:
                          help="image dataset inside each per-image group (default Img)")
         _add_common(arr, stretch_default="none")
         arr.set_defaults(func=_cmd_array, kind=kind)
+
+    cutana = kinds.add_parser(
+        "cutana", help="cutouts made by ESA's Cutana (zarr output)",
+        description="Import the zarr output of ESA's Cutana (its output_dir, holding "
+        "batch_*/images.zarr, or one images.zarr; images_to_zarr stores read the same). Ids, "
+        "RA and Dec come from each store's <name>_metadata.parquet (needs pyarrow: the [esa] "
+        "extra). --stretch auto keeps Cutana's normalisation: none for uint8, unit (x255) for "
+        "floats in [0, 1], asinh for unnormalised fluxes.")
+    cutana.add_argument("path", type=Path, help="Cutana output_dir or an images.zarr")
+    cutana.add_argument("--layout", choices=cutana_reader.LAYOUTS, default="auto",
+                        help="axis order of the images array: nhwc (Cutana), nchw "
+                        "(images_to_zarr on files), or auto (default) from its shape")
+    _add_common(cutana, stretch_default="auto")
+    cutana.set_defaults(func=_cmd_cutana)
 
     images = kinds.add_parser("images", help="a PNG / JPEG / TIFF folder tree")
     images.add_argument("directory", type=Path)
@@ -193,6 +207,26 @@ def _cmd_array(args: argparse.Namespace) -> int:
         if fallback is None and shape is None and args.size is None:
             fallback = plan.first_group_shape(args.kind, args.path, work.jobs)
         return work, _resolve_size(args, shape, fallback)
+
+    return _run(args, spec, build)
+
+
+def _cmd_cutana(args: argparse.Namespace) -> int:
+    batches = [cutana_reader.inspect_batch(store, args.layout)
+               for store in cutana_reader.find_batches(args.path)]
+    if args.stretch == "auto":
+        args.stretch = cutana_reader.default_stretch(next(
+            (b for b in batches if b.ids), batches[0]))
+        log.info("cutana: stretch %s for %s pixels", args.stretch, batches[0].dtype)
+    spec = _stretch_spec(args)
+    sizes = {b.hwc[:2] for b in batches if b.ids}
+    if len(sizes) > 1 and args.size is None:
+        raise ValueError(f"{args.path}: stores hold cutouts of sizes {sorted(sizes)}; pass "
+                         "--size to resize them to one")
+
+    def build(existing, shape):
+        fallback = next(iter(sizes)) if sizes else None
+        return plan.cutana_plan(batches, existing), _resolve_size(args, shape, fallback)
 
     return _run(args, spec, build)
 

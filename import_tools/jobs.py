@@ -14,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
-from import_tools import array_reader, fits_reader
+from import_tools import array_reader, cutana_reader, fits_reader
 from import_tools.report import Failure
 
 
@@ -125,6 +125,22 @@ class GroupJob:
     def load(self) -> Iterator[RawItem | Failure]:
         yield from _array_items(self.path, array_reader.read_groups(
             self.kind, self.path, self.group, self.image_key, self.names))
+
+
+@dataclass(frozen=True)
+class CutanaJob:
+    """Sorted indices of one Cutana ``images.zarr`` with their ids and positions."""
+
+    zarr: Path
+    layout: cutana_reader.Order
+    indices: tuple[int, ...]
+    ids: tuple[str, ...]
+    ra: tuple[float | None, ...]
+    dec: tuple[float | None, ...]
+
+    def load(self) -> Iterator[RawItem | Failure]:
+        yield from _array_items(self.zarr, cutana_reader.read_images(
+            self.zarr, self.layout, self.indices, self.ids, self.ra, self.dec))
 
 
 def _array_items(path: Path, items: Iterator) -> Iterator[RawItem | Failure]:

@@ -13,8 +13,16 @@ from pathlib import Path
 
 import numpy as np
 
-from import_tools import array_reader, fits_reader
-from import_tools.jobs import FitsCatalogJob, FitsImageJob, GroupJob, Job, RawItem, StackJob
+from import_tools import array_reader, cutana_reader, fits_reader
+from import_tools.jobs import (
+    CutanaJob,
+    FitsCatalogJob,
+    FitsImageJob,
+    GroupJob,
+    Job,
+    RawItem,
+    StackJob,
+)
 from import_tools.report import Failure
 
 CHUNK = 128  # items per job: large enough to amortise process hand-off, small for memory
@@ -135,3 +143,28 @@ def first_group_shape(kind: array_reader.Kind, path: Path,
             if isinstance(raw, RawItem):
                 return raw.pixels.shape[:2]
     return None
+
+
+def cutana_plan(batches: Sequence[cutana_reader.CutanaBatch], existing: Container[str]) -> Plan:
+    """Jobs over every store of a Cutana output; an id in two stores is a failure."""
+    plan = Plan()
+    seen: set[str] = set()
+    for batch in batches:
+        todo = []
+        for i, cid in enumerate(batch.ids):
+            if cid in existing:
+                plan.skipped += 1
+            elif cid in seen:
+                plan.failures.append(Failure(str(batch.zarr), f"images[{i}]",
+                                             f"id {cid!r} repeats an earlier store's id"))
+            else:
+                seen.add(cid)
+                todo.append(i)
+        for start in range(0, len(todo), CHUNK):
+            chunk = tuple(todo[start:start + CHUNK])
+            plan.jobs.append(CutanaJob(batch.zarr, batch.layout, chunk,
+                                       tuple(batch.ids[i] for i in chunk),
+                                       tuple(batch.ra[i] for i in chunk),
+                                       tuple(batch.dec[i] for i in chunk)))
+        plan.n_items += len(todo)
+    return plan

@@ -23,6 +23,7 @@ RAMP = np.array([[0.0, 1.0, 2.0, 3.0, 4.0]])  # (1, 5)
         ({"name": "asinh", "lower_percentile": 0, "upper_percentile": 100},
          [0, 140, 197, 231, 255]),
         ({"name": "none"}, [0, 1, 2, 3, 4]),
+        ({"name": "unit"}, [0, 255, 255, 255, 255]),  # display values in [0, 1], clipped
     ],
 )
 def test_expected_values(spec, expected):
@@ -53,7 +54,7 @@ def test_zscale_uses_astropy_limits():
     assert out[10, 10] == 255
 
 
-@pytest.mark.parametrize("name", ["linear", "log", "asinh", "zscale", "none"])
+@pytest.mark.parametrize("name", ["linear", "log", "asinh", "zscale", "none", "unit"])
 @pytest.mark.parametrize("shape", [(8, 9), (8, 9, 1), (8, 9, 3), (8, 9, 5)])
 def test_shape_kept_and_input_unchanged(name, shape):
     rng = np.random.default_rng(1)
@@ -64,6 +65,11 @@ def test_shape_kept_and_input_unchanged(name, shape):
     assert result.pixels.shape == shape and result.pixels.dtype == np.uint8
     np.testing.assert_array_equal(image, before)  # NaN == NaN under assert_array_equal
     assert result.n_nonfinite == 1
+
+
+def test_unit_scales_display_values_in_zero_one():
+    v = np.array([[0.0, 0.25, 0.5, 1.0, 1.5, -0.2]])
+    np.testing.assert_array_equal(make_stretch("unit")(v)[0], [0, 64, 128, 255, 255, 0])
 
 
 def test_channels_are_independent():

@@ -18,6 +18,8 @@ independently:
 
 A channel with no finite pixel raises ``ValueError``. ``{"name": "none"}`` means the pixels are
 already display values in [0, 255]: they are rounded and clipped, nothing else.
+``{"name": "unit"}`` means display values in [0, 1] (e.g. Cutana's normalised float cutouts):
+scaled by 255, rounded and clipped.
 
 The ``fitsbolt-*`` stretches hand step 2-4 of each channel to ESA's fitsbolt library
 (``fitsbolt.normalise_images``, the normalisation esa/AnomalyMatch uses), so cutouts can be
@@ -45,6 +47,7 @@ from astropy.visualization import (
 # Defaults per stretch name; a spec may override any of these and nothing else.
 DEFAULTS: dict[str, dict[str, float]] = {
     "none": {},
+    "unit": {},
     "linear": {"lower_percentile": 0.0, "upper_percentile": 100.0},
     "log": {"a": 1000.0, "lower_percentile": 0.0, "upper_percentile": 100.0},
     "asinh": {"a": 0.1, "lower_percentile": 0.5, "upper_percentile": 99.5},
@@ -72,6 +75,7 @@ class _Parts:
     interval: Callable[[], BaseInterval] | None
     stretch: BaseStretch | None
     external: Callable[[np.ndarray], np.ndarray] | None = None  # finite plane -> uint8
+    scale: float = 1.0  # display values times this are [0, 255] (no interval only)
 
 
 def _check_percentiles(name: str, params: Mapping[str, float]) -> None:
@@ -120,8 +124,8 @@ def _fitsbolt_parts(name: str, params: Mapping[str, float]) -> _Parts:
 def _build_parts(name: str, params: Mapping[str, float]) -> _Parts:
     if name.startswith(FITSBOLT_PREFIX):
         return _fitsbolt_parts(name, params)
-    if name == "none":
-        return _Parts(interval=None, stretch=None)
+    if name in ("none", "unit"):
+        return _Parts(interval=None, stretch=None, scale=255.0 if name == "unit" else 1.0)
     if name == "zscale":
         if not 0.0 < params["contrast"] <= 1.0:
             raise ValueError(f"stretch 'zscale': contrast must be in (0, 1], "
@@ -205,7 +209,7 @@ class Stretch:
                 return np.zeros(x.shape, dtype=np.uint8), n_bad
             return self._parts.external(x), n_bad
         if self._parts.interval is None:
-            return np.clip(np.rint(x), 0, 255).astype(np.uint8), n_bad
+            return np.clip(np.rint(x * self._parts.scale), 0, 255).astype(np.uint8), n_bad
         vmin, vmax = self._parts.interval().get_limits(x)
         if not vmax > vmin:
             return np.zeros(x.shape, dtype=np.uint8), n_bad
