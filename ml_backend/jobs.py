@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 # A running job records its progress at most this often (and at every change of stage).
 PROGRESS_EVERY_S = 2.0
+# ... and shows it in the queue tab's title in Label Studio at most this often.
+TITLE_EVERY_S = 10.0
 
 
 def run_training(project_id: int, settings: Config,
@@ -69,12 +71,15 @@ def run_training(project_id: int, settings: Config,
     jobs_total = int(previous.get("jobs_total", 0)) + 1
     registry.write_status(project_id, {**previous, "running_since": started,
                                        "jobs_total": jobs_total})
-    progress = JobProgress(registry, project_id, started)
+    title = QueueTitle(client, project_id)
+    progress = JobProgress(registry, project_id, started, title)
+    waiting = None
     try:
         summary = train_and_publish(project_id, settings, client, registry, label_config,
                                     on_progress=progress)
         if summary["status"] == "trained" and settings.fast_rerank and settings.rerank_blend:
             summary["ranking"] = _publish_blend(project_id, settings, client, registry)
+        waiting = summary.get("waiting_for")
     except Exception as err:
         _record_failure(registry, project_id, started, jobs_total, err)
         logger.error("project %d: training job failed after %.1f s: %s", project_id,
@@ -82,6 +87,7 @@ def run_training(project_id: int, settings: Config,
         raise
     finally:
         registry.write_progress(project_id, None)
+        title.show(waiting)
     duration = time.time() - started
     registry.write_status(project_id, {"jobs_total": jobs_total, "last_finished": time.time(),
                                        "last_duration_s": round(duration, 3),
@@ -123,13 +129,44 @@ def _record_failure(registry: ModelRegistry, project_id: int, started: float,
         "last_traceback": "".join(trace), "last_result": None})
 
 
+class QueueTitle:
+    """What a job is doing, in the title of the queue tab annotators look at ("Most anomalous
+    first · training 40/100"); best effort: Label Studio refusing costs a log line only."""
+
+    STAGES = {"train": "training {done}/{total}", "score": "scoring {total:,} tasks",
+              "write": "writing {total:,} scores"}
+
+    def __init__(self, client: LabelStudioClient, project_id: int) -> None:
+        self.client, self.project_id = client, project_id
+        self._shown: str | None = None
+        self._at = 0.0
+
+    def progress(self, stage: str, done: int, total: int) -> None:
+        text = self.STAGES.get(stage, stage).format(done=done, total=total)
+        same_stage = self._shown is not None and self._shown.split()[0] == text.split()[0]
+        if same_stage and time.time() - self._at < TITLE_EVERY_S:
+            return
+        self.show(text)
+
+    def show(self, text: str | None) -> None:
+        if text == self._shown:
+            return
+        self._shown, self._at = text, time.time()
+        try:
+            self.client.set_queue_status(self.project_id, text)
+        except Exception as err:  # noqa: BLE001 - cosmetic; the job must not fail for it
+            logger.info("project %d: queue title not updated: %s", self.project_id, err)
+
+
 class JobProgress:
     """How far a job is, in MODEL_DIR/<project>/progress.json (what /metrics shows, for
-    in-process and RQ jobs alike) and in the RQ job's meta; written at most every
-    PROGRESS_EVERY_S seconds, and at every change of stage."""
+    in-process and RQ jobs alike), in the RQ job's meta and, when given, in the queue tab's
+    title; written at most every PROGRESS_EVERY_S seconds, and at every change of stage."""
 
-    def __init__(self, registry: ModelRegistry, project_id: int, started: float) -> None:
+    def __init__(self, registry: ModelRegistry, project_id: int, started: float,
+                 title: QueueTitle | None = None) -> None:
         self.registry, self.project_id, self.started = registry, project_id, started
+        self.title = title
         self._last: tuple[str, float] = ("", 0.0)
 
     def __call__(self, stage: str, done: int, total: int) -> None:
@@ -137,6 +174,8 @@ class JobProgress:
         if stage == self._last[0] and now - self._last[1] < PROGRESS_EVERY_S and done < total:
             return
         self._last = (stage, now)
+        if self.title is not None:
+            self.title.progress(stage, done, total)
         progress = {"stage": stage, "done": done, "total": total, "started": self.started,
                     "updated": now}
         self.registry.write_progress(self.project_id, progress)
@@ -169,7 +208,10 @@ def train_and_publish(project_id: int, settings: Config, client: LabelStudioClie
                   f"{settings.min_normals} other labels (AMLS_MIN_ANOMALIES, "
                   f"AMLS_MIN_NORMALS); has {n_anomaly} and {n_other}")
         logger.info("project %d: not training yet: %s", project_id, reason)
-        return {"project": project_id, "status": "skipped", "reason": reason}
+        waiting = (f"waiting for labels: {n_anomaly}/{settings.min_anomalies} {anomaly_label}, "
+                   f"{n_other}/{settings.min_normals} other")
+        return {"project": project_id, "status": "skipped", "reason": reason,
+                "waiting_for": waiting}
     pixels = resolve_pixels(project_id, tasks, schema.image_key, registry,
                             settings.store_root_dirs,
                             ImageSource(client, settings.image_hosts))
@@ -195,6 +237,7 @@ def train_and_publish(project_id: int, settings: Config, client: LabelStudioClie
         model, meta = load_model_dir(staging)
         # One pass over every task with pixels: scores, and the embeddings the instant
         # re-ranking (`ml_backend.rerank`) fits its head on, labelled tasks included.
+        on_progress("score", 0, len(pixels.rows))
         scored, probabilities, features = score_and_embed(
             pixels, sorted(pixels.rows), model, meta, cfg.score_batch_size, cfg.device)
         write_embeddings(staging, scored, features)

@@ -26,6 +26,21 @@ VIEW_TITLE = "Most anomalous first"  # the queue: unlabelled tasks, highest scor
 LABELLED_TITLE = "Labelled"           # one's own work, most recently labelled first
 UNSURE_TITLE = "Model unsure"         # unlabelled tasks near the decision boundary
 ALL_TITLE = "All tasks"
+QUEUE_STATUS_SEP = " · "  # "Most anomalous first · training 40/100" while a job runs
+
+
+def queue_title(status: str | None = None) -> str:
+    """The queue tab's title, with what the model is doing when it is doing something."""
+    return VIEW_TITLE if not status else f"{VIEW_TITLE}{QUEUE_STATUS_SEP}{status}"
+
+
+def base_title(title: Any) -> Any:
+    """A tab's title without the queue's status (other titles unchanged)."""
+    if isinstance(title, str) and title.startswith(VIEW_TITLE + QUEUE_STATUS_SEP):
+        return VIEW_TITLE
+    return title
+
+
 # The scores "Model unsure" shows. Both the FixMatch model (labelled batches half anomalies)
 # and the re-ranking head (class-balanced) put the boundary between the classes at 0.5.
 UNSURE_SCORES = {"min": 0.25, "max": 0.75}

@@ -21,7 +21,14 @@ from label_studio_sdk import LabelStudio, PredictionRequest
 from label_studio_sdk.core.api_error import ApiError
 
 from ml_backend.core.errors import AmlsError
-from ml_backend.label_schema import VIEWS, ChoiceSchema, task_query
+from ml_backend.label_schema import (
+    VIEW_TITLE,
+    VIEWS,
+    ChoiceSchema,
+    base_title,
+    queue_title,
+    task_query,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -240,7 +247,7 @@ class LabelStudioClient:
         existing = {}
         for view in self.sdk.views.list(project=project_id):
             data = view.data if isinstance(view.data, dict) else {}
-            existing.setdefault(data.get("title"), (view, data))
+            existing.setdefault(base_title(data.get("title")), (view, data))
         ids = {}
         for wanted in VIEWS:
             title = wanted["title"]
@@ -257,6 +264,19 @@ class LabelStudioClient:
                 logger.info("project %d: created view %r (id %s)", project_id, title, view.id)
                 ids[title] = int(view.id)
         return ids
+
+    def set_queue_status(self, project_id: int, status: str | None) -> bool:
+        """Show `status` in the queue tab's title (None: the plain title); whether the tab
+        exists (`ensure_views` makes it)."""
+        for view in self.sdk.views.list(project=project_id):
+            data = view.data if isinstance(view.data, dict) else {}
+            if base_title(data.get("title")) == VIEW_TITLE:
+                title = queue_title(status)
+                if data.get("title") != title:
+                    self.sdk.views.update(id=str(view.id), project=project_id,
+                                          data={**data, "title": title})
+                return True
+        return False
 
     def put_view(self, project_id: int, data: dict[str, Any]) -> int:
         """Create the Data Manager tab titled `data["title"]`, or replace that tab's data;

@@ -114,3 +114,26 @@ def test_a_more_like_this_tab_selects_exactly_the_given_and_similar_tasks():
     assert similar_view(list(range(1, 8)), [9])["title"].endswith("1, 2, 3, 4, 5 …")
     with pytest.raises(ValueError):
         similar_view([], [1])
+
+
+def test_the_queue_title_carries_a_job_status_and_loses_it_again():
+    views = FakeViews()
+    client = client_with(views)
+    ids = client.ensure_views(3)
+    queue = ids[VIEW_TITLE]
+    views.views[queue]["hiddenColumns"] = {"explore": ["tasks:id"]}  # an annotator's choice
+    assert client.set_queue_status(3, "training 40/100")
+    assert views.views[queue]["title"] == "Most anomalous first · training 40/100"
+    assert views.views[queue]["hiddenColumns"] == {"explore": ["tasks:id"]}  # kept
+    assert client.ensure_views(3) == ids  # still the queue: no second tab
+    assert client.set_queue_status(3, "scoring 1,000 tasks")
+    writes = len(views.writes)
+    assert client.set_queue_status(3, "scoring 1,000 tasks")
+    assert len(views.writes) == writes  # unchanged: nothing written
+    assert client.set_queue_status(3, None)
+    assert views.views[queue]["title"] == VIEW_TITLE
+    assert [v["title"] for v in views.views.values()].count(VIEW_TITLE) == 1
+
+
+def test_no_queue_tab_no_status():
+    assert client_with(FakeViews()).set_queue_status(3, "training 1/2") is False

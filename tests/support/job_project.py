@@ -23,6 +23,7 @@ class FakeLabelStudio:
         self.scores: dict[str, dict[int, float]] = {}
         self.fail: str | None = None
         self.task_reads: list[tuple[bool, list[int] | None]] = []
+        self.queue_statuses: list[str | None] = []  # the queue tab's title suffixes shown
 
     def _maybe_fail(self, name: str) -> None:
         if self.fail == name:
@@ -64,6 +65,11 @@ class FakeLabelStudio:
 
     def ensure_views(self, project_id: int) -> dict[str, int]:
         return {"Most anomalous first": 1}
+
+    def set_queue_status(self, project_id: int, status: str | None) -> bool:
+        self._maybe_fail("set_queue_status")
+        self.queue_statuses.append(status)
+        return True
 
 
 
