@@ -66,6 +66,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     images = kinds.add_parser("images", help="a PNG / JPEG / TIFF folder tree")
     images.add_argument("directory", type=Path)
     images.add_argument("--channels", type=int, default=3, choices=(1, 3))
+    images.add_argument("--positions", type=Path, metavar="CSV",
+                        help="id,ra,dec (ICRS degrees) per image, id = its path below the folder "
+                        "without extension: fills the tasks' RA/Dec and sky link")
     _add_common(images, stretch_default=None)
     images.set_defaults(func=_cmd_images)
 
@@ -232,14 +235,16 @@ def _cmd_cutana(args: argparse.Namespace) -> int:
 
 
 def _cmd_images(args: argparse.Namespace) -> int:
-    from import_tools.images import import_image_folder
+    from import_tools.images import import_image_folder, read_positions
 
     output = Output(store=args.store, previews=args.previews,
                     document_root=args.document_root, url_prefix=args.url_prefix,
                     sky_viewer=args.sky_viewer)
     summary = import_image_folder(args.directory, output, size=args.size,
                                   channels=args.channels, invariance=args.invariance,
-                                  preview_stretch=_preview_spec(args))
+                                  preview_stretch=_preview_spec(args),
+                                  positions=read_positions(args.positions) if args.positions
+                                  else None)
     return _finish(args, summary)
 
 

@@ -49,6 +49,8 @@ RARE_CLASS = "Bent"
 FIRST_FOLDER = "galaxy_data/all/"
 FIRST_CLASSES = ("Bent", "Compact", "FRI", "FRII")
 PROJECT_TITLE = "AnomalyMatch demo: FIRST radio galaxies"
+# The binary decision with RA, Dec and a sky link beside the image (FIRST names are positions).
+DEMO_CONFIG = Path("label_config") / "anomaly_binary_coords.xml"
 LS_START_TIMEOUT_S = 300.0
 BACKEND_START_TIMEOUT_S = 120.0
 
@@ -141,6 +143,14 @@ def write_truth(path: Path, sample: Sample) -> None:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def write_positions(path: Path, sample: Sample) -> None:
+    """`id,ra,dec` CSV for `amls import images --positions`: FIRST's file names are the
+    positions (``<RA>_<DEC>``, degrees), so the tasks get RA/Dec and a sky link."""
+    lines = ["id,ra,dec"] + [f"{cid},{cid.split('_')[0]},{cid.split('_')[1]}"
+                             for cid in sorted(sample.classes)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
 def credentials(path: Path) -> Credentials:
     """Demo login and API token, created once and kept (Label Studio's database keeps them)."""
     if path.exists():
@@ -201,6 +211,7 @@ def run(args: argparse.Namespace) -> int:
     sample = sample_first(data / "images", n_normal=args.n_normal,
                           rare_fraction=args.rare_fraction, seed=args.seed)
     write_truth(data / "truth.csv", sample)
+    write_positions(data / "positions.csv", sample)
     counts = Counter(sample.classes.values())
     print(f"Sample: {len(sample.classes)} FIRST radio galaxies "
           f"({', '.join(f'{c} {counts[c]}' for c in FIRST_CLASSES)}).")
@@ -217,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
                 and not k.startswith("LABEL_STUDIO_")}
     amls("import", "images", str(data / "images"), "--store", str(store), "--previews",
          str(previews), "--document-root", str(data), "--channels", "1",
-         "--preview-stretch", "log", env=base_env)
+         "--preview-stretch", "log", "--positions", str(data / "positions.csv"), env=base_env)
 
     creds = credentials(data / "credentials.json")
     ls_url = f"http://127.0.0.1:{args.ls_port}"
@@ -268,11 +279,11 @@ def run(args: argparse.Namespace) -> int:
 def set_up(ls_url: str, token: str, backend_url: str, previews: Path) -> tuple[int, str]:
     """`amls setup-project` in-process: project, backend link, storage, view."""
     from ml_backend.labelstudio import LabelStudioClient
-    from ml_backend.project_setup import DEFAULT_CONFIG, SetupRequest, setup_project
+    from ml_backend.project_setup import SetupRequest, setup_project
 
     client = LabelStudioClient(ls_url, token)
     request = SetupRequest(title=PROJECT_TITLE,
-                           label_config=(REPO / DEFAULT_CONFIG).read_text(encoding="utf-8"),
+                           label_config=(REPO / DEMO_CONFIG).read_text(encoding="utf-8"),
                            backend_url=backend_url, previews=previews)
     result = setup_project(client, request)
     for change in result.changes:

@@ -3,15 +3,20 @@
 The store is built by :func:`ml_backend.core.image_folder.build_store_from_folder` (ids are
 relative paths without extension). Previews and task lines are then written for every stored
 cutout that has no task line yet, which also finishes a run interrupted after the store step.
+Positions (``--positions id,ra,dec``) go into the task lines: the RA/Dec columns and the sky
+link of images that carry no WCS of their own.
 """
 
 from __future__ import annotations
 
+import csv
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
+from import_tools.fits_reader import read_catalog
 from import_tools.pipeline import Output
 from import_tools.previews import write_preview
 from import_tools.report import Failure, ImportSummary
@@ -25,11 +30,26 @@ log = logging.getLogger(__name__)
 _BATCH = 256
 
 
+Positions = Mapping[str, tuple[float, float]]
+
+
+def read_positions(path: Path) -> dict[str, tuple[float, float]]:
+    """``id -> (ra, dec)`` from a CSV with columns ``id,ra,dec`` (ICRS degrees); ValueError
+    naming the line for a bad row, and for a file without an id column."""
+    with path.open(newline="", encoding="utf-8") as fh:
+        header = next(csv.reader(fh), [])
+    if "id" not in {h.strip().lower() for h in header}:
+        raise ValueError(f"{path}: positions need an 'id' column (the image's path below the "
+                         f"folder, without extension), got {header}")
+    return {row.id: (row.ra, row.dec) for row in read_catalog(path)}
+
+
 def import_image_folder(directory: Path, output: Output, *, size: int | None,
                         channels: int, invariance: str | None = None,
-                        preview_stretch: dict | None = None) -> ImportSummary:
+                        preview_stretch: dict | None = None,
+                        positions: Positions | None = None) -> ImportSummary:
     """Build / extend the store from ``directory``, then write missing previews (through
-    the store's preview stretch) and tasks."""
+    the store's preview stretch) and tasks, with RA/Dec from ``positions`` where given."""
     built = build_store_from_folder(directory, output.store, size=size, channels=channels,
                                     skip_bad=True, invariance=invariance,
                                     preview_stretch=preview_stretch)
@@ -44,13 +64,14 @@ def import_image_folder(directory: Path, output: Output, *, size: int | None,
                         dtype=np.int64)
         with progress(total=todo.size, desc="previews", unit="img") as bar:
             for indices, images in store.iter_batches(_BATCH, indices=todo):
-                summary.failures.extend(_previews(store, output, indices, images, display))
+                summary.failures.extend(_previews(store, output, indices, images, display,
+                                                  positions or {}))
                 bar.update(len(indices))
     return summary
 
 
 def _previews(store: CutoutStore, output: Output, indices: np.ndarray,
-              images: np.ndarray, display: Stretch) -> list[Failure]:
+              images: np.ndarray, display: Stretch, positions: Positions) -> list[Failure]:
     ids = store.ids()
     meta = store.meta_table(indices)
     tasks, failures = [], []
@@ -61,9 +82,10 @@ def _previews(store: CutoutStore, output: Output, indices: np.ndarray,
         except (ValueError, OSError) as err:
             failures.append(Failure(str(meta["source"][k]), f"id={cid}", str(err)))
             continue
+        ra, dec = positions.get(cid, (float(meta["ra"][k]), float(meta["dec"][k])))
         tasks.append(make_task(image_url=output.url(path), cutout_id=cid,
                                store_path=output.store, source=str(meta["source"][k]),
-                               hdu=str(meta["hdu"][k]), ra=float(meta["ra"][k]),
-                               dec=float(meta["dec"][k]), sky_viewer=output.sky_viewer))
+                               hdu=str(meta["hdu"][k]), ra=ra, dec=dec,
+                               sky_viewer=output.sky_viewer))
     append_tasks(tasks_path(output.store), tasks)
     return failures

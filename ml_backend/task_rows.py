@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import math
 from collections.abc import Iterable
@@ -23,6 +24,20 @@ SKY_VIEWERS: dict[str, str] = {
 }
 
 
+SKY_VIEWER_NAMES = {"esasky": "ESASky", "legacysurvey": "Legacy Survey viewer",
+                    "aladin": "Aladin Lite"}
+
+
+def sky_anchor(url: str | None, viewer: str = "esasky") -> str:
+    """An HTML link to `url` that opens in a new tab, named after the viewer ("" without a
+    url): what the coordinates label config shows (Label Studio's HyperText)."""
+    if url is None:
+        return ""
+    name = SKY_VIEWER_NAMES.get(viewer, viewer)
+    return (f'<a href="{html.escape(url, quote=True)}" target="_blank" '
+            f'rel="noopener noreferrer">Open in {html.escape(name)} ↗</a>')
+
+
 def sky_url(ra: float | None, dec: float | None, viewer: str = "esasky") -> str | None:
     """The viewer's page centred on (ra, dec), or None without valid coordinates or viewer
     "none". RA is wrapped into [0, 360); a Dec outside [-90, 90] gives None."""
@@ -41,8 +56,9 @@ def sky_url(ra: float | None, dec: float | None, viewer: str = "esasky") -> str 
 
 def make_task(*, image_url: str, cutout_id: str, store_path: Path, source: str, hdu: str,
               ra: float | None, dec: float | None, sky_viewer: str = "esasky") -> dict[str, Any]:
-    """Task ``data``: image URL, cutout id, absolute store path, source, hdu, ra, dec (deg)
-    and, with coordinates, ``sky``: a link to the sky viewer at that position."""
+    """Task ``data``: image URL, cutout id, absolute store path, source, hdu, ra, dec (deg),
+    ``sky_link`` (an HTML link for the labelling page, "" without coordinates) and, with
+    coordinates, ``sky``: the sky viewer's URL at that position (a Data Manager column)."""
     def coord(value: float | None) -> float | None:
         return None if value is None or not math.isfinite(value) else float(value)
 
@@ -51,6 +67,7 @@ def make_task(*, image_url: str, cutout_id: str, store_path: Path, source: str, 
     link = sky_url(data["ra"], data["dec"], sky_viewer)
     if link is not None:
         data["sky"] = link
+    data["sky_link"] = sky_anchor(link, sky_viewer)
     return data
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 from amls_cli import main
 from ml_backend.core.store import CutoutStore
 from ml_backend.core.stretch import make_stretch
-from ml_backend.task_rows import read_tasks, tasks_path
+from ml_backend.task_rows import read_tasks, sky_url, tasks_path
 
 N_GALAXIES = 12
 
@@ -243,3 +243,32 @@ def test_the_image_folder_import_applies_and_records_the_preview_stretch(tmp_pat
         assert store.preview_stretch["name"] == "linear"
     assert amls_import(tmp_path, "images", str(png_tree)) == 2
     assert "records preview stretch" in capsys.readouterr().err
+
+
+def test_image_positions_fill_ra_dec_and_the_sky_link(tmp_path, png_tree, capsys):
+    ids = sorted(p.relative_to(png_tree).with_suffix("").as_posix()
+                 for p in png_tree.rglob("*.png"))
+    positions = tmp_path / "positions.csv"
+    positions.write_text("id,ra,dec\n" + f"{ids[0]},359.95,-30.25\n" + f"{ids[1]},0.5,12\n")
+    assert amls_import(tmp_path, "images", str(png_tree), "--channels", "1",
+                       "--positions", str(positions), "--allow-failures") == 0
+    tasks = read_tasks(tasks_path(tmp_path / "s.h5"))
+    assert (tasks[ids[0]]["ra"], tasks[ids[0]]["dec"]) == (359.95, -30.25)
+    assert tasks[ids[0]]["sky"] == sky_url(359.95, -30.25)
+    assert "Open in ESASky" in tasks[ids[0]]["sky_link"]
+    assert tasks[ids[1]]["dec"] == 12.0
+    others = [t for cid, t in tasks.items() if cid not in ids[:2]]
+    assert others and all(t["ra"] is None and t["sky_link"] == "" for t in others)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("ra,dec\n1,2\n", "positions need an 'id' column"),
+    ("id,ra,dec\na,400,2\n", "positions.csv:2: position ra=400.0, dec=2.0 is out of range"),
+    ("id,ra,dec\na,x,2\n", "positions.csv:2: ra 'x' is not a number"),
+])
+def test_bad_positions_name_the_file_and_line(tmp_path, png_tree, capsys, text, message):
+    (tmp_path / "positions.csv").write_text(text)
+    assert amls_import(tmp_path, "images", str(png_tree), "--channels", "1",
+                       "--positions", str(tmp_path / "positions.csv")) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "s.h5").exists()  # refused before anything was written

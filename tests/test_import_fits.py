@@ -17,7 +17,7 @@ from PIL import Image
 from amls_cli import main
 from ml_backend.core.store import CutoutStore
 from ml_backend.core.stretch import make_stretch
-from ml_backend.task_rows import read_tasks, sky_url, tasks_path
+from ml_backend.task_rows import read_tasks, sky_anchor, sky_url, tasks_path
 
 FITS_DATA = Path(astropy.__file__).parent / "io" / "fits"
 M13 = FITS_DATA / "hdu" / "compressed" / "tests" / "data" / "m13.fits"
@@ -59,7 +59,8 @@ def test_whole_image_store_preview_and_task_agree(tmp_path):
     assert task == {"image": "/data/local-files/?d=previews/m13.png", "cutout_id": "m13",
                     "store": str((tmp_path / "s.h5").resolve()), "source": str(M13),
                     "hdu": "0", "ra": meta["ra"], "dec": meta["dec"],
-                    "sky": sky_url(meta["ra"], meta["dec"], "esasky")}
+                    "sky": sky_url(meta["ra"], meta["dec"], "esasky"),
+                    "sky_link": sky_anchor(task["sky"], "esasky")}
     assert task["sky"].startswith("https://sky.esa.int/esasky/?target=250.4")  # M13
 
 

@@ -13,7 +13,9 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "label_config"
 CONFIGS = sorted(CONFIG_DIR.glob("*.xml"))
 SUBTYPES = ["merger", "ring", "lens", "artefact", "other"]
 TASK_DATA = {"image": "/static/images/logo.svg", "cutout_id": "c1", "store": "s.h5",
-             "source": "first_J1234+5678.fits", "hdu": 0, "ra": 188.5, "dec": 56.9}
+             "source": "first_J1234+5678.fits", "hdu": 0, "ra": 188.5, "dec": 56.9,
+             "sky_link": '<a href="https://sky.esa.int/esasky/?target=188.5%20%2B56.9" '
+                         'target="_blank">Open in ESASky</a>'}
 
 
 def _xml(path: Path) -> ET.Element:
@@ -79,6 +81,9 @@ def test_coords_variant_shows_position_and_source():
     root = _xml(CONFIG_DIR / "anomaly_binary_coords.xml")
     shown = {el.get("value") for el in root.iter("Text")}
     assert shown == {"$ra", "$dec", "$source"}
+    (link,) = root.iter("HyperText")
+    assert (link.get("value"), link.get("inline"), link.get("clickableLinks")) == (
+        "$sky_link", "true", "true")
 
 
 @pytest.mark.e2e

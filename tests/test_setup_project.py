@@ -232,6 +232,20 @@ def test_demo_sample_has_the_asked_rare_share_and_hides_the_class(tmp_path):
         sample_first(tmp_path / "c", n_normal=10, rare_fraction=1.0, seed=0)
 
 
+def test_demo_positions_are_the_first_file_names(tmp_path):
+    from demo.run_demo import sample_first, write_positions
+    from import_tools.images import read_positions
+
+    sample = sample_first(tmp_path / "a", n_normal=20, rare_fraction=0.1, seed=0)
+    write_positions(tmp_path / "positions.csv", sample)
+    positions = read_positions(tmp_path / "positions.csv")
+    assert sorted(positions) == sorted(sample.classes)
+    for cid, (ra, dec) in positions.items():
+        assert cid == f"{cid.split('_')[0]}_{cid.split('_')[1]}"
+        assert (ra, dec) == (float(cid.split("_")[0]), float(cid.split("_")[1]))
+        assert 0 <= ra < 360 and -90 <= dec <= 90
+
+
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_demo_headless_check_sets_up_and_stops_its_servers(tmp_path):

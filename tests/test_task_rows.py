@@ -7,7 +7,7 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from ml_backend.task_rows import make_task, sky_url
+from ml_backend.task_rows import make_task, sky_anchor, sky_url
 
 
 def target(url: str) -> tuple[float, float]:
@@ -45,10 +45,23 @@ def test_no_link_without_valid_coordinates(ra, dec):
     assert sky_url(ra, dec) is None
     task = make_task(image_url="/a.png", cutout_id="a", store_path=Path("s.h5"), source="x",
                      hdu="0", ra=ra, dec=dec)
-    assert "sky" not in task
+    assert "sky" not in task and task["sky_link"] == ""
 
 
 def test_viewer_none_and_unknown_viewers():
     assert sky_url(1.0, 1.0, "none") is None
     with pytest.raises(ValueError, match="sky viewer must be one of"):
         sky_url(1.0, 1.0, "google")
+
+
+def test_the_labelling_page_link_opens_the_viewer_in_a_new_tab():
+    task = make_task(image_url="/a.png", cutout_id="a", store_path=Path("s.h5"), source="x",
+                     hdu="0", ra=359.9, dec=-30.5, sky_viewer="aladin")
+    assert task["sky"] == "https://aladin.cds.unistra.fr/AladinLite/?target=359.900000%20-30.500000&fov=0.05"
+    href = task["sky"].replace("&", "&amp;")  # as HTML attributes spell it
+    assert task["sky_link"] == (f'<a href="{href}" target="_blank" '
+                                'rel="noopener noreferrer">Open in Aladin Lite ↗</a>')
+    # a URL with characters that mean something in HTML stays one attribute
+    assert sky_anchor('https://x.test/?a=1&b="2"') == (
+        '<a href="https://x.test/?a=1&amp;b=&quot;2&quot;" target="_blank" '
+        'rel="noopener noreferrer">Open in ESASky ↗</a>')
