@@ -6,9 +6,10 @@ With no model yet, it first labels 5 bent-tailed galaxies and 20 others through 
 the demo's truth.csv) and waits for the first training cycle. Then it saves:
 
 - `dashboard.png`: the backend's dashboard of the project;
-- `queue.png`: Label Studio's "Most anomalous first" tab (list view);
+- `queue.png` / `queue_grid.png`: Label Studio's "Most anomalous first" tab in list and grid
+  view;
 - `more_like_this.png`: the "More like <task>" tab for the top-ranked bent-tailed galaxy;
-- `labeling_top.png` / `labeling_low.png`: the labelling page of the top-ranked task and of
+- `labeling.png` / `labeling_low.png`: the labelling page of the top-ranked task and of
   the one in the middle of the queue.
 
 The login comes from the demo's credentials file, never from the command line. Needs Debian's
@@ -93,6 +94,27 @@ def shoot(driver: Any, page: str, out: Path, images: int = 1,
     return out
 
 
+def shoot_grid(driver: Any, out: Path, images: int = 8) -> Path:
+    """The open Data Manager tab switched to grid view, saved as PNG, then back to list view
+    (Label Studio keeps a tab's view type)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.find_element(By.CSS_SELECTOR, '[aria-label="Switch to grid view"]').click()
+    try:
+        WebDriverWait(driver, PAGE_TIMEOUT_S).until(lambda d: d.execute_script(
+            "return Array.from(document.images).filter(i => i.complete && i.naturalWidth > 0)"
+            ".length") >= images)
+        time.sleep(SETTLE_S)
+        if not driver.save_screenshot(str(out)):
+            raise RuntimeError(f"chromium could not write {out}")
+    finally:
+        driver.find_element(By.CSS_SELECTOR, '[aria-label="Switch to list view"]').click()
+        time.sleep(SETTLE_S)
+    logger.info("wrote %s", out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m demo.docs_screenshots",
                                 description=__doc__.split("\n")[0])
@@ -131,9 +153,10 @@ def main(argv: list[str] | None = None) -> int:
               size=(1300, 1700))
         shoot(driver, f"{project_data}?tab={views['Most anomalous first']}",
               args.out / "queue.png", 5)
+        shoot_grid(driver, args.out / "queue_grid.png")
         shoot(driver, f"{project_data}?tab={tab['view']}", args.out / "more_like_this.png", 5)
         shoot(driver, f"{project_data}?tab={views['Most anomalous first']}&task={queue[0]['id']}",
-              args.out / "labeling_top.png")
+              args.out / "labeling.png")
         shoot(driver, f"{project_data}?tab={views['Most anomalous first']}"
               f"&task={queue[len(queue) // 2]['id']}", args.out / "labeling_low.png")
     return 0

@@ -54,16 +54,23 @@ def sky_url(ra: float | None, dec: float | None, viewer: str = "esasky") -> str 
     return SKY_VIEWERS[viewer].format(ra=quote(f"{wrapped:.6f}"), dec=quote(f"{dec:+.6f}"))
 
 
+def source_names(source: str) -> str:
+    """The file names of a comma-separated list of source paths: what an annotator needs to
+    know, without the server's folders."""
+    return ",".join(Path(p).name for p in source.split(",")) if source else source
+
+
 def make_task(*, image_url: str, cutout_id: str, store_path: Path, source: str, hdu: str,
               ra: float | None, dec: float | None, sky_viewer: str = "esasky") -> dict[str, Any]:
-    """Task ``data``: image URL, cutout id, absolute store path, source, hdu, ra, dec (deg),
+    """Task ``data``: image URL, cutout id, absolute store path, source file name(s) (the
+    store keeps the full paths), hdu, ra, dec (deg),
     ``sky_link`` (an HTML link for the labelling page, "" without coordinates) and, with
     coordinates, ``sky``: the sky viewer's URL at that position (a Data Manager column)."""
     def coord(value: float | None) -> float | None:
         return None if value is None or not math.isfinite(value) else float(value)
 
     data = {"image": image_url, "cutout_id": cutout_id, "store": str(store_path.resolve()),
-            "source": source, "hdu": hdu, "ra": coord(ra), "dec": coord(dec)}
+            "source": source_names(source), "hdu": hdu, "ra": coord(ra), "dec": coord(dec)}
     link = sky_url(data["ra"], data["dec"], sky_viewer)
     if link is not None:
         data["sky"] = link

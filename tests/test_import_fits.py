@@ -57,7 +57,7 @@ def test_whole_image_store_preview_and_task_agree(tmp_path):
     assert (meta["ra"], meta["dec"]) == pytest.approx((centre.ra.deg, centre.dec.deg))
     task = read_tasks(tasks_path(tmp_path / "s.h5"))["m13"]
     assert task == {"image": "/data/local-files/?d=previews/m13.png", "cutout_id": "m13",
-                    "store": str((tmp_path / "s.h5").resolve()), "source": str(M13),
+                    "store": str((tmp_path / "s.h5").resolve()), "source": M13.name,
                     "hdu": "0", "ra": meta["ra"], "dec": meta["dec"],
                     "sky": sky_url(meta["ra"], meta["dec"], "esasky"),
                     "sky_link": sky_anchor(task["sky"], "esasky")}

@@ -77,10 +77,11 @@ def test_subtypes_show_only_for_anomaly_and_never_train_as_a_label():
     assert schema.label_of(both) == 1
 
 
-def test_coords_variant_shows_position_and_source():
+def test_coords_variant_shows_position_and_object():
     root = _xml(CONFIG_DIR / "anomaly_binary_coords.xml")
     shown = {el.get("value") for el in root.iter("Text")}
-    assert shown == {"$ra", "$dec", "$source"}
+    # not $source: Label Studio's labelling page shows the whole task JSON for it
+    assert shown == {"$ra", "$dec", "$cutout_id"}
     (link,) = root.iter("HyperText")
     assert (link.get("value"), link.get("inline"), link.get("clickableLinks")) == (
         "$sky_link", "true", "true")

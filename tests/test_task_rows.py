@@ -65,3 +65,10 @@ def test_the_labelling_page_link_opens_the_viewer_in_a_new_tab():
     assert sky_anchor('https://x.test/?a=1&b="2"') == (
         '<a href="https://x.test/?a=1&amp;b=&quot;2&quot;" target="_blank" '
         'rel="noopener noreferrer">Open in ESASky ↗</a>')
+
+
+def test_the_task_names_its_source_files_without_server_folders():
+    task = make_task(image_url="/a.png", cutout_id="a", store_path=Path("s.h5"),
+                     source="/data/survey/f1.fits,/data/survey/f2.fits", hdu="SCI",
+                     ra=None, dec=None)
+    assert task["source"] == "f1.fits,f2.fits"
