@@ -130,11 +130,11 @@ def _record_failure(registry: ModelRegistry, project_id: int, started: float,
 
 
 class QueueTitle:
-    """What a job is doing, in the title of the queue tab annotators look at ("Most anomalous
-    first · training 40/100"); best effort: Label Studio refusing costs a log line only."""
+    """What a job is doing, in the title of the queue tab annotators look at ("training
+    40/100 · Most anomalous first"); best effort: Label Studio refusing costs a log line."""
 
-    STAGES = {"train": "training {done}/{total}", "score": "scoring {total:,} tasks",
-              "write": "writing {total:,} scores"}
+    STAGES = {"train": "training {done}/{total}", "score": "scoring {total:,}",
+              "write": "writing {total:,}"}
 
     def __init__(self, client: LabelStudioClient, project_id: int) -> None:
         self.client, self.project_id = client, project_id
@@ -208,7 +208,7 @@ def train_and_publish(project_id: int, settings: Config, client: LabelStudioClie
                   f"{settings.min_normals} other labels (AMLS_MIN_ANOMALIES, "
                   f"AMLS_MIN_NORMALS); has {n_anomaly} and {n_other}")
         logger.info("project %d: not training yet: %s", project_id, reason)
-        waiting = (f"waiting for labels: {n_anomaly}/{settings.min_anomalies} {anomaly_label}, "
+        waiting = (f"labels {n_anomaly}/{settings.min_anomalies} {anomaly_label}, "
                    f"{n_other}/{settings.min_normals} other")
         return {"project": project_id, "status": "skipped", "reason": reason,
                 "waiting_for": waiting}

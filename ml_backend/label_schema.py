@@ -26,17 +26,19 @@ VIEW_TITLE = "Most anomalous first"  # the queue: unlabelled tasks, highest scor
 LABELLED_TITLE = "Labelled"           # one's own work, most recently labelled first
 UNSURE_TITLE = "Model unsure"         # unlabelled tasks near the decision boundary
 ALL_TITLE = "All tasks"
-QUEUE_STATUS_SEP = " · "  # "Most anomalous first · training 40/100" while a job runs
+# "training 40/100 · Most anomalous first" while a job runs: first, because Label Studio
+# cuts tab titles after about 17 characters.
+QUEUE_STATUS_SEP = " · "
 
 
 def queue_title(status: str | None = None) -> str:
-    """The queue tab's title, with what the model is doing when it is doing something."""
-    return VIEW_TITLE if not status else f"{VIEW_TITLE}{QUEUE_STATUS_SEP}{status}"
+    """The queue tab's title, led by what the model is doing when it is doing something."""
+    return VIEW_TITLE if not status else f"{status}{QUEUE_STATUS_SEP}{VIEW_TITLE}"
 
 
 def base_title(title: Any) -> Any:
     """A tab's title without the queue's status (other titles unchanged)."""
-    if isinstance(title, str) and title.startswith(VIEW_TITLE + QUEUE_STATUS_SEP):
+    if isinstance(title, str) and title.endswith(QUEUE_STATUS_SEP + VIEW_TITLE):
         return VIEW_TITLE
     return title
 

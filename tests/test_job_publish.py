@@ -180,8 +180,8 @@ def test_a_job_waits_for_the_minimal_label_set(project):
     summary = jobs.run_training(7, settings.replace(min_anomalies=4), fake)
     assert summary["status"] == "skipped" and "has 3 and 5" in summary["reason"]
     # what annotators see in the queue tab's title meanwhile
-    assert fake.queue_statuses == ["waiting for labels: 3/1 anomaly, 5/6 other",
-                                   "waiting for labels: 3/4 anomaly, 5/3 other"]
+    assert fake.queue_statuses == ["labels 3/1 anomaly, 5/6 other",
+                                   "labels 3/4 anomaly, 5/3 other"]
 
 
 def test_a_job_shows_its_stages_in_the_queue_title_and_clears_them(project):
@@ -191,7 +191,7 @@ def test_a_job_shows_its_stages_in_the_queue_title_and_clears_them(project):
     unlabeled = summary["unlabeled"]
     stages = [s.split()[0] if s else s for s in fake.queue_statuses]
     assert stages == ["training", "scoring", "writing", None], fake.queue_statuses
-    assert fake.queue_statuses[1:3] == ["scoring 16 tasks", f"writing {unlabeled} scores"]
+    assert fake.queue_statuses[1:3] == ["scoring 16", f"writing {unlabeled}"]
 
 
 def test_a_queue_title_that_cannot_be_set_does_not_fail_the_job(project):

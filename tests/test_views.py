@@ -123,12 +123,12 @@ def test_the_queue_title_carries_a_job_status_and_loses_it_again():
     queue = ids[VIEW_TITLE]
     views.views[queue]["hiddenColumns"] = {"explore": ["tasks:id"]}  # an annotator's choice
     assert client.set_queue_status(3, "training 40/100")
-    assert views.views[queue]["title"] == "Most anomalous first · training 40/100"
+    assert views.views[queue]["title"] == "training 40/100 · Most anomalous first"
     assert views.views[queue]["hiddenColumns"] == {"explore": ["tasks:id"]}  # kept
     assert client.ensure_views(3) == ids  # still the queue: no second tab
-    assert client.set_queue_status(3, "scoring 1,000 tasks")
+    assert client.set_queue_status(3, "scoring 1,000")
     writes = len(views.writes)
-    assert client.set_queue_status(3, "scoring 1,000 tasks")
+    assert client.set_queue_status(3, "scoring 1,000")
     assert len(views.writes) == writes  # unchanged: nothing written
     assert client.set_queue_status(3, None)
     assert views.views[queue]["title"] == VIEW_TITLE
