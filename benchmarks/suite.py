@@ -76,7 +76,8 @@ class Setting:
 # What every setting's overrides apply to: the defaults the log's first runs had, so that a
 # setting keeps meaning what it meant when its runs were logged (and their keys stay valid)
 # when a TrainConfig default changes. Today's product defaults (`kind_defaults`) are the
-# settings "dist-align" (dihedral, sky cutouts) and "flip+tta" (flip, photographs).
+# settings "dist-align+tta" (dihedral, sky cutouts; session 11) and "flip+tta" (flip,
+# photographs).
 SUITE_BASE: dict[str, Any] = {"distribution_alignment": False, "test_time_augmentation": False}
 REFERENCE_FIX = {"bn_momentum": 0.01, "drop_path_rate": 0.2, "drop_rate": 0.2}
 SETTINGS: dict[str, Setting] = {s.name: s for s in (
@@ -105,6 +106,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("flip+tta", overrides={"invariance": "flip", "test_time_augmentation": True}),
     Setting("flip+dist-align+tta", overrides={"invariance": "flip", "distribution_alignment": True,
                                               "test_time_augmentation": True}),
+    Setting("dist-align+tta", overrides={"distribution_alignment": True,
+                                         "test_time_augmentation": True}),
     # The pseudo-label threshold, lowered: more unlabelled images teach at 1-5 % imbalance.
     Setting("thr-0.8", overrides={"threshold": 0.8}),
     Setting("flip+thr-0.8", overrides={"invariance": "flip", "threshold": 0.8}),

@@ -258,8 +258,9 @@ def test_config_defaults_and_overrides():
 
 
 @pytest.mark.parametrize("env, store_invariance, invariance, tta, align", [
-    # sky cutouts: alignment on, eight views unproven; photographs: the reverse
-    ({}, "dihedral", "dihedral", False, True),
+    # sky cutouts: alignment on and eight views; photographs: two views, no alignment
+    ({}, "dihedral", "dihedral", True, True),
+    ({"AMLS_TEST_TIME_AUGMENTATION": "false"}, "dihedral", "dihedral", False, True),
     ({}, "flip", "flip", True, False),
     ({"AMLS_INVARIANCE": "flip"}, "dihedral", "flip", True, False),
     ({"AMLS_TEST_TIME_AUGMENTATION": "auto"}, "flip", "flip", True, False),

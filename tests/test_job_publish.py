@@ -60,7 +60,7 @@ def test_the_job_takes_the_stores_invariance_unless_configured(project):
         "flip", True, False)
     forced_cfg = TrainConfig.from_dict(forced.config)
     assert (forced_cfg.invariance, forced_cfg.test_time_augmentation,
-            forced_cfg.distribution_alignment) == ("dihedral", False, True)
+            forced_cfg.distribution_alignment) == ("dihedral", True, True)
     assert forced.parent is None
 
 

@@ -153,7 +153,7 @@ def test_simulate_takes_the_invariance_the_store_records_unless_told(tmp_path, m
     assert main(args) == 0 and main([*args, "--invariance", "dihedral"]) == 0
     assert main([*args, "--test-time-augmentation", "no"]) == 0
     assert seen == ["flip", "dihedral", "flip"]
-    assert tta == [(True, False), (False, True), (False, False)]  # the kind's, unless told
+    assert tta == [(True, False), (True, True), (False, False)]  # the kind's, unless told
 
 
 # Two short cycles on the toy store: the within-run measurements' tests.
