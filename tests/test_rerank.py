@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from ml_backend import jobs, rerank
+from ml_backend.core.augment import symmetry_views
 from ml_backend.core.checkpoint import load_model_dir, read_meta
+from ml_backend.core.config import TrainConfig
 from ml_backend.core.embedding_cache import read_embeddings
 from ml_backend.core.fast_head import blend_with_model, fit_fast_head
 from ml_backend.core.model import anomaly_logit_weights
@@ -130,7 +132,8 @@ def test_the_first_ranking_embeds_with_imagenet_and_the_first_cycle_starts_afres
     meta = read_meta(registry.version_dir(7, version))
     assert (meta.kind, meta.parent, meta.metrics["blended_with_cycle"]) == ("imagenet", None,
                                                                            False)
-    # Its embeddings are the ImageNet backbone's, for every task, under the job's settings.
+    # Its embeddings are the ImageNet backbone's, for every task, under the job's settings
+    # (sky cutouts: the mean over the eight flips and rotations, as the model is served).
     cache = read_embeddings(registry.version_dir(7, version))
     assert sorted(cache.task_ids.tolist()) == list(range(N_TASKS))
     with CutoutStore.open(store) as s:
@@ -138,8 +141,10 @@ def test_the_first_ranking_embeds_with_imagenet_and_the_first_cycle_starts_afres
         model, model_meta = load_model_dir(registry.version_dir(7, version))
         served = score_store(s, model, model_meta, device="cpu")
     backbone = build_model(settings.train.replace(invariance="dihedral"), 1).eval()
+    assert TrainConfig.from_dict(model_meta.config).test_time_augmentation
     with torch.inference_mode():
-        expected = pooled_features(backbone, to_model_input(pixels, 32)).numpy()
+        expected = torch.stack([pooled_features(backbone, view) for view in symmetry_views(
+            to_model_input(pixels, 32), "dihedral")]).mean(0).numpy()
     rows = cache.rows_of(list(range(N_TASKS)))[1]
     np.testing.assert_allclose(cache.features[rows], expected, rtol=1e-2, atol=1e-2)
     # It serves the head fitted on them, and wrote it for the unlabelled tasks.

@@ -1,7 +1,8 @@
 """Anomaly scores for images and whole stores: streamed, batched, bounded memory.
 
 Score = softmax probability of the "anomaly" logit, float32 in [0, 1]; with the model's
-`test_time_augmentation` the mean of it over the symmetry views of its invariance. A store
+`test_time_augmentation` that of the mean logits over the symmetry views of its invariance
+(session 11; sessions 9-10 averaged the probabilities). A store
 is read in batches by its prefetching reader, so memory holds one batch of images (plus the
 prefetched ones) and one float32 per scored image, whatever the store's size.
 """
@@ -158,24 +159,26 @@ def _forward(model: nn.Module, images: np.ndarray | torch.Tensor, image_size: in
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(anomaly probabilities, pooled features or None) of one batch.
 
-    One forward pass, or with `views` (an invariance) the means of probabilities and features
-    over every view of that invariance (`augment.symmetry_views`).
+    One forward pass, or with `views` (an invariance) the probability of the mean logits over
+    every view of that invariance (`augment.symmetry_views`), and the mean features. The
+    classifier is linear, so the mean logits are the classifier of the mean features: a head
+    fitted on those features (`fast_head`, the instant re-ranking) scores exactly as the
+    model it is published as.
     """
     x = to_model_input(images, image_size, device, crop)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
     batches = [x] if views is None else symmetry_views(x, views)
-    probabilities, pooled = [], []
+    logits, pooled = [], []
     with autocast:
         for view in batches:
             if not features:
-                probabilities.append(anomaly_probability(model(view)))
+                logits.append(model(view).float())
                 continue
             pooled.append(pooled_features(_unwrapped(model), view))
-            probabilities.append(
-                anomaly_probability(_unwrapped(model).get_classifier()(pooled[-1])))
+            logits.append(_unwrapped(model).get_classifier()(pooled[-1]).float())
     mean_features = torch.stack(pooled).float().mean(0) if pooled else None
-    return torch.stack(probabilities).mean(0), mean_features
+    return anomaly_probability(torch.stack(logits).mean(0)), mean_features
 
 
 def tta_invariance(meta: ModelMeta) -> str | None:
