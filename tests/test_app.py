@@ -266,7 +266,7 @@ def test_config_defaults_and_overrides():
     ({"AMLS_TEST_TIME_AUGMENTATION": "auto"}, "flip", "flip", True, False),
     ({"AMLS_TEST_TIME_AUGMENTATION": "false"}, "flip", "flip", False, False),
     ({"AMLS_TEST_TIME_AUGMENTATION": "true"}, "dihedral", "dihedral", True, True),
-    ({"AMLS_DISTRIBUTION_ALIGNMENT": "off"}, "dihedral", "dihedral", False, False),
+    ({"AMLS_DISTRIBUTION_ALIGNMENT": "off"}, "dihedral", "dihedral", True, False),
 ])
 def test_a_jobs_training_config_follows_the_kind_of_data(env, store_invariance, invariance,
                                                           tta, align):
