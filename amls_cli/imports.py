@@ -218,9 +218,9 @@ def _cmd_cutana(args: argparse.Namespace) -> int:
     batches = [cutana_reader.inspect_batch(store, args.layout)
                for store in cutana_reader.find_batches(args.path)]
     if args.stretch == "auto":
-        args.stretch = cutana_reader.default_stretch(next(
-            (b for b in batches if b.ids), batches[0]))
-        log.info("cutana: stretch %s for %s pixels", args.stretch, batches[0].dtype)
+        first = next((b for b in batches if b.ids), batches[0])
+        args.stretch = cutana_reader.default_stretch(first)
+        log.info("cutana: stretch %s for %s pixels", args.stretch, first.dtype)
     spec = _stretch_spec(args)
     sizes = {b.hwc[:2] for b in batches if b.ids}
     if len(sizes) > 1 and args.size is None:

@@ -7,7 +7,7 @@ repeated id) and how many items the jobs hold (for the progress bar).
 
 from __future__ import annotations
 
-from collections.abc import Container, Sequence
+from collections.abc import Container, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +26,12 @@ from import_tools.jobs import (
 from import_tools.report import Failure
 
 CHUNK = 128  # items per job: large enough to amortise process hand-off, small for memory
+
+
+def chunks(items: Sequence, size: int = CHUNK) -> Iterator[tuple]:
+    """`items` in consecutive tuples of at most `size` (one job each)."""
+    for start in range(0, len(items), size):
+        yield tuple(items[start:start + size])
 
 
 @dataclass
@@ -102,8 +108,7 @@ def fits_catalog_plan(frames: Sequence[Sequence[Path]], keys: tuple | None,
             per_frame.setdefault(frame, []).append(row)
     for frame, frame_rows in per_frame.items():
         paths = tuple(geometry[frame][0])
-        for start in range(0, len(frame_rows), CHUNK):
-            chunk = tuple(frame_rows[start:start + CHUNK])
+        for chunk in chunks(frame_rows):
             plan.jobs.append(FitsCatalogJob(paths=paths, keys=keys, rows=chunk,
                                             default_size=default_size))
             plan.n_items += len(chunk)
@@ -118,8 +123,7 @@ def array_plan(kind: array_reader.Kind, path: Path, dataset: str | None, ids_pat
     if isinstance(layout, array_reader.StackLayout):
         todo = [i for i, cid in enumerate(layout.ids) if cid not in existing]
         plan.skipped = len(layout.ids) - len(todo)
-        for start in range(0, len(todo), CHUNK):
-            chunk = tuple(todo[start:start + CHUNK])
+        for chunk in chunks(todo):
             plan.jobs.append(StackJob(kind, path, layout.dataset, chunk,
                                       tuple(layout.ids[i] for i in chunk)))
         plan.n_items = len(todo)
@@ -128,9 +132,8 @@ def array_plan(kind: array_reader.Kind, path: Path, dataset: str | None, ids_pat
         return plan, (int(shape[1]), int(shape[2]))
     names = [n for n in layout.names if n not in existing]
     plan.skipped = len(layout.names) - len(names)
-    for start in range(0, len(names), CHUNK):
-        plan.jobs.append(GroupJob(kind, path, layout.group, layout.image_key,
-                                  tuple(names[start:start + CHUNK])))
+    for chunk in chunks(names):
+        plan.jobs.append(GroupJob(kind, path, layout.group, layout.image_key, chunk))
     plan.n_items = len(names)
     return plan, None
 
@@ -160,8 +163,7 @@ def cutana_plan(batches: Sequence[cutana_reader.CutanaBatch], existing: Containe
             else:
                 seen.add(cid)
                 todo.append(i)
-        for start in range(0, len(todo), CHUNK):
-            chunk = tuple(todo[start:start + CHUNK])
+        for chunk in chunks(todo):
             plan.jobs.append(CutanaJob(batch.zarr, batch.layout, chunk,
                                        tuple(batch.ids[i] for i in chunk),
                                        tuple(batch.ra[i] for i in chunk),

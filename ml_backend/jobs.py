@@ -139,14 +139,13 @@ class QueueTitle:
     def __init__(self, client: LabelStudioClient, project_id: int) -> None:
         self.client, self.project_id = client, project_id
         self._shown: str | None = None
-        self._at = 0.0
+        self._stage, self._at = "", 0.0
 
     def progress(self, stage: str, done: int, total: int) -> None:
-        text = self.STAGES.get(stage, stage).format(done=done, total=total)
-        same_stage = self._shown is not None and self._shown.split()[0] == text.split()[0]
-        if same_stage and time.time() - self._at < TITLE_EVERY_S:
+        if stage == self._stage and time.time() - self._at < TITLE_EVERY_S:
             return
-        self.show(text)
+        self._stage = stage
+        self.show(self.STAGES.get(stage, stage).format(done=done, total=total))
 
     def show(self, text: str | None) -> None:
         if text == self._shown:
