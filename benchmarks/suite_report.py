@@ -122,6 +122,7 @@ FAST_PAIRS = (
     ("zblend", "blend", "that linear blend vs the mean rank of both"),
     ("interim_zblend", "interim", "while a cycle trains: the head blended with the last "
                                   "model vs the head alone"),
+    ("ens", "", "mean rank of this and the previous cycle's model vs this cycle's model"),
     ("tta", "", "the same model scored the other way round (test-time augmentation) vs "
                 "its own scores"),
 )

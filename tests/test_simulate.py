@@ -6,7 +6,13 @@ import pytest
 from amls_cli import main
 from ml_backend.core.config import TrainConfig
 from ml_backend.core.csvio import write_labels_csv
-from ml_backend.core.simulate import SimulationPlan, choose_pool, oracle_picks, run_simulation
+from ml_backend.core.simulate import (
+    SimulationPlan,
+    choose_pool,
+    mean_top_score,
+    oracle_picks,
+    run_simulation,
+)
 from ml_backend.core.store import CutoutStore
 
 
@@ -48,6 +54,12 @@ def test_oracle_picks_top_anomalies_and_top_false_positives():
     truth[[11, 14, 15]] = 1
     picks = oracle_picks(candidates, scores, truth, per_cycle=2)
     assert list(picks) == [11, 14, 10, 12]
+
+
+def test_mean_top_score_averages_the_same_top_as_the_precision():
+    scores = np.array([0.1, 0.9, 0.5, 0.7] + [0.0] * 196)  # 200 scores: the top 1 % is 2
+    assert mean_top_score(scores) == pytest.approx(0.8)
+    assert mean_top_score(scores, fraction=0.02) == pytest.approx((0.9 + 0.7 + 0.5 + 0.1) / 4)
 
 
 def test_plan_rejects_unknown_method():
@@ -178,8 +190,12 @@ def test_fast_head_metrics_sit_beside_the_fixmatch_ones_without_changing_them(tm
     for prefix in prefixes:
         assert all(0.0 <= r[f"{prefix}_auroc"] <= 1.0 for r in rows)
     # Before cycle 1 no model is behind the (ImageNet) embeddings: nothing to blend with.
-    for later_only in ("stale", "interim_zblend"):
+    # Nor is there a previous model to ensemble with.
+    for later_only in ("stale", "interim_zblend", "ens"):
         assert f"{later_only}_auroc" not in rows[0] and 0.0 <= rows[1][f"{later_only}_auroc"] <= 1
+    for r in rows:  # what the top 1 % reads, beside what is true there
+        assert 0.0 <= r["mean_score_top_1pct"] <= 1.0
+        assert 0.0 <= r["zblend_mean_score_top_1pct"] <= 1.0
     assert rows[-1]["head_auroc"] > 0.8  # bright squares separate in any embedding
 
 

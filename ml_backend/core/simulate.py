@@ -16,7 +16,14 @@ on the same unlabelled images, the oracle still picking from the FixMatch scores
   (absent in cycle 1, which has no previous model);
 - ``zblend_*`` and ``interim_zblend_*``: the head blended with the model whose embeddings it
   reads (`fast_head.blend_with_model`: the mean of both standardised logits, one linear head,
-  what the product publishes) after the cycle and while the next one trains.
+  what the product publishes) after the cycle and while the next one trains;
+- ``ens_*``: the mean rank of this cycle's and the previous cycle's FixMatch scores (an
+  ensemble of the last two models at no extra forward pass; absent in cycle 1).
+
+Every FixMatch row also reads out calibration: ``mean_score_top_1pct`` is the mean score
+the model gives its own top 1 % (what an annotator reads there), to set beside
+``precision_top_1pct`` (what is true there); ``zblend_mean_score_top_1pct`` the same for the
+blend annotators see.
 
 With ``compare_tta`` each cycle's row also holds ``tta_*``: the same model scored the other
 way round (with test-time augmentation when the config has none, without it when it has),
@@ -125,6 +132,7 @@ def run_simulation(
     fast = plan.fast_head and plan.method != "isolation-forest"
     features = _imagenet_features(store, pool, cfg) if fast else None
     stale: np.ndarray | None = None  # the previous cycle's FixMatch scores over the pool
+    previous: np.ndarray | None = None  # after training, the same (stale is then this cycle's)
     logit: tuple[np.ndarray, float] | None = None  # that model's anomaly logit over features
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         parent: Path | None = None
@@ -158,6 +166,7 @@ def run_simulation(
                     scores = score_store(store, model, meta, indices=unlabelled,
                                          batch_size=cfg.score_batch_size, device=cfg.device)
                 else:  # the whole pool: the next interim head needs the new labels' features
+                    previous = stale
                     stale = score_store(store, model, meta, indices=pool, features=features,
                                         batch_size=cfg.score_batch_size, device=cfg.device)
                     scores = stale[np.searchsorted(pool, unlabelled)]
@@ -165,6 +174,7 @@ def run_simulation(
             result = metrics.evaluate(truth[unlabelled], scores)
             if plan.method != "isolation-forest":
                 result.update(_step_summary(steps))
+                result["mean_score_top_1pct"] = mean_top_score(scores)
                 if plan.compare_tta:
                     extra |= _prefixed("tta", truth[unlabelled], score_store(
                         store, model, _tta_toggled(meta), indices=unlabelled,
@@ -183,6 +193,10 @@ def run_simulation(
                 ranked = _head_rankings(features, pool, labelled, unlabelled, truth, logit)
                 extra |= _prefixed("head", truth[unlabelled], ranked["head"])
                 extra |= _prefixed("zblend", truth[unlabelled], ranked["zblend"])
+                extra["zblend_mean_score_top_1pct"] = mean_top_score(ranked["zblend"])
+                if previous is not None:
+                    extra |= _prefixed("ens", truth[unlabelled], _mean_rank(
+                        scores, previous[np.searchsorted(pool, unlabelled)]))
                 extra |= _prefixed("blend", truth[unlabelled],
                                    _mean_rank(scores, ranked["head"]))
             result.update(extra)
@@ -224,6 +238,12 @@ def _head_rankings(features: np.ndarray, pool: np.ndarray, labelled: np.ndarray,
     if logit is not None:
         out["zblend"] = blend_with_model(head, *logit, features).scores(rows)
     return out
+
+
+def mean_top_score(scores: np.ndarray, fraction: float = 0.01) -> float:
+    """The mean of the highest `fraction` of scores (the same top as `precision_at_fraction`)."""
+    k = metrics.top_count(len(scores), fraction)
+    return float(np.sort(np.asarray(scores, dtype=np.float64))[::-1][:k].mean())
 
 
 def _prefixed(prefix: str, labels: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
