@@ -111,6 +111,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     # The pseudo-label threshold, lowered: more unlabelled images teach at 1-5 % imbalance.
     Setting("thr-0.8", overrides={"threshold": 0.8}),
     Setting("flip+thr-0.8", overrides={"invariance": "flip", "threshold": 0.8}),
+    Setting("flip+tta+thr-0.8", overrides={"invariance": "flip", "test_time_augmentation": True,
+                                           "threshold": 0.8}),
     # 50 iterations per cycle (the paper's Table 5 has 50 best).
     Setting("iter-50", overrides={"iterations": 50}),
     Setting("flip+iter-50", overrides={"invariance": "flip", "iterations": 50}),

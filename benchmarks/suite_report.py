@@ -161,7 +161,35 @@ def fast_head_report(paths: Sequence[Path], protocol: str,
     return [*lines, ""]
 
 
+def calibration_report(paths: Sequence[Path], protocol: str, device: str = "cpu") -> list[str]:
+    """Per suite, setting and cycle: the mean score of the top 1 % (what an annotator reads
+    there) beside the share of anomalies in it (what is true), for the model and for the
+    blend annotators see; rows from runs that logged it (`mean_score_top_1pct`)."""
+    runs = [(setting, r) for (_, setting), by_seed in load_rows(paths, protocol, device).items()
+            for r in by_seed.values()
+            if r.get("cycles") and "mean_score_top_1pct" in r["cycles"][0]]
+    if not runs:
+        return []
+    lines = [f"### Calibration at the top ({protocol} protocol; mean over runs)", "",
+             "| suite | setting | cycle | runs | model: mean score of its top 1 % | true share "
+             "| blend: mean score of its top 1 % | true share |", "|---" * 8 + "|"]
+    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = defaultdict(list)
+    for setting, row in runs:
+        for cycle, c in enumerate(row["cycles"], 1):
+            groups[(_suite(row["dataset"]), setting, cycle)].append(c)
+    for (suite, setting, cycle), cs in sorted(groups.items()):
+        def mean(key: str, rows: list[dict[str, Any]] = cs) -> str:
+            values = [c[key] for c in rows if c.get(key) is not None]
+            return f"{statistics.mean(values):.3f}" if values else "–"
+        lines.append(f"| {suite} | {setting} | {cycle} | {len(cs)} | "
+                     f"{mean('mean_score_top_1pct')} | {mean('precision_top_1pct')} | "
+                     f"{mean('zblend_mean_score_top_1pct')} | "
+                     f"{mean('zblend_precision_top_1pct')} |")
+    return [*lines, ""]
+
+
 def print_report(paths: Sequence[Path], baseline: str, protocol: str,
                  metrics: Sequence[str], device: str = "cpu") -> None:
     lines = report(paths, baseline, protocol, metrics, device)
-    print("\n".join(lines + fast_head_report(paths, protocol, metrics, device)))
+    print("\n".join(lines + fast_head_report(paths, protocol, metrics, device)
+                    + calibration_report(paths, protocol, device)))

@@ -20,7 +20,7 @@ from benchmarks.suite import (
     plan_jobs,
     run_job,
 )
-from benchmarks.suite_report import fast_head_report, report, top1_ceiling
+from benchmarks.suite_report import calibration_report, fast_head_report, report, top1_ceiling
 
 
 def test_paired_comparison_counts_and_mean_by_hand():
@@ -179,6 +179,21 @@ def test_fast_head_settings_keep_old_keys_and_report_pairs_within_runs(tmp_path)
     assert "| first | 2 | while a cycle trains" in text and "| 0.850 | 0.830 | +0.020 |" in text
     assert not any(line.startswith("| first | 1 | while") for line in text.splitlines())
     assert fast_head_report([log], "screen", ["auroc"]) == []
+
+
+def test_calibration_report_sets_what_the_top_reads_beside_what_is_true(tmp_path):
+    cycles = [{"auroc": 0.9, "precision_top_1pct": 0.5, "mean_score_top_1pct": 0.99,
+               "zblend_precision_top_1pct": 0.6, "zblend_mean_score_top_1pct": 0.8}]
+    older = [{"auroc": 0.9, "precision_top_1pct": 0.1}]  # logged before the readout existed
+    rows = [{**_row("animal:Cat", "flip+tta", 0, 0.9), "cycles": cycles},
+            {**_row("animal:Dog", "flip+tta", 0, 0.9),
+             "cycles": [{**cycles[0], "precision_top_1pct": 0.7, "mean_score_top_1pct": 0.97}]},
+            {**_row("animal:Cow", "flip+tta", 0, 0.9), "cycles": older}]
+    log = tmp_path / "runs.jsonl"
+    log.write_text("\n".join(json.dumps(r) for r in rows))
+    text = "\n".join(calibration_report([log], "full"))
+    assert "| animal | flip+tta | 1 | 2 | 0.980 | 0.600 | 0.800 | 0.600 |" in text
+    assert calibration_report([log], "screen") == []
 
 
 def test_top1_ceiling_is_remaining_anomalies_over_slots():
