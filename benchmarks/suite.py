@@ -104,6 +104,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     # Scoring: the mean over the invariance's symmetry views (test-time augmentation).
     Setting("tta", overrides={"test_time_augmentation": True}),
     Setting("flip+tta", overrides={"invariance": "flip", "test_time_augmentation": True}),
+    # The same setting again after scoring moved from mean probabilities to mean logits over
+    # the views (session 11): cycle 1 trains the identical model, so it pairs the two rules.
+    Setting("flip+tta@logits", overrides={"invariance": "flip", "test_time_augmentation": True}),
     Setting("flip+dist-align+tta", overrides={"invariance": "flip", "distribution_alignment": True,
                                               "test_time_augmentation": True}),
     Setting("dist-align+tta", overrides={"distribution_alignment": True,
