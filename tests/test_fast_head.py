@@ -97,7 +97,7 @@ def test_similar_ignores_what_every_row_shares_and_loud_uninformative_features()
     assert len(set(np.argsort(-raw)[:8]) & set(anomalies)) <= 3  # raw cosine is lost
 
 
-def test_blend_with_model_is_the_mean_of_both_standardised_logits():
+def test_blend_with_model_ranks_by_both_standardised_logits_on_the_models_scale():
     from ml_backend.core.fast_head import blend_with_model
 
     features, truth = clustered(n=300, n_anomalies=6)
@@ -111,18 +111,23 @@ def test_blend_with_model_is_the_mean_of_both_standardised_logits():
     head_logit = ((f - head.mean) / head.scale) @ head.weights + head.bias
     z = 0.5 * ((model_logit - model_logit.mean()) / model_logit.std()
                + (head_logit - head_logit.mean()) / head_logit.std())
-    np.testing.assert_allclose(blended.scores(features), 1 / (1 + np.exp(-z)), atol=1e-5)
+    # The mean of both, restandardised, on the model's own logit mean and spread.
+    logit = model_logit.mean() + model_logit.std() * (z - z.mean()) / z.std()
+    np.testing.assert_allclose(blended.scores(features), 1 / (1 + np.exp(-logit)), atol=1e-5)
     assert (blended.n_anomalies, blended.n_normals) == (6, 294)
 
 
-def test_blend_with_model_ignores_the_scale_of_either_logit():
+def test_blend_ranks_the_same_whatever_the_scale_of_either_logit():
     from ml_backend.core.fast_head import blend_with_model
 
     features, truth = clustered(n=200, n_anomalies=5)
     head = fit_fast_head(features, np.arange(200), truth)
     weight = np.random.default_rng(2).normal(size=features.shape[1])
-    small = blend_with_model(head, weight, 0.0, features).scores(features)
-    large = blend_with_model(head, 1000 * weight, 0.0, features).scores(features)
-    np.testing.assert_allclose(small, large, atol=1e-5)
+    small = blend_with_model(head, weight, 0.0, features)
+    large = blend_with_model(head, 1000 * weight, 0.0, features)
+    # Only the reading scales with the model's logit (x 1000, so sigmoids saturate); the
+    # blended logit is the same one times 1000, so the ranking does not move.
+    np.testing.assert_allclose(large.weights, 1000 * small.weights, rtol=1e-4)
+    assert large.bias == pytest.approx(1000 * small.bias, rel=1e-4)
     with pytest.raises(ValueError, match="model weight has shape"):
         blend_with_model(head, weight[:3], 0.0, features)

@@ -81,9 +81,12 @@ def fit_fast_head(features: np.ndarray, labelled: np.ndarray, labels: np.ndarray
 
 def blend_with_model(head: FastHead, weight: np.ndarray, bias: float,
                      features: np.ndarray) -> FastHead:
-    """One linear head whose logit is the mean of the model's own anomaly logit
+    """One linear head that ranks by the mean of the model's own anomaly logit
     (`weight · f + bias`) and `head`'s, each standardised to mean 0 and spread 1 over
-    `features` (at most _MOMENT_ROWS evenly spaced rows), so neither dominates by its scale.
+    `features` (at most _MOMENT_ROWS evenly spaced rows), so neither dominates by its scale;
+    that mean is then put back on the model's own logit scale (its mean and spread over the
+    same rows), so the blend's scores read like the model's: the bulk of the project stays
+    near the model's low scores instead of at 0.5 (benchmarks/RESULTS.md, "Session 12").
 
     Both logits are linear in the pooled features f, so the blend is too: it installs as a
     classifier like the head itself. (D,) `weight`: the model's anomaly-minus-normal row.
@@ -100,12 +103,22 @@ def blend_with_model(head: FastHead, weight: np.ndarray, bias: float,
     x = (np.asarray(features[::step], dtype=np.float64) - mean) / scale
     blended_w, blended_b = np.zeros_like(mean), 0.0
     for w, b in terms:
-        logits = x @ w + b
-        spread = max(float(logits.std()), 1e-6)
-        blended_w += w / (2 * spread)
-        blended_b += (b - float(logits.mean())) / (2 * spread)
-    return FastHead(mean=head.mean, scale=head.scale, weights=blended_w.astype(np.float32),
-                    bias=blended_b, n_anomalies=head.n_anomalies, n_normals=head.n_normals)
+        w_std, b_std = _standardised(x, w, b)
+        blended_w += w_std / 2
+        blended_b += b_std / 2
+    w_unit, b_unit = _standardised(x, blended_w, blended_b)
+    model_logits = x @ terms[0][0] + terms[0][1]
+    spread, centre = float(model_logits.std()), float(model_logits.mean())
+    return FastHead(mean=head.mean, scale=head.scale,
+                    weights=(w_unit * spread).astype(np.float32), bias=b_unit * spread + centre,
+                    n_anomalies=head.n_anomalies, n_normals=head.n_normals)
+
+
+def _standardised(x: np.ndarray, w: np.ndarray, b: float) -> tuple[np.ndarray, float]:
+    """(w', b') such that x @ w' + b' is x @ w + b with mean 0 and spread 1 over the rows x."""
+    logits = x @ w + b
+    spread = max(float(logits.std()), 1e-6)
+    return w / spread, (b - float(logits.mean())) / spread
 
 
 def similar(features: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
