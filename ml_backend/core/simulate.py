@@ -15,8 +15,9 @@ on the same unlabelled images, the oracle still picking from the FixMatch scores
 - ``stale_*``: the alternative without a fast path, the previous cycle's FixMatch scores
   (absent in cycle 1, which has no previous model);
 - ``zblend_*`` and ``interim_zblend_*``: the head blended with the model whose embeddings it
-  reads (`fast_head.blend_with_model`: the mean of both standardised logits, one linear head,
-  what the product publishes) after the cycle and while the next one trains;
+  reads (`fast_head.blend_with_model`: the mean of both standardised logits on the model's
+  logit scale, one linear head, what the product publishes) after the cycle and while the
+  next one trains;
 - ``ens_*``: the mean rank of this cycle's and the previous cycle's FixMatch scores (an
   ensemble of the last two models at no extra forward pass; absent in cycle 1).
 
