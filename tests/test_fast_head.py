@@ -97,7 +97,7 @@ def test_similar_ignores_what_every_row_shares_and_loud_uninformative_features()
     assert len(set(np.argsort(-raw)[:8]) & set(anomalies)) <= 3  # raw cosine is lost
 
 
-def test_blend_with_model_ranks_by_both_standardised_logits_on_the_models_scale():
+def test_blend_ranks_by_both_standardised_logits_and_reads_on_the_models_scale():
     from ml_backend.core.fast_head import blend_with_model
 
     features, truth = clustered(n=300, n_anomalies=6)
@@ -111,8 +111,9 @@ def test_blend_with_model_ranks_by_both_standardised_logits_on_the_models_scale(
     head_logit = ((f - head.mean) / head.scale) @ head.weights + head.bias
     z = 0.5 * ((model_logit - model_logit.mean()) / model_logit.std()
                + (head_logit - head_logit.mean()) / head_logit.std())
-    # The mean of both, restandardised, on the model's own logit mean and spread.
-    logit = model_logit.mean() + model_logit.std() * (z - z.mean()) / z.std()
+    # The mean of both, mapped so that its median and 99th percentile are the model's.
+    (z_mid, z_top), (m_mid, m_top) = (np.quantile(v, (0.5, 0.99)) for v in (z, model_logit))
+    logit = m_mid + (z - z_mid) * (m_top - m_mid) / (z_top - z_mid)
     np.testing.assert_allclose(blended.scores(features), 1 / (1 + np.exp(-logit)), atol=1e-5)
     assert (blended.n_anomalies, blended.n_normals) == (6, 294)
 

@@ -24,6 +24,8 @@ DEFAULT_C = 0.1
 _CHUNK = 32_768
 # Rows the standardisation statistics are taken from.
 _MOMENT_ROWS = 16_384
+# Quantiles of the project's logits a blend shares with its model (`blend_with_model`).
+_ANCHORS = (0.5, 0.99)
 
 
 @dataclass(frozen=True)
@@ -84,9 +86,11 @@ def blend_with_model(head: FastHead, weight: np.ndarray, bias: float,
     """One linear head that ranks by the mean of the model's own anomaly logit
     (`weight · f + bias`) and `head`'s, each standardised to mean 0 and spread 1 over
     `features` (at most _MOMENT_ROWS evenly spaced rows), so neither dominates by its scale;
-    that mean is then put back on the model's own logit scale (its mean and spread over the
-    same rows), so the blend's scores read like the model's: the bulk of the project stays
-    near the model's low scores instead of at 0.5 (benchmarks/RESULTS.md, "Session 12").
+    that mean is then mapped onto the model's own logit scale by the increasing affine map
+    that puts its median and its top-1 % boundary (99th percentile) over the same rows where
+    the model's are, so the blend's scores read like the model's: the bulk of the project
+    stays near the model's low scores instead of at 0.5, and the top of the queue reads as
+    the model's top does (benchmarks/RESULTS.md, "Session 12"). The ranking is the mean's.
 
     Both logits are linear in the pooled features f, so the blend is too: it installs as a
     classifier like the head itself. (D,) `weight`: the model's anomaly-minus-normal row.
@@ -106,11 +110,14 @@ def blend_with_model(head: FastHead, weight: np.ndarray, bias: float,
         w_std, b_std = _standardised(x, w, b)
         blended_w += w_std / 2
         blended_b += b_std / 2
-    w_unit, b_unit = _standardised(x, blended_w, blended_b)
-    model_logits = x @ terms[0][0] + terms[0][1]
-    spread, centre = float(model_logits.std()), float(model_logits.mean())
+    # Onto the model's scale: the blend's median and top-1 % boundary go where the model's are.
+    blended = x @ blended_w + blended_b
+    model = x @ terms[0][0] + terms[0][1]
+    (b_mid, b_top), (m_mid, m_top) = (np.quantile(v, _ANCHORS) for v in (blended, model))
+    gain = (m_top - m_mid) / (b_top - b_mid) if b_top > b_mid and m_top > m_mid else 1.0
     return FastHead(mean=head.mean, scale=head.scale,
-                    weights=(w_unit * spread).astype(np.float32), bias=b_unit * spread + centre,
+                    weights=(blended_w * gain).astype(np.float32),
+                    bias=float((blended_b - b_mid) * gain + m_mid),
                     n_anomalies=head.n_anomalies, n_normals=head.n_normals)
 
 
