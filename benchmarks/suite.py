@@ -140,6 +140,10 @@ PROTOCOLS: dict[str, dict[str, int]] = {
              "pool": 10_000, "iterations": 100},
     "screen": {"initial_anomalies": 5, "initial_normals": 495, "cycles": 1, "per_cycle": 10,
                "pool": 4_000, "iterations": 100},
+    # The full protocol's first cycle only: what a change of scoring or blending does to the
+    # same models as the full runs' cycle 1 (runs are deterministic on the CPU).
+    "cycle1": {"initial_anomalies": 5, "initial_normals": 495, "cycles": 1, "per_cycle": 10,
+               "pool": 10_000, "iterations": 100},
     # Seconds per run: checks that a grid runs at all (a new machine, a new setting).
     "smoke": {"initial_anomalies": 5, "initial_normals": 50, "cycles": 2, "per_cycle": 5,
               "pool": 1_000, "iterations": 5},
