@@ -301,13 +301,17 @@ def _commit() -> str:
         return "unknown"
 
 
+def dataset_spec(name: str) -> DatasetSpec:
+    """The suite dataset called `name` ('first:Bent', 'animal:Dog'); SystemExit if unknown."""
+    by_name = {d.name: d for suite in SUITES.values() for d in suite}
+    if name not in by_name:
+        raise SystemExit(f"unknown dataset {name!r}; known: {', '.join(by_name)}")
+    return by_name[name]
+
+
 def _datasets(args: argparse.Namespace) -> list[DatasetSpec]:
     specs = [d for name in args.suite for d in SUITES[name]]
-    by_name = {d.name: d for suite in SUITES.values() for d in suite}
-    for name in args.datasets or ():
-        if name not in by_name:
-            raise SystemExit(f"unknown dataset {name!r}; known: {', '.join(by_name)}")
-        specs.append(by_name[name])
+    specs += [dataset_spec(name) for name in args.datasets or ()]
     if not specs:
         raise SystemExit("choose --suite and/or --datasets")
     return list(dict.fromkeys(specs))

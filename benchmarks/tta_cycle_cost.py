@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from benchmarks.detection_quality import dataset_paths
-from benchmarks.suite import SUITES
+from benchmarks.suite import dataset_spec
 from ml_backend.core.checkpoint import ModelMeta, load_model_dir
 from ml_backend.core.config import TrainConfig
 from ml_backend.core.csvio import truth_vector
@@ -32,15 +32,6 @@ from ml_backend.core.simulate import SimulationPlan, choose_pool
 from ml_backend.core.sources import StoreSubset
 from ml_backend.core.store import CutoutStore
 from ml_backend.core.train import save_cycle, train_cycle
-
-
-def _spec(name: str) -> tuple[float, float]:
-    """(rare fraction, centre crop) of a suite dataset such as 'first:Bent'."""
-    for specs in SUITES.values():
-        for spec in specs:
-            if spec.name == name:
-                return spec.rare_fraction, spec.center_crop
-    raise SystemExit(f"{name!r} is not a suite dataset (e.g. first:Bent, animal:Dog)")
 
 
 def _score_seconds(store: CutoutStore, model: torch.nn.Module, meta: ModelMeta, tta: bool,
@@ -53,9 +44,9 @@ def _score_seconds(store: CutoutStore, model: torch.nn.Module, meta: ModelMeta, 
 
 
 def measure(dataset: str, root: Path, cfg: TrainConfig, repeats: int) -> dict[str, float]:
-    fraction, crop = _spec(dataset)
-    store_path, truth_path = dataset_paths(dataset, root, fraction)
-    cfg = cfg.replace(center_crop=crop)
+    spec = dataset_spec(dataset)
+    store_path, truth_path = dataset_paths(dataset, root, spec.rare_fraction)
+    cfg = cfg.replace(center_crop=spec.center_crop)
     with CutoutStore.open(store_path) as store, tempfile.TemporaryDirectory() as tmp:
         truth = truth_vector(store, str(truth_path))
         pool, labelled = choose_pool(truth, SimulationPlan(seed=cfg.seed))
