@@ -99,6 +99,11 @@ def _add_common(parser: argparse.ArgumentParser, *, stretch_default: str | None)
                         "radio or X-ray cutouts on a black sky (default none)")
     parser.add_argument("--preview-stretch-param", action="append", metavar="KEY=VALUE",
                         help="preview stretch parameter, e.g. a=100 (repeatable)")
+    parser.add_argument("--preview-crop", type=float, default=1.0, metavar="FRACTION",
+                        help="frame the previews on the central FRACTION of each side, as "
+                        "AMLS_CENTER_CROP frames what the model sees; the whole cutout is "
+                        "written to <previews>/full-field/ and linked from each task "
+                        "(default 1: the whole cutout)")
     parser.add_argument("--invariance", choices=INVARIANCES,
                         help="what training on these images should treat as the same image: "
                         "dihedral (flips and 90° rotations: sky cutouts, the default for a new "
@@ -131,6 +136,13 @@ def _preview_spec(args: argparse.Namespace) -> dict:
     return make_stretch(spec).spec
 
 
+def _preview_crop(args: argparse.Namespace) -> float:
+    if not 0 < args.preview_crop <= 1:
+        raise ValueError(f"--preview-crop must be in (0, 1] (1 = whole cutout), got "
+                         f"{args.preview_crop}")
+    return args.preview_crop
+
+
 def _square(size: int | None) -> tuple[int, int] | None:
     if size is not None and size < 1:
         raise ValueError(f"--size must be >= 1, got {size}")
@@ -154,7 +166,8 @@ def _resolve_size(args: argparse.Namespace, store_shape: tuple[int, ...] | None,
 def _run(args: argparse.Namespace, spec: dict, build) -> int:
     """Open the store, plan with `build(existing, store_shape)`, run, report."""
     preview = _preview_spec(args)
-    store = open_existing(args.store, spec, args.invariance, preview)
+    crop = _preview_crop(args)
+    store = open_existing(args.store, spec, args.invariance, preview, crop)
     try:
         existing = set(store.ids()) if store is not None else set()
         shape = store.shape if store is not None else None
@@ -167,7 +180,8 @@ def _run(args: argparse.Namespace, spec: dict, build) -> int:
                     document_root=args.document_root, url_prefix=args.url_prefix,
                     sky_viewer=args.sky_viewer)
     settings = Settings(stretch=spec, size=size, previews=args.previews,
-                        invariance=args.invariance or "dihedral", preview_stretch=preview)
+                        invariance=args.invariance or "dihedral", preview_stretch=preview,
+                        preview_crop=crop)
     writer = Writer(output, settings, store)
     summary = run_jobs(work.jobs, writer, workers=args.workers, total=work.n_items)
     summary.skipped += work.skipped
@@ -243,6 +257,7 @@ def _cmd_images(args: argparse.Namespace) -> int:
     summary = import_image_folder(args.directory, output, size=args.size,
                                   channels=args.channels, invariance=args.invariance,
                                   preview_stretch=_preview_spec(args),
+                                  preview_crop=_preview_crop(args),
                                   positions=read_positions(args.positions) if args.positions
                                   else None)
     return _finish(args, summary)

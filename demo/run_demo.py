@@ -226,9 +226,13 @@ def run(args: argparse.Namespace) -> int:
     base_env = {k: v for k, v in os.environ.items()
                 if k not in ("REDIS_URL", "BASIC_AUTH_USER", "BASIC_AUTH_PASS")
                 and not k.startswith("LABEL_STUDIO_")}
+    # FIRST sources sit in the middle sixth of each cutout: the model sees the central half
+    # (benchmarks/RESULTS.md, "Centre crop"), and the previews are framed on the same half.
+    crop = base_env.get("AMLS_CENTER_CROP", "0.5")
     amls("import", "images", str(data / "images"), "--store", str(store), "--previews",
          str(previews), "--document-root", str(data), "--channels", "1",
-         "--preview-stretch", "log", "--positions", str(data / "positions.csv"), env=base_env)
+         "--preview-stretch", "log", "--preview-crop", crop,
+         "--positions", str(data / "positions.csv"), env=base_env)
 
     creds = credentials(data / "credentials.json")
     ls_url = f"http://127.0.0.1:{args.ls_port}"
@@ -238,9 +242,7 @@ def run(args: argparse.Namespace) -> int:
     backend_env = {**base_env,
                    "LABEL_STUDIO_URL": ls_url, "LABEL_STUDIO_API_KEY": creds.token,
                    "MODEL_DIR": str(data / "models"), "AMLS_STORE_ROOTS": str(data),
-                   # FIRST sources sit in the middle sixth of each cutout: let the model see
-                   # the central half (benchmarks/RESULTS.md, "Centre crop").
-                   "AMLS_CENTER_CROP": base_env.get("AMLS_CENTER_CROP", "0.5")}
+                   "AMLS_CENTER_CROP": crop}
     with children() as procs:
         procs.append(start_process(
             label_studio_command(args.ls_bin, args.ls_port, data / "label-studio"),

@@ -24,7 +24,7 @@ from ml_backend.core.image_folder import build_store_from_folder
 from ml_backend.core.progress import progress
 from ml_backend.core.store import CutoutStore
 from ml_backend.core.stretch import Stretch, make_stretch
-from ml_backend.task_rows import append_tasks, make_task, read_tasks, tasks_path
+from ml_backend.task_rows import append_tasks, read_tasks, tasks_path
 
 log = logging.getLogger(__name__)
 _BATCH = 256
@@ -47,12 +47,15 @@ def read_positions(path: Path) -> dict[str, tuple[float, float]]:
 def import_image_folder(directory: Path, output: Output, *, size: int | None,
                         channels: int, invariance: str | None = None,
                         preview_stretch: dict | None = None,
+                        preview_crop: float | None = None,
                         positions: Positions | None = None) -> ImportSummary:
     """Build / extend the store from ``directory``, then write missing previews (through
-    the store's preview stretch) and tasks, with RA/Dec from ``positions`` where given."""
+    the store's preview stretch and crop) and tasks, with RA/Dec from ``positions`` where
+    given."""
     built = build_store_from_folder(directory, output.store, size=size, channels=channels,
                                     skip_bad=True, invariance=invariance,
-                                    preview_stretch=preview_stretch)
+                                    preview_stretch=preview_stretch,
+                                    preview_crop=preview_crop)
     summary = ImportSummary(imported=built.added, skipped=built.skipped_existing,
                             failures=[Failure(path, "", reason) for path, reason in built.failed])
     if not output.store.exists():
@@ -65,27 +68,26 @@ def import_image_folder(directory: Path, output: Output, *, size: int | None,
         with progress(total=todo.size, desc="previews", unit="img") as bar:
             for indices, images in store.iter_batches(_BATCH, indices=todo):
                 summary.failures.extend(_previews(store, output, indices, images, display,
-                                                  positions or {}))
+                                                  store.preview_crop, positions or {}))
                 bar.update(len(indices))
     return summary
 
 
 def _previews(store: CutoutStore, output: Output, indices: np.ndarray,
-              images: np.ndarray, display: Stretch, positions: Positions) -> list[Failure]:
+              images: np.ndarray, display: Stretch, crop: float,
+              positions: Positions) -> list[Failure]:
     ids = store.ids()
     meta = store.meta_table(indices)
     tasks, failures = [], []
     for k, i in enumerate(indices):
         cid = ids[int(i)]
         try:
-            path = write_preview(output.previews, cid, images[k], display)
+            preview = write_preview(output.previews, cid, images[k], display, crop)
         except (ValueError, OSError) as err:
             failures.append(Failure(str(meta["source"][k]), f"id={cid}", str(err)))
             continue
         ra, dec = positions.get(cid, (float(meta["ra"][k]), float(meta["dec"][k])))
-        tasks.append(make_task(image_url=output.url(path), cutout_id=cid,
-                               store_path=output.store, source=str(meta["source"][k]),
-                               hdu=str(meta["hdu"][k]), ra=ra, dec=dec,
-                               sky_viewer=output.sky_viewer))
+        tasks.append(output.task(cid, preview, source=str(meta["source"][k]),
+                                 hdu=str(meta["hdu"][k]), ra=ra, dec=dec))
     append_tasks(tasks_path(output.store), tasks)
     return failures

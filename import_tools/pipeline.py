@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from import_tools.jobs import Job
-from import_tools.previews import preview_url, write_preview
+from import_tools.previews import Preview, preview_url, write_preview
 from import_tools.report import Failure, ImportSummary
 from ml_backend.core.progress import progress
 from ml_backend.core.store import CutoutStore
@@ -44,20 +44,21 @@ class DoneItem:
     hdu: str
     ra: float | None
     dec: float | None
-    preview: Path
+    preview: Preview
     n_nonfinite: int
 
 
 @dataclass(frozen=True)
 class Settings:
-    """What every worker needs: the stretch spec, the store's (H, W), the preview root; and
-    the invariance a new store records."""
+    """What every worker needs: the stretch spec, the store's (H, W), the preview root and
+    look (display stretch, framing crop); and the invariance a new store records."""
 
     stretch: dict
     size: tuple[int, int]
     previews: Path
     invariance: str = "dihedral"
     preview_stretch: dict = field(default_factory=lambda: {"name": "none"})
+    preview_crop: float = 1.0
 
 
 # ---- the worker ---------------------------------------------------------------------------
@@ -85,7 +86,8 @@ def run_job(job: Job, settings: Settings) -> list[DoneItem | Failure]:
         try:
             result = stretch.apply(raw.pixels)
             pixels = resize_uint8(result.pixels, settings.size)
-            preview = write_preview(settings.previews, raw.id, pixels, display)
+            preview = write_preview(settings.previews, raw.id, pixels, display,
+                                    settings.preview_crop)
         except (ValueError, OSError) as err:
             out.append(Failure(raw.source, f"{raw.hdu} id={raw.id}", str(err)))
             continue
@@ -111,11 +113,20 @@ class Output:
         return preview_url(preview, document_root=root, url_prefix=self.url_prefix,
                            previews_root=self.previews)
 
+    def task(self, cutout_id: str, preview: Preview, *, source: str, hdu: str,
+             ra: float | None, dec: float | None) -> dict:
+        """The Label Studio task data of one imported cutout (`task_rows.make_task`)."""
+        full = None if preview.full_field is None else self.url(preview.full_field)
+        return make_task(image_url=self.url(preview.path), cutout_id=cutout_id,
+                         store_path=self.store, source=source, hdu=hdu, ra=ra, dec=dec,
+                         sky_viewer=self.sky_viewer, full_field_url=full)
+
 
 def open_existing(store_path: Path, stretch_spec: dict, invariance: str | None = None,
-                  preview_stretch: dict | None = None) -> CutoutStore | None:
+                  preview_stretch: dict | None = None,
+                  preview_crop: float | None = None) -> CutoutStore | None:
     """The store opened for appending, or None if absent; ValueError on another stretch, or
-    on another invariance or preview stretch (when given)."""
+    on another invariance, preview stretch or preview crop (when given)."""
     if not store_path.exists():
         return None
     store = CutoutStore.open(store_path, mode="a")
@@ -137,6 +148,12 @@ def open_existing(store_path: Path, stretch_spec: dict, invariance: str | None =
         raise ValueError(f"store {store_path} wrote its previews with stretch "
                          f"{recorded_preview}; this import asks for {preview_stretch}. Use "
                          "another --store or the same --preview-stretch.")
+    if preview_crop is not None and store.preview_crop != preview_crop:
+        recorded_crop = store.preview_crop
+        store.close()
+        raise ValueError(f"store {store_path} frames its previews on crop {recorded_crop}; "
+                         f"this import asks for {preview_crop}. Use another --store or the "
+                         "same --preview-crop.")
     return store
 
 
@@ -160,7 +177,8 @@ class Writer:
                                             channels=done[0].pixels.shape[-1],
                                             stretch=make_stretch(self.settings.stretch).spec,
                                             invariance=self.settings.invariance,
-                                            preview_stretch=self.settings.preview_stretch)
+                                            preview_stretch=self.settings.preview_stretch,
+                                            preview_crop=self.settings.preview_crop)
         accepted = []
         for item in done:
             if item.pixels.shape != self.store.shape:
@@ -174,9 +192,8 @@ class Writer:
                 accepted.append(item)
         if not accepted:
             return
-        append_tasks(tasks_path(self.output.store), (make_task(
-            image_url=self.output.url(i.preview), cutout_id=i.id, store_path=self.output.store,
-            source=i.source, hdu=i.hdu, ra=i.ra, dec=i.dec, sky_viewer=self.output.sky_viewer)
+        append_tasks(tasks_path(self.output.store), (self.output.task(
+            i.id, i.preview, source=i.source, hdu=i.hdu, ra=i.ra, dec=i.dec)
             for i in accepted))
         self.store.append([i.id for i in accepted], np.stack([i.pixels for i in accepted]),
                           ra=[np.nan if i.ra is None else i.ra for i in accepted],

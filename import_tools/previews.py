@@ -4,12 +4,18 @@ A preview may go through a display stretch first (`--preview-stretch`, recorded 
 as ``preview_stretch``): for eyes only, e.g. ``log`` makes the faint tails of radio sources
 on a black sky visible. The store's pixels, which the model sees, are never changed.
 
+A preview may also be framed on the centre crop the model sees (`--preview-crop`, recorded
+as ``preview_crop``; the same window as ``TrainConfig.center_crop``): ``<id>.png`` then shows
+that window and ``full-field/<id>.png`` the whole cutout, so the full field stays one link
+away.
+
 Channel mapping: C = 1 -> greyscale PNG, C = 3 -> RGB PNG, any other C -> greyscale PNG of
 channel 0 (the model still sees all channels; the preview shows the first).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
@@ -17,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from ml_backend.core.atomic import atomic_file
+from ml_backend.core.config import crop_box
 from ml_backend.core.stretch import Stretch
 from ml_backend.label_schema import LOCAL_FILES_PREFIX
 
@@ -46,17 +53,43 @@ def to_preview_image(pixels: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(pixels[..., 0]), mode="L")
 
 
-def write_preview(root: Path, cutout_id: str, pixels: np.ndarray,
-                  display: Stretch | None = None) -> Path:
-    """Write ``<root>/<id>.png`` atomically (temporary file + rename); returns the path.
+FULL_FIELD_DIR = "full-field"  # below the preview root: the whole cutouts of framed previews
 
-    `display` (a stretch of the uint8 values, per channel) is applied to a copy first."""
+
+@dataclass(frozen=True)
+class Preview:
+    """The PNG an annotator sees and, for a framed preview, the whole cutout's PNG."""
+
+    path: Path
+    full_field: Path | None = None
+
+
+def write_preview(root: Path, cutout_id: str, pixels: np.ndarray,
+                  display: Stretch | None = None, crop: float = 1.0) -> Preview:
+    """Write ``<root>/<id>.png`` atomically (temporary file + rename).
+
+    `display` (a stretch of the uint8 values, per channel) is applied to a copy first. With
+    `crop` < 1 the PNG shows the central `crop` of each side and ``<root>/full-field/<id>.png``
+    the whole cutout; ValueError for an id inside that folder (it would collide)."""
     path = root / preview_relpath(cutout_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
     shown = pixels if display is None else display(pixels.astype(np.float32))
+    if crop == 1:
+        _write_png(path, shown)
+        return Preview(path)
+    if cutout_id.split("/", 1)[0] == FULL_FIELD_DIR:
+        raise ValueError(f"id {cutout_id!r} lies in {FULL_FIELD_DIR}/, where framed previews "
+                         "keep their full fields; rename it or import with --preview-crop 1")
+    top, left, h, w = crop_box(*shown.shape[:2], crop)
+    full = root / FULL_FIELD_DIR / preview_relpath(cutout_id)
+    _write_png(full, shown)
+    _write_png(path, shown[top:top + h, left:left + w])
+    return Preview(path, full)
+
+
+def _write_png(path: Path, pixels: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path, "wb") as fh:
-        to_preview_image(shown).save(fh, format="PNG")
-    return path
+        to_preview_image(np.ascontiguousarray(pixels)).save(fh, format="PNG")
 
 
 def preview_url(path: Path, *, document_root: Path | None = None,

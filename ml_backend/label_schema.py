@@ -53,8 +53,8 @@ _BOOKKEEPING = ("inner_id", "completed_at", "cancelled_annotations", "total_pred
                 "predictions_results", "file_upload", "storage_filename", "created_at",
                 "updated_at", "updated_by", "avg_lead_time", "draft_exists")
 # Task data for machines, not eyes: the server path of the cutout store, the FITS HDU, and
-# the labelling page's HTML sky link (the `sky` URL column stays).
-_MACHINE_DATA = ("store", "hdu", "sky_link")
+# the labelling page's HTML links (the `sky` URL column stays).
+_MACHINE_DATA = ("store", "hdu", "sky_link", "full_link")
 HIDDEN_COLUMNS: dict[str, list[str]] = {
     "explore": [f"tasks:{c}" for c in _BOOKKEEPING] + [f"tasks:data.{k}" for k in _MACHINE_DATA],
     # Beside the labelling page only the id, the score and the image stay.

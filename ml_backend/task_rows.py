@@ -31,11 +31,19 @@ SKY_VIEWER_NAMES = {"esasky": "ESASky", "legacysurvey": "Legacy Survey viewer",
 def sky_anchor(url: str | None, viewer: str = "esasky") -> str:
     """An HTML link to `url` that opens in a new tab, named after the viewer ("" without a
     url): what the coordinates label config shows (Label Studio's HyperText)."""
+    return _anchor(url, f"Open in {SKY_VIEWER_NAMES.get(viewer, viewer)} ↗")
+
+
+def full_field_anchor(url: str | None) -> str:
+    """An HTML link to the whole cutout of a framed preview ("" without one)."""
+    return _anchor(url, "Full field (uncropped) ↗")
+
+
+def _anchor(url: str | None, text: str) -> str:
     if url is None:
         return ""
-    name = SKY_VIEWER_NAMES.get(viewer, viewer)
     return (f'<a href="{html.escape(url, quote=True)}" target="_blank" '
-            f'rel="noopener noreferrer">Open in {html.escape(name)} ↗</a>')
+            f'rel="noopener noreferrer">{html.escape(text)}</a>')
 
 
 def sky_url(ra: float | None, dec: float | None, viewer: str = "esasky") -> str | None:
@@ -61,11 +69,14 @@ def source_names(source: str) -> str:
 
 
 def make_task(*, image_url: str, cutout_id: str, store_path: Path, source: str, hdu: str,
-              ra: float | None, dec: float | None, sky_viewer: str = "esasky") -> dict[str, Any]:
+              ra: float | None, dec: float | None, sky_viewer: str = "esasky",
+              full_field_url: str | None = None) -> dict[str, Any]:
     """Task ``data``: image URL, cutout id, absolute store path, source file name(s) (the
     store keeps the full paths), hdu, ra, dec (deg),
-    ``sky_link`` (an HTML link for the labelling page, "" without coordinates) and, with
-    coordinates, ``sky``: the sky viewer's URL at that position (a Data Manager column)."""
+    ``sky_link`` (an HTML link for the labelling page, "" without coordinates), with
+    coordinates ``sky``: the sky viewer's URL at that position (a Data Manager column), and
+    ``full_link``: an HTML link to the whole cutout when the image is a framed preview
+    (else "")."""
     def coord(value: float | None) -> float | None:
         return None if value is None or not math.isfinite(value) else float(value)
 
@@ -75,6 +86,7 @@ def make_task(*, image_url: str, cutout_id: str, store_path: Path, source: str, 
     if link is not None:
         data["sky"] = link
     data["sky_link"] = sky_anchor(link, sky_viewer)
+    data["full_link"] = full_field_anchor(full_field_url)
     return data
 
 

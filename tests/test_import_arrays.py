@@ -245,6 +245,48 @@ def test_the_image_folder_import_applies_and_records_the_preview_stretch(tmp_pat
     assert "records preview stretch" in capsys.readouterr().err
 
 
+def test_framed_previews_show_the_models_crop_and_link_the_full_field(tmp_path, galaxies,
+                                                                      capsys):
+    import torch
+
+    from ml_backend.core.preprocess import center_crop
+
+    assert amls_import(tmp_path, "hdf5", str(galaxies), "--preview-crop", "0.5") == 0
+    tasks = read_tasks(tasks_path(tmp_path / "s.h5"))
+    with CutoutStore.open(tmp_path / "s.h5") as store:
+        assert store.preview_crop == 0.5
+        ids, pixels = store.ids(), store.read(np.arange(len(store)))
+    # what the model sees at AMLS_CENTER_CROP=0.5, before resizing: the same window
+    seen = center_crop(torch.from_numpy(pixels).permute(0, 3, 1, 2), 0.5)
+    for k, cid in enumerate(ids):
+        framed = np.asarray(Image.open(tmp_path / "previews" / f"{cid}.png"))
+        full = np.asarray(Image.open(tmp_path / "previews" / "full-field" / f"{cid}.png"))
+        np.testing.assert_array_equal(full, pixels[k, ..., 0])
+        np.testing.assert_array_equal(framed, seen[k, 0].numpy())
+        assert framed.shape == (pixels.shape[1] // 2, pixels.shape[2] // 2)
+        assert tasks[cid]["image"].endswith(f"previews/{cid}.png")
+        assert f'href="/data/local-files/?d=previews/full-field/{cid}.png"' in (
+            tasks[cid]["full_link"])
+    # Appending with another framing would mix two looks in one project: refused.
+    assert amls_import(tmp_path, "hdf5", str(galaxies)) == 2
+    assert "frames its previews on crop 0.5" in capsys.readouterr().err
+    assert amls_import(tmp_path / "bad", "hdf5", str(galaxies), "--preview-crop", "0") == 2
+    assert "--preview-crop must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_the_image_folder_import_frames_and_records_the_preview_crop(tmp_path, png_tree,
+                                                                     capsys):
+    assert amls_import(tmp_path, "images", str(png_tree), "--preview-crop", "0.25",
+                       "--allow-failures") == 0
+    with CutoutStore.open(tmp_path / "s.h5") as store:
+        assert store.preview_crop == 0.25
+        cid = store.ids()[0]
+    assert (tmp_path / "previews" / "full-field" / f"{cid}.png").exists()
+    assert "Full field" in read_tasks(tasks_path(tmp_path / "s.h5"))[cid]["full_link"]
+    assert amls_import(tmp_path, "images", str(png_tree), "--preview-crop", "0.5") == 2
+    assert "records preview crop 0.25" in capsys.readouterr().err
+
+
 def test_image_positions_fill_ra_dec_and_the_sky_link(tmp_path, png_tree, capsys):
     ids = sorted(p.relative_to(png_tree).with_suffix("").as_posix()
                  for p in png_tree.rglob("*.png"))

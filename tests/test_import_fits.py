@@ -60,7 +60,7 @@ def test_whole_image_store_preview_and_task_agree(tmp_path):
                     "store": str((tmp_path / "s.h5").resolve()), "source": M13.name,
                     "hdu": "0", "ra": meta["ra"], "dec": meta["dec"],
                     "sky": sky_url(meta["ra"], meta["dec"], "esasky"),
-                    "sky_link": sky_anchor(task["sky"], "esasky")}
+                    "sky_link": sky_anchor(task["sky"], "esasky"), "full_link": ""}
     assert task["sky"].startswith("https://sky.esa.int/esasky/?target=250.4")  # M13
 
 

@@ -15,7 +15,9 @@ SUBTYPES = ["merger", "ring", "lens", "artefact", "other"]
 TASK_DATA = {"image": "/static/images/logo.svg", "cutout_id": "c1", "store": "s.h5",
              "source": "first_J1234+5678.fits", "hdu": 0, "ra": 188.5, "dec": 56.9,
              "sky_link": '<a href="https://sky.esa.int/esasky/?target=188.5%20%2B56.9" '
-                         'target="_blank">Open in ESASky</a>'}
+                         'target="_blank">Open in ESASky</a>',
+             "full_link": '<a href="/data/local-files/?d=previews/full-field/c1.png" '
+                          'target="_blank">Full field (uncropped)</a>'}
 
 
 def _xml(path: Path) -> ET.Element:
@@ -82,9 +84,9 @@ def test_coords_variant_shows_position_and_object():
     shown = {el.get("value") for el in root.iter("Text")}
     # not $source: Label Studio's labelling page shows the whole task JSON for it
     assert shown == {"$ra", "$dec", "$cutout_id"}
-    (link,) = root.iter("HyperText")
-    assert (link.get("value"), link.get("inline"), link.get("clickableLinks")) == (
-        "$sky_link", "true", "true")
+    links = [(el.get("value"), el.get("inline"), el.get("clickableLinks"))
+             for el in root.iter("HyperText")]
+    assert links == [("$sky_link", "true", "true"), ("$full_link", "true", "true")]
 
 
 @pytest.mark.e2e

@@ -148,3 +148,11 @@ def check_center_crop(value: float) -> float:
     if not 0 < value <= 1:
         raise ValueError(f"center_crop must be in (0, 1] (1 = whole cutout), got {value}")
     return value
+
+
+def crop_box(height: int, width: int, fraction: float) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of the central `fraction` of each side of a height x width image
+    (at least one pixel): the window the model's centre crop keeps and framed previews show."""
+    check_center_crop(fraction)
+    h, w = max(1, round(height * fraction)), max(1, round(width * fraction))
+    return (height - h) // 2, (width - w) // 2, h, w

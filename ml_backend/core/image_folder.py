@@ -132,7 +132,8 @@ def build_store_from_folder(images_dir: str | Path, out_path: str | Path, *,
                             size: int | None = None, channels: int = 3,
                             skip_bad: bool = False, compression: str = COMPRESSION,
                             invariance: str | None = None,
-                            preview_stretch: dict[str, Any] | None = None) -> BuildReport:
+                            preview_stretch: dict[str, Any] | None = None,
+                            preview_crop: float | None = None) -> BuildReport:
     """Add every image under `images_dir` to the store `out_path` (created if missing).
 
     `size`: images are resized to size x size pixels (default: the size of the first new
@@ -143,8 +144,8 @@ def build_store_from_folder(images_dir: str | Path, out_path: str | Path, *,
     (the readable images are in the store by then). `compression` applies to a new store
     ("lzf", "gzip" or "none"; see :mod:`ml_backend.core.store`). `invariance` is recorded
     in a new store (default "dihedral"); an existing store with another one is refused.
-    `preview_stretch` (a stretch spec) is recorded in a new store; an existing store that
-    records another is refused.
+    `preview_stretch` (a stretch spec) and `preview_crop` (the previews' framing) are
+    recorded in a new store; an existing store that records others is refused.
     """
     images_dir, out_path = Path(images_dir), Path(out_path)
     if channels not in (1, 3):
@@ -165,6 +166,11 @@ def build_store_from_folder(images_dir: str | Path, out_path: str | Path, *,
             raise ValueError(f"store {out_path} records preview stretch "
                              f"{store.preview_stretch}; {preview_stretch} differs: use a new "
                              "store or the same --preview-stretch")
+        if (store is not None and preview_crop is not None
+                and store.preview_crop != preview_crop):
+            raise ValueError(f"store {out_path} records preview crop {store.preview_crop}; "
+                             f"{preview_crop} differs: use a new store or the same "
+                             "--preview-crop")
         if store is not None:
             new = {cid: p for cid, p in files.items() if cid not in store}
             report.skipped_existing = len(files) - len(new)
@@ -182,7 +188,8 @@ def build_store_from_folder(images_dir: str | Path, out_path: str | Path, *,
                 store = CutoutStore.create(out_path, height=h, width=w, channels=channels,
                                            stretch=stretch, compression=compression,
                                            invariance=invariance or "dihedral",
-                                           preview_stretch=preview_stretch)
+                                           preview_stretch=preview_stretch,
+                                           preview_crop=preview_crop or 1.0)
             else:
                 _check_compatible(store, stretch, channels, square)
             report.added = _add_images(store, todo, report)

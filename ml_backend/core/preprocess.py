@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ml_backend.core.config import check_center_crop
+from ml_backend.core.config import check_center_crop, crop_box
 from ml_backend.core.pretrained import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -53,10 +53,9 @@ def center_crop(x: torch.Tensor, fraction: float) -> torch.Tensor:
     """
     if check_center_crop(fraction) == 1:
         return x
-    height, width = x.shape[-2:]
-    h, w = max(1, round(height * fraction)), max(1, round(width * fraction))
-    top, left = (height - h) // 2, (width - w) // 2
+    top, left, h, w = crop_box(*x.shape[-2:], fraction)
     return x[..., top:top + h, left:left + w]
+
 
 
 def fit(x: torch.Tensor, image_size: int, crop: float = 1.0) -> torch.Tensor:

@@ -34,7 +34,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ml_backend.core.config import check_invariance
+from ml_backend.core.config import check_center_crop, check_invariance
 from ml_backend.core.sources import as_index_array, prefetch_batches
 from ml_backend.core.text_column import TextColumn
 
@@ -73,7 +73,8 @@ class CutoutStore:
     def create(cls, path: str | Path, *, height: int, width: int, channels: int,
                stretch: dict[str, Any], chunk_images: int = 16,
                compression: str = COMPRESSION, invariance: str = "dihedral",
-               preview_stretch: dict[str, Any] | None = None) -> CutoutStore:
+               preview_stretch: dict[str, Any] | None = None,
+               preview_crop: float = 1.0) -> CutoutStore:
         """Create an empty store at `path` (error if it exists), opened for appending.
 
         `stretch` describes how science pixels became uint8, e.g. ``{"name": "none"}``.
@@ -82,6 +83,7 @@ class CutoutStore:
         `invariance`: what training on this data should default to (`TrainConfig.invariance`).
         `preview_stretch`: the display stretch the import tools write previews with, applied
         to these uint8 pixels for eyes only (default ``{"name": "none"}``: the pixels as is).
+        `preview_crop`: the central fraction of each side the previews show (1: all of it).
         """
         path = Path(path)
         if path.exists():
@@ -95,6 +97,7 @@ class CutoutStore:
         if "name" not in stretch:
             raise ValueError(f"stretch must have a 'name' key, got {stretch!r}")
         check_invariance(invariance)
+        check_center_crop(preview_crop)
         image_bytes = height * width * channels
         chunk_images = max(1, min(chunk_images, _MAX_CHUNK_BYTES // image_bytes))
         file = h5py.File(path, "w-", libver="latest", rdcc_nbytes=_CHUNK_CACHE_BYTES)
@@ -107,6 +110,7 @@ class CutoutStore:
             file.attrs["invariance"] = invariance
             file.attrs["preview_stretch"] = json.dumps(preview_stretch or {"name": "none"},
                                                        sort_keys=True)
+            file.attrs["preview_crop"] = float(preview_crop)
             file.create_dataset("images", shape=(0, height, width, channels),
                                 maxshape=(None, height, width, channels), dtype=np.uint8,
                                 chunks=(chunk_images, height, width, channels),
@@ -226,6 +230,11 @@ class CutoutStore:
     def preview_stretch(self) -> dict[str, Any]:
         """The display stretch of the previews (stores made before it existed: none)."""
         return json.loads(self._file.attrs.get("preview_stretch", '{"name": "none"}'))
+
+    @property
+    def preview_crop(self) -> float:
+        """The central fraction of each side the previews show (stores before it: 1)."""
+        return float(self._file.attrs.get("preview_crop", 1.0))
 
     @property
     def created(self) -> str:
