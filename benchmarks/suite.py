@@ -116,6 +116,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("flip+thr-0.8", overrides={"invariance": "flip", "threshold": 0.8}),
     Setting("flip+tta+thr-0.8", overrides={"invariance": "flip", "test_time_augmentation": True,
                                            "threshold": 0.8}),
+    Setting("dist-align+tta+thr-0.8", overrides={"distribution_alignment": True,
+                                                 "test_time_augmentation": True,
+                                                 "threshold": 0.8}),
     # 50 iterations per cycle (the paper's Table 5 has 50 best).
     Setting("iter-50", overrides={"iterations": 50}),
     Setting("flip+iter-50", overrides={"invariance": "flip", "iterations": 50}),
