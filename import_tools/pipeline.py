@@ -130,31 +130,35 @@ def open_existing(store_path: Path, stretch_spec: dict, invariance: str | None =
     if not store_path.exists():
         return None
     store = CutoutStore.open(store_path, mode="a")
-    wanted = make_stretch(stretch_spec).spec
-    if store.stretch != wanted:
+    try:
+        _check_same_settings(store, store_path, make_stretch(stretch_spec).spec, invariance,
+                             preview_stretch, preview_crop)
+    except ValueError:
         store.close()
+        raise
+    return store
+
+
+def _check_same_settings(store: CutoutStore, store_path: Path, stretch: dict,
+                         invariance: str | None, preview_stretch: dict | None,
+                         preview_crop: float | None) -> None:
+    """ValueError naming the first setting this import would change in `store`."""
+    if store.stretch != stretch:
         raise ValueError(f"store {store_path} holds pixels made with stretch {store.stretch}; "
-                         f"this import asks for {wanted}. Use another --store or the same "
+                         f"this import asks for {stretch}. Use another --store or the same "
                          "stretch.")
-    recorded = store.invariance
-    if invariance is not None and recorded != invariance:
-        store.close()
-        raise ValueError(f"store {store_path} records invariance {recorded}; this "
+    if invariance is not None and store.invariance != invariance:
+        raise ValueError(f"store {store_path} records invariance {store.invariance}; this "
                          f"import asks for {invariance}. Use another --store or drop "
                          "--invariance.")
     if preview_stretch is not None and store.preview_stretch != preview_stretch:
-        recorded_preview = store.preview_stretch
-        store.close()
         raise ValueError(f"store {store_path} wrote its previews with stretch "
-                         f"{recorded_preview}; this import asks for {preview_stretch}. Use "
-                         "another --store or the same --preview-stretch.")
+                         f"{store.preview_stretch}; this import asks for {preview_stretch}. "
+                         "Use another --store or the same --preview-stretch.")
     if preview_crop is not None and store.preview_crop != preview_crop:
-        recorded_crop = store.preview_crop
-        store.close()
-        raise ValueError(f"store {store_path} frames its previews on crop {recorded_crop}; "
-                         f"this import asks for {preview_crop}. Use another --store or the "
-                         "same --preview-crop.")
-    return store
+        raise ValueError(f"store {store_path} frames its previews on crop "
+                         f"{store.preview_crop}; this import asks for {preview_crop}. Use "
+                         "another --store or the same --preview-crop.")
 
 
 class Writer:
