@@ -35,6 +35,9 @@ _OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
     ("--drop-rate", "drop_rate", float, "dropout before the head in training (default 0)"),
     ("--backbone-lr-scale", "backbone_lr_scale", float,
      "learning rate of the pretrained backbone as a fraction of the head's, 0 to 1 (default 1)"),
+    ("--hard-normal-share", "hard_normal_share", float,
+     "share of the normals' draws given to the labelled normals the model scores highest, "
+     "0 to < 1, in continued cycles (default 0: all normals alike)"),
     ("--distribution-alignment", "distribution_alignment", yes_no,
      "yes/no: align the pseudo-labels to the labelled anomaly share (default: yes for "
      "dihedral data, no for flip data)"),

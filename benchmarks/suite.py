@@ -111,6 +111,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
                                               "test_time_augmentation": True}),
     Setting("dist-align+tta", overrides={"distribution_alignment": True,
                                          "test_time_augmentation": True}),
+    # The sky default again, seed 0 having run before the mean-logit rule (session 11).
+    Setting("dist-align+tta@logits", overrides={"distribution_alignment": True,
+                                                "test_time_augmentation": True}),
     # The pseudo-label threshold, lowered: more unlabelled images teach at 1-5 % imbalance.
     Setting("thr-0.8", overrides={"threshold": 0.8}),
     Setting("flip+thr-0.8", overrides={"invariance": "flip", "threshold": 0.8}),
@@ -119,6 +122,12 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("dist-align+tta+thr-0.8", overrides={"distribution_alignment": True,
                                                  "test_time_augmentation": True,
                                                  "threshold": 0.8}),
+    # Half of the normals' draws in proportion to the model's score (corrected false positives).
+    Setting("flip+tta+hardneg-0.5", overrides={"invariance": "flip", "test_time_augmentation": True,
+                                               "hard_normal_share": 0.5}),
+    Setting("dist-align+tta+hardneg-0.5", overrides={"distribution_alignment": True,
+                                                     "test_time_augmentation": True,
+                                                     "hard_normal_share": 0.5}),
     # 50 iterations per cycle (the paper's Table 5 has 50 best).
     Setting("iter-50", overrides={"iterations": 50}),
     Setting("flip+iter-50", overrides={"invariance": "flip", "iterations": 50}),

@@ -13,12 +13,14 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from amls_cli import main
+from ml_backend.core import train as train_mod
 from ml_backend.core.checkpoint import load_training_state, read_meta
 from ml_backend.core.config import TrainConfig
 from ml_backend.core.csvio import write_labels_csv
 from ml_backend.core.fixmatch import ModelEMA, WeightedLabeledSampler, make_optimizer
 from ml_backend.core.model import anomaly_probability
 from ml_backend.core.preprocess import to_model_input
+from ml_backend.core.scoring import score_images
 from ml_backend.core.sources import ArraySource
 from ml_backend.core.store import CutoutStore
 from ml_backend.core.train import save_cycle, train_cycle
@@ -121,6 +123,53 @@ def test_sampler_oversamples_anomalies_reproducibly():
     assert idx.shape == (3200,)
     assert 0.45 < (torch.as_tensor(labels)[idx] == 1).float().mean() < 0.55
     assert torch.equal(idx, draws(0)) and not torch.equal(idx, draws(1))
+
+
+def test_hard_share_spreads_part_of_the_normals_weight_by_hardness():
+    labels = np.array([1, 0, 0, 0, 0])
+    hardness = np.array([0.9, 0.0, 0.1, 0.3, 0.0])  # the anomaly's own value is ignored
+    gen = torch.Generator().manual_seed(0)
+    sampler = WeightedLabeledSampler(labels, 4, 0.5, gen, hardness=hardness, hard_share=0.5)
+    # normals: 0.5 * (0.5 * 1/4 + 0.5 * h / 0.4); the anomaly keeps 0.5
+    expected = [0.5, 0.0625, 0.0625 + 0.0625, 0.0625 + 0.1875, 0.0625]
+    assert np.allclose(sampler.weights.numpy(), expected)
+    even = WeightedLabeledSampler(labels, 4, 0.5, gen, hardness=np.zeros(5), hard_share=0.5)
+    plain = WeightedLabeledSampler(labels, 4, 0.5, gen)
+    assert torch.equal(even.weights, plain.weights)
+    assert torch.equal(WeightedLabeledSampler(labels, 4, 0.5, gen, hardness=hardness).weights,
+                       plain.weights)  # share 0: hardness has no say
+    with pytest.raises(ValueError, match="hard_share"):
+        WeightedLabeledSampler(labels, 4, 0.5, gen, hardness=hardness, hard_share=1.0)
+    with pytest.raises(ValueError, match="hardness must be"):
+        WeightedLabeledSampler(labels, 4, 0.5, gen, hardness=np.array([0, 0, -1, 0, 0.0]),
+                               hard_share=0.5)
+
+
+def test_a_continued_cycle_draws_the_normals_its_model_scores_highest_more(
+        toy, tmp_path, monkeypatch):
+    labeled, labels, pool = toy
+    cfg = FAST.replace(hard_normal_share=0.5)
+    first = train_cycle(cfg, labeled, labels, pool)  # from scratch: no scores, even weights
+    save_cycle(first, tmp_path / "m1", cfg=cfg, stretch={"name": "none"}, parent=None,
+               label_counts={"anomaly": 5, "normal": 20})
+    samplers: list[WeightedLabeledSampler] = []
+    real = train_mod.WeightedLabeledSampler
+
+    def spy(*args, **kwargs):
+        samplers.append(real(*args, **kwargs))
+        return samplers[-1]
+
+    monkeypatch.setattr(train_mod, "WeightedLabeledSampler", spy)
+    train_cycle(cfg, labeled, labels, pool, init_dir=tmp_path / "m1")
+    weights = samplers[0].weights.numpy()[labels == 0]
+    scores = score_images(first.ema, labeled, SIZE)[labels == 0]
+    assert np.corrcoef(weights, scores)[0, 1] > 0.99  # weight = a + b * score
+    assert weights.max() > weights.min() > 0
+    saved = TrainConfig().to_dict()
+    del saved["hard_normal_share"]
+    assert TrainConfig.from_dict(saved).hard_normal_share == 0.0  # older checkpoints
+    with pytest.raises(ValueError, match="hard_normal_share"):
+        FAST.replace(hard_normal_share=-0.1)
 
 
 @pytest.mark.parametrize("labels", [np.zeros(6, int), np.ones(6, int)])
@@ -310,7 +359,7 @@ def test_cli_training_settings_are_recorded_inherited_and_kept(store_and_labels,
     common = ["--labels", str(labels), "--device", "cpu", "--iterations", "1"]
     _amls_train(capsys, str(store), *common, "--image-size", "32", "--invariance", "flip",
                 "--bn-momentum", "0.01", "--drop-path-rate", "0.2", "--drop-rate", "0.1",
-                "-o", str(tmp_path / "m1"))
+                "--hard-normal-share", "0.5", "-o", str(tmp_path / "m1"))
     _amls_train(capsys, str(store), *common, "--init", str(tmp_path / "m1"),
                 "--drop-rate", "0.3", "-o", str(tmp_path / "m2"))
     first = TrainConfig.from_dict(read_meta(tmp_path / "m1").config)
@@ -320,6 +369,7 @@ def test_cli_training_settings_are_recorded_inherited_and_kept(store_and_labels,
     # Inherited by the continuation; hyperparameters may change, the invariance may not.
     assert (second.invariance, second.bn_momentum, second.drop_path_rate, second.drop_rate) == (
         "flip", 0.01, 0.2, 0.3)
+    assert first.hard_normal_share == second.hard_normal_share == 0.5
     err = _train_error(capsys, str(store), *common, "--invariance", "dihedral",
                        "--init", str(tmp_path / "m1"), "-o", str(tmp_path / "m3"))
     assert re.search("invariance flip in the model, dihedral now", err)

@@ -195,13 +195,19 @@ class WeightedLabeledSampler:
 
     Each anomaly has weight anomaly_fraction / n_anomalies and each normal
     (1 - anomaly_fraction) / n_normals, so the expected anomaly share of a batch is
-    anomaly_fraction whatever the class balance of the labels.
+    anomaly_fraction whatever the class balance of the labels. With `hardness` (one
+    non-negative value per label, e.g. the model's anomaly probability) and `hard_share` > 0,
+    that share of the normals' weight is spread in proportion to the normals' hardness
+    instead of evenly (all-zero hardness: evenly).
     """
 
     def __init__(self, labels: np.ndarray, batch_size: int, anomaly_fraction: float,
-                 generator: torch.Generator) -> None:
+                 generator: torch.Generator, *, hardness: np.ndarray | None = None,
+                 hard_share: float = 0.0) -> None:
         if not 0.0 < anomaly_fraction < 1.0:
             raise ValueError(f"anomaly_fraction must be in (0, 1), got {anomaly_fraction}")
+        if not 0.0 <= hard_share < 1.0:
+            raise ValueError(f"hard_share must be in [0, 1), got {hard_share}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         is_anomaly = torch.as_tensor(np.asarray(labels) == 1)
@@ -211,6 +217,10 @@ class WeightedLabeledSampler:
             raise ValueError("need at least one anomaly and one normal label")
         self.weights = torch.where(is_anomaly, anomaly_fraction / n_anomalies,
                                    (1.0 - anomaly_fraction) / n_normals).double()
+        if hardness is not None and hard_share > 0:
+            hard = (1.0 - anomaly_fraction) * _spread(hardness, ~is_anomaly)
+            self.weights = torch.where(is_anomaly, self.weights,
+                                       (1.0 - hard_share) * self.weights + hard_share * hard)
         self.batch_size = batch_size
         self.generator = generator
 
@@ -218,3 +228,13 @@ class WeightedLabeledSampler:
         """Indices (batch_size,) int64 into the labelled set."""
         return torch.multinomial(self.weights, self.batch_size, replacement=True,
                                  generator=self.generator)
+
+
+def _spread(hardness: np.ndarray, among: torch.Tensor) -> torch.Tensor:
+    """Weights summing to 1 over `among`, in proportion to `hardness` (evenly if all zero)."""
+    h = torch.as_tensor(np.asarray(hardness, dtype=np.float64))
+    if h.shape != among.shape or not bool(torch.isfinite(h).all()) or bool((h < 0).any()):
+        raise ValueError(f"hardness must be {tuple(among.shape)} finite values >= 0")
+    h = torch.where(among, h, 0.0)
+    total = float(h.sum())
+    return h / total if total > 0 else among.double() / float(among.sum())

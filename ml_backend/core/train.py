@@ -44,6 +44,7 @@ from ml_backend.core.fixmatch import (
 from ml_backend.core.model import build_model, resolve_device, set_seed
 from ml_backend.core.preprocess import fit, normalise, to_unit_tensor
 from ml_backend.core.progress import progress
+from ml_backend.core.scoring import score_images
 from ml_backend.core.sources import ImageSource
 
 logger = logging.getLogger(__name__)
@@ -88,7 +89,12 @@ def train_cycle(cfg: TrainConfig, labeled: np.ndarray, labels: np.ndarray,
     student, ema, optimizer = _start_models(cfg, channels, init, device)
 
     augment = WeakStrong(cfg)
-    sampler = WeightedLabeledSampler(labels, cfg.batch_size, cfg.anomaly_fraction, gen)
+    hardness = None
+    if cfg.hard_normal_share > 0 and init is not None:
+        hardness = score_images(ema.module, labeled, cfg.image_size, device,
+                                batch_size=cfg.score_batch_size, crop=cfg.center_crop)
+    sampler = WeightedLabeledSampler(labels, cfg.batch_size, cfg.anomaly_fraction, gen,
+                                     hardness=hardness, hard_share=cfg.hard_normal_share)
     x_all = fit(to_unit_tensor(labeled, device), cfg.image_size, cfg.center_crop)  # [0, 1]
     y_all = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=device)
     n_unlabeled = cfg.uratio * cfg.batch_size if len(unlabeled) else 0
