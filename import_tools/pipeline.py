@@ -147,18 +147,8 @@ def _check_same_settings(store: CutoutStore, store_path: Path, stretch: dict,
         raise ValueError(f"store {store_path} holds pixels made with stretch {store.stretch}; "
                          f"this import asks for {stretch}. Use another --store or the same "
                          "stretch.")
-    if invariance is not None and store.invariance != invariance:
-        raise ValueError(f"store {store_path} records invariance {store.invariance}; this "
-                         f"import asks for {invariance}. Use another --store or drop "
-                         "--invariance.")
-    if preview_stretch is not None and store.preview_stretch != preview_stretch:
-        raise ValueError(f"store {store_path} wrote its previews with stretch "
-                         f"{store.preview_stretch}; this import asks for {preview_stretch}. "
-                         "Use another --store or the same --preview-stretch.")
-    if preview_crop is not None and store.preview_crop != preview_crop:
-        raise ValueError(f"store {store_path} frames its previews on crop "
-                         f"{store.preview_crop}; this import asks for {preview_crop}. Use "
-                         "another --store or the same --preview-crop.")
+    store.check_recorded(invariance=invariance, preview_stretch=preview_stretch,
+                         preview_crop=preview_crop)
 
 
 class Writer:

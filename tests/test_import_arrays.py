@@ -242,7 +242,7 @@ def test_the_image_folder_import_applies_and_records_the_preview_stretch(tmp_pat
     with CutoutStore.open(tmp_path / "s.h5") as store:
         assert store.preview_stretch["name"] == "linear"
     assert amls_import(tmp_path, "images", str(png_tree)) == 2
-    assert "records preview stretch" in capsys.readouterr().err
+    assert "wrote its previews with stretch" in capsys.readouterr().err
 
 
 def test_framed_previews_show_the_models_crop_and_link_the_full_field(tmp_path, galaxies,
@@ -284,7 +284,7 @@ def test_the_image_folder_import_frames_and_records_the_preview_crop(tmp_path, p
     assert (tmp_path / "previews" / "full-field" / f"{cid}.png").exists()
     assert "Full field" in read_tasks(tasks_path(tmp_path / "s.h5"))[cid]["full_link"]
     assert amls_import(tmp_path, "images", str(png_tree), "--preview-crop", "0.5") == 2
-    assert "records preview crop 0.25" in capsys.readouterr().err
+    assert "frames its previews on crop 0.25" in capsys.readouterr().err
 
 
 def test_image_positions_fill_ra_dec_and_the_sky_link(tmp_path, png_tree, capsys):

@@ -158,19 +158,9 @@ def build_store_from_folder(images_dir: str | Path, out_path: str | Path, *,
     files = _unique_ids(find_images(images_dir), images_dir, report)
     store = CutoutStore.open(out_path, mode="a") if out_path.exists() else None
     try:
-        if store is not None and invariance is not None and store.invariance != invariance:
-            raise ValueError(f"store {out_path} records invariance {store.invariance}; "
-                             f"--invariance {invariance} differs: use a new store")
-        if (store is not None and preview_stretch is not None
-                and store.preview_stretch != preview_stretch):
-            raise ValueError(f"store {out_path} records preview stretch "
-                             f"{store.preview_stretch}; {preview_stretch} differs: use a new "
-                             "store or the same --preview-stretch")
-        if (store is not None and preview_crop is not None
-                and store.preview_crop != preview_crop):
-            raise ValueError(f"store {out_path} records preview crop {store.preview_crop}; "
-                             f"{preview_crop} differs: use a new store or the same "
-                             "--preview-crop")
+        if store is not None:
+            store.check_recorded(invariance=invariance, preview_stretch=preview_stretch,
+                                 preview_crop=preview_crop)
         if store is not None:
             new = {cid: p for cid, p in files.items() if cid not in store}
             report.skipped_existing = len(files) - len(new)

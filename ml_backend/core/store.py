@@ -236,6 +236,24 @@ class CutoutStore:
         """The central fraction of each side the previews show (stores before it: 1)."""
         return float(self._file.attrs.get("preview_crop", 1.0))
 
+    def check_recorded(self, *, invariance: str | None = None,
+                       preview_stretch: dict[str, Any] | None = None,
+                       preview_crop: float | None = None) -> None:
+        """ValueError naming the first given setting that differs from what the store records
+        (an append with it would mix two kinds of data, or two looks, in one project)."""
+        if invariance is not None and self.invariance != invariance:
+            raise ValueError(f"store {self.path} records invariance {self.invariance}; this "
+                             f"import asks for {invariance}. Use another store or drop "
+                             "--invariance.")
+        if preview_stretch is not None and self.preview_stretch != preview_stretch:
+            raise ValueError(f"store {self.path} wrote its previews with stretch "
+                             f"{self.preview_stretch}; this import asks for {preview_stretch}. "
+                             "Use another store or the same --preview-stretch.")
+        if preview_crop is not None and self.preview_crop != preview_crop:
+            raise ValueError(f"store {self.path} frames its previews on crop "
+                             f"{self.preview_crop}; this import asks for {preview_crop}. Use "
+                             "another store or the same --preview-crop.")
+
     @property
     def created(self) -> str:
         return str(self._file.attrs["created"])
