@@ -64,8 +64,9 @@ def report(paths: Sequence[Path], baseline: str, protocol: str,
         for dataset in datasets:
             cells = []
             for setting in settings:
-                runs = rows.get((dataset, setting), {})
-                cells.append(f"{_mean_std([r[metric] for r in runs.values()])} ({len(runs)})")
+                values = [r[metric] for r in rows.get((dataset, setting), {}).values()
+                          if metric in r]
+                cells.append(f"{_mean_std(values)} ({len(values)})")
             base_runs = rows.get((dataset, baseline), {})
             ceiling = _mean_std([top1_ceiling(r) for r in base_runs.values()])
             lines.append(f"| {dataset} | " + " | ".join(cells) + f" | {ceiling} |")
@@ -73,7 +74,8 @@ def report(paths: Sequence[Path], baseline: str, protocol: str,
             cells = []
             for setting in settings:
                 values = [r[metric] for (d, s), runs in rows.items()
-                          if s == setting and _suite(d) == suite for r in runs.values()]
+                          if s == setting and _suite(d) == suite for r in runs.values()
+                          if metric in r]
                 cells.append(f"**{_mean_std(values)}** ({len(values)})")
             lines.append(f"| **{suite} mean** | " + " | ".join(cells) + " | |")
         lines += ["", *_paired_lines(rows, datasets, settings, baseline, metric), ""]
@@ -93,7 +95,7 @@ def _paired_lines(rows: Rows, datasets: list[str], settings: list[str], baseline
             base, cand, class_diffs, seeds_per_class = [], [], [], []
             for dataset in (d for d in datasets if _suite(d) == suite):
                 a, b = rows.get((dataset, baseline), {}), rows.get((dataset, setting), {})
-                seeds = sorted(set(a) & set(b))
+                seeds = sorted(s for s in set(a) & set(b) if metric in a[s] and metric in b[s])
                 if not seeds:
                     continue
                 base += [a[s][metric] for s in seeds]

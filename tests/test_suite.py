@@ -161,6 +161,18 @@ def test_report_tables_means_and_pairs(tmp_path):
     assert "| animal | flip | 4 | 4 / 0 | +0.050 | [+0.050, +0.050] | 2 / 0 | better |" in text
 
 
+def test_report_skips_runs_that_lack_the_metric(tmp_path):
+    rows = [{**_row("first:FRI", "default", 0, 0.70), "blend_auroc": 0.72},
+            _row("first:FRI", "default", 1, 0.60),  # logged before the blend existed
+            {**_row("first:FRI", "thr", 0, 0.80), "blend_auroc": 0.82},
+            {**_row("first:FRI", "thr", 1, 0.50), "blend_auroc": 0.55}]
+    log = tmp_path / "runs.jsonl"
+    log.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    text = "\n".join(report([log], "default", "full", ["blend_auroc"]))
+    assert "| first:FRI | 0.720 (1) | 0.685 ± 0.191 (2) |" in text
+    assert "| first | thr | 1 | 1 / 0 | +0.100 |" in text  # seed 1 has no pair
+
+
 def test_fast_head_settings_keep_old_keys_and_report_pairs_within_runs(tmp_path):
     dataset = SUITES["first"][0]
     fast = Job(dataset, 0, SETTINGS["default+fast"], "full")
