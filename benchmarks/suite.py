@@ -368,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--metrics", nargs="+", default=["auroc", "ap", "precision_top_1pct"])
     report.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="report the runs made on this device (default cpu)")
+    report.add_argument("--only", nargs="+", default=[], metavar="SETTING",
+                        help="report the baseline and these settings only")
     return parser
 
 
@@ -377,7 +379,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "report":
         from benchmarks.suite_report import print_report
 
-        print_report(args.logs, args.baseline, args.protocol, args.metrics, args.device)
+        print_report(args.logs, args.baseline, args.protocol, args.metrics, args.device,
+                     args.only)
         return 0
     settings = _settings(args)
     if not settings:

@@ -51,9 +51,12 @@ def _suite(dataset: str) -> str:
 
 
 def report(paths: Sequence[Path], baseline: str, protocol: str,
-           metrics: Sequence[str], device: str = "cpu") -> list[str]:
-    """The report's markdown lines."""
+           metrics: Sequence[str], device: str = "cpu",
+           only: Sequence[str] = ()) -> list[str]:
+    """The report's markdown lines; with `only`, of the baseline and those settings."""
     rows = load_rows(paths, protocol, device)
+    if only:
+        rows = {k: v for k, v in rows.items() if k[1] == baseline or k[1] in only}
     datasets = sorted({d for d, _ in rows}, key=lambda d: (_suite(d), d))
     settings = sorted({s for _, s in rows}, key=lambda s: (s != baseline, s))
     lines: list[str] = []
@@ -191,7 +194,8 @@ def calibration_report(paths: Sequence[Path], protocol: str, device: str = "cpu"
 
 
 def print_report(paths: Sequence[Path], baseline: str, protocol: str,
-                 metrics: Sequence[str], device: str = "cpu") -> None:
-    lines = report(paths, baseline, protocol, metrics, device)
+                 metrics: Sequence[str], device: str = "cpu",
+                 only: Sequence[str] = ()) -> None:
+    lines = report(paths, baseline, protocol, metrics, device, only)
     print("\n".join(lines + fast_head_report(paths, protocol, metrics, device)
                     + calibration_report(paths, protocol, device)))

@@ -171,6 +171,8 @@ def test_report_skips_runs_that_lack_the_metric(tmp_path):
     text = "\n".join(report([log], "default", "full", ["blend_auroc"]))
     assert "| first:FRI | 0.720 (1) | 0.685 ± 0.191 (2) |" in text
     assert "| first | thr | 1 | 1 / 0 | +0.100 |" in text  # seed 1 has no pair
+    only = "\n".join(report([log], "default", "full", ["auroc"], only=["other"]))
+    assert "| dataset | default | top-1 % ceiling |" in only and "thr" not in only
 
 
 def test_fast_head_settings_keep_old_keys_and_report_pairs_within_runs(tmp_path):
