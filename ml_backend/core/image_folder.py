@@ -161,7 +161,6 @@ def build_store_from_folder(images_dir: str | Path, out_path: str | Path, *,
         if store is not None:
             store.check_recorded(invariance=invariance, preview_stretch=preview_stretch,
                                  preview_crop=preview_crop)
-        if store is not None:
             new = {cid: p for cid, p in files.items() if cid not in store}
             report.skipped_existing = len(files) - len(new)
             files = new
