@@ -42,8 +42,8 @@ _OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
      "yes/no: align the pseudo-labels to the labelled anomaly share (default: yes for "
      "dihedral data, no for flip data)"),
     ("--test-time-augmentation", "test_time_augmentation", yes_no,
-     "yes/no: score as the mean over the invariance's flips/rotations (default: yes for "
-     "flip data, no for dihedral data)"),
+     "yes/no: score as the mean over the invariance's flips/rotations (default: yes; "
+     "2 views for flip data, 8 for dihedral data)"),
 )
 
 
