@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from benchmarks.paired import BAD_LOSS, decide, paired_comparison
+from benchmarks.paired import BAD_LOSS, clear_majority_size, decide, paired_comparison
 from benchmarks.suite import (
     PROTOCOLS,
     SETTINGS,
@@ -56,11 +56,23 @@ def test_decide_needs_an_interval_off_zero_or_a_clean_majority():
     assert decide(up, [0.1, 0.05, 0.2, 0.02], min_seeds=1) == "undecided"  # never one seed
     mixed = paired_comparison([0.5] * 4, [0.6, 0.4, 0.55, 0.45])
     assert decide(mixed, [0.1, -0.1, 0.05, -0.05]) == "undecided"
-    # Three of four classes ahead but one behind badly: not a clean majority.
-    assert decide(mixed, [0.1, 0.1, 0.1, -2 * BAD_LOSS]) == "undecided"
-    assert decide(mixed, [0.1, 0.1, 0.1, -BAD_LOSS / 2]) == "better"
+    # Four classes can never give a clear majority: a coin per class gives 4 of 4 in 1/16.
+    assert decide(mixed, [0.1, 0.1, 0.1, 0.1]) == "undecided"
+    # Nine of ten ahead is clear (11/1024 by chance), unless the tenth is behind badly.
+    assert decide(mixed, [0.1] * 9 + [-BAD_LOSS / 2]) == "better"
+    assert decide(mixed, [0.1] * 9 + [-2 * BAD_LOSS]) == "undecided"
+    assert decide(mixed, [0.1] * 8 + [-0.001] * 2) == "undecided"  # 8 of 10: 56/1024
+    assert decide(mixed, [-0.1] * 9 + [BAD_LOSS / 2]) == "worse"
     down = paired_comparison([0.6, 0.55, 0.7, 0.52], [0.5] * 4)
     assert decide(down, [-0.1, -0.05, -0.2, -0.02]) == "worse"
+
+
+def test_a_clear_majority_is_a_one_sided_sign_test_at_five_percent():
+    # P(at least k of n ahead by chance) = sum C(n, j) / 2^n over j >= k, by hand:
+    # n = 4: 4 of 4 is 1/16 = 0.0625, never clear; n = 5: 5 of 5 is 1/32; n = 10: 9 or more
+    # is 11/1024 = 0.011, 8 or more 56/1024 = 0.055.
+    assert [clear_majority_size(n) for n in (1, 4, 5, 6, 7, 8, 10)] == [
+        None, None, 5, 6, 7, 7, 9]
 
 
 def test_parse_setting_reads_json_values_and_words():
