@@ -1,0 +1,117 @@
+"""Which crop and size let ImageNet features tell FIRST's classes apart: a linear probe, in
+minutes (a screen for the suite, never a decision).
+
+    python -m benchmarks.framing_probe 0.5x64 0.35x64 0.5x96 0.5x64+1.0x64 [--draws 10]
+
+Each framing is CROPxSIZE (`TrainConfig.center_crop` x `image_size`; several joined by "+"
+concatenate their features). The frozen ImageNet backbone embeds all 2,158 FIRST cutouts
+once per framing (cached under --cache). Then, for each class as the rare one at 5 % and
+each draw, the suite's start is drawn: 5 anomalies and 495 normals labelled; the instant
+re-ranking's head (`core.fast_head`) is fitted on them and ranks the rest. The same draws
+serve every framing, so the first framing is the baseline of a paired comparison over
+(class, draw) pairs (`benchmarks.paired`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.datasets import (
+    FIRST_CLASSES,
+    FIRST_ZIP,
+    _first_members,
+    _read_grey_png,
+    package_dir,
+    rare_count,
+)
+from benchmarks.paired import paired_comparison
+from ml_backend.core import metrics
+from ml_backend.core.baselines import extract_features, pretrained_feature_fn
+from ml_backend.core.config import TrainConfig
+from ml_backend.core.fast_head import fit_fast_head
+from ml_backend.core.sources import ArraySource
+
+RARE_SHARE = 0.05
+LABELLED = (5, 495)  # anomalies, normals: the suite's start
+
+
+def first_images() -> tuple[np.ndarray, np.ndarray]:
+    """Every FIRST cutout, uint8 (n, 300, 300, 1), and its class index into FIRST_CLASSES."""
+    path = package_dir("firstgalaxydata", "firstgalaxydata") / FIRST_ZIP
+    with zipfile.ZipFile(path) as archive:
+        members = _first_members(archive)
+        images = np.stack([_read_grey_png(archive, name) for _, _, name in members])
+    classes = np.array([FIRST_CLASSES.index(c) for _, c, _ in members])
+    return images[..., None], classes
+
+
+def framing_features(images: np.ndarray, framing: str, cache: Path) -> np.ndarray:
+    """(n, D) ImageNet features of `framing` ("0.5x64", or several joined by "+")."""
+    parts = []
+    for part in framing.split("+"):
+        crop, _, size = part.partition("x")
+        path = cache / f"{part}.npy"
+        if not path.exists():
+            cfg = TrainConfig(center_crop=float(crop), image_size=int(size), device="cpu")
+            started = time.perf_counter()
+            feats = extract_features(ArraySource(images), None,
+                                     pretrained_feature_fn(cfg, images.shape[-1]), 128)
+            print(f"{part}: features in {time.perf_counter() - started:.0f} s", flush=True)
+            cache.mkdir(parents=True, exist_ok=True)
+            np.save(path, feats)
+        parts.append(np.load(path))
+    return np.concatenate(parts, axis=1)
+
+
+def probe_aurocs(features: np.ndarray, classes: np.ndarray, draws: int) -> np.ndarray:
+    """(len(FIRST_CLASSES), draws) AUROC of the head on what each draw leaves unlabelled."""
+    out = np.empty((len(FIRST_CLASSES), draws))
+    for k in range(len(FIRST_CLASSES)):
+        for draw in range(draws):
+            rng = np.random.default_rng(draw)
+            normals, rares = np.flatnonzero(classes != k), np.flatnonzero(classes == k)
+            rares = rng.choice(rares, rare_count(len(normals), RARE_SHARE), replace=False)
+            pool = np.concatenate([normals, rares])
+            truth = (classes[pool] == k).astype(np.int64)
+            labelled = np.concatenate([
+                rng.choice(np.flatnonzero(truth == 1), LABELLED[0], replace=False),
+                rng.choice(np.flatnonzero(truth == 0), LABELLED[1], replace=False)])
+            rest = np.setdiff1d(np.arange(len(pool)), labelled)
+            head = fit_fast_head(features[pool], labelled, truth[labelled])
+            out[k, draw] = metrics.evaluate(truth[rest], head.scores(features[pool][rest]))[
+                "auroc"]
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("framings", nargs="+", help="CROPxSIZE[+CROPxSIZE], the first the "
+                                                     "baseline")
+    parser.add_argument("--draws", type=int, default=10)
+    parser.add_argument("--cache", type=Path, default=Path("runs/framing_probe"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    images, classes = first_images()
+    base = None
+    print("| framing | mean AUROC | paired vs first, 95 % interval | "
+          + " | ".join(FIRST_CLASSES) + " |")
+    for framing in args.framings:
+        aurocs = probe_aurocs(framing_features(images, framing, args.cache), classes,
+                              args.draws)
+        base = aurocs if base is None else base
+        pc = paired_comparison(base.ravel(), aurocs.ravel())
+        print(f"| {framing} | {aurocs.mean():.3f} | {pc.mean_diff:+.3f} [{pc.ci_low:+.3f}, "
+              f"{pc.ci_high:+.3f}], {pc.wins} / {pc.losses} | "
+              + " | ".join(f"{m:.3f}" for m in aurocs.mean(axis=1)) + " |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
