@@ -64,6 +64,12 @@ class TrainConfig:
     test_time_augmentation: bool = False
     # Std of the re-initialised binary head: small, so early pseudo-labels stay below threshold.
     head_init_std: float = 1e-3
+    # Start a fresh model's head from a linear probe instead (LP-FT, Kumar et al. 2022): the
+    # class-balanced logistic regression of the instant re-ranking (`core.fast_head`), fitted
+    # on the labelled images' pooled ImageNet features as training computes them (BatchNorm on
+    # batch statistics). Fine-tuning then starts from a ranking rather than a coin toss.
+    # Continued cycles keep their trained head.
+    probe_head_init: bool = False
     # Oversample anomalies so each labelled batch is about this fraction anomalous.
     anomaly_fraction: float = 0.5
     # Share of the normals' draws that go to the labelled normals the model scores highest
@@ -125,7 +131,7 @@ LEGACY_VALUES: dict[str, Any] = {"drop_path_rate": 0.0, "drop_rate": 0.0,
                                  "invariance": "dihedral", "backbone_lr_scale": 1.0,
                                  "distribution_alignment": False,
                                  "test_time_augmentation": False,
-                                 "hard_normal_share": 0.0}
+                                 "hard_normal_share": 0.0, "probe_head_init": False}
 
 
 def kind_defaults(invariance: str) -> dict[str, Any]:
