@@ -147,6 +147,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
                                                     "probe_head_init": True}),
     Setting("flip+tta+probe-head", overrides={"invariance": "flip", "test_time_augmentation": True,
                                               "probe_head_init": True}),
+    # No "normal" pseudo-label for the fifth of each unlabelled batch scored most anomalous.
+    Setting("dist-align+tta+protect-0.2", overrides={"distribution_alignment": True,
+                                                     "test_time_augmentation": True,
+                                                     "protect_top_share": 0.2}),
     # 96 px with 2 unlabelled images per labelled one: about the training cost of 64 px at 5.
     Setting("dist-align+tta+size-96+u2", overrides={"distribution_alignment": True,
                                                     "test_time_augmentation": True,
