@@ -41,6 +41,9 @@ _OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
     ("--distribution-alignment", "distribution_alignment", yes_no,
      "yes/no: align the pseudo-labels to the labelled anomaly share (default: yes for "
      "dihedral data, no for flip data)"),
+    ("--probe-head-init", "probe_head_init", yes_no,
+     "yes/no: start a new model's head from a linear probe of the labelled images' ImageNet "
+     "features instead of near zero (default no)"),
     ("--test-time-augmentation", "test_time_augmentation", yes_no,
      "yes/no: score as the mean over the invariance's flips/rotations (default: yes; "
      "2 views for flip data, 8 for dihedral data)"),

@@ -141,6 +141,20 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("strong-light", overrides={"randaug_magnitude": 0.3, "cutout_fraction": 0.25}),
     Setting("flip+strong-light", overrides={"invariance": "flip", "randaug_magnitude": 0.3,
                                             "cutout_fraction": 0.25}),
+    # The head of a fresh model starts from a linear probe of the labelled images (LP-FT).
+    Setting("dist-align+tta+probe-head", overrides={"distribution_alignment": True,
+                                                    "test_time_augmentation": True,
+                                                    "probe_head_init": True}),
+    Setting("flip+tta+probe-head", overrides={"invariance": "flip", "test_time_augmentation": True,
+                                              "probe_head_init": True}),
+    # No "normal" pseudo-label for the fifth of each unlabelled batch scored most anomalous.
+    Setting("dist-align+tta+protect-0.2", overrides={"distribution_alignment": True,
+                                                     "test_time_augmentation": True,
+                                                     "protect_top_share": 0.2}),
+    # 96 px with 2 unlabelled images per labelled one: about the training cost of 64 px at 5.
+    Setting("dist-align+tta+size-96+u2", overrides={"distribution_alignment": True,
+                                                    "test_time_augmentation": True,
+                                                    "image_size": 96, "uratio": 2}),
     # 96 px model input instead of 64 (2.25x the pixels).
     Setting("size-96", overrides={"image_size": 96}),
     Setting("flip+size-96", overrides={"invariance": "flip", "image_size": 96}),

@@ -20,16 +20,29 @@ Rows = dict[tuple[str, str], dict[int, dict[str, Any]]]  # (dataset, setting) ->
 
 def load_rows(paths: Sequence[Path], protocol: str, device: str = "cpu") -> Rows:
     """The latest row of every (dataset, setting, seed) run under `protocol` on `device`
-    (rows from before devices were logged ran on the CPU)."""
+    (rows from before devices were logged ran on the CPU).
+
+    Under "cycle1", a full run whose (dataset, setting, seed) has no cycle1 row stands in
+    with its first cycle: the same labels, pool and iterations train the same model.
+    """
     rows: Rows = defaultdict(dict)
+    first_cycles: Rows = defaultdict(dict)
     for path in paths:
         for line in path.read_text().splitlines():
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if row.get("protocol") == protocol and row.get("device", "cpu") == device:
-                rows[(row["dataset"], row["setting"])][row["seed"]] = row
+            if row.get("device", "cpu") != device:
+                continue
+            key = (row["dataset"], row["setting"])
+            if row.get("protocol") == protocol:
+                rows[key][row["seed"]] = row
+            elif protocol == "cycle1" and row.get("protocol") == "full" and row.get("cycles"):
+                first_cycles[key][row["seed"]] = {**row, **row["cycles"][0]}
+    for key, runs in first_cycles.items():
+        for seed, row in runs.items():
+            rows[key].setdefault(seed, row)
     return rows
 
 

@@ -18,7 +18,6 @@ import time
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from ml_backend.config import Config
@@ -32,9 +31,9 @@ from ml_backend.core.checkpoint import (
 from ml_backend.core.embedding_cache import Embeddings, read_embeddings, write_embeddings
 from ml_backend.core.fast_head import (
     DEFAULT_C,
-    FastHead,
     blend_with_model,
     fit_fast_head,
+    install_head,
     similar,
 )
 from ml_backend.core.model import anomaly_logit_weights
@@ -270,18 +269,3 @@ def similar_tab(registry: ModelRegistry, client: LabelStudioClient, project_id: 
     ranked = similar_tasks(registry, project_id, task_ids, top)
     view = client.put_view(project_id, similar_view(task_ids, [t for t, _ in ranked]))
     return view, ranked
-
-
-def install_head(model: nn.Module, head: FastHead) -> None:
-    """Make the model's 2-way classifier compute the fast head: softmax(logits)[anomaly] =
-    sigmoid(w·(f − mean)/scale + b) for pooled features f."""
-    from ml_backend.core.model import ANOMALY_INDEX
-
-    classifier = model.get_classifier()
-    w = torch.as_tensor(head.weights / head.scale, dtype=classifier.weight.dtype)
-    b = head.bias - float(head.mean @ (head.weights / head.scale))
-    with torch.no_grad():
-        classifier.weight.zero_()
-        classifier.bias.zero_()
-        classifier.weight[ANOMALY_INDEX] = w
-        classifier.bias[ANOMALY_INDEX] = b

@@ -132,3 +132,19 @@ def test_distribution_alignment_changes_the_mask_through_the_loss():
     assert aligned[4:].tolist() == [1.0] * 4
     with pytest.raises(ValueError, match="positive target"):
         DistributionAlignment([1.0, 0.0])
+
+
+def test_the_most_anomalous_share_of_a_batch_gets_no_normal_pseudo_label():
+    # Ten unlabelled images, all confidently "normal" except the last, a confident anomaly;
+    # their anomaly logit rises with the index, so images 8 and 9 are the top fifth.
+    margin = torch.tensor([-9.0, -8.5, -8.0, -7.5, -7.0, -6.5, -6.0, -5.5, -5.0, 9.0])
+    weak = torch.stack([torch.zeros(10), margin], dim=1)
+    strong = torch.zeros(10, 2)
+    logits_x, y = torch.zeros(2, 2), torch.tensor([0, 1])
+    *_, plain = fixmatch_loss(logits_x, y, weak, strong, 0.95, 1.0)
+    *_, kept = fixmatch_loss(logits_x, y, weak, strong, 0.95, 1.0, protect_top_share=0.2)
+    assert plain.tolist() == [1.0] * 10
+    # Image 8 ("normal", in the top fifth) drops out; image 9's anomaly pseudo-label stays.
+    assert kept.tolist() == [1.0] * 8 + [0.0, 1.0]
+    with pytest.raises(ValueError, match="protect_top_share"):
+        TrainConfig(protect_top_share=1.0)

@@ -140,3 +140,26 @@ def test_anomaly_logit_weights_reproduce_the_models_probability():
     weight, bias = anomaly_logit_weights(model)
     np.testing.assert_allclose(1 / (1 + np.exp(-(features @ weight + bias))), expected,
                                rtol=1e-5, atol=1e-6)
+
+
+def test_batch_statistics_normalise_with_the_batch_and_leave_the_model_as_it_was():
+    from ml_backend.core.model import batch_statistics
+
+    set_seed(0)
+    model = build_model(TrainConfig(pretrained=False, image_size=32), 1)
+    x = torch.rand(6, 1, 32, 32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        eval_out = model.eval()(x)
+        with batch_statistics(model):
+            inside = model(x)
+            assert not model.training
+        train_out = model.train()(x)  # batch statistics, and updates the running ones
+    assert not torch.allclose(inside, eval_out)
+    torch.testing.assert_close(inside, train_out)
+    model.load_state_dict(before)
+    model.train()
+    with torch.no_grad(), batch_statistics(model):
+        model(x)
+    assert model.training
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -173,6 +173,21 @@ def test_report_tables_means_and_pairs(tmp_path):
     assert "| animal | flip | 4 | 4 / 0 | +0.050 | [+0.050, +0.050] | 2 / 0 | better |" in text
 
 
+def test_cycle1_reads_full_runs_first_cycle_where_it_has_no_row_of_its_own(tmp_path):
+    full = {**_row("first:FRI", "default", 0, 0.70), "cycles": [{"auroc": 0.61}, {"auroc": 0.70}]}
+    own = {**_row("first:FRI", "default", 1, 0.64), "protocol": "cycle1"}
+    shadowed = {**_row("first:FRI", "default", 1, 0.90), "cycles": [{"auroc": 0.99}]}
+    cand = [{**_row("first:FRI", "new", s, a), "protocol": "cycle1"}
+            for s, a in ((0, 0.71), (1, 0.66))]
+    log = tmp_path / "runs.jsonl"
+    log.write_text("\n".join(json.dumps(r) for r in [full, own, shadowed, *cand]) + "\n")
+    text = "\n".join(report([log], "default", "cycle1", ["auroc"]))
+    # Baseline: seed 0 from the full run's first cycle (0.61), seed 1 its own cycle1 row.
+    assert "| first:FRI | 0.625 ± 0.021 (2) | 0.685 ± 0.035 (2) |" in text
+    assert "| first | new | 2 | 2 / 0 | +0.060 |" in text
+    assert "0.625" not in "\n".join(report([log], "default", "full", ["auroc"]))
+
+
 def test_report_skips_runs_that_lack_the_metric(tmp_path):
     rows = [{**_row("first:FRI", "default", 0, 0.70), "blend_auroc": 0.72},
             _row("first:FRI", "default", 1, 0.60),  # logged before the blend existed

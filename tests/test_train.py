@@ -359,7 +359,8 @@ def test_cli_training_settings_are_recorded_inherited_and_kept(store_and_labels,
     common = ["--labels", str(labels), "--device", "cpu", "--iterations", "1"]
     _amls_train(capsys, str(store), *common, "--image-size", "32", "--invariance", "flip",
                 "--bn-momentum", "0.01", "--drop-path-rate", "0.2", "--drop-rate", "0.1",
-                "--hard-normal-share", "0.5", "-o", str(tmp_path / "m1"))
+                "--hard-normal-share", "0.5", "--probe-head-init", "yes",
+                "-o", str(tmp_path / "m1"))
     _amls_train(capsys, str(store), *common, "--init", str(tmp_path / "m1"),
                 "--drop-rate", "0.3", "-o", str(tmp_path / "m2"))
     first = TrainConfig.from_dict(read_meta(tmp_path / "m1").config)
@@ -370,6 +371,7 @@ def test_cli_training_settings_are_recorded_inherited_and_kept(store_and_labels,
     assert (second.invariance, second.bn_momentum, second.drop_path_rate, second.drop_rate) == (
         "flip", 0.01, 0.2, 0.3)
     assert first.hard_normal_share == second.hard_normal_share == 0.5
+    assert first.probe_head_init is second.probe_head_init is True
     err = _train_error(capsys, str(store), *common, "--invariance", "dihedral",
                        "--init", str(tmp_path / "m1"), "-o", str(tmp_path / "m3"))
     assert re.search("invariance flip in the model, dihedral now", err)
@@ -450,3 +452,49 @@ def test_a_cycle_with_distribution_alignment_trains_and_records_it(toy, tmp_path
     saved = TrainConfig().to_dict()
     del saved["distribution_alignment"]
     assert TrainConfig.from_dict(saved).distribution_alignment is False  # older checkpoints
+
+
+def test_a_fresh_cycle_with_probe_head_init_starts_from_the_linear_probe(toy):
+    from ml_backend.core.fast_head import fit_fast_head, install_head
+    from ml_backend.core.model import batch_statistics, build_model, pooled_features, set_seed
+
+    labeled, labels, pool = toy
+    # 25 labelled images, training batches of 4 + 2 * 3 * 4 = 28: one batch of statistics.
+    cfg = FAST.replace(probe_head_init=True, iterations=0, uratio=3)
+    result = train_cycle(cfg, labeled, labels, pool)
+
+    # The same probe by hand: the fresh model's features with BatchNorm on batch statistics.
+    set_seed(cfg.seed)
+    fresh = build_model(cfg, 3)
+    x = to_model_input(labeled, SIZE)
+    with torch.no_grad(), batch_statistics(fresh):
+        features = pooled_features(fresh, x).numpy()
+    expected = build_model(cfg, 3)
+    expected.load_state_dict(fresh.state_dict())
+    install_head(expected, fit_fast_head(features, np.arange(len(labels)), labels))
+    for model in (result.student, result.ema):
+        torch.testing.assert_close(model.get_classifier().weight,
+                                   expected.get_classifier().weight, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(model.get_classifier().bias,
+                                   expected.get_classifier().bias, rtol=1e-4, atol=1e-4)
+    # The backbone, running statistics included, is the fresh model's.
+    backbone = {k: v for k, v in fresh.state_dict().items() if not k.startswith("classifier")}
+    assert _states_equal(backbone, {k: v for k, v in result.student.state_dict().items()
+                                    if not k.startswith("classifier")})
+    # The default head is near zero instead.
+    plain = train_cycle(FAST.replace(iterations=0), labeled, labels, pool)
+    assert plain.student.get_classifier().weight.abs().max() < 0.01
+    assert result.student.get_classifier().weight.abs().max() > 0.01
+
+
+def test_a_continued_cycle_keeps_its_trained_head_under_probe_head_init(toy, tmp_path):
+    labeled, labels, pool = toy
+    first = train_cycle(FAST, labeled, labels, pool)
+    save_cycle(first, tmp_path / "m1", cfg=FAST, stretch={"name": "none"}, parent=None,
+               label_counts={"anomaly": 5, "normal": 20})
+    resumed = train_cycle(FAST.replace(iterations=0, probe_head_init=True), labeled, labels,
+                          pool, init_dir=tmp_path / "m1")
+    assert _states_equal(resumed.student, load_training_state(tmp_path / "m1").student)
+    saved = TrainConfig().to_dict()
+    del saved["probe_head_init"]
+    assert TrainConfig.from_dict(saved).probe_head_init is False  # older checkpoints

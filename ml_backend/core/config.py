@@ -32,6 +32,10 @@ class TrainConfig:
     # anomaly share instead of the model's drift. Off here; on by default for sky cutouts
     # (`kind_defaults`), where it is ahead on AUROC (benchmarks/RESULTS.md).
     distribution_alignment: bool = False
+    # Share of each unlabelled batch, the images the model finds most anomalous, that never
+    # gets a "normal" pseudo-label: unlabelled anomalies gather there, and teaching them
+    # "normal" is how a 1-5 % class gets argued away. 0 = off.
+    protect_top_share: float = 0.0
     # Weight of the unlabelled (consistency) loss.
     lambda_u: float = 1.0
     # SGD settings; weight decay is not applied to BatchNorm weights or biases.
@@ -64,6 +68,12 @@ class TrainConfig:
     test_time_augmentation: bool = False
     # Std of the re-initialised binary head: small, so early pseudo-labels stay below threshold.
     head_init_std: float = 1e-3
+    # Start a fresh model's head from a linear probe instead (LP-FT, Kumar et al. 2022): the
+    # class-balanced logistic regression of the instant re-ranking (`core.fast_head`), fitted
+    # on the labelled images' pooled ImageNet features as training computes them (BatchNorm on
+    # batch statistics). Fine-tuning then starts from a ranking rather than a coin toss.
+    # Continued cycles keep their trained head.
+    probe_head_init: bool = False
     # Oversample anomalies so each labelled batch is about this fraction anomalous.
     anomaly_fraction: float = 0.5
     # Share of the normals' draws that go to the labelled normals the model scores highest
@@ -96,6 +106,8 @@ class TrainConfig:
         check_invariance(self.invariance)
         if not 0 <= self.backbone_lr_scale <= 1:
             raise ValueError(f"backbone_lr_scale must be in [0, 1], got {self.backbone_lr_scale}")
+        if not 0 <= self.protect_top_share < 1:
+            raise ValueError(f"protect_top_share must be in [0, 1), got {self.protect_top_share}")
         if not 0 <= self.hard_normal_share < 1:
             raise ValueError(f"hard_normal_share must be in [0, 1), got {self.hard_normal_share}")
 
@@ -125,7 +137,8 @@ LEGACY_VALUES: dict[str, Any] = {"drop_path_rate": 0.0, "drop_rate": 0.0,
                                  "invariance": "dihedral", "backbone_lr_scale": 1.0,
                                  "distribution_alignment": False,
                                  "test_time_augmentation": False,
-                                 "hard_normal_share": 0.0}
+                                 "hard_normal_share": 0.0, "probe_head_init": False,
+                                 "protect_top_share": 0.0}
 
 
 def kind_defaults(invariance: str) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression  # at import: a job's first fit stays fast
+from torch import nn
 
 # Inverse L2 strength of the logistic regression on standardised features (benchmarks/RESULTS.md,
 # "Instant re-ranking": chosen over 0.01..1 on both suites).
@@ -79,6 +80,21 @@ def fit_fast_head(features: np.ndarray, labelled: np.ndarray, labels: np.ndarray
     return FastHead(mean=mean, scale=scale, weights=model.coef_[0].astype(np.float32),
                     bias=float(model.intercept_[0]), n_anomalies=n_anomalies,
                     n_normals=n_normals)
+
+
+def install_head(model: nn.Module, head: FastHead) -> None:
+    """Make the model's 2-way classifier compute the fast head: softmax(logits)[anomaly] =
+    sigmoid(w·(f − mean)/scale + b) for pooled features f."""
+    from ml_backend.core.model import ANOMALY_INDEX
+
+    classifier = model.get_classifier()
+    w = torch.as_tensor(head.weights / head.scale, dtype=classifier.weight.dtype)
+    b = head.bias - float(head.mean @ (head.weights / head.scale))
+    with torch.no_grad():
+        classifier.weight.zero_()
+        classifier.bias.zero_()
+        classifier.weight[ANOMALY_INDEX] = w
+        classifier.bias[ANOMALY_INDEX] = b
 
 
 def blend_with_model(head: FastHead, weight: np.ndarray, bias: float,

@@ -61,14 +61,16 @@ class DistributionAlignment:
 
 def fixmatch_loss(logits_x: torch.Tensor, y: torch.Tensor, logits_u_weak: torch.Tensor,
                   logits_u_strong: torch.Tensor, threshold: float, lambda_u: float,
-                  align: DistributionAlignment | None = None
+                  align: DistributionAlignment | None = None, protect_top_share: float = 0.0
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """FixMatch loss from logits.
 
     logits_x (B, K) with labels y (B,) int64; logits_u_weak / logits_u_strong (µB, K) of two
     views of the same unlabelled images. Returns (loss, loss_x, loss_u, mask) where mask (µB,)
     is 1.0 where the weak view's top probability (after `align`, if given) is >= threshold,
-    else 0.0. With no unlabelled images (µB = 0) loss_u is 0. NaN logits give a NaN loss.
+    else 0.0 — and 0.0 for a "normal" pseudo-label on the `protect_top_share` of the batch
+    with the highest anomaly probability, where unlabelled anomalies gather. With no
+    unlabelled images (µB = 0) loss_u is 0. NaN logits give a NaN loss.
     """
     # Supervised: cross-entropy on the labelled batch.
     loss_x = F.cross_entropy(logits_x, y)
@@ -81,6 +83,10 @@ def fixmatch_loss(logits_x: torch.Tensor, y: torch.Tensor, logits_u_weak: torch.
 
     # Confidence mask: only confident predictions teach the strong view.
     mask = (confidence >= threshold).float()
+    if protect_top_share > 0 and len(mask):
+        anomaly = probs_u[:, 1]
+        top = anomaly >= torch.quantile(anomaly, 1.0 - protect_top_share)
+        mask = mask * ~(top & (pseudo_label == 0))
 
     # Consistency: masked cross-entropy of the strong view against the pseudo-labels.
     per_image = F.cross_entropy(logits_u_strong, pseudo_label, reduction="none")
@@ -106,7 +112,8 @@ def fixmatch_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, u_weak: to
     logits = model(torch.cat([x, u_weak, u_strong]))  # (B + 2µB, 2)
     logits_x, logits_u_weak, logits_u_strong = logits.split([b, n_u, n_u])
     loss, loss_x, loss_u, mask = fixmatch_loss(
-        logits_x, y, logits_u_weak, logits_u_strong, cfg.threshold, cfg.lambda_u, align)
+        logits_x, y, logits_u_weak, logits_u_strong, cfg.threshold, cfg.lambda_u, align,
+        cfg.protect_top_share)
 
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

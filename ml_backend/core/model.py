@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import timm
@@ -81,6 +83,28 @@ def set_bn_momentum(model: nn.Module, momentum: float) -> int:
     for layer in layers:
         layer.momentum = momentum
     return len(layers)
+
+
+@contextmanager
+def batch_statistics(model: nn.Module) -> Iterator[None]:
+    """Within the block the model is in eval mode except that BatchNorm normalises with the
+    batch's own statistics, as in training, without updating its running statistics."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    was_training, momenta = model.training, [m.momentum for m in layers]
+    counts = [m.num_batches_tracked.clone() for m in layers if m.num_batches_tracked is not None]
+    model.eval()
+    for layer in layers:
+        layer.train()
+        layer.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
+    try:
+        yield
+    finally:
+        for layer, momentum in zip(layers, momenta, strict=True):
+            layer.momentum = momentum
+        for layer, count in zip((m for m in layers if m.num_batches_tracked is not None),
+                                counts, strict=True):
+            layer.num_batches_tracked.copy_(count)
+        model.train(was_training)
 
 
 def pooled_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ from ml_backend.core.checkpoint import (
     utc_now_iso,
 )
 from ml_backend.core.config import TrainConfig
+from ml_backend.core.fast_head import FastHead, fit_fast_head, install_head
 from ml_backend.core.fixmatch import (
     DistributionAlignment,
     ModelEMA,
@@ -41,7 +42,13 @@ from ml_backend.core.fixmatch import (
     fixmatch_step,
     make_optimizer,
 )
-from ml_backend.core.model import build_model, resolve_device, set_seed
+from ml_backend.core.model import (
+    batch_statistics,
+    build_model,
+    pooled_features,
+    resolve_device,
+    set_seed,
+)
 from ml_backend.core.preprocess import fit, normalise, to_unit_tensor
 from ml_backend.core.progress import progress
 from ml_backend.core.scoring import score_images
@@ -87,6 +94,11 @@ def train_cycle(cfg: TrainConfig, labeled: np.ndarray, labels: np.ndarray,
     if init is not None:
         _check_compatible(init.meta, cfg, channels, init_dir)
     student, ema, optimizer = _start_models(cfg, channels, init, device)
+    x_all = fit(to_unit_tensor(labeled, device), cfg.image_size, cfg.center_crop)  # [0, 1]
+    if cfg.probe_head_init and init is None:
+        head = _linear_probe(student, x_all, labels, cfg.batch_size * (1 + 2 * cfg.uratio))
+        for model in (student, ema.module):
+            install_head(model, head)
 
     augment = WeakStrong(cfg)
     hardness = None
@@ -95,7 +107,6 @@ def train_cycle(cfg: TrainConfig, labeled: np.ndarray, labels: np.ndarray,
                                 batch_size=cfg.score_batch_size, crop=cfg.center_crop)
     sampler = WeightedLabeledSampler(labels, cfg.batch_size, cfg.anomaly_fraction, gen,
                                      hardness=hardness, hard_share=cfg.hard_normal_share)
-    x_all = fit(to_unit_tensor(labeled, device), cfg.image_size, cfg.center_crop)  # [0, 1]
     y_all = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=device)
     n_unlabeled = cfg.uratio * cfg.batch_size if len(unlabeled) else 0
     if n_unlabeled == 0:
@@ -189,6 +200,18 @@ def _start_models(cfg: TrainConfig, channels: int, init: TrainingState | None,
     if init is not None and init.optimizer is not None:
         _load_momentum(optimizer, student, init.optimizer)
     return student, ema, optimizer
+
+
+def _linear_probe(model: nn.Module, x01: torch.Tensor, labels: np.ndarray,
+                  batch: int) -> FastHead:
+    """The fast head fitted on the pooled features of `x01` (labelled images in [0, 1]) as a
+    training step sees them: BatchNorm on the statistics of batches of about `batch` images,
+    the running statistics untouched, everything else in eval mode."""
+    chunks = torch.tensor_split(x01, max(1, round(len(x01) / batch)))
+    with torch.no_grad(), batch_statistics(model):
+        features = torch.cat([pooled_features(model, _model_input(c)) for c in chunks])
+    return fit_fast_head(features.float().cpu().numpy(), np.arange(len(labels)),
+                         np.asarray(labels))
 
 
 def _model_input(x01: torch.Tensor) -> torch.Tensor:
