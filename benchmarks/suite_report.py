@@ -39,7 +39,8 @@ def load_rows(paths: Sequence[Path], protocol: str, device: str = "cpu") -> Rows
             if row.get("protocol") == protocol:
                 rows[key][row["seed"]] = row
             elif protocol == "cycle1" and row.get("protocol") == "full" and row.get("cycles"):
-                first_cycles[key][row["seed"]] = {**row, **row["cycles"][0]}
+                first_cycles[key][row["seed"]] = {**row, **row["cycles"][0],
+                                                  "cycles": row["cycles"][:1]}
     for key, runs in first_cycles.items():
         for seed, row in runs.items():
             rows[key].setdefault(seed, row)

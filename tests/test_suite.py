@@ -20,7 +20,13 @@ from benchmarks.suite import (
     plan_jobs,
     run_job,
 )
-from benchmarks.suite_report import calibration_report, fast_head_report, report, top1_ceiling
+from benchmarks.suite_report import (
+    calibration_report,
+    fast_head_report,
+    load_rows,
+    report,
+    top1_ceiling,
+)
 
 
 def test_paired_comparison_counts_and_mean_by_hand():
@@ -186,6 +192,7 @@ def test_cycle1_reads_full_runs_first_cycle_where_it_has_no_row_of_its_own(tmp_p
     assert "| first:FRI | 0.625 ± 0.021 (2) | 0.685 ± 0.035 (2) |" in text
     assert "| first | new | 2 | 2 / 0 | +0.060 |" in text
     assert "0.625" not in "\n".join(report([log], "default", "full", ["auroc"]))
+    assert load_rows([log], "cycle1")[("first:FRI", "default")][0]["cycles"] == [{"auroc": 0.61}]
 
 
 def test_report_skips_runs_that_lack_the_metric(tmp_path):
