@@ -41,6 +41,9 @@ _OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
     ("--distribution-alignment", "distribution_alignment", yes_no,
      "yes/no: align the pseudo-labels to the labelled anomaly share (default: yes for "
      "dihedral data, no for flip data)"),
+    ("--protect-top-share", "protect_top_share", float,
+     "share of each unlabelled batch, the images scored most anomalous, that never gets a "
+     "'normal' pseudo-label, 0 to < 1 (default 0)"),
     ("--probe-head-init", "probe_head_init", yes_no,
      "yes/no: start a new model's head from a linear probe of the labelled images' ImageNet "
      "features instead of near zero (default no)"),

@@ -360,6 +360,7 @@ def test_cli_training_settings_are_recorded_inherited_and_kept(store_and_labels,
     _amls_train(capsys, str(store), *common, "--image-size", "32", "--invariance", "flip",
                 "--bn-momentum", "0.01", "--drop-path-rate", "0.2", "--drop-rate", "0.1",
                 "--hard-normal-share", "0.5", "--probe-head-init", "yes",
+                "--protect-top-share", "0.2",
                 "-o", str(tmp_path / "m1"))
     _amls_train(capsys, str(store), *common, "--init", str(tmp_path / "m1"),
                 "--drop-rate", "0.3", "-o", str(tmp_path / "m2"))
@@ -372,6 +373,7 @@ def test_cli_training_settings_are_recorded_inherited_and_kept(store_and_labels,
         "flip", 0.01, 0.2, 0.3)
     assert first.hard_normal_share == second.hard_normal_share == 0.5
     assert first.probe_head_init is second.probe_head_init is True
+    assert first.protect_top_share == second.protect_top_share == 0.2
     err = _train_error(capsys, str(store), *common, "--invariance", "dihedral",
                        "--init", str(tmp_path / "m1"), "-o", str(tmp_path / "m3"))
     assert re.search("invariance flip in the model, dihedral now", err)
