@@ -1,10 +1,12 @@
 """Which crop and size let ImageNet features tell FIRST's classes apart: a linear probe, in
 minutes (a screen for the suite, never a decision).
 
-    python -m benchmarks.framing_probe 0.5x64 0.35x64 0.5x96 0.5x64+1.0x64 [--draws 10]
+    python -m benchmarks.framing_probe 0.5x64 0.35x64 0.5x96 0.5x64:log,a=100 [--draws 10]
 
-Each framing is CROPxSIZE (`TrainConfig.center_crop` x `image_size`; several joined by "+"
-concatenate their features). The frozen ImageNet backbone embeds all 2,158 FIRST cutouts
+Each framing is CROPxSIZE (`TrainConfig.center_crop` x `image_size`), optionally followed by
+":STRETCH[,key=value...]", a store stretch (`core.stretch`) applied to each 8-bit cutout
+first, as `amls import --stretch` would; several framings joined by "+" concatenate their
+features. The frozen ImageNet backbone embeds all 2,158 FIRST cutouts
 once per framing (cached under --cache). Then, for each class as the rare one at 5 % and
 each draw, the suite's start is drawn: 5 anomalies and 495 normals labelled; the instant
 re-ranking's head (`core.fast_head`) is fitted on them and ranks the rest. The same draws
@@ -37,6 +39,7 @@ from ml_backend.core.baselines import extract_features, pretrained_feature_fn
 from ml_backend.core.config import TrainConfig
 from ml_backend.core.fast_head import fit_fast_head
 from ml_backend.core.sources import ArraySource
+from ml_backend.core.stretch import make_stretch
 
 RARE_SHARE = 0.05
 LABELLED = (5, 495)  # anomalies, normals: the suite's start
@@ -56,18 +59,28 @@ def framing_features(images: np.ndarray, framing: str, cache: Path) -> np.ndarra
     """(n, D) ImageNet features of `framing` ("0.5x64", or several joined by "+")."""
     parts = []
     for part in framing.split("+"):
-        crop, _, size = part.partition("x")
+        frame, _, stretch = part.partition(":")
+        crop, _, size = frame.partition("x")
         path = cache / f"{part}.npy"
         if not path.exists():
             cfg = TrainConfig(center_crop=float(crop), image_size=int(size), device="cpu")
             started = time.perf_counter()
-            feats = extract_features(ArraySource(images), None,
+            source = restretch(images, stretch) if stretch else images
+            feats = extract_features(ArraySource(source), None,
                                      pretrained_feature_fn(cfg, images.shape[-1]), 128)
             print(f"{part}: features in {time.perf_counter() - started:.0f} s", flush=True)
             cache.mkdir(parents=True, exist_ok=True)
             np.save(path, feats)
         parts.append(np.load(path))
     return np.concatenate(parts, axis=1)
+
+
+def restretch(images: np.ndarray, spec: str) -> np.ndarray:
+    """Each cutout through the stretch "NAME[,key=value...]" (per image, as an import does)."""
+    name, *pairs = spec.split(",")
+    params = {k: float(v) for k, v in (pair.split("=") for pair in pairs)}
+    stretch = make_stretch({"name": name, **params})
+    return np.stack([stretch(image) for image in images])
 
 
 def probe_aurocs(features: np.ndarray, classes: np.ndarray, draws: int) -> np.ndarray:

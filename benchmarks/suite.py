@@ -170,6 +170,10 @@ PROTOCOLS: dict[str, dict[str, int]] = {
     # same models as the full runs' cycle 1 (runs are deterministic on the CPU).
     "cycle1": {"initial_anomalies": 5, "initial_normals": 495, "cycles": 1, "per_cycle": 10,
                "pool": 10_000, "iterations": 100},
+    # The full protocol from a start like a Label Studio project's: 5 anomalies and only
+    # 20 normals labelled, so the labelled anomaly share (20 %) is far above the pool's.
+    "sparse": {"initial_anomalies": 5, "initial_normals": 20, "cycles": 3, "per_cycle": 10,
+               "pool": 10_000, "iterations": 100},
     # Seconds per run: checks that a grid runs at all (a new machine, a new setting).
     "smoke": {"initial_anomalies": 5, "initial_normals": 50, "cycles": 2, "per_cycle": 5,
               "pool": 1_000, "iterations": 5},

@@ -252,5 +252,7 @@ def test_top1_ceiling_is_remaining_anomalies_over_slots():
 def test_protocols_and_suites_are_what_the_issue_asks():
     assert PROTOCOLS["full"]["cycles"] == 3 and PROTOCOLS["full"]["pool"] == 10_000
     assert PROTOCOLS["screen"]["cycles"] == 1
+    sparse = {k: v for k, v in PROTOCOLS["sparse"].items() if PROTOCOLS["full"][k] != v}
+    assert sparse == {"initial_normals": 20}  # a project's start; everything else as full
     assert len(SUITES["animal"]) == 10 and {d.rare_fraction for d in SUITES["animal"]} == {0.01}
     assert len(SUITES["first"]) == 4 and {d.center_crop for d in SUITES["first"]} == {0.5}
