@@ -41,6 +41,9 @@ _OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
     ("--distribution-alignment", "distribution_alignment", yes_no,
      "yes/no: align the pseudo-labels to the labelled anomaly share (default: yes for "
      "dihedral data, no for flip data)"),
+    ("--alignment-share", "alignment_share", float,
+     "the anomaly share alignment aims the pseudo-labels at, the share you expect among "
+     "the unlabelled images, 0 to < 1 (default 0: the labelled share)"),
     ("--protect-top-share", "protect_top_share", float,
      "share of each unlabelled batch, the images scored most anomalous, that never gets a "
      "'normal' pseudo-label, 0 to < 1 (default 0)"),

@@ -360,7 +360,7 @@ def test_cli_training_settings_are_recorded_inherited_and_kept(store_and_labels,
     _amls_train(capsys, str(store), *common, "--image-size", "32", "--invariance", "flip",
                 "--bn-momentum", "0.01", "--drop-path-rate", "0.2", "--drop-rate", "0.1",
                 "--hard-normal-share", "0.5", "--probe-head-init", "yes",
-                "--protect-top-share", "0.2",
+                "--protect-top-share", "0.2", "--alignment-share", "0.01",
                 "-o", str(tmp_path / "m1"))
     _amls_train(capsys, str(store), *common, "--init", str(tmp_path / "m1"),
                 "--drop-rate", "0.3", "-o", str(tmp_path / "m2"))
@@ -374,6 +374,7 @@ def test_cli_training_settings_are_recorded_inherited_and_kept(store_and_labels,
     assert first.hard_normal_share == second.hard_normal_share == 0.5
     assert first.probe_head_init is second.probe_head_init is True
     assert first.protect_top_share == second.protect_top_share == 0.2
+    assert first.alignment_share == second.alignment_share == 0.01
     err = _train_error(capsys, str(store), *common, "--invariance", "dihedral",
                        "--init", str(tmp_path / "m1"), "-o", str(tmp_path / "m3"))
     assert re.search("invariance flip in the model, dihedral now", err)
@@ -454,6 +455,31 @@ def test_a_cycle_with_distribution_alignment_trains_and_records_it(toy, tmp_path
     saved = TrainConfig().to_dict()
     del saved["distribution_alignment"]
     assert TrainConfig.from_dict(saved).distribution_alignment is False  # older checkpoints
+
+
+@pytest.mark.parametrize(("share", "target"), [(0.0, 5 / 25), (0.01, 0.01)])
+def test_alignment_aims_at_the_labelled_share_or_the_configured_one(toy, monkeypatch, share,
+                                                                    target):
+    import ml_backend.core.train as train_module
+
+    targets = []
+    real = train_module.DistributionAlignment
+
+    def recording(shares, *args, **kwargs):
+        targets.append(shares)
+        return real(shares, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "DistributionAlignment", recording)
+    labeled, labels, pool = toy  # 5 anomalies among 25 labels
+    cfg = FAST.replace(distribution_alignment=True, alignment_share=share, iterations=2)
+    result = train_cycle(cfg, labeled, labels, pool)
+    assert len(result.steps) == 2
+    assert targets == [pytest.approx([1 - target, target])]
+    with pytest.raises(ValueError, match="alignment_share"):
+        TrainConfig(alignment_share=1.0)
+    saved = TrainConfig().to_dict()
+    del saved["alignment_share"]
+    assert TrainConfig.from_dict(saved).alignment_share == 0.0  # older checkpoints
 
 
 def test_a_fresh_cycle_with_probe_head_init_starts_from_the_linear_probe(toy):

@@ -32,6 +32,11 @@ class TrainConfig:
     # anomaly share instead of the model's drift. Off here; on by default for sky cutouts
     # (`kind_defaults`), where it is ahead on AUROC (benchmarks/RESULTS.md).
     distribution_alignment: bool = False
+    # The anomaly share that alignment aims the pseudo-labels at: 0 = the labelled share
+    # (ReMixMatch's rule, which assumes the labels are a random sample), or the share the
+    # unlabelled pool is expected to hold. Active learning labels the top of the queue, so
+    # the labelled share can be far above the pool's (5 anomalies and 20 normals: 20 %).
+    alignment_share: float = 0.0
     # Share of each unlabelled batch, the images the model finds most anomalous, that never
     # gets a "normal" pseudo-label: unlabelled anomalies gather there, and teaching them
     # "normal" is how a 1-5 % class gets argued away. 0 = off.
@@ -106,6 +111,8 @@ class TrainConfig:
         check_invariance(self.invariance)
         if not 0 <= self.backbone_lr_scale <= 1:
             raise ValueError(f"backbone_lr_scale must be in [0, 1], got {self.backbone_lr_scale}")
+        if not 0 <= self.alignment_share < 1:
+            raise ValueError(f"alignment_share must be in [0, 1), got {self.alignment_share}")
         if not 0 <= self.protect_top_share < 1:
             raise ValueError(f"protect_top_share must be in [0, 1), got {self.protect_top_share}")
         if not 0 <= self.hard_normal_share < 1:
@@ -138,7 +145,7 @@ LEGACY_VALUES: dict[str, Any] = {"drop_path_rate": 0.0, "drop_rate": 0.0,
                                  "distribution_alignment": False,
                                  "test_time_augmentation": False,
                                  "hard_normal_share": 0.0, "probe_head_init": False,
-                                 "protect_top_share": 0.0}
+                                 "protect_top_share": 0.0, "alignment_share": 0.0}
 
 
 def kind_defaults(invariance: str) -> dict[str, Any]:

@@ -116,7 +116,7 @@ def train_cycle(cfg: TrainConfig, labeled: np.ndarray, labels: np.ndarray,
 
     align = None
     if cfg.distribution_alignment and n_unlabeled:
-        share = float(np.mean(np.asarray(labels) == 1))
+        share = cfg.alignment_share or float(np.mean(np.asarray(labels) == 1))
         align = DistributionAlignment([1.0 - share, share])
     steps: list[StepStats] = []
     start = time.perf_counter()
