@@ -151,10 +151,12 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("dist-align+tta+protect-0.2", overrides={"distribution_alignment": True,
                                                      "test_time_augmentation": True,
                                                      "protect_top_share": 0.2}),
-    # Pseudo-labels aligned to a 1 % anomaly share instead of the labelled share.
-    Setting("dist-align+tta+share-0.01", overrides={"distribution_alignment": True,
-                                                    "test_time_augmentation": True,
-                                                    "alignment_share": 0.01}),
+    # Pseudo-labels aligned to a fixed anomaly share instead of the labelled share (1 %: a
+    # prior for rare objects; 5 %: FIRST's true share).
+    *(Setting(f"dist-align+tta+share-{share}", overrides={"distribution_alignment": True,
+                                                          "test_time_augmentation": True,
+                                                          "alignment_share": share})
+      for share in (0.01, 0.05)),
     # 96 px with 2 unlabelled images per labelled one: about the training cost of 64 px at 5.
     Setting("dist-align+tta+size-96+u2", overrides={"distribution_alignment": True,
                                                     "test_time_augmentation": True,
