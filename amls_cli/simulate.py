@@ -26,7 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("store", help="cutout store (HDF5)")
     p.add_argument("--truth", required=True, help="CSV id,label (anomaly|normal)")
     p.add_argument("--method", default="fixmatch",
-                   help="fixmatch, supervised (labels only) or isolation-forest")
+                   help="fixmatch, supervised (labels only), isolation-forest or linear-probe "
+                   "(a linear head on frozen ImageNet features, refit each cycle)")
     p.add_argument("--initial-anomalies", type=int, default=5,
                    help="anomalies labelled before the first cycle")
     p.add_argument("--initial-normals", type=int, default=495,

@@ -84,6 +84,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("default"),  # the session-8 defaults (SUITE_BASE), not today's
     Setting("supervised", method="supervised"),
     Setting("isolation-forest", method="isolation-forest"),
+    # The instant re-ranking's head on frozen ImageNet features, its own picks every cycle.
+    Setting("linear-probe", method="linear-probe"),
     # esa/AnomalyMatch's fix of the same backbone (REGRESSION_INVESTIGATION.md), and its parts.
     Setting("ref-fix", overrides=REFERENCE_FIX),
     Setting("bn-0.01", overrides={"bn_momentum": 0.01}),

@@ -97,6 +97,31 @@ def test_isolation_forest_method_uses_the_baseline_scores(tmp_path):
     assert rows[-1]["auroc"] == pytest.approx(1.0)
 
 
+def test_linear_probe_method_ranks_with_the_head_and_never_trains(tmp_path, monkeypatch):
+    from ml_backend.core import simulate
+
+    _, truth = make_toy_store(tmp_path / "toy.h5")
+
+    def brightness_features(store, pool, cfg):  # a feature map in which anomalies stand out
+        flat = store.read(pool).reshape(len(pool), -1).astype(np.float32)
+        return np.stack([flat.mean(axis=1), flat.std(axis=1)], axis=1).astype(np.float16)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the linear probe must not train the network")
+
+    monkeypatch.setattr(simulate, "_imagenet_features", brightness_features)
+    monkeypatch.setattr(simulate, "train_cycle", no_training)
+    plan = SimulationPlan(method="linear-probe", initial_anomalies=3, initial_normals=20,
+                          cycles=2, per_cycle=2, fast_head=True)
+    with CutoutStore.open(tmp_path / "toy.h5") as store:
+        rows = list(run_simulation(store, truth, plan, TrainConfig()))
+    assert [r["labelled_anomalies"] for r in rows] == [3, 5]  # its own top picks were anomalies
+    assert rows[-1]["auroc"] == pytest.approx(1.0)
+    assert 0.0 < rows[-1]["mean_score_top_1pct"] <= 1.0
+    assert not any(k.startswith(("interim_", "head_", "zblend_")) for k in rows[-1])
+    assert "mean_mask_rate" not in rows[-1]  # no FixMatch steps to summarise
+
+
 @pytest.mark.slow
 def test_simulate_command_prints_cycles_then_final_summary(tmp_path, capsys):
     ids, truth = make_toy_store(tmp_path / "toy.h5")

@@ -5,6 +5,10 @@ cycle, score the unlabelled pool, and let the oracle label the ``per_cycle`` hig
 true anomalies (confirmed finds) and the ``per_cycle`` highest-scoring normals (corrected
 false positives). Metrics are always measured on the pool minus everything labelled.
 
+Methods: ``fixmatch`` (the product), ``supervised`` (the same training on the labels alone),
+``isolation-forest`` (unsupervised, on ImageNet features) and ``linear-probe`` (the instant
+re-ranking's head on frozen ImageNet features, refit on each cycle's labels; no training).
+
 With ``fast_head`` each cycle's row also measures the instant re-ranking (`core.fast_head`)
 on the same unlabelled images, the oracle still picking from the FixMatch scores:
 
@@ -57,7 +61,9 @@ from ml_backend.core.train import save_cycle, train_cycle
 
 log = logging.getLogger(__name__)
 
-METHODS = ("fixmatch", "supervised", "isolation-forest")
+METHODS = ("fixmatch", "supervised", "isolation-forest", "linear-probe")
+# The methods that train the network each cycle (the others score with a fixed feature map).
+TRAINED = ("fixmatch", "supervised")
 
 
 @dataclass(frozen=True)
@@ -130,8 +136,9 @@ def run_simulation(
     """
     pool, labelled = choose_pool(truth, plan)
     cfg = cfg.replace(seed=plan.seed)
-    fast = plan.fast_head and plan.method != "isolation-forest"
-    features = _imagenet_features(store, pool, cfg) if fast else None
+    fast = plan.fast_head and plan.method in TRAINED
+    needs_features = fast or plan.method == "linear-probe"
+    features = _imagenet_features(store, pool, cfg) if needs_features else None
     stale: np.ndarray | None = None  # the previous cycle's FixMatch scores over the pool
     previous: np.ndarray | None = None  # after training, the same (stale is then this cycle's)
     logit: tuple[np.ndarray, float] | None = None  # that model's anomaly logit over features
@@ -140,7 +147,7 @@ def run_simulation(
         for cycle in range(1, plan.cycles + 1):
             unlabelled = np.setdiff1d(pool, labelled, assume_unique=True)
             extra: dict[str, Any] = {}
-            if features is not None:
+            if fast:
                 ranked = _head_rankings(features, pool, labelled, unlabelled, truth, logit)
                 extra |= _prefixed("interim", truth[unlabelled], ranked["head"])
                 if "zblend" in ranked:
@@ -156,6 +163,10 @@ def run_simulation(
                 train_seconds = 0.0
                 score_started = time.perf_counter()
                 scores = fn(cfg, store, unlabelled)
+            elif plan.method == "linear-probe":
+                score_started = started
+                scores = _head_rankings(features, pool, labelled, unlabelled, truth, None)["head"]
+                train_seconds = time.perf_counter() - started
             else:
                 model_dir = Path(tmp) / f"cycle{cycle}"
                 parent, steps = _train_one_cycle(store, truth, labelled, unlabelled, plan, cfg,
@@ -174,8 +185,9 @@ def run_simulation(
             score_seconds = time.perf_counter() - score_started
             result = metrics.evaluate(truth[unlabelled], scores)
             if plan.method != "isolation-forest":
-                result.update(_step_summary(steps))
                 result["mean_score_top_1pct"] = mean_top_score(scores)
+            if plan.method in TRAINED:
+                result.update(_step_summary(steps))
                 if plan.compare_tta:
                     extra |= _prefixed("tta", truth[unlabelled], score_store(
                         store, model, _tta_toggled(meta), indices=unlabelled,
@@ -189,7 +201,7 @@ def run_simulation(
                 seconds_per_cycle=round(time.perf_counter() - started, 3),
                 score_images_per_second=round(len(unlabelled) / max(score_seconds, 1e-9), 1),
             )
-            if features is not None:
+            if fast:
                 logit = anomaly_logit_weights(model)
                 ranked = _head_rankings(features, pool, labelled, unlabelled, truth, logit)
                 extra |= _prefixed("head", truth[unlabelled], ranked["head"])
