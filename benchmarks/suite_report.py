@@ -142,6 +142,11 @@ FAST_PAIRS = (
     ("interim_zblend", "interim", "while a cycle trains: the head blended with the last "
                                   "model vs the head alone"),
     ("ens", "", "mean rank of this and the previous cycle's model vs this cycle's model"),
+    ("probe", "", "head on the ImageNet embeddings, the cycle's labels vs the FixMatch model"),
+    ("pblend", "zblend", "mean rank of the model and that ImageNet head vs the blend annotators "
+                         "see"),
+    ("pzblend", "zblend", "the blend annotators see, rank-averaged with the ImageNet head, vs "
+                          "that blend alone"),
     ("tta", "", "the same model scored the other way round (test-time augmentation) vs "
                 "its own scores"),
 )

@@ -222,6 +222,39 @@ def test_fast_head_metrics_sit_beside_the_fixmatch_ones_without_changing_them(tm
         assert 0.0 <= r["mean_score_top_1pct"] <= 1.0
         assert 0.0 <= r["zblend_mean_score_top_1pct"] <= 1.0
     assert rows[-1]["head_auroc"] > 0.8  # bright squares separate in any embedding
+    for prefix in ("probe", "pblend", "pzblend"):
+        assert all(0.0 <= r[f"{prefix}_auroc"] <= 1.0 for r in rows)
+
+
+@pytest.mark.slow
+def test_probe_head_reads_the_imagenet_embeddings_after_the_cache_holds_the_models(
+        tmp_path, monkeypatch):
+    from ml_backend.core import simulate
+
+    _, truth = make_toy_store(tmp_path / "toy.h5")
+    imagenet, seen = [], []
+    original_features, original_rankings = simulate._imagenet_features, simulate._head_rankings
+
+    def recording_features(*args):
+        features = original_features(*args)
+        imagenet.append(features.copy())  # the cache itself is overwritten later
+        return features
+
+    def recording_rankings(features, *args):
+        seen.append((features.copy(), args[-1] is None))  # args[-1]: the model's logit or None
+        return original_rankings(features, *args)
+
+    monkeypatch.setattr(simulate, "_imagenet_features", recording_features)
+    monkeypatch.setattr(simulate, "_head_rankings", recording_rankings)
+    with CutoutStore.open(tmp_path / "toy.h5") as store:
+        rows = list(run_simulation(store, truth, toy_plan(fast_head=True), TOY_CFG))
+    first = imagenet[0]
+    unblended = [f for f, alone in seen if alone]  # the interim head of cycle 1, the probes
+    blended = [f for f, alone in seen if not alone]  # heads on a model's embeddings
+    assert len(unblended) == 1 + len(rows) and len(blended) == 2 * len(rows) - 1
+    assert all(np.array_equal(f, first) for f in unblended)
+    assert not any(np.array_equal(f, first) for f in blended)
+    assert rows[0]["probe_auroc"] == pytest.approx(rows[0]["interim_auroc"])
 
 
 @pytest.mark.slow

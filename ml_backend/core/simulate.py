@@ -24,6 +24,10 @@ on the same unlabelled images, the oracle still picking from the FixMatch scores
   next one trains;
 - ``ens_*``: the mean rank of this cycle's and the previous cycle's FixMatch scores (an
   ensemble of the last two models at no extra forward pass; absent in cycle 1).
+- ``probe_*``: the head on the ImageNet embeddings (not the model's) refit with this
+  cycle's labels, the ``linear-probe`` method's ranking given FixMatch's picks;
+  ``pblend_*``: the mean rank of the model and that head; ``pzblend_*``: the mean rank of
+  the ``zblend`` ranking and that head (two feature spaces, one trained, one not).
 
 Every FixMatch row also reads out calibration: ``mean_score_top_1pct`` is the mean score
 the model gives its own top 1 % (what an annotator reads there), to set beside
@@ -139,6 +143,7 @@ def run_simulation(
     fast = plan.fast_head and plan.method in TRAINED
     needs_features = fast or plan.method == "linear-probe"
     features = _imagenet_features(store, pool, cfg) if needs_features else None
+    imagenet = features.copy() if fast else None  # `features` becomes the model's each cycle
     stale: np.ndarray | None = None  # the previous cycle's FixMatch scores over the pool
     previous: np.ndarray | None = None  # after training, the same (stale is then this cycle's)
     logit: tuple[np.ndarray, float] | None = None  # that model's anomaly logit over features
@@ -212,6 +217,11 @@ def run_simulation(
                         scores, previous[np.searchsorted(pool, unlabelled)]))
                 extra |= _prefixed("blend", truth[unlabelled],
                                    _mean_rank(scores, ranked["head"]))
+                probe = _head_rankings(imagenet, pool, labelled, unlabelled, truth, None)["head"]
+                extra |= _prefixed("probe", truth[unlabelled], probe)
+                extra |= _prefixed("pblend", truth[unlabelled], _mean_rank(scores, probe))
+                extra |= _prefixed("pzblend", truth[unlabelled],
+                                   _mean_rank(ranked["zblend"], probe))
             result.update(extra)
             log.info("cycle %d: %s", cycle, result)
             yield result
