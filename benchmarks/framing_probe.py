@@ -4,7 +4,8 @@ minutes (a screen for the suite, never a decision).
     python -m benchmarks.framing_probe 0.5x64 0.35x64 0.5x96 0.5x64:log,a=100 [--draws 10]
 
 Each framing is CROPxSIZE (`TrainConfig.center_crop` x `image_size`), optionally followed by
-":STRETCH[,key=value...]", a store stretch (`core.stretch`) applied to each 8-bit cutout
+"@INVARIANCE" (features averaged over that invariance's views, as test-time augmentation
+scores) and ":STRETCH[,key=value...]", a store stretch (`core.stretch`) applied to each 8-bit cutout
 first, as `amls import --stretch` would; several framings joined by "+" concatenate their
 features. The frozen ImageNet backbone embeds all 2,158 FIRST cutouts
 once per framing (cached under --cache). Then, for each class as the rare one at 5 % and
@@ -35,6 +36,7 @@ from benchmarks.datasets import (
 )
 from benchmarks.paired import paired_comparison
 from ml_backend.core import metrics
+from ml_backend.core.augment import symmetry_views
 from ml_backend.core.baselines import extract_features, pretrained_feature_fn
 from ml_backend.core.config import TrainConfig
 from ml_backend.core.fast_head import fit_fast_head
@@ -60,19 +62,30 @@ def framing_features(images: np.ndarray, framing: str, cache: Path) -> np.ndarra
     parts = []
     for part in framing.split("+"):
         frame, _, stretch = part.partition(":")
+        frame, _, invariance = frame.partition("@")
         crop, _, size = frame.partition("x")
         path = cache / f"{part}.npy"
         if not path.exists():
             cfg = TrainConfig(center_crop=float(crop), image_size=int(size), device="cpu")
             started = time.perf_counter()
             source = restretch(images, stretch) if stretch else images
-            feats = extract_features(ArraySource(source), None,
-                                     pretrained_feature_fn(cfg, images.shape[-1]), 128)
+            fn = pretrained_feature_fn(cfg, images.shape[-1])
+            feats = np.mean([extract_features(ArraySource(view), None, fn, 128)
+                             for view in symmetry_views_np(source, invariance)], axis=0)
             print(f"{part}: features in {time.perf_counter() - started:.0f} s", flush=True)
             cache.mkdir(parents=True, exist_ok=True)
             np.save(path, feats)
         parts.append(np.load(path))
     return np.concatenate(parts, axis=1)
+
+
+def symmetry_views_np(images: np.ndarray, invariance: str) -> list[np.ndarray]:
+    """(n, H, W, C) images and, given an invariance, every view of it (`augment.symmetry_views`)."""
+    if not invariance:
+        return [images]
+    x = torch.from_numpy(images).permute(0, 3, 1, 2)
+    return [np.ascontiguousarray(v.permute(0, 2, 3, 1).numpy())
+            for v in symmetry_views(x, invariance)]
 
 
 def restretch(images: np.ndarray, spec: str) -> np.ndarray:

@@ -86,6 +86,12 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("isolation-forest", method="isolation-forest"),
     # The instant re-ranking's head on frozen ImageNet features, its own picks every cycle.
     Setting("linear-probe", method="linear-probe"),
+    # The same with each kind's test-time views averaged into the embeddings, as the
+    # backend's first ranking embeds (sky: eight, photographs: two).
+    Setting("linear-probe+tta", method="linear-probe",
+            overrides={"test_time_augmentation": True}),
+    Setting("linear-probe+flip+tta", method="linear-probe",
+            overrides={"invariance": "flip", "test_time_augmentation": True}),
     # esa/AnomalyMatch's fix of the same backbone (REGRESSION_INVESTIGATION.md), and its parts.
     Setting("ref-fix", overrides=REFERENCE_FIX),
     Setting("bn-0.01", overrides={"bn_momentum": 0.01}),
@@ -253,14 +259,17 @@ def plan_jobs(datasets: Sequence[DatasetSpec], settings: Sequence[Setting], seed
             for seed in seeds for d in datasets for s in settings]
 
 
-def done_keys(log_path: Path) -> set[str]:
-    """Keys of the runs a log already holds (a torn last line is ignored)."""
+def done_keys(log_path: Path, commit: str | None = None) -> set[str]:
+    """Keys of the runs a log already holds (a torn last line is ignored); with `commit`,
+    only of those logged at that commit."""
     if not log_path.exists():
         return set()
     keys = set()
     for line in log_path.read_text().splitlines():
         try:
-            keys.add(json.loads(line)["key"])
+            row = json.loads(line)
+            if commit is None or row.get("commit") == commit:
+                keys.add(row["key"])
         except (json.JSONDecodeError, KeyError):
             log.warning("%s: skipping an unreadable line", log_path)
     return keys
@@ -303,13 +312,16 @@ def run_job(job: Job, store: Path, truth: Path, threads: int,
 
 
 def run_grid(jobs: list[Job], log_path: Path, data_root: Path, workers: int,
-             threads: int, stop_after: float | None = None) -> Iterator[dict[str, Any]]:
+             threads: int, stop_after: float | None = None,
+             redo: bool = False) -> Iterator[dict[str, Any]]:
     """Run the jobs the log lacks, appending each finished row to it; yields the rows.
 
     stop_after: seconds from now after which no further run starts (runs under way finish),
-    so that a grid fits a fixed time slot; None: run them all.
+    so that a grid fits a fixed time slot; None: run them all. redo: run again those logged
+    at other commits (the report reads a run's latest row), e.g. to log a new measurement;
+    still resumable, since what this commit logged is skipped.
     """
-    done = done_keys(log_path)
+    done = done_keys(log_path, _commit() if redo else None)
     todo = [j for j in jobs if j.key() not in done]
     log.warning("%d of %d runs already in %s; %d to go", len(jobs) - len(todo), len(jobs),
                 log_path, len(todo))
@@ -387,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also measure the instant re-ranking in every run")
     run.add_argument("--compare-tta", action="store_true",
                      help="also score every cycle the other way round (tta_* metrics)")
+    run.add_argument("--redo", action="store_true",
+                     help="run again what the log holds from other commits (the report reads "
+                          "the latest row)")
     run.add_argument("--stop-after", type=float, metavar="SECONDS",
                      help="start no run after this many seconds (runs under way finish)")
     report = sub.add_parser("report", help="per-class table, suite means, paired comparisons")
@@ -417,7 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      device=args.device, fast_head=args.fast_head,
                      compare_tta=args.compare_tta)
     for row in run_grid(jobs, args.log, args.data, args.workers, args.threads,
-                        args.stop_after):
+                        args.stop_after, args.redo):
         print(json.dumps({k: row[k] for k in ("dataset", "seed", "setting", "auroc", "ap",
                                              "precision_top_1pct", "wall_seconds")}),
               flush=True)

@@ -147,6 +147,8 @@ FAST_PAIRS = (
                          "see"),
     ("pzblend", "zblend", "the blend annotators see, rank-averaged with the ImageNet head, vs "
                           "that blend alone"),
+    ("lblend", "zblend", "model, head on its embeddings and head on the ImageNet ones, "
+                         "standardised logits averaged, vs the blend annotators see"),
     ("tta", "", "the same model scored the other way round (test-time augmentation) vs "
                 "its own scores"),
 )

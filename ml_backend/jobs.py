@@ -310,8 +310,7 @@ def _parent_to_continue(project_id: int, registry: ModelRegistry, cfg: TrainConf
     settings were changed on purpose, and every label is still in Label Studio, so the job
     starts a new lineage instead of failing.
     """
-    from ml_backend.core.checkpoint import lineage_mismatch, read_meta
-    from ml_backend.rerank import IMAGENET_KIND
+    from ml_backend.core.checkpoint import IMAGENET_KIND, lineage_mismatch, read_meta
 
     parent_dir = registry.latest_dir(project_id)
     if parent_dir is None:

@@ -22,7 +22,9 @@ from torch import nn
 
 from ml_backend.config import Config
 from ml_backend.core.checkpoint import (
+    IMAGENET_KIND,
     ModelMeta,
+    imagenet_model,
     load_model_dir,
     new_version,
     save_model_dir,
@@ -50,8 +52,6 @@ from ml_backend.task_pixels import ImageSource, resolve_pixels, score_and_embed
 
 logger = logging.getLogger(__name__)
 
-# The kind of a first ranking's version: the ImageNet backbone, its embeddings and a head.
-IMAGENET_KIND = "imagenet"
 
 
 def run_rerank(project_id: int, settings: Config,
@@ -206,8 +206,6 @@ def imagenet_embeddings(project_id: int, settings: Config, client: LabelStudioCl
     """Every task's pooled features from the ImageNet backbone, under the settings a first
     training cycle would use (the store's invariance and stretch, size, crop): (embeddings,
     the backbone with its fresh head, a meta describing it)."""
-    from ml_backend.core.model import build_model
-
     pixels = resolve_pixels(project_id, tasks, image_key, registry, settings.store_root_dirs,
                             ImageSource(client, settings.image_hosts))
     try:
@@ -216,12 +214,7 @@ def imagenet_embeddings(project_id: int, settings: Config, client: LabelStudioCl
             raise ValueError(f"project {project_id}: no task has pixels to embed")
         store = next(iter(pixels.stores.values()))
         cfg = settings.train_config(store.invariance)
-        channels = int(store.shape[-1])
-        model = build_model(cfg, channels)
-        meta = ModelMeta(version=IMAGENET_KIND, parent=None, created=utc_now_iso(),
-                         config=cfg.to_dict(), image_size=cfg.image_size, channels=channels,
-                         stretch=dict(store.stretch), center_crop=cfg.center_crop,
-                         kind=IMAGENET_KIND)
+        model, meta = imagenet_model(cfg, int(store.shape[-1]), store.stretch)
         ids, _, features = score_and_embed(pixels, sorted(pixels.rows), model, meta,
                                            cfg.score_batch_size, cfg.device)
     finally:

@@ -222,8 +222,44 @@ def test_fast_head_metrics_sit_beside_the_fixmatch_ones_without_changing_them(tm
         assert 0.0 <= r["mean_score_top_1pct"] <= 1.0
         assert 0.0 <= r["zblend_mean_score_top_1pct"] <= 1.0
     assert rows[-1]["head_auroc"] > 0.8  # bright squares separate in any embedding
-    for prefix in ("probe", "pblend", "pzblend"):
+    for prefix in ("probe", "pblend", "pzblend", "lblend"):
         assert all(0.0 <= r[f"{prefix}_auroc"] <= 1.0 for r in rows)
+
+
+def _write_store(path, images):
+    with CutoutStore.create(path, height=images.shape[1], width=images.shape[2], channels=1,
+                            stretch={"name": "none"}, invariance="dihedral") as store:
+        store.append([f"obj{i:04d}" for i in range(len(images))], images)
+    return CutoutStore.open(path)
+
+
+@pytest.mark.parametrize("tta", [True, False])
+def test_imagenet_embeddings_follow_test_time_augmentation_as_the_backend_does(tmp_path, tta):
+    """With the sky's eight views the first ranking's embeddings cannot tell a cutout from
+    its rotation (the backend embeds so: `checkpoint.imagenet_model`); with one view they can."""
+    import torch
+
+    from ml_backend.core import simulate
+
+    images = np.random.default_rng(0).integers(0, 255, size=(6, 24, 24, 1), dtype=np.uint8)
+    images[:, 3:9, 2:20] = 255  # an asymmetric bar
+    cfg = TOY_CFG.replace(test_time_augmentation=tta)
+    embedded = []
+    for name, pixels in (("up", images), ("turned", np.rot90(images, 1, axes=(1, 2)))):
+        torch.manual_seed(0)  # the same (random, pretrained=False) backbone for both
+        with _write_store(tmp_path / f"{name}.h5", np.ascontiguousarray(pixels)) as store:
+            embedded.append(simulate._imagenet_features(store, np.arange(6), cfg)
+                            .astype(np.float32))
+    gap = np.abs(embedded[0] - embedded[1]).max() / np.abs(embedded[0]).max()
+    assert (gap < 1e-2) if tta else (gap > 0.05)
+
+
+def test_mean_z_averages_logits_each_standardised():
+    from ml_backend.core.simulate import _mean_z
+
+    # [1, 2, 3] -> [-1.2247, 0, 1.2247]; [10, 0, 20] -> [0, -1.2247, 1.2247]
+    assert _mean_z(np.array([1.0, 2, 3]), np.array([10.0, 0, 20])) == pytest.approx(
+        [-0.61237, -0.61237, 1.22474], abs=1e-4)
 
 
 @pytest.mark.slow

@@ -154,6 +154,15 @@ def test_done_keys_lets_a_grid_resume_past_a_torn_line(tmp_path):
     assert [j for j in jobs if j.key() not in done_keys(log)] == jobs[1:]
 
 
+def test_done_keys_at_a_commit_redo_older_runs_and_resume_this_commits(tmp_path):
+    log = tmp_path / "runs.jsonl"
+    jobs = plan_jobs(SUITES["animal"][:1], [SETTINGS["default"]], range(2), "screen")
+    log.write_text(json.dumps({"key": jobs[0].key(), "commit": "old"}) + "\n"
+                   + json.dumps({"key": jobs[1].key(), "commit": "new"}) + "\n")
+    assert done_keys(log) == {jobs[0].key(), jobs[1].key()}
+    assert done_keys(log, "new") == {jobs[1].key()}  # job 0 runs again, job 1 is done
+
+
 def _row(dataset: str, setting: str, seed: int, auroc: float) -> dict:
     return {"dataset": dataset, "setting": setting, "seed": seed, "protocol": "full",
             "auroc": auroc, "n": 1000, "n_anomalies": 5}

@@ -46,6 +46,8 @@ FORMAT_VERSION = 1
 # Every model version this package writes starts with this; the backend deletes from Label
 # Studio only predictions whose version has it.
 VERSION_PREFIX = "amls-"
+# The kind of an untrained model: the ImageNet backbone with a fresh head (a first ranking).
+IMAGENET_KIND = "imagenet"
 _FILE_MODE = 0o644
 
 
@@ -106,6 +108,18 @@ def new_version(now: datetime | None = None) -> str:
 def utc_now_iso() -> str:
     """Current UTC time, ISO 8601 to the second, e.g. "2026-11-25T12:03:01+00:00"."""
     return datetime.now(UTC).replace(microsecond=0).isoformat()
+
+
+def imagenet_model(cfg: TrainConfig, channels: int,
+                   stretch: dict[str, Any]) -> tuple[nn.Module, ModelMeta]:
+    """The ImageNet backbone under `cfg` with a fresh head, and a meta describing it, so that
+    `scoring.score_store` embeds with it exactly as it would with a trained cycle of `cfg`
+    (size, crop, and the views of test-time augmentation)."""
+    model = build_model(cfg, channels)
+    meta = ModelMeta(version=IMAGENET_KIND, parent=None, created=utc_now_iso(),
+                     config=cfg.to_dict(), image_size=cfg.image_size, channels=channels,
+                     stretch=dict(stretch), center_crop=cfg.center_crop, kind=IMAGENET_KIND)
+    return model, meta
 
 
 def save_model_dir(out_dir: str | Path, *, ema: nn.Module, student: nn.Module | None,

@@ -42,11 +42,17 @@ class FastHead:
 
     def scores(self, features: np.ndarray) -> np.ndarray:
         """Anomaly probabilities (n,) float32 of feature rows (float16 or float32, memmap ok)."""
+        return torch.sigmoid(self._logits(features).clamp(-60.0, 60.0)).numpy()
+
+    def logits(self, features: np.ndarray) -> np.ndarray:
+        """Anomaly logits (n,) float32 of feature rows (what `scores` passes through a sigmoid)."""
+        return self._logits(features).numpy()
+
+    def _logits(self, features: np.ndarray) -> torch.Tensor:
         features = _check_features(features, len(self.weights))
         w = torch.from_numpy(self.weights / self.scale)
         b = self.bias - float(self.mean @ (self.weights / self.scale))
-        logits = torch.cat([block @ w for block in _float_blocks(features)]) + b
-        return torch.sigmoid(logits.clamp(-60.0, 60.0)).numpy()
+        return torch.cat([block @ w for block in _float_blocks(features)]) + b
 
 
 def fit_fast_head(features: np.ndarray, labelled: np.ndarray, labels: np.ndarray, *,

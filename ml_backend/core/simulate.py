@@ -27,7 +27,10 @@ on the same unlabelled images, the oracle still picking from the FixMatch scores
 - ``probe_*``: the head on the ImageNet embeddings (not the model's) refit with this
   cycle's labels, the ``linear-probe`` method's ranking given FixMatch's picks;
   ``pblend_*``: the mean rank of the model and that head; ``pzblend_*``: the mean rank of
-  the ``zblend`` ranking and that head (two feature spaces, one trained, one not).
+  the ``zblend`` ranking and that head (two feature spaces, one trained, one not);
+  ``lblend_*``: the mean of three standardised logits, the model's, the head's on its
+  embeddings and the head's on the ImageNet ones (linear in both embeddings together, so a
+  model carrying both backbones could publish it as one head).
 
 Every FixMatch row also reads out calibration: ``mean_score_top_1pct`` is the mean score
 the model gives its own top 1 % (what an annotator reads there), to set beside
@@ -54,7 +57,7 @@ from typing import Any
 import numpy as np
 
 from ml_backend.core import metrics
-from ml_backend.core.checkpoint import ModelMeta, load_model_dir, read_meta
+from ml_backend.core.checkpoint import ModelMeta, imagenet_model, load_model_dir, read_meta
 from ml_backend.core.config import TrainConfig
 from ml_backend.core.fixmatch import StepStats
 from ml_backend.core.model import anomaly_logit_weights
@@ -217,11 +220,13 @@ def run_simulation(
                         scores, previous[np.searchsorted(pool, unlabelled)]))
                 extra |= _prefixed("blend", truth[unlabelled],
                                    _mean_rank(scores, ranked["head"]))
-                probe = _head_rankings(imagenet, pool, labelled, unlabelled, truth, None)["head"]
-                extra |= _prefixed("probe", truth[unlabelled], probe)
-                extra |= _prefixed("pblend", truth[unlabelled], _mean_rank(scores, probe))
+                probe = _head_rankings(imagenet, pool, labelled, unlabelled, truth, None)
+                extra |= _prefixed("probe", truth[unlabelled], probe["head"])
+                extra |= _prefixed("pblend", truth[unlabelled], _mean_rank(scores, probe["head"]))
                 extra |= _prefixed("pzblend", truth[unlabelled],
-                                   _mean_rank(ranked["zblend"], probe))
+                                   _mean_rank(ranked["zblend"], probe["head"]))
+                extra |= _prefixed("lblend", truth[unlabelled], _mean_z(
+                    ranked["model_logit"], ranked["head_logit"], probe["head_logit"]))
             result.update(extra)
             log.info("cycle %d: %s", cycle, result)
             yield result
@@ -240,26 +245,30 @@ def _tta_toggled(meta: ModelMeta) -> ModelMeta:
 
 
 def _imagenet_features(store: CutoutStore, pool: np.ndarray, cfg: TrainConfig) -> np.ndarray:
-    """float16 pooled features of the pool rows from the ImageNet backbone (before cycle 1)."""
-    from ml_backend.core.baselines import extract_features, pretrained_feature_fn
-
-    fn = pretrained_feature_fn(cfg, int(store.shape[-1]))
-    return extract_features(store, pool, fn, cfg.score_batch_size).astype(np.float16)
+    """float16 pooled features of the pool rows from the ImageNet backbone (before cycle 1),
+    embedded as the backend's first ranking embeds them (`checkpoint.imagenet_model`: with
+    test-time augmentation, the mean over the views)."""
+    model, meta = imagenet_model(cfg, int(store.shape[-1]), store.stretch)
+    features = np.empty((len(pool), model.num_features), dtype=np.float16)
+    score_store(store, model, meta, indices=pool, features=features,
+                batch_size=cfg.score_batch_size, device=cfg.device, progress_desc="features")
+    return features
 
 
 def _head_rankings(features: np.ndarray, pool: np.ndarray, labelled: np.ndarray,
                    unlabelled: np.ndarray, truth: np.ndarray,
                    logit: tuple[np.ndarray, float] | None) -> dict[str, np.ndarray]:
     """Scores of the unlabelled pool rows by the fast head fitted on the labelled ones
-    ("head") and, given the `logit` of the model behind the features, by the head blended
-    with it ("zblend")."""
+    ("head"; its logits "head_logit") and, given the `logit` of the model behind the
+    features, by the head blended with it ("zblend"; the model's logits "model_logit")."""
     from ml_backend.core.fast_head import blend_with_model, fit_fast_head
 
     head = fit_fast_head(features, np.searchsorted(pool, labelled), truth[labelled])
     rows = features[np.searchsorted(pool, unlabelled)]
-    out = {"head": head.scores(rows)}
+    out = {"head": head.scores(rows), "head_logit": head.logits(rows)}
     if logit is not None:
         out["zblend"] = blend_with_model(head, *logit, features).scores(rows)
+        out["model_logit"] = rows.astype(np.float32) @ logit[0].astype(np.float32) + logit[1]
     return out
 
 
@@ -272,6 +281,13 @@ def mean_top_score(scores: np.ndarray, fraction: float = 0.01) -> float:
 def _prefixed(prefix: str, labels: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
     result = metrics.evaluate(labels, scores)
     return {f"{prefix}_{k}": result[k] for k in _HEAD_KEYS}
+
+
+def _mean_z(*logits: np.ndarray) -> np.ndarray:
+    """Mean of the logits each standardised to mean 0 and spread 1 (`blend_with_model`'s rule,
+    over the rows given)."""
+    return np.mean([(v - v.mean()) / max(float(v.std()), 1e-6)
+                    for v in (np.asarray(x, dtype=np.float64) for x in logits)], axis=0)
 
 
 def _mean_rank(*scores: np.ndarray) -> np.ndarray:
