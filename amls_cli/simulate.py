@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--truth", required=True, help="CSV id,label (anomaly|normal)")
     p.add_argument("--method", default="fixmatch",
                    help="fixmatch, supervised (labels only), isolation-forest or linear-probe "
-                   "(a linear head on frozen ImageNet features, refit each cycle)")
+                   "(a linear head on frozen ImageNet features, embedded over the test-time "
+                   "views as the backend's first ranking embeds them, refit each cycle)")
     p.add_argument("--initial-anomalies", type=int, default=5,
                    help="anomalies labelled before the first cycle")
     p.add_argument("--initial-normals", type=int, default=495,
