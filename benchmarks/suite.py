@@ -28,7 +28,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -259,16 +259,16 @@ def plan_jobs(datasets: Sequence[DatasetSpec], settings: Sequence[Setting], seed
             for seed in seeds for d in datasets for s in settings]
 
 
-def done_keys(log_path: Path, commit: str | None = None) -> set[str]:
-    """Keys of the runs a log already holds (a torn last line is ignored); with `commit`,
-    only of those logged at that commit."""
+def done_keys(log_path: Path, commits: Collection[str] | None = None) -> set[str]:
+    """Keys of the runs a log already holds (a torn last line is ignored); with `commits`,
+    only of those logged at one of these commits."""
     if not log_path.exists():
         return set()
     keys = set()
     for line in log_path.read_text().splitlines():
         try:
             row = json.loads(line)
-            if commit is None or row.get("commit") == commit:
+            if commits is None or row.get("commit") in commits:
                 keys.add(row["key"])
         except (json.JSONDecodeError, KeyError):
             log.warning("%s: skipping an unreadable line", log_path)
@@ -313,15 +313,15 @@ def run_job(job: Job, store: Path, truth: Path, threads: int,
 
 def run_grid(jobs: list[Job], log_path: Path, data_root: Path, workers: int,
              threads: int, stop_after: float | None = None,
-             redo: bool = False) -> Iterator[dict[str, Any]]:
+             redo_since: str | None = None) -> Iterator[dict[str, Any]]:
     """Run the jobs the log lacks, appending each finished row to it; yields the rows.
 
     stop_after: seconds from now after which no further run starts (runs under way finish),
-    so that a grid fits a fixed time slot; None: run them all. redo: run again those logged
-    at other commits (the report reads a run's latest row), e.g. to log a new measurement;
-    still resumable, since what this commit logged is skipped.
+    so that a grid fits a fixed time slot; None: run them all. redo_since: run again those
+    logged before this commit (the report reads a run's latest row), e.g. to log a new
+    measurement; still resumable, since what it and later commits logged is skipped.
     """
-    done = done_keys(log_path, _commit() if redo else None)
+    done = done_keys(log_path, None if redo_since is None else _commits_since(redo_since))
     todo = [j for j in jobs if j.key() not in done]
     log.warning("%d of %d runs already in %s; %d to go", len(jobs) - len(todo), len(jobs),
                 log_path, len(todo))
@@ -343,6 +343,16 @@ def run_grid(jobs: list[Job], log_path: Path, data_root: Path, workers: int,
                 fh.flush()
                 os.fsync(fh.fileno())
             yield row
+
+
+def _commits_since(commit: str) -> set[str]:
+    """Short hashes of `commit` and the commits after it up to HEAD; SystemExit if unknown."""
+    try:
+        out = subprocess.run(["git", "log", "--format=%h", "HEAD", "--not", f"{commit}^@"],
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise SystemExit(f"--redo-since: cannot read commits since {commit!r}: {exc}") from exc
+    return set(out.split())
 
 
 def _commit() -> str:
@@ -399,9 +409,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also measure the instant re-ranking in every run")
     run.add_argument("--compare-tta", action="store_true",
                      help="also score every cycle the other way round (tta_* metrics)")
-    run.add_argument("--redo", action="store_true",
-                     help="run again what the log holds from other commits (the report reads "
-                          "the latest row)")
+    redo = run.add_mutually_exclusive_group()
+    redo.add_argument("--redo", action="store_const", const="HEAD", dest="redo_since",
+                      help="run again what the log holds from other commits (the report reads "
+                           "the latest row)")
+    redo.add_argument("--redo-since", metavar="COMMIT",
+                      help="run again what the log holds from before COMMIT (resumes across "
+                           "later commits)")
     run.add_argument("--stop-after", type=float, metavar="SECONDS",
                      help="start no run after this many seconds (runs under way finish)")
     report = sub.add_parser("report", help="per-class table, suite means, paired comparisons")
@@ -432,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      device=args.device, fast_head=args.fast_head,
                      compare_tta=args.compare_tta)
     for row in run_grid(jobs, args.log, args.data, args.workers, args.threads,
-                        args.stop_after, args.redo):
+                        args.stop_after, args.redo_since):
         print(json.dumps({k: row[k] for k in ("dataset", "seed", "setting", "auroc", "ap",
                                              "precision_top_1pct", "wall_seconds")}),
               flush=True)

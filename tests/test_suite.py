@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 
 import pytest
 
@@ -14,6 +15,8 @@ from benchmarks.suite import (
     SETTINGS,
     SUITES,
     Job,
+    _commit,
+    _commits_since,
     done_keys,
     job_config,
     parse_setting,
@@ -160,7 +163,21 @@ def test_done_keys_at_a_commit_redo_older_runs_and_resume_this_commits(tmp_path)
     log.write_text(json.dumps({"key": jobs[0].key(), "commit": "old"}) + "\n"
                    + json.dumps({"key": jobs[1].key(), "commit": "new"}) + "\n")
     assert done_keys(log) == {jobs[0].key(), jobs[1].key()}
-    assert done_keys(log, "new") == {jobs[1].key()}  # job 0 runs again, job 1 is done
+    assert done_keys(log, {"new"}) == {jobs[1].key()}  # job 0 runs again, job 1 is done
+
+
+def test_redo_since_counts_that_commit_and_later_ones_as_done(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty"]
+    subprocess.run(["git", "init", "-q"], check=True)
+    hashes = []
+    for message in ("first", "second", "third"):
+        subprocess.run([*git, "-m", message], check=True)
+        hashes.append(_commit())
+    assert _commits_since(hashes[1]) == set(hashes[1:])
+    assert _commits_since("HEAD") == {hashes[2]}
+    with pytest.raises(SystemExit, match="--redo-since"):
+        _commits_since("no-such-commit")
 
 
 def _row(dataset: str, setting: str, seed: int, auroc: float) -> dict:
