@@ -24,7 +24,13 @@ from typing import Any
 import numpy as np
 
 from ml_backend.core.embedding_cache import FEATURES_FILE, read_embeddings, write_embeddings
-from ml_backend.core.fast_head import fit_fast_head, similar
+from ml_backend.core.fast_head import (
+    FastHead,
+    blend_with_model,
+    fit_fast_head,
+    scores_side_by_side,
+    similar,
+)
 
 DIM = 1280
 
@@ -50,7 +56,26 @@ def cache_costs(n_tasks: int, n_labelled: int, root: Path) -> dict[str, Any]:
     return {"tasks": n_tasks, "labelled": len(labelled),
             "bytes_per_task": round((folder / FEATURES_FILE).stat().st_size / n_tasks, 1),
             "fit_s": round(fitted - started, 3), "score_all_s": round(scored - fitted, 3),
-            "more_like_this_s": round(answered - scored, 3)}
+            "more_like_this_s": round(answered - scored, 3),
+            **blend_costs(head, cache.features, labelled, truth, rng)}
+
+
+def blend_costs(head: FastHead, features: np.ndarray, labelled: np.ndarray, truth: np.ndarray,
+                rng: np.random.Generator) -> dict[str, float]:
+    """Seconds to blend `head` with a (random) model's logit and score every task: two terms,
+    and three (a second head fitted on a second embedding of the same tasks, as the sky
+    cutouts' blend has one on their ImageNet embeddings)."""
+    imagenet = rng.normal(size=features.shape).astype(np.float16)
+    weight = rng.normal(size=DIM)
+    started = time.perf_counter()
+    scores_side_by_side(blend_with_model(head, weight, 0.0, features), [features])
+    two = time.perf_counter()
+    other = fit_fast_head(imagenet, labelled, truth[labelled])
+    blended = blend_with_model(head, weight, 0.0, features, imagenet=(other, imagenet))
+    scores_side_by_side(blended, [features, imagenet])
+    three = time.perf_counter()
+    return {"blend_two_terms_s": round(two - started, 3),
+            "blend_three_terms_s": round(three - two, 3)}
 
 
 def scoring_overhead(n_images: int, repeats: int) -> dict[str, Any]:

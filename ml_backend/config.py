@@ -78,6 +78,11 @@ class Config:
     # cycle's own classifier (`fast_head.blend_with_model`), or the head alone. When blending
     # (and fast_rerank), every training job also publishes its new cycle blended this way.
     rerank_blend: bool = True
+    # The blend's third term (AMLS_RERANK_IMAGENET): a head on the project's ImageNet
+    # embeddings beside the cycle's classifier and its refit head. None ("auto"): on for sky
+    # cutouts ("dihedral": ahead on all three metrics on FIRST, benchmarks/RESULTS.md "Session
+    # 19"), off for photographs ("flip": not yet measured over the suite).
+    rerank_imagenet: bool | None = None
     # The least a project needs before its first (and every) training job: this many
     # anomaly labels and this many other labels (AMLS_MIN_ANOMALIES, AMLS_MIN_NORMALS).
     # A job with fewer is skipped, with the reason in /metrics' last_result.
@@ -168,6 +173,10 @@ class Config:
         return self.replace(label_studio_api_key="", redis_url="", basic_auth_pass="",
                             basic_auth_user="", store_roots=self.store_root_dirs)
 
+    def imagenet_term(self, invariance: str) -> bool:
+        """Whether blends of a cycle with this weak-view invariance get the ImageNet term."""
+        return invariance == "dihedral" if self.rerank_imagenet is None else self.rerank_imagenet
+
     def train_config(self, store_invariance: str) -> TrainConfig:
         """The TrainConfig of a job on a store recording `store_invariance`: its invariance
         (unless AMLS_INVARIANCE says otherwise) and that kind's defaults (`kind_defaults`)
@@ -203,6 +212,7 @@ class Config:
             fast_rerank=_bool(env, "AMLS_FAST_RERANK", True),
             rerank_debounce_s=_float(env, "AMLS_RERANK_DEBOUNCE_S", 1.0),
             rerank_blend=_bool(env, "AMLS_RERANK_BLEND", True),
+            rerank_imagenet=_auto_bool(env, "AMLS_RERANK_IMAGENET"),
             min_anomalies=_int(env, "AMLS_MIN_ANOMALIES", 1),
             min_normals=_int(env, "AMLS_MIN_NORMALS", 3),
             prelabel=_bool(env, "AMLS_PRELABEL", False),

@@ -104,7 +104,7 @@ def _publish_blend(project_id: int, settings: Config, client: LabelStudioClient,
     from ml_backend.rerank import rerank_and_publish
 
     try:
-        return rerank_and_publish(project_id, settings, client, registry)
+        return rerank_and_publish(project_id, settings, client, registry, embed_missing=True)
     except Exception as err:  # the cycle's own version serves; the next burst tries again
         logger.warning("project %d: blending the new cycle failed, its own scores serve: %s",
                        project_id, err, exc_info=True)

@@ -30,16 +30,23 @@ from ml_backend.core.checkpoint import (
     save_model_dir,
     utc_now_iso,
 )
+from ml_backend.core.config import TrainConfig
 from ml_backend.core.embedding_cache import Embeddings, read_embeddings, write_embeddings
 from ml_backend.core.fast_head import (
     DEFAULT_C,
     blend_with_model,
     fit_fast_head,
     install_head,
+    scores_side_by_side,
     similar,
 )
-from ml_backend.core.model import anomaly_logit_weights
+from ml_backend.core.model import SideBySide, anomaly_logit_weights
 from ml_backend.dashboard_data import GALLERY, record_version
+from ml_backend.imagenet_store import (
+    extend_imagenet_embeddings,
+    imagenet_signature,
+    read_imagenet_embeddings,
+)
 from ml_backend.jobs import (
     forget_version,
     job_client,
@@ -48,7 +55,7 @@ from ml_backend.jobs import (
 from ml_backend.label_schema import parse_label_config, similar_view, training_labels
 from ml_backend.labelstudio import LabelStudioClient, ProjectNotFound
 from ml_backend.registry import RERANK_STATUS, ModelRegistry
-from ml_backend.task_pixels import ImageSource, resolve_pixels, score_and_embed
+from ml_backend.task_pixels import ImageSource, resolve_pixels
 
 logger = logging.getLogger(__name__)
 
@@ -86,13 +93,18 @@ def run_rerank(project_id: int, settings: Config,
 
 
 def rerank_and_publish(project_id: int, settings: Config, client: LabelStudioClient,
-                       registry: ModelRegistry) -> dict[str, Any]:
+                       registry: ModelRegistry, *, embed_missing: bool = False) -> dict[str, Any]:
     """The body of `run_rerank`.
 
     Before the first training cycle there are no cached embeddings: the first ranking embeds
     every task with the ImageNet backbone and publishes a version of kind "imagenet" that
     holds them (benchmarks/RESULTS.md: a head on ImageNet features ranks the top of the queue
     better than a first FixMatch cycle does). Training never continues from it.
+
+    After a cycle, when `settings.imagenet_term` says so, the blend also has a head on the
+    project's ImageNet embeddings (`ml_backend.imagenet_store`) and the version reads both
+    backbones (`model.SideBySide`). `embed_missing` (the training job's blend, not a burst):
+    first embed the tasks those embeddings lack; a burst without them blends two terms.
     """
     def skipped(reason: str) -> dict[str, Any]:
         logger.info("project %d: not re-ranking: %s", project_id, reason)
@@ -129,11 +141,26 @@ def rerank_and_publish(project_id: int, settings: Config, client: LabelStudioCli
     head = fit_fast_head(cache.features, labelled_rows, y)
     # The cycle's classifier still knows what the head cannot (an ImageNet base has none).
     blended = settings.rerank_blend and base_meta.kind == "fixmatch"
+    parts = [cache.features]
     if blended:
-        head = blend_with_model(head, *anomaly_logit_weights(model), cache.features)
+        imagenet = None
+        if settings.imagenet_term(TrainConfig.from_dict(base_meta.config).invariance):
+            imagenet = imagenet_rows(project_id, settings, client, registry, base_meta, cache,
+                                     schema.image_key, embed_missing)
+            stages.done("imagenet_embeddings")
+        if imagenet is not None:
+            imagenet_head = fit_fast_head(imagenet, labelled_rows, y)
+            head = blend_with_model(head, *anomaly_logit_weights(model), cache.features,
+                                    imagenet=(imagenet_head, imagenet))
+            model = SideBySide(model, imagenet_model(
+                TrainConfig.from_dict(base_meta.config), base_meta.channels,
+                base_meta.stretch)[0]).eval()
+            parts.append(imagenet)
+        else:
+            head = blend_with_model(head, *anomaly_logit_weights(model), cache.features)
     unlabelled = [t for t in cache.task_ids.tolist() if t not in labels and t not in held_out]
     unlabelled_ids, unlabelled_rows = cache.rows_of(unlabelled)
-    all_scores = head.scores(cache.features)
+    all_scores = scores_side_by_side(head, parts)
     scores = all_scores[unlabelled_rows]
     install_head(model, head)
     stages.done("fit_and_score")
@@ -144,8 +171,10 @@ def rerank_and_publish(project_id: int, settings: Config, client: LabelStudioCli
                      label_counts=counts, center_crop=base_meta.center_crop,
                      iterations_total=base_meta.iterations_total,
                      kind="fast" if base is not None else IMAGENET_KIND,
+                     imagenet_branch=len(parts) == 2,
                      metrics={"fast_head_c": DEFAULT_C, "embedded_tasks": len(cache.task_ids),
-                              "blended_with_cycle": blended})
+                              "blended_with_cycle": blended,
+                              "blend_terms": len(parts) + blended})
     staging = registry.staging_dir(project_id)
     try:
         save_model_dir(staging, ema=model, student=None, meta=meta)  # scores only
@@ -182,6 +211,7 @@ def rerank_and_publish(project_id: int, settings: Config, client: LabelStudioCli
     stages.done("prune")
     return {"project": project_id, "status": "reranked", "model_version": meta.version,
             "embeddings_of": base or meta.version, "labels": counts, "predictions": written,
+            "imagenet_term": meta.imagenet_branch,
             "label_studio_updated": switched,
             "labels_without_embeddings": len(labels) - len(labelled_ids),
             "stage_seconds": stages.seconds}
@@ -205,7 +235,8 @@ def imagenet_embeddings(project_id: int, settings: Config, client: LabelStudioCl
                         image_key: str) -> tuple[Embeddings, nn.Module, ModelMeta]:
     """Every task's pooled features from the ImageNet backbone, under the settings a first
     training cycle would use (the store's invariance and stretch, size, crop): (embeddings,
-    the backbone with its fresh head, a meta describing it)."""
+    the backbone with its fresh head, a meta describing it). They are kept in the project's
+    ImageNet embeddings (`ml_backend.imagenet_store`), which later blends read."""
     pixels = resolve_pixels(project_id, tasks, image_key, registry, settings.store_root_dirs,
                             ImageSource(client, settings.image_hosts))
     try:
@@ -214,12 +245,44 @@ def imagenet_embeddings(project_id: int, settings: Config, client: LabelStudioCl
             raise ValueError(f"project {project_id}: no task has pixels to embed")
         store = next(iter(pixels.stores.values()))
         cfg = settings.train_config(store.invariance)
-        model, meta = imagenet_model(cfg, int(store.shape[-1]), store.stretch)
-        ids, _, features = score_and_embed(pixels, sorted(pixels.rows), model, meta,
-                                           cfg.score_batch_size, cfg.device)
+        channels, stretch = int(store.shape[-1]), store.stretch
+        extend_imagenet_embeddings(registry, project_id, pixels, cfg, channels, stretch)
+        held = read_imagenet_embeddings(registry, project_id,
+                                        imagenet_signature(cfg, channels, stretch))
+        model, meta = imagenet_model(cfg, channels, stretch)
+        ids, rows = held.rows_of(sorted(pixels.rows))  # not tasks deleted since
     finally:
         pixels.close()
-    return Embeddings(np.asarray(ids, dtype=np.int64), features), model, meta
+    return Embeddings(ids, np.asarray(held.features[rows])), model, meta
+
+
+def imagenet_rows(project_id: int, settings: Config, client: LabelStudioClient,
+                  registry: ModelRegistry, meta: ModelMeta, cache: Embeddings, image_key: str,
+                  embed_missing: bool) -> np.ndarray | None:
+    """The project's ImageNet embeddings of `cache`'s tasks, row for row, under the settings
+    of the cycle `meta` describes; with `embed_missing` the tasks they lack are embedded
+    first. None (logged) when some task still lacks one."""
+    cfg = TrainConfig.from_dict(meta.config)
+    signature = imagenet_signature(cfg, meta.channels, meta.stretch)
+    held = read_imagenet_embeddings(registry, project_id, signature)
+    found = 0 if held is None else len(held.rows_of(cache.task_ids)[0])
+    if found < len(cache.task_ids) and embed_missing:
+        pixels = resolve_pixels(project_id, list(client.iter_tasks(project_id)), image_key,
+                                registry, settings.store_root_dirs,
+                                ImageSource(client, settings.image_hosts))
+        try:
+            extend_imagenet_embeddings(registry, project_id, pixels, cfg, meta.channels,
+                                       meta.stretch)
+        finally:
+            pixels.close()
+        held = read_imagenet_embeddings(registry, project_id, signature)
+        found = 0 if held is None else len(held.rows_of(cache.task_ids)[0])
+    if found < len(cache.task_ids):
+        logger.info("project %d: %d of %d tasks lack ImageNet embeddings; blending two terms "
+                    "until the next training job embeds them", project_id,
+                    len(cache.task_ids) - found, len(cache.task_ids))
+        return None
+    return np.asarray(held.features[held.rows_of(cache.task_ids)[1]])
 
 
 def cycle_embeddings(registry: ModelRegistry, project_id: int,

@@ -255,6 +255,10 @@ def test_config_defaults_and_overrides():
     assert cfg.train_config("dihedral").invariance == "flip"
     assert cfg.image_hosts == frozenset({"a.org", "b:81", "ls:8080"})
     assert "sekrit" not in repr(cfg)
+    # The blend's ImageNet term: auto is on for sky cutouts only; forced either way.
+    assert Config().imagenet_term("dihedral") and not Config().imagenet_term("flip")
+    assert Config.from_env({"AMLS_RERANK_IMAGENET": "true"}).imagenet_term("flip")
+    assert not Config.from_env({"AMLS_RERANK_IMAGENET": "off"}).imagenet_term("dihedral")
 
 
 @pytest.mark.parametrize("env, store_invariance, invariance, tta, align", [
@@ -289,6 +293,7 @@ def test_a_jobs_training_config_follows_the_kind_of_data(env, store_invariance, 
     ({"AMLS_DEVICE": "tpu"}, "AMLS_DEVICE"),
     ({"AMLS_TEST_TIME_AUGMENTATION": "maybe"}, "AMLS_TEST_TIME_AUGMENTATION"),
     ({"AMLS_DISTRIBUTION_ALIGNMENT": "2"}, "AMLS_DISTRIBUTION_ALIGNMENT"),
+    ({"AMLS_RERANK_IMAGENET": "sometimes"}, "AMLS_RERANK_IMAGENET"),
     ({"ANOMALY_LABEL": " "}, "ANOMALY_LABEL"),
 ])
 def test_config_rejects_bad_values(env, fragment):

@@ -224,8 +224,10 @@ def test_annotations_reorder_the_queue(label_studio: LiveLabelStudio, galaxy_sto
     cycle_version = queue["last_result"]["model_version"]
     assert queue["last_result"]["ranking"]["status"] == "reranked", queue["last_result"]
     assert (published.kind, published.parent) == ("fast", cycle_version)
-    # AMLS_INVARIANCE unset (auto): the store's invariance, dihedral for these sky cutouts.
+    # AMLS_INVARIANCE unset (auto): the store's invariance, dihedral for these sky cutouts,
+    # whose blend has a third term (AMLS_RERANK_IMAGENET auto): a head on ImageNet embeddings.
     assert TrainConfig.from_dict(published.config).invariance == "dihedral"
+    assert published.imagenet_branch and queue["last_result"]["ranking"]["imagenet_term"]
     assert project_metrics["label_counts"] == {"anomaly": N_LABEL_RARE,
                                                "normal": N_LABEL_COMMON}
 

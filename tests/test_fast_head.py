@@ -118,6 +118,36 @@ def test_blend_ranks_by_both_standardised_logits_and_reads_on_the_models_scale()
     assert (blended.n_anomalies, blended.n_normals) == (6, 294)
 
 
+def test_a_three_term_blend_reads_both_embeddings_and_ranks_by_three_standardised_logits():
+    from ml_backend.core.fast_head import blend_with_model, scores_side_by_side
+
+    features, truth = clustered(n=300, n_anomalies=6)
+    other = np.random.default_rng(3).normal(size=(300, 5)).astype(np.float32)
+    other[truth == 1] += 1.5
+    head = fit_fast_head(features, np.arange(300), truth)
+    other_head = fit_fast_head(other, np.arange(300), truth)
+    weight, bias = np.random.default_rng(1).normal(size=features.shape[1]), -0.4
+    blended = blend_with_model(head, weight, bias, features, imagenet=(other_head, other))
+
+    def z(logit: np.ndarray) -> np.ndarray:
+        return (logit - logit.mean()) / logit.std()
+
+    model_logit = features.astype(np.float64) @ weight + bias
+    mean_z = (z(model_logit) + z(head.logits(features).astype(np.float64))
+              + z(other_head.logits(other).astype(np.float64))) / 3
+    (z_mid, z_top), (m_mid, m_top) = (np.quantile(v, (0.5, 0.99)) for v in (mean_z, model_logit))
+    logit = m_mid + (mean_z - z_mid) * (m_top - m_mid) / (z_top - z_mid)
+    side_by_side = scores_side_by_side(blended, [features, other])
+    np.testing.assert_allclose(side_by_side, 1 / (1 + np.exp(-logit)), atol=1e-4)
+    np.testing.assert_allclose(blended.scores(np.hstack([features, other])), side_by_side,
+                               atol=1e-6)
+    assert len(blended.weights) == features.shape[1] + other.shape[1]
+    with pytest.raises(ValueError, match="row for row"):
+        blend_with_model(head, weight, bias, features, imagenet=(other_head, other[:10]))
+    with pytest.raises(ValueError, match="feature blocks of"):
+        scores_side_by_side(blended, [features])
+
+
 def test_blend_ranks_the_same_whatever_the_scale_of_either_logit():
     from ml_backend.core.fast_head import blend_with_model
 

@@ -3,6 +3,7 @@ cached embeddings."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,8 @@ def test_a_training_job_caches_every_tasks_embedding_in_its_version(trained):
 @pytest.mark.parametrize("blend", [True, False])
 def test_rerank_publishes_a_fast_version_whose_model_scores_like_the_head(trained, blend):
     fake, registry, settings, store, base = trained
-    summary = rerank.run_rerank(7, settings.replace(rerank_blend=blend), fake)
+    settings = settings.replace(rerank_blend=blend, rerank_imagenet=False)
+    summary = rerank.run_rerank(7, settings, fake)
     assert summary["status"] == "reranked" and summary["embeddings_of"] == base
     fast = summary["model_version"]
     assert registry.latest(7) == fake.model_version == fast
@@ -97,6 +99,59 @@ def test_a_training_job_publishes_its_cycle_then_the_cycle_blended_with_a_head(t
     # Without the fast re-ranking there is no blend either.
     plain = jobs.run_training(7, settings.replace(fast_rerank=False), fake)
     assert "ranking" not in plain and registry.latest(7) == plain["model_version"]
+
+
+def test_a_cycles_blend_adds_a_head_on_imagenet_embeddings_and_its_version_serves_it(
+        tmp_path, monkeypatch):
+    """Sky cutouts: the blend published after a cycle has a third term, a head on the
+    project's ImageNet embeddings (embedded once, kept beside the versions), and its version
+    reads both backbones, so what /predict scores from pixels is what was published."""
+    from ml_backend import imagenet_store
+    from ml_backend.core.fast_head import scores_side_by_side
+
+    store = tmp_path / "stores" / "s.h5"
+    store.parent.mkdir()
+    fake = FakeLabelStudio(random_store_tasks(store, N_TASKS, ANOMALIES, NORMALS))
+    settings = job_settings(tmp_path).replace(store_roots=(store.parent,), rerank_blend=True)
+    assert settings.imagenet_term("dihedral") and not settings.imagenet_term("flip")
+    registry = ModelRegistry(tmp_path / "models")
+    summary = jobs.run_training(7, settings, fake)
+    cycle, ranking = summary["model_version"], summary["ranking"]
+    assert ranking["status"] == "reranked" and ranking["imagenet_term"] is True
+    meta = read_meta(registry.version_dir(7, ranking["model_version"]))
+    assert meta.imagenet_branch and meta.metrics["blend_terms"] == 3
+    # The ImageNet embeddings of every task, as the first ranking embeds them.
+    cfg = TrainConfig.from_dict(read_meta(registry.version_dir(7, cycle)).config)
+    held = imagenet_store.read_imagenet_embeddings(
+        registry, 7, imagenet_store.imagenet_signature(cfg, 1, meta.stretch))
+    assert sorted(held.task_ids.tolist()) == list(range(N_TASKS))
+    # Refit by hand: the three-term blend's scores, from the published model and in LS.
+    cache = read_embeddings(registry.version_dir(7, cycle))
+    imagenet = np.asarray(held.features[held.rows_of(cache.task_ids)[1]])
+    labelled = sorted(set(ANOMALIES) | set(NORMALS))
+    rows, y = cache.rows_of(labelled)[1], np.isin(labelled, ANOMALIES).astype(int)
+    cycle_model, _ = load_model_dir(registry.version_dir(7, cycle))
+    head = blend_with_model(fit_fast_head(cache.features, rows, y),
+                            *anomaly_logit_weights(cycle_model), cache.features,
+                            imagenet=(fit_fast_head(imagenet, rows, y), imagenet))
+    expected = scores_side_by_side(head, [cache.features, imagenet])
+    expected = expected[cache.rows_of(list(range(N_TASKS)))[1]]
+    model, model_meta = load_model_dir(registry.version_dir(7, ranking["model_version"]))
+    with CutoutStore.open(store) as s:
+        from_pixels = score_store(s, model, model_meta, device="cpu")
+    np.testing.assert_allclose(from_pixels, expected, atol=2e-3)
+    published = fake.scores[ranking["model_version"]]
+    np.testing.assert_allclose([published[t] for t in sorted(published)],
+                               expected[sorted(published)], atol=1e-6)
+    # A burst reuses the embeddings (nothing is embedded again) and blends three terms too.
+    monkeypatch.setattr(imagenet_store, "embed_with_imagenet", None)
+    burst = rerank.run_rerank(7, settings, fake)
+    assert burst["imagenet_term"] is True
+    # A burst never embeds: without ImageNet embeddings it blends two terms.
+    shutil.rmtree(imagenet_store.store_dir(registry, 7))
+    burst = rerank.run_rerank(7, settings, fake)
+    assert burst["status"] == "reranked" and burst["imagenet_term"] is False
+    assert read_meta(registry.version_dir(7, burst["model_version"])).metrics["blend_terms"] == 2
 
 
 def test_a_failed_blend_leaves_the_cycle_serving(tmp_path, monkeypatch):
@@ -147,6 +202,13 @@ def test_the_first_ranking_embeds_with_imagenet_and_the_first_cycle_starts_afres
             to_model_input(pixels, 32), "dihedral")]).mean(0).numpy()
     rows = cache.rows_of(list(range(N_TASKS)))[1]
     np.testing.assert_allclose(cache.features[rows], expected, rtol=1e-2, atol=1e-2)
+    # They are also kept beside the versions, for the blends after each cycle.
+    from ml_backend import imagenet_store
+
+    held = imagenet_store.read_imagenet_embeddings(registry, 7, imagenet_store.imagenet_signature(
+        TrainConfig.from_dict(model_meta.config), 1, model_meta.stretch))
+    np.testing.assert_array_equal(held.features[held.rows_of(list(range(N_TASKS)))[1]],
+                                  cache.features[rows])
     # It serves the head fitted on them, and wrote it for the unlabelled tasks.
     unlabelled = sorted(fake.scores[version])
     assert set(unlabelled) == set(range(N_TASKS)) - set(ANOMALIES) - set(NORMALS)

@@ -34,7 +34,7 @@ from torch import nn
 
 from ml_backend.core.config import TrainConfig
 from ml_backend.core.errors import AmlsError
-from ml_backend.core.model import build_model, resolve_device
+from ml_backend.core.model import SideBySide, build_model, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,9 @@ class ModelMeta:
     iterations_total: int = 0         # training iterations over the whole lineage
     center_crop: float = 1.0          # fraction of each cutout side kept before resizing
     kind: str = "fixmatch"            # "fast": `parent`'s backbone with a refit head (rerank)
+    # The classifier also reads the ImageNet backbone's pooled features, set beside the
+    # model's own (`model.SideBySide`: a three-term blend, `fast_head.blend_with_model`).
+    imagenet_branch: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -175,6 +178,8 @@ def load_model_dir(model_dir: str | Path,
     # Building initialises weights from the global RNG; keep callers' random streams intact.
     with torch.random.fork_rng(devices=[]):
         model = build_model(cfg, meta.channels)
+        if meta.imagenet_branch:
+            model = SideBySide(model, build_model(cfg, meta.channels))
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as err:

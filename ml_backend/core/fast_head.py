@@ -10,7 +10,7 @@ rows), so rare directions of the unlabelled pool count as much as common ones.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,8 +103,8 @@ def install_head(model: nn.Module, head: FastHead) -> None:
         classifier.bias[ANOMALY_INDEX] = b
 
 
-def blend_with_model(head: FastHead, weight: np.ndarray, bias: float,
-                     features: np.ndarray) -> FastHead:
+def blend_with_model(head: FastHead, weight: np.ndarray, bias: float, features: np.ndarray,
+                     *, imagenet: tuple[FastHead, np.ndarray] | None = None) -> FastHead:
     """One linear head that ranks by the mean of the model's own anomaly logit
     (`weight · f + bias`) and `head`'s, each standardised to mean 0 and spread 1 over
     `features` (at most _MOMENT_ROWS evenly spaced rows), so neither dominates by its scale;
@@ -114,33 +114,67 @@ def blend_with_model(head: FastHead, weight: np.ndarray, bias: float,
     stays near the model's low scores instead of at 0.5, and the top of the queue reads as
     the model's top does (benchmarks/RESULTS.md, "Session 12"). The ranking is the mean's.
 
-    Both logits are linear in the pooled features f, so the blend is too: it installs as a
+    `imagenet`: a third term, (a head fitted on the same tasks' ImageNet embeddings, those
+    embeddings row for row with `features`); the blend then reads the two embeddings side
+    by side, [f, g], and ranks by the mean of three standardised logits (benchmarks/RESULTS.md,
+    "Session 19": ahead of the two-term blend on FIRST).
+
+    Every logit is linear in the pooled features, so the blend is too: it installs as a
     classifier like the head itself. (D,) `weight`: the model's anomaly-minus-normal row.
     """
     features = _check_features(features, len(head.weights))
     weight = np.asarray(weight, dtype=np.float64).reshape(-1)
     if weight.shape != head.weights.shape:
         raise ValueError(f"model weight has shape {weight.shape}, the head {head.weights.shape}")
-    # In standardised coordinates x = (f - mean) / scale both logits are w·x + b.
+    # In standardised coordinates x = (f - mean) / scale every logit is w·x + b.
     mean, scale = head.mean.astype(np.float64), head.scale.astype(np.float64)
     terms = [(weight * scale, float(bias + weight @ mean)),
              (head.weights.astype(np.float64), head.bias)]
     step = max(1, len(features) // _MOMENT_ROWS)
     x = (np.asarray(features[::step], dtype=np.float64) - mean) / scale
+    if imagenet is not None:
+        other, other_features = imagenet
+        other_features = _check_features(other_features, len(other.weights))
+        if len(other_features) != len(features):
+            raise ValueError(f"{len(features)} embeddings but {len(other_features)} ImageNet "
+                             "embeddings; they must be the same tasks, row for row")
+        pad = np.zeros(len(other.weights))
+        terms = [(np.concatenate([w, pad]), b) for w, b in terms]
+        terms.append((np.concatenate([np.zeros_like(mean), other.weights]), other.bias))
+        mean = np.concatenate([mean, other.mean])
+        scale = np.concatenate([scale, other.scale])
+        x = np.hstack([x, (np.asarray(other_features[::step], dtype=np.float64)
+                           - mean[len(head.weights):]) / scale[len(head.weights):]])
     blended_w, blended_b = np.zeros_like(mean), 0.0
     for w, b in terms:
         w_std, b_std = _standardised(x, w, b)
-        blended_w += w_std / 2
-        blended_b += b_std / 2
+        blended_w += w_std / len(terms)
+        blended_b += b_std / len(terms)
     # Onto the model's scale: the blend's median and top-1 % boundary go where the model's are.
     blended = x @ blended_w + blended_b
     model = x @ terms[0][0] + terms[0][1]
     (b_mid, b_top), (m_mid, m_top) = (np.quantile(v, _ANCHORS) for v in (blended, model))
     gain = (m_top - m_mid) / (b_top - b_mid) if b_top > b_mid and m_top > m_mid else 1.0
-    return FastHead(mean=head.mean, scale=head.scale,
+    return FastHead(mean=mean.astype(np.float32), scale=scale.astype(np.float32),
                     weights=(blended_w * gain).astype(np.float32),
                     bias=float((blended_b - b_mid) * gain + m_mid),
                     n_anomalies=head.n_anomalies, n_normals=head.n_normals)
+
+
+def scores_side_by_side(head: FastHead, parts: Sequence[np.ndarray]) -> np.ndarray:
+    """`head.scores` of the feature blocks `parts` set side by side (a three-term blend reads
+    [f, g]), without building the wide array: its logit is the sum of each block's share."""
+    widths = np.cumsum([0, *(p.shape[1] for p in parts)])
+    if widths[-1] != len(head.weights):
+        raise ValueError(f"feature blocks of {widths[-1]} dimensions, the head {len(head.weights)}")
+    logits = np.zeros(len(parts[0]), dtype=np.float32)
+    for part, start, stop in zip(parts, widths[:-1], widths[1:], strict=True):
+        share = FastHead(mean=head.mean[start:stop], scale=head.scale[start:stop],
+                         weights=head.weights[start:stop], bias=0.0,
+                         n_anomalies=head.n_anomalies, n_normals=head.n_normals)
+        logits += share.logits(part)
+    logits += np.float32(head.bias)
+    return torch.sigmoid(torch.from_numpy(logits).clamp(-60.0, 60.0)).numpy()
 
 
 def _standardised(x: np.ndarray, w: np.ndarray, b: float) -> tuple[np.ndarray, float]:

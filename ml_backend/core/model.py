@@ -116,6 +116,35 @@ def pooled_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model.forward_head(model.forward_features(x), pre_logits=True)
 
 
+class SideBySide(nn.Module):
+    """Two backbones read as one: the pooled features of `first` and `second` set side by
+    side, [f, g], and one 2-way linear classifier over them (the three-term blend of the
+    instant re-ranking: a cycle's backbone beside the ImageNet one, `fast_head.blend_with_model`).
+
+    It answers what scoring asks of the timm model (`forward_features`, `forward_head`,
+    `get_classifier`, `num_features`), so `pooled_features` and the test-time views work
+    unchanged; it only scores, in eval mode.
+    """
+
+    def __init__(self, first: nn.Module, second: nn.Module) -> None:
+        super().__init__()
+        self.first, self.second = first, second
+        self.num_features = int(first.num_features + second.num_features)
+        self.classifier = nn.Linear(self.num_features, NUM_CLASSES)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([pooled_features(self.first, x), pooled_features(self.second, x)], 1)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return x if pre_logits else self.classifier(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Linear:
+        return self.classifier
+
+
 def anomaly_logit_weights(model: nn.Module) -> tuple[np.ndarray, float]:
     """(weight (D,), bias) of the anomaly-minus-normal logit over pooled features: the
     model's anomaly probability is sigmoid(weight · f + bias)."""
