@@ -71,6 +71,8 @@ class Setting:
     overrides: dict[str, Any] = field(default_factory=dict)
     # Also measure the instant re-ranking (SimulationPlan.fast_head: head_*, interim_* ...).
     fast_head: bool = False
+    # What the oracle picks from (SimulationPlan.picks_from); a blend implies fast_head.
+    picks_from: str = "model"
 
 
 # What every setting's overrides apply to: the defaults the log's first runs had, so that a
@@ -80,6 +82,10 @@ class Setting:
 # photographs).
 SUITE_BASE: dict[str, Any] = {"distribution_alignment": False, "test_time_augmentation": False}
 REFERENCE_FIX = {"bn_momentum": 0.01, "drop_path_rate": 0.2, "drop_rate": 0.2}
+# Today's product default of each kind of data, by the name its runs are logged under.
+SETTINGS_BY_KIND = {"dist-align+tta": {"distribution_alignment": True,
+                                       "test_time_augmentation": True},
+                    "flip+tta": {"invariance": "flip", "test_time_augmentation": True}}
 SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("default"),  # the session-8 defaults (SUITE_BASE), not today's
     Setting("supervised", method="supervised"),
@@ -169,6 +175,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("dist-align+tta+size-96+u2", overrides={"distribution_alignment": True,
                                                     "test_time_augmentation": True,
                                                     "image_size": 96, "uratio": 2}),
+    # Each kind's default with the oracle picking from a blend, as annotators of the product's
+    # queue do: the two-term blend (published until session 20) or the three-term one.
+    *(Setting(f"{name}@{blend}-picks", overrides=dict(SETTINGS_BY_KIND[name]), picks_from=blend)
+      for name in SETTINGS_BY_KIND for blend in ("zblend", "lblend")),
     # 96 px model input instead of 64 (2.25x the pixels).
     Setting("size-96", overrides={"image_size": 96}),
     Setting("flip+size-96", overrides={"invariance": "flip", "image_size": 96}),
@@ -210,7 +220,7 @@ class Job:
 
     @property
     def measures_fast_head(self) -> bool:
-        return self.fast_head or self.setting.fast_head
+        return self.fast_head or self.setting.fast_head or self.setting.picks_from != "model"
 
     def key(self) -> str:
         """What makes a run the same run: data, seed, method, overrides, protocol, device."""
@@ -224,6 +234,8 @@ class Job:
             parts.append(self.device)
         if self.compare_tta:
             parts.append("compare_tta")
+        if self.setting.picks_from != "model":
+            parts.append(f"picks:{self.setting.picks_from}")
         return json.dumps(parts, sort_keys=True)
 
 
@@ -298,7 +310,7 @@ def run_job(job: Job, store: Path, truth: Path, threads: int,
     cfg = job_config(job)
     plan = SimulationPlan(method=job.setting.method, seed=job.seed,
                           fast_head=job.measures_fast_head, compare_tta=job.compare_tta,
-                          **protocol)
+                          picks_from=job.setting.picks_from, **protocol)
     started = time.perf_counter()
     cycles = run_one(store, truth, plan, cfg)
     return {

@@ -226,6 +226,46 @@ def test_fast_head_metrics_sit_beside_the_fixmatch_ones_without_changing_them(tm
         assert all(0.0 <= r[f"{prefix}_auroc"] <= 1.0 for r in rows)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("picks_from", ["lblend", "zblend"])
+def test_the_oracle_picks_from_the_blend_it_is_told_to(tmp_path, monkeypatch, picks_from):
+    from ml_backend.core import simulate
+
+    _, truth = make_toy_store(tmp_path / "toy.h5")
+    blends, ranked_by = [], []
+    real_mean_z, real_rankings, real_picks = (simulate._mean_z, simulate._head_rankings,
+                                              simulate.oracle_picks)
+
+    def recording_mean_z(*logits):
+        blends.append(("lblend", real_mean_z(*logits)))
+        return blends[-1][1]
+
+    def recording_rankings(*args):
+        ranked = real_rankings(*args)
+        if "zblend" in ranked:
+            blends.append(("zblend", ranked["zblend"]))
+        return ranked
+
+    def recording_picks(candidates, scores, *args):
+        ranked_by.append(scores)
+        return real_picks(candidates, scores, *args)
+
+    monkeypatch.setattr(simulate, "_mean_z", recording_mean_z)
+    monkeypatch.setattr(simulate, "_head_rankings", recording_rankings)
+    monkeypatch.setattr(simulate, "oracle_picks", recording_picks)
+    with CutoutStore.open(tmp_path / "toy.h5") as store:
+        list(run_simulation(store, truth, toy_plan(fast_head=True, picks_from=picks_from),
+                            TOY_CFG))
+    # One pick (after cycle 1), from that cycle's blend of the kind asked for (its first:
+    # cycle 2 blends too, the picks made).
+    (scores,) = ranked_by
+    assert scores is [b for kind, b in blends if kind == picks_from][0]
+    with pytest.raises(ValueError, match="needs fast_head"):
+        toy_plan(picks_from=picks_from)
+    with pytest.raises(ValueError, match="unknown picks_from"):
+        toy_plan(fast_head=True, picks_from="head")
+
+
 def _write_store(path, images):
     with CutoutStore.create(path, height=images.shape[1], width=images.shape[2], channels=1,
                             stretch={"name": "none"}, invariance="dihedral") as store:

@@ -166,6 +166,17 @@ def test_done_keys_at_a_commit_redo_older_runs_and_resume_this_commits(tmp_path)
     assert done_keys(log, {"new"}) == {jobs[1].key()}  # job 0 runs again, job 1 is done
 
 
+def test_blend_pick_settings_are_the_kind_defaults_with_a_fast_head_and_their_own_keys():
+    for kind in ("dist-align+tta", "flip+tta"):
+        for blend in ("zblend", "lblend"):
+            picks = SETTINGS[f"{kind}@{blend}-picks"]
+            assert picks.overrides == SETTINGS[kind].overrides and picks.picks_from == blend
+            job = Job(SUITES["first"][0], 0, picks, "full")
+            plain = Job(SUITES["first"][0], 0, SETTINGS[kind], "full", fast_head=True)
+            assert job.measures_fast_head and job.key() != plain.key()
+            assert f"picks:{blend}" in job.key()
+
+
 def test_redo_since_counts_that_commit_and_later_ones_as_done(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty"]

@@ -10,7 +10,8 @@ Methods: ``fixmatch`` (the product), ``supervised`` (the same training on the la
 re-ranking's head on frozen ImageNet features, refit on each cycle's labels; no training).
 
 With ``fast_head`` each cycle's row also measures the instant re-ranking (`core.fast_head`)
-on the same unlabelled images, the oracle still picking from the FixMatch scores:
+on the same unlabelled images, the oracle picking from the FixMatch scores unless
+``picks_from`` names a blend (what annotators of a blend's queue pick from):
 
 - ``head_*``: the head refit on this cycle's embeddings with this cycle's labels;
 - ``blend_*``: the mean of the FixMatch and head ranks;
@@ -69,6 +70,9 @@ from ml_backend.core.train import save_cycle, train_cycle
 log = logging.getLogger(__name__)
 
 METHODS = ("fixmatch", "supervised", "isolation-forest", "linear-probe")
+# What the oracle picks from: the trained model's scores, or (with fast_head) the two-term
+# blend (`zblend`) or the three-term one (`lblend`), as annotators of a blend's queue would.
+PICKS_FROM = ("model", "zblend", "lblend")
 # The methods that train the network each cycle (the others score with a fixed feature map).
 TRAINED = ("fixmatch", "supervised")
 
@@ -84,10 +88,17 @@ class SimulationPlan:
     seed: int = 42
     fast_head: bool = False
     compare_tta: bool = False
+    picks_from: str = "model"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.picks_from not in PICKS_FROM:
+            raise ValueError(f"unknown picks_from {self.picks_from!r}; choose one of "
+                             f"{', '.join(PICKS_FROM)}")
+        if self.picks_from != "model" and not (self.fast_head and self.method in TRAINED):
+            raise ValueError(f"picks_from={self.picks_from!r} needs fast_head and a trained "
+                             f"method ({', '.join(TRAINED)})")
         if self.initial_anomalies < 1 or self.initial_normals < 1:
             raise ValueError("need at least one initial anomaly and one initial normal")
         if self.cycles < 1:
@@ -225,13 +236,18 @@ def run_simulation(
                 extra |= _prefixed("pblend", truth[unlabelled], _mean_rank(scores, probe["head"]))
                 extra |= _prefixed("pzblend", truth[unlabelled],
                                    _mean_rank(ranked["zblend"], probe["head"]))
-                extra |= _prefixed("lblend", truth[unlabelled], _mean_z(
-                    ranked["model_logit"], ranked["head_logit"], probe["head_logit"]))
+                lblend = _mean_z(ranked["model_logit"], ranked["head_logit"],
+                                 probe["head_logit"])
+                extra |= _prefixed("lblend", truth[unlabelled], lblend)
+                picked_from = {"model": scores, "zblend": ranked["zblend"], "lblend": lblend}
+            else:
+                picked_from = {"model": scores}
             result.update(extra)
             log.info("cycle %d: %s", cycle, result)
             yield result
             if cycle < plan.cycles:
-                picks = oracle_picks(unlabelled, scores, truth, plan.per_cycle)
+                picks = oracle_picks(unlabelled, picked_from[plan.picks_from], truth,
+                                     plan.per_cycle)
                 labelled = np.union1d(labelled, picks)
 
 
