@@ -111,7 +111,8 @@ def _status(state: Mapping[str, Any], meta: Mapping[str, Any] | None) -> str:
     version = state.get("model_version") or "untrained"
     kind = meta.get("kind", "fixmatch") if meta else ""
     return f"""<section class="cards">
-<div class="card"><b>Serving version</b>{_e(version)}<div class="muted">{_e(_kind_text(kind))}
+<div class="card"><b>Serving version</b>{_e(version)}<div class="muted">{_e(_kind_text(kind))}{
+_e(" and ImageNet features" if meta and meta.get("imagenet_branch") else "")}
 {_e(meta.get('created', ''))}</div></div>
 <div class="card"><b>Labels it learned from</b>{label_text}</div>
 <div class="card"><b>Training</b>{job}<div class="muted">{last}</div>{error}

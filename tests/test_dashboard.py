@@ -196,3 +196,12 @@ def test_a_training_job_and_its_blend_record_what_the_page_shows(tmp_path):
     assert f"Training cycle {cycle}" in page  # the blend's curves are its cycle's
     assert len(re.findall(r'<img src="http://ls.test/x/c\d+\.png"', page)) == len(top)
     assert "re-ranked on the newest labels" in page
+    assert "and ImageNet features" not in page  # photographs: a two-term blend
+
+
+def test_the_serving_card_says_when_a_blend_reads_imagenet_features_too():
+    from ml_backend.dashboard_page import _status
+
+    meta = {"kind": "fast", "label_counts": {}, "created": ""}
+    assert "and ImageNet features" not in _status({}, meta)
+    assert "newest labels and ImageNet features" in _status({}, meta | {"imagenet_branch": True})
