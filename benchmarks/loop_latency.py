@@ -219,6 +219,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "second_burst_to_rerank_finished_s": round(rerank_s, 2),
             "rerank_duration_s": fast["rerank"]["last_duration_s"],
             "rerank_stage_seconds": result.get("stage_seconds"),
+            "rerank_imagenet_term": result.get("imagenet_term"),
             "instant_version_current_in_label_studio": current == result["model_version"],
             "second_burst_to_next_cycle_s": round(cycle_s, 2),
             "jobs_run": second["queue"]["jobs_total"],
