@@ -46,6 +46,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--center-crop", type=center_crop_arg, default=TrainConfig.center_crop,
                    metavar="F", help="keep this fraction of each side around the centre "
                    "before resizing (1: whole cutout)")
+    p.add_argument("--picks-from", choices=("model", "zblend", "lblend"), default="model",
+                   help="what the oracle labels from: the model's scores, or a blend the "
+                   "backend publishes (zblend: the model with a head on its embeddings; lblend: "
+                   "also a head on ImageNet embeddings, sky cutouts' default); a blend also "
+                   "measures the backend's fast rankings each cycle")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     add_training_options(p)
     p.set_defaults(func=run)
@@ -59,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     plan = SimulationPlan(
         method=args.method, initial_anomalies=args.initial_anomalies,
         initial_normals=args.initial_normals, cycles=args.cycles, per_cycle=args.per_cycle,
-        pool=args.pool, seed=args.seed,
+        pool=args.pool, seed=args.seed, picks_from=args.picks_from,
+        fast_head=args.picks_from != "model",
     )
     with CutoutStore.open(args.store) as store:
         # The store says which invariance suits its data unless --invariance is given, and
@@ -74,6 +80,9 @@ def run(args: argparse.Namespace) -> int:
         for result in run_simulation(store, truth, plan, cfg):
             print(json.dumps(result), flush=True)
             last = result
-    print(json.dumps({k: last[k] for k in FINAL_KEYS} | {"method": plan.method}), flush=True)
+    blend = {f"{plan.picks_from}_{k}": last[f"{plan.picks_from}_{k}"]
+             for k in ("auroc", "ap", "precision_top_1pct") if plan.picks_from != "model"}
+    print(json.dumps({k: last[k] for k in FINAL_KEYS} | blend | {"method": plan.method}),
+          flush=True)
     sys.stdout.flush()
     return 0

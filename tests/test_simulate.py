@@ -138,6 +138,27 @@ def test_simulate_command_prints_cycles_then_final_summary(tmp_path, capsys):
     assert 0.0 <= final["auroc"] <= 1.0 and final["score_images_per_second"] > 0
 
 
+def test_simulate_command_lets_the_oracle_pick_from_a_blend(tmp_path, monkeypatch, capsys):
+    from ml_backend.core import simulate
+
+    ids, truth = make_toy_store(tmp_path / "toy.h5")
+    write_labels_csv(tmp_path / "truth.csv", dict(zip(ids, truth.tolist(), strict=True)))
+    plans = []
+
+    def fake_run(store, truth, plan, cfg):
+        plans.append(plan)
+        yield dict.fromkeys(("auroc", "ap", "precision_top_0_1pct", "precision_top_1pct",
+                             "seconds_per_cycle", "score_images_per_second", "lblend_auroc",
+                             "lblend_ap", "lblend_precision_top_1pct"), 0.5)
+
+    monkeypatch.setattr(simulate, "run_simulation", fake_run)
+    args = ["simulate", str(tmp_path / "toy.h5"), "--truth", str(tmp_path / "truth.csv")]
+    assert main(args) == 0 and main([*args, "--picks-from", "lblend"]) == 0
+    assert [(p.picks_from, p.fast_head) for p in plans] == [("model", False), ("lblend", True)]
+    final = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert final["lblend_auroc"] == 0.5 and final["method"] == "fixmatch"
+
+
 def test_simulate_command_reports_truth_ids_missing_from_the_store(tmp_path, capsys):
     make_toy_store(tmp_path / "toy.h5")
     write_labels_csv(tmp_path / "truth.csv", {"nope": 1})
