@@ -138,23 +138,29 @@ def test_simulate_command_prints_cycles_then_final_summary(tmp_path, capsys):
     assert 0.0 <= final["auroc"] <= 1.0 and final["score_images_per_second"] > 0
 
 
-def test_simulate_command_lets_the_oracle_pick_from_a_blend(tmp_path, monkeypatch, capsys):
+def _recorded_simulate(tmp_path, monkeypatch, invariance: str = "dihedral"):
+    """(the `amls simulate` arguments for a toy store, the (plan, cfg) of each run): the
+    command runs with `run_simulation` recording what it was given instead of training."""
     from ml_backend.core import simulate
 
-    ids, truth = make_toy_store(tmp_path / "toy.h5")
+    ids, truth = make_toy_store(tmp_path / "toy.h5", invariance=invariance)
     write_labels_csv(tmp_path / "truth.csv", dict(zip(ids, truth.tolist(), strict=True)))
-    plans = []
+    runs = []
 
     def fake_run(store, truth, plan, cfg):
-        plans.append(plan)
+        runs.append((plan, cfg))
         yield dict.fromkeys(("auroc", "ap", "precision_top_0_1pct", "precision_top_1pct",
                              "seconds_per_cycle", "score_images_per_second", "lblend_auroc",
                              "lblend_ap", "lblend_precision_top_1pct"), 0.5)
 
     monkeypatch.setattr(simulate, "run_simulation", fake_run)
-    args = ["simulate", str(tmp_path / "toy.h5"), "--truth", str(tmp_path / "truth.csv")]
+    return ["simulate", str(tmp_path / "toy.h5"), "--truth", str(tmp_path / "truth.csv")], runs
+
+
+def test_simulate_command_lets_the_oracle_pick_from_a_blend(tmp_path, monkeypatch, capsys):
+    args, runs = _recorded_simulate(tmp_path, monkeypatch)
     assert main(args) == 0 and main([*args, "--picks-from", "lblend"]) == 0
-    assert [(p.picks_from, p.fast_head) for p in plans] == [("model", False), ("lblend", True)]
+    assert [(p.picks_from, p.fast_head) for p, _ in runs] == [("model", False), ("lblend", True)]
     final = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert final["lblend_auroc"] == 0.5 and final["method"] == "fixmatch"
 
@@ -169,49 +175,26 @@ def test_simulate_command_reports_truth_ids_missing_from_the_store(tmp_path, cap
 
 
 def test_simulate_command_passes_size_and_center_crop_to_training(tmp_path, monkeypatch):
-    from ml_backend.core import simulate
-
-    ids, truth = make_toy_store(tmp_path / "toy.h5")
-    write_labels_csv(tmp_path / "truth.csv", dict(zip(ids, truth.tolist(), strict=True)))
-    seen = []
-
-    def fake_run(store, truth, plan, cfg):
-        seen.append(cfg)
-        yield dict.fromkeys(("auroc", "ap", "precision_top_0_1pct", "precision_top_1pct",
-                             "seconds_per_cycle", "score_images_per_second"), 0.0)
-
-    monkeypatch.setattr(simulate, "run_simulation", fake_run)
-    assert main(["simulate", str(tmp_path / "toy.h5"), "--truth", str(tmp_path / "truth.csv"),
-                 "--size", "48", "--center-crop", "0.5", "--invariance", "flip",
+    args, runs = _recorded_simulate(tmp_path, monkeypatch)
+    assert main([*args, "--size", "48", "--center-crop", "0.5", "--invariance", "flip",
                  "--bn-momentum", "0.01", "--drop-path-rate", "0.2", "--drop-rate", "0.2",
                  "--test-time-augmentation", "yes", "--distribution-alignment", "no"]) == 0
-    assert (seen[0].image_size, seen[0].center_crop, seen[0].invariance) == (48, 0.5, "flip")
-    assert (seen[0].bn_momentum, seen[0].drop_path_rate, seen[0].drop_rate) == (0.01, 0.2, 0.2)
-    assert seen[0].test_time_augmentation and not seen[0].distribution_alignment
+    cfg = runs[0][1]
+    assert (cfg.image_size, cfg.center_crop, cfg.invariance) == (48, 0.5, "flip")
+    assert (cfg.bn_momentum, cfg.drop_path_rate, cfg.drop_rate) == (0.01, 0.2, 0.2)
+    assert cfg.test_time_augmentation and not cfg.distribution_alignment
     with pytest.raises(SystemExit):
-        main(["simulate", str(tmp_path / "toy.h5"), "--truth", str(tmp_path / "truth.csv"),
-              "--test-time-augmentation", "maybe"])
+        main([*args, "--test-time-augmentation", "maybe"])
 
 
 def test_simulate_takes_the_invariance_the_store_records_unless_told(tmp_path, monkeypatch):
-    from ml_backend.core import simulate
-
-    ids, truth = make_toy_store(tmp_path / "toy.h5", invariance="flip")
-    write_labels_csv(tmp_path / "truth.csv", dict(zip(ids, truth.tolist(), strict=True)))
-    seen, tta = [], []
-
-    def fake_run(store, truth, plan, cfg):
-        seen.append(cfg.invariance)
-        tta.append((cfg.test_time_augmentation, cfg.distribution_alignment))
-        yield dict.fromkeys(("auroc", "ap", "precision_top_0_1pct", "precision_top_1pct",
-                             "seconds_per_cycle", "score_images_per_second"), 0.0)
-
-    monkeypatch.setattr(simulate, "run_simulation", fake_run)
-    args = ["simulate", str(tmp_path / "toy.h5"), "--truth", str(tmp_path / "truth.csv")]
+    args, runs = _recorded_simulate(tmp_path, monkeypatch, invariance="flip")
     assert main(args) == 0 and main([*args, "--invariance", "dihedral"]) == 0
     assert main([*args, "--test-time-augmentation", "no"]) == 0
-    assert seen == ["flip", "dihedral", "flip"]
-    assert tta == [(True, False), (True, True), (False, False)]  # the kind's, unless told
+    assert [cfg.invariance for _, cfg in runs] == ["flip", "dihedral", "flip"]
+    # the kind's, unless told
+    assert [(cfg.test_time_augmentation, cfg.distribution_alignment) for _, cfg in runs] == [
+        (True, False), (True, True), (False, False)]
 
 
 # Two short cycles on the toy store: the within-run measurements' tests.
