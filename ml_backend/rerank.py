@@ -46,6 +46,7 @@ from ml_backend.imagenet_store import (
     extend_imagenet_embeddings,
     imagenet_signature,
     read_imagenet_embeddings,
+    store_dir,
 )
 from ml_backend.jobs import (
     forget_version,
@@ -249,6 +250,9 @@ def imagenet_embeddings(project_id: int, settings: Config, client: LabelStudioCl
         extend_imagenet_embeddings(registry, project_id, pixels, cfg, channels, stretch)
         held = read_imagenet_embeddings(registry, project_id,
                                         imagenet_signature(cfg, channels, stretch))
+        if held is None:  # written just now: only a concurrent rewrite can hide them
+            raise RuntimeError(f"project {project_id}: the ImageNet embeddings in "
+                               f"{store_dir(registry, project_id)} could not be read back")
         model, meta = imagenet_model(cfg, channels, stretch)
         ids, rows = held.rows_of(sorted(pixels.rows))  # not tasks deleted since
     finally:

@@ -171,7 +171,8 @@ def test_a_failed_blend_leaves_the_cycle_serving(tmp_path, monkeypatch):
         == summary["model_version"]
 
 
-def test_the_first_ranking_embeds_with_imagenet_and_the_first_cycle_starts_afresh(tmp_path):
+def test_the_first_ranking_embeds_with_imagenet_and_the_first_cycle_starts_afresh(tmp_path,
+                                                                                   monkeypatch):
     from ml_backend.core.model import build_model, pooled_features
     from ml_backend.core.preprocess import to_model_input
 
@@ -218,9 +219,12 @@ def test_the_first_ranking_embeds_with_imagenet_and_the_first_cycle_starts_afres
     again = rerank.run_rerank(7, settings, fake)
     fast = read_meta(registry.version_dir(7, again["model_version"]))
     assert (fast.kind, fast.parent, again["embeddings_of"]) == ("fast", version, version)
-    cycle = jobs.run_training(7, settings, fake)["model_version"]
-    cycle_meta = read_meta(registry.version_dir(7, cycle))
+    # ... and its blend reuses the first ranking's ImageNet embeddings, embedding nothing.
+    monkeypatch.setattr(imagenet_store, "embed_with_imagenet", None)
+    summary = jobs.run_training(7, settings.replace(rerank_blend=True), fake)
+    cycle_meta = read_meta(registry.version_dir(7, summary["model_version"]))
     assert (cycle_meta.kind, cycle_meta.parent) == ("fixmatch", None)
+    assert summary["ranking"]["imagenet_term"] is True
 
 
 def test_no_first_ranking_without_both_classes(tmp_path):
