@@ -80,9 +80,10 @@ def embed_with_imagenet(pixels: ProjectPixels, task_ids: list[int], cfg: TrainCo
 
 
 def extend_imagenet_embeddings(registry: ModelRegistry, project_id: int, pixels: ProjectPixels,
-                               cfg: TrainConfig, channels: int, stretch: dict[str, Any]) -> int:
+                               cfg: TrainConfig, channels: int,
+                               stretch: dict[str, Any]) -> Embeddings:
     """Embed the tasks of `pixels` that the project's ImageNet embeddings under `cfg` lack
-    (all of them when those were made under another signature); returns how many."""
+    (all of them when those were made under another signature); returns them all."""
     signature = imagenet_signature(cfg, channels, stretch)
     held = read_imagenet_embeddings(registry, project_id, signature)
     if held is None and store_dir(registry, project_id).exists():
@@ -91,8 +92,8 @@ def extend_imagenet_embeddings(registry: ModelRegistry, project_id: int, pixels:
         shutil.rmtree(store_dir(registry, project_id))
     have = set() if held is None else set(held.task_ids.tolist())
     missing = sorted(t for t in pixels.rows if t not in have)
-    if not missing:
-        return 0
+    if held is not None and not missing:
+        return held
     new = embed_with_imagenet(pixels, missing, cfg, channels, stretch)
     if held is not None:
         new = Embeddings(np.concatenate([held.task_ids, new.task_ids]),
@@ -100,4 +101,4 @@ def extend_imagenet_embeddings(registry: ModelRegistry, project_id: int, pixels:
     write_imagenet_embeddings(registry, project_id, signature, new)
     logger.info("project %d: embedded %d task(s) with the ImageNet backbone", project_id,
                 len(missing))
-    return len(missing)
+    return new

@@ -46,7 +46,6 @@ from ml_backend.imagenet_store import (
     extend_imagenet_embeddings,
     imagenet_signature,
     read_imagenet_embeddings,
-    store_dir,
 )
 from ml_backend.jobs import (
     forget_version,
@@ -144,18 +143,17 @@ def rerank_and_publish(project_id: int, settings: Config, client: LabelStudioCli
     blended = settings.rerank_blend and base_meta.kind == "fixmatch"
     parts = [cache.features]
     if blended:
-        imagenet = None
-        if settings.imagenet_term(TrainConfig.from_dict(base_meta.config).invariance):
-            imagenet = imagenet_rows(project_id, settings, client, registry, base_meta, cache,
-                                     schema.image_key, embed_missing)
+        imagenet, base_cfg = None, TrainConfig.from_dict(base_meta.config)
+        if settings.imagenet_term(base_cfg.invariance):
+            imagenet = imagenet_rows(project_id, settings, client, registry, base_meta,
+                                     base_cfg, cache, schema.image_key, embed_missing)
             stages.done("imagenet_embeddings")
         if imagenet is not None:
             imagenet_head = fit_fast_head(imagenet, labelled_rows, y)
             head = blend_with_model(head, *anomaly_logit_weights(model), cache.features,
                                     imagenet=(imagenet_head, imagenet))
-            model = SideBySide(model, imagenet_model(
-                TrainConfig.from_dict(base_meta.config), base_meta.channels,
-                base_meta.stretch)[0]).eval()
+            model = SideBySide(model, imagenet_model(base_cfg, base_meta.channels,
+                                                     base_meta.stretch)[0]).eval()
             parts.append(imagenet)
         else:
             head = blend_with_model(head, *anomaly_logit_weights(model), cache.features)
@@ -247,12 +245,7 @@ def imagenet_embeddings(project_id: int, settings: Config, client: LabelStudioCl
         store = next(iter(pixels.stores.values()))
         cfg = settings.train_config(store.invariance)
         channels, stretch = int(store.shape[-1]), store.stretch
-        extend_imagenet_embeddings(registry, project_id, pixels, cfg, channels, stretch)
-        held = read_imagenet_embeddings(registry, project_id,
-                                        imagenet_signature(cfg, channels, stretch))
-        if held is None:  # written just now: only a concurrent rewrite can hide them
-            raise RuntimeError(f"project {project_id}: the ImageNet embeddings in "
-                               f"{store_dir(registry, project_id)} could not be read back")
+        held = extend_imagenet_embeddings(registry, project_id, pixels, cfg, channels, stretch)
         model, meta = imagenet_model(cfg, channels, stretch)
         ids, rows = held.rows_of(sorted(pixels.rows))  # not tasks deleted since
     finally:
@@ -261,32 +254,30 @@ def imagenet_embeddings(project_id: int, settings: Config, client: LabelStudioCl
 
 
 def imagenet_rows(project_id: int, settings: Config, client: LabelStudioClient,
-                  registry: ModelRegistry, meta: ModelMeta, cache: Embeddings, image_key: str,
-                  embed_missing: bool) -> np.ndarray | None:
+                  registry: ModelRegistry, meta: ModelMeta, cfg: TrainConfig, cache: Embeddings,
+                  image_key: str, embed_missing: bool) -> np.ndarray | None:
     """The project's ImageNet embeddings of `cache`'s tasks, row for row, under the settings
-    of the cycle `meta` describes; with `embed_missing` the tasks they lack are embedded
-    first. None (logged) when some task still lacks one."""
-    cfg = TrainConfig.from_dict(meta.config)
-    signature = imagenet_signature(cfg, meta.channels, meta.stretch)
-    held = read_imagenet_embeddings(registry, project_id, signature)
-    found = 0 if held is None else len(held.rows_of(cache.task_ids)[0])
-    if found < len(cache.task_ids) and embed_missing:
+    `cfg` of the cycle `meta` describes; with `embed_missing` the tasks they lack are
+    embedded first. None (logged) when some task still lacks one."""
+    held = read_imagenet_embeddings(registry, project_id,
+                                    imagenet_signature(cfg, meta.channels, meta.stretch))
+    found, rows = (np.zeros(0), None) if held is None else held.rows_of(cache.task_ids)
+    if len(found) < len(cache.task_ids) and embed_missing:
         pixels = resolve_pixels(project_id, list(client.iter_tasks(project_id)), image_key,
                                 registry, settings.store_root_dirs,
                                 ImageSource(client, settings.image_hosts))
         try:
-            extend_imagenet_embeddings(registry, project_id, pixels, cfg, meta.channels,
-                                       meta.stretch)
+            held = extend_imagenet_embeddings(registry, project_id, pixels, cfg, meta.channels,
+                                              meta.stretch)
         finally:
             pixels.close()
-        held = read_imagenet_embeddings(registry, project_id, signature)
-        found = 0 if held is None else len(held.rows_of(cache.task_ids)[0])
-    if found < len(cache.task_ids):
+        found, rows = held.rows_of(cache.task_ids)
+    if len(found) < len(cache.task_ids):
         logger.info("project %d: %d of %d tasks lack ImageNet embeddings; blending two terms "
                     "until the next training job embeds them", project_id,
-                    len(cache.task_ids) - found, len(cache.task_ids))
+                    len(cache.task_ids) - len(found), len(cache.task_ids))
         return None
-    return np.asarray(held.features[held.rows_of(cache.task_ids)[1]])
+    return np.asarray(held.features[rows])
 
 
 def cycle_embeddings(registry: ModelRegistry, project_id: int,
