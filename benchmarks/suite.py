@@ -73,6 +73,9 @@ class Setting:
     fast_head: bool = False
     # What the oracle picks from (SimulationPlan.picks_from); a blend implies fast_head.
     picks_from: str = "model"
+    # Also measure the three-term blend with the ImageNet term framed (crop, size) its own
+    # way (SimulationPlan.imagenet_framing: fprobe_*, fblend_*); implies fast_head.
+    imagenet_framing: tuple[float, int] | None = None
 
 
 # What every setting's overrides apply to: the defaults the log's first runs had, so that a
@@ -179,6 +182,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     # queue do: the two-term blend (published until session 20) or the three-term one.
     *(Setting(f"{name}@{blend}-picks", overrides=dict(SETTINGS_BY_KIND[name]), picks_from=blend)
       for name in SETTINGS_BY_KIND for blend in ("zblend", "lblend")),
+    # The sky default with the blend's ImageNet term also framed tighter and at more pixels
+    # (crop 0.35 at 96 px: the best linear probe of FIRST, `benchmarks.framing_probe`).
+    Setting("dist-align+tta@imagenet-0.35x96", overrides=dict(SETTINGS_BY_KIND["dist-align+tta"]),
+            imagenet_framing=(0.35, 96)),
     # 96 px model input instead of 64 (2.25x the pixels).
     Setting("size-96", overrides={"image_size": 96}),
     Setting("flip+size-96", overrides={"invariance": "flip", "image_size": 96}),
@@ -220,7 +227,8 @@ class Job:
 
     @property
     def measures_fast_head(self) -> bool:
-        return self.fast_head or self.setting.fast_head or self.setting.picks_from != "model"
+        return (self.fast_head or self.setting.fast_head or self.setting.picks_from != "model"
+                or self.setting.imagenet_framing is not None)
 
     def key(self) -> str:
         """What makes a run the same run: data, seed, method, overrides, protocol, device."""
@@ -236,6 +244,8 @@ class Job:
             parts.append("compare_tta")
         if self.setting.picks_from != "model":
             parts.append(f"picks:{self.setting.picks_from}")
+        if self.setting.imagenet_framing is not None:
+            parts.append("imagenet:{}x{}".format(*self.setting.imagenet_framing))
         return json.dumps(parts, sort_keys=True)
 
 
@@ -310,7 +320,8 @@ def run_job(job: Job, store: Path, truth: Path, threads: int,
     cfg = job_config(job)
     plan = SimulationPlan(method=job.setting.method, seed=job.seed,
                           fast_head=job.measures_fast_head, compare_tta=job.compare_tta,
-                          picks_from=job.setting.picks_from, **protocol)
+                          picks_from=job.setting.picks_from,
+                          imagenet_framing=job.setting.imagenet_framing, **protocol)
     started = time.perf_counter()
     cycles = run_one(store, truth, plan, cfg)
     return {

@@ -149,6 +149,9 @@ FAST_PAIRS = (
                           "that blend alone"),
     ("lblend", "zblend", "model, head on its embeddings and head on the ImageNet ones, "
                          "standardised logits averaged, vs the blend annotators see"),
+    ("fblend", "lblend", "that three-term blend with the ImageNet term framed its own way vs "
+                         "framed as the model is"),
+    ("fprobe", "probe", "the ImageNet head framed its own way vs framed as the model is"),
     ("tta", "", "the same model scored the other way round (test-time augmentation) vs "
                 "its own scores"),
 )

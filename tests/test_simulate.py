@@ -353,3 +353,34 @@ def test_compare_tta_scores_the_same_model_the_other_way_without_changing_the_ru
     # the plain scores as its tta_* and the TTA scores as its own.
     assert on[0]["tta_auroc"] == pytest.approx(rows[0]["auroc"])
     assert on[0]["auroc"] == pytest.approx(rows[0]["tta_auroc"])
+
+
+@pytest.mark.slow
+def test_a_framed_imagenet_term_is_measured_beside_the_model_framed_one(tmp_path, monkeypatch):
+    from ml_backend.core import simulate
+
+    _, truth = make_toy_store(tmp_path / "toy.h5")
+    framings = []
+    real_features = simulate._imagenet_features
+
+    def recording_features(store, pool, cfg):
+        framings.append((cfg.center_crop, cfg.image_size))
+        return real_features(store, pool, cfg)
+
+    monkeypatch.setattr(simulate, "_imagenet_features", recording_features)
+    with CutoutStore.open(tmp_path / "toy.h5") as store:
+        plain = list(run_simulation(store, truth, toy_plan(fast_head=True), TOY_CFG))
+        framed = list(run_simulation(store, truth, toy_plan(
+            fast_head=True, imagenet_framing=(0.5, 48)), TOY_CFG))
+    # The model's framing for the model's run; then both, the second as asked.
+    assert framings == [(1.0, 32), (1.0, 32), (0.5, 48)]
+    for a, b in zip(plain, framed, strict=True):  # nothing else moves
+        for key in ("auroc", "zblend_auroc", "probe_auroc", "lblend_auroc", "lblend_ap"):
+            assert b[key] == pytest.approx(a[key])
+        assert "fblend_auroc" not in a
+        assert all(0.0 <= b[f"{p}_{m}"] <= 1.0 for p in ("fprobe", "fblend")
+                   for m in ("auroc", "ap", "precision_top_1pct"))
+    with pytest.raises(ValueError, match="needs fast_head"):
+        toy_plan(imagenet_framing=(0.5, 48))
+    with pytest.raises(ValueError, match="center_crop"):
+        toy_plan(fast_head=True, imagenet_framing=(1.5, 48))

@@ -32,6 +32,9 @@ on the same unlabelled images, the oracle picking from the FixMatch scores unles
   ``lblend_*``: the mean of three standardised logits, the model's, the head's on its
   embeddings and the head's on the ImageNet ones (linear in both embeddings together, so a
   model carrying both backbones could publish it as one head).
+- with ``imagenet_framing`` (crop, size), also ``fprobe_*`` and ``fblend_*``: the same two
+  with the ImageNet embeddings framed their own way (a tighter crop, more pixels) instead of
+  as the model is, so one run pairs the two framings of the third term.
 
 Every FixMatch row also reads out calibration: ``mean_score_top_1pct`` is the mean score
 the model gives its own top 1 % (what an annotator reads there), to set beside
@@ -89,6 +92,9 @@ class SimulationPlan:
     fast_head: bool = False
     compare_tta: bool = False
     picks_from: str = "model"
+    # (center crop, image size) of a second set of ImageNet embeddings for the third term
+    # (`fprobe_*`, `fblend_*`); None: only the model's framing.
+    imagenet_framing: tuple[float, int] | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -99,6 +105,13 @@ class SimulationPlan:
         if self.picks_from != "model" and not (self.fast_head and self.method in TRAINED):
             raise ValueError(f"picks_from={self.picks_from!r} needs fast_head and a trained "
                              f"method ({', '.join(TRAINED)})")
+        if self.imagenet_framing is not None and not (self.fast_head
+                                                      and self.method in TRAINED):
+            raise ValueError(f"imagenet_framing needs fast_head and a trained method "
+                             f"({', '.join(TRAINED)})")
+        if self.imagenet_framing is not None:  # the config's own checks, with its messages
+            crop, size = self.imagenet_framing
+            TrainConfig(center_crop=crop, image_size=size)
         if self.initial_anomalies < 1 or self.initial_normals < 1:
             raise ValueError("need at least one initial anomaly and one initial normal")
         if self.cycles < 1:
@@ -158,6 +171,10 @@ def run_simulation(
     needs_features = fast or plan.method == "linear-probe"
     features = _imagenet_features(store, pool, cfg) if needs_features else None
     imagenet = features.copy() if fast else None  # `features` becomes the model's each cycle
+    framed = None
+    if fast and plan.imagenet_framing is not None:
+        crop, size = plan.imagenet_framing
+        framed = _imagenet_features(store, pool, cfg.replace(center_crop=crop, image_size=size))
     stale: np.ndarray | None = None  # the previous cycle's FixMatch scores over the pool
     previous: np.ndarray | None = None  # after training, the same (stale is then this cycle's)
     logit: tuple[np.ndarray, float] | None = None  # that model's anomaly logit over features
@@ -239,6 +256,11 @@ def run_simulation(
                 lblend = _mean_z(ranked["model_logit"], ranked["head_logit"],
                                  probe["head_logit"])
                 extra |= _prefixed("lblend", truth[unlabelled], lblend)
+                if framed is not None:
+                    fprobe = _head_rankings(framed, pool, labelled, unlabelled, truth, None)
+                    extra |= _prefixed("fprobe", truth[unlabelled], fprobe["head"])
+                    extra |= _prefixed("fblend", truth[unlabelled], _mean_z(
+                        ranked["model_logit"], ranked["head_logit"], fprobe["head_logit"]))
                 picked_from = {"model": scores, "zblend": ranked["zblend"], "lblend": lblend}
             else:
                 picked_from = {"model": scores}
