@@ -105,13 +105,12 @@ class SimulationPlan:
         if self.picks_from != "model" and not (self.fast_head and self.method in TRAINED):
             raise ValueError(f"picks_from={self.picks_from!r} needs fast_head and a trained "
                              f"method ({', '.join(TRAINED)})")
-        if self.imagenet_framing is not None and not (self.fast_head
-                                                      and self.method in TRAINED):
-            raise ValueError(f"imagenet_framing needs fast_head and a trained method "
-                             f"({', '.join(TRAINED)})")
-        if self.imagenet_framing is not None:  # the config's own checks, with its messages
+        if self.imagenet_framing is not None:
+            if not (self.fast_head and self.method in TRAINED):
+                raise ValueError(f"imagenet_framing needs fast_head and a trained method "
+                                 f"({', '.join(TRAINED)})")
             crop, size = self.imagenet_framing
-            TrainConfig(center_crop=crop, image_size=size)
+            TrainConfig(center_crop=crop, image_size=size)  # its checks, with its messages
         if self.initial_anomalies < 1 or self.initial_normals < 1:
             raise ValueError("need at least one initial anomaly and one initial normal")
         if self.cycles < 1:
