@@ -178,19 +178,20 @@ def test_blend_pick_settings_are_the_kind_defaults_with_a_fast_head_and_their_ow
             assert f"picks:{blend}" in job.key()
 
 
+@pytest.mark.parametrize("size", [96, 64])
 def test_a_framed_imagenet_setting_measures_the_fast_head_under_its_own_key(tmp_path,
-                                                                           monkeypatch):
-    framed = SETTINGS["dist-align+tta@imagenet-0.35x96"]
+                                                                           monkeypatch, size):
+    framed = SETTINGS[f"dist-align+tta@imagenet-0.35x{size}"]
     assert framed.overrides == SETTINGS["dist-align+tta"].overrides
     job = Job(SUITES["first"][0], 0, framed, "full")
     plain = Job(SUITES["first"][0], 0, SETTINGS["dist-align+tta"], "full", fast_head=True)
-    assert job.measures_fast_head and "imagenet:0.35x96" in job.key()
+    assert job.measures_fast_head and f"imagenet:0.35x{size}" in job.key()
     assert job.key() != plain.key()
     plans = []
     monkeypatch.setattr(suite, "run_one", lambda store, truth, plan, cfg: plans.append(plan)
                         or [{"auroc": 0.5}])
     run_job(job, tmp_path / "s.h5", tmp_path / "t.csv", 1)
-    assert plans[0].imagenet_framing == (0.35, 96) and plans[0].fast_head
+    assert plans[0].imagenet_framing == (0.35, size) and plans[0].fast_head
 
 
 def test_redo_since_counts_that_commit_and_later_ones_as_done(tmp_path, monkeypatch):
