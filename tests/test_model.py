@@ -12,9 +12,11 @@ from ml_backend.core.config import TrainConfig
 from ml_backend.core.model import (
     anomaly_probability,
     build_model,
+    pooled_features,
     resolve_device,
     set_bn_momentum,
     set_seed,
+    truncate_after_block,
 )
 
 CFG = TrainConfig(pretrained=False, image_size=32)
@@ -163,3 +165,22 @@ def test_batch_statistics_normalise_with_the_batch_and_leave_the_model_as_it_was
         model(x)
     assert model.training
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_truncating_after_a_block_pools_that_stages_output():
+    torch.manual_seed(0)
+    model = build_model(CFG, 1).eval()
+    x = torch.randn(3, 1, 32, 32)
+    with torch.no_grad():
+        hidden = model.bn1(model.conv_stem(x))
+        for stage in model.blocks[:5]:
+            hidden = stage(hidden)
+        expected = hidden.mean((2, 3))
+        truncate_after_block(model, 4)
+        pooled = pooled_features(model, x)
+        logits = model(x)
+    assert model.num_features == 112 and len(model.blocks) == 5
+    torch.testing.assert_close(pooled, expected)
+    torch.testing.assert_close(logits, model.get_classifier()(expected))
+    with pytest.raises(ValueError, match=r"block must be in 0\.\.4"):
+        truncate_after_block(model, 5)

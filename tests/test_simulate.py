@@ -356,31 +356,40 @@ def test_compare_tta_scores_the_same_model_the_other_way_without_changing_the_ru
 
 
 @pytest.mark.slow
-def test_a_framed_imagenet_term_is_measured_beside_the_model_framed_one(tmp_path, monkeypatch):
+def test_a_second_imagenet_term_is_measured_beside_the_model_framed_one(tmp_path, monkeypatch):
     from ml_backend.core import simulate
 
     _, truth = make_toy_store(tmp_path / "toy.h5")
     framings = []
     real_features = simulate._imagenet_features
 
-    def recording_features(store, pool, cfg):
-        framings.append((cfg.center_crop, cfg.image_size))
-        return real_features(store, pool, cfg)
+    def recording_features(store, pool, cfg, *, block=None):
+        features = real_features(store, pool, cfg, block=block)
+        framings.append((cfg.center_crop, cfg.image_size, block, features.shape[1]))
+        return features
 
     monkeypatch.setattr(simulate, "_imagenet_features", recording_features)
     with CutoutStore.open(tmp_path / "toy.h5") as store:
         plain = list(run_simulation(store, truth, toy_plan(fast_head=True), TOY_CFG))
         framed = list(run_simulation(store, truth, toy_plan(
             fast_head=True, imagenet_framing=(0.5, 48)), TOY_CFG))
-    # The model's framing for the model's run; then both, the second as asked.
-    assert framings == [(1.0, 32), (1.0, 32), (0.5, 48)]
-    for a, b in zip(plain, framed, strict=True):  # nothing else moves
+        mid = list(run_simulation(store, truth, toy_plan(fast_head=True, imagenet_block=4),
+                                  TOY_CFG))
+    # The model's framing for the model's run; then both, the second as asked: framed, or
+    # at the model's framing pooled after stage 4 (EfficientNet-Lite0: 112 channels).
+    assert framings == [(1.0, 32, None, 1280), (1.0, 32, None, 1280), (0.5, 48, None, 1280),
+                        (1.0, 32, None, 1280), (1.0, 32, 4, 112)]
+    for a, b in [*zip(plain, framed, strict=True), *zip(plain, mid, strict=True)]:  # the rest
         for key in ("auroc", "zblend_auroc", "probe_auroc", "lblend_auroc", "lblend_ap"):
             assert b[key] == pytest.approx(a[key])
         assert "fblend_auroc" not in a
         assert all(0.0 <= b[f"{p}_{m}"] <= 1.0 for p in ("fprobe", "fblend")
                    for m in ("auroc", "ap", "precision_top_1pct"))
-    with pytest.raises(ValueError, match="needs fast_head"):
+    with pytest.raises(ValueError, match="need fast_head"):
         toy_plan(imagenet_framing=(0.5, 48))
+    with pytest.raises(ValueError, match="need fast_head"):
+        toy_plan(imagenet_block=4)
+    with pytest.raises(ValueError, match="imagenet_block must be >= 0"):
+        toy_plan(fast_head=True, imagenet_block=-1)
     with pytest.raises(ValueError, match="center_crop"):
         toy_plan(fast_head=True, imagenet_framing=(1.5, 48))

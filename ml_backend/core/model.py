@@ -107,6 +107,26 @@ def batch_statistics(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+def truncate_after_block(model: nn.Module, block: int) -> nn.Module:
+    """Cut an EfficientNet after stage `block` (0-based index into `model.blocks`), in place:
+    `pooled_features` then pools that stage's output, and the 2-way classifier reads it.
+
+    The stages after it, the 1x1 head convolution and its BatchNorm are dropped; the new
+    classifier is freshly initialised (mid-level ImageNet features for cutouts unlike
+    ImageNet's photographs: benchmarks/RESULTS.md, "Session 22"). Returns `model`.
+    """
+    stages = len(model.blocks)
+    if not 0 <= block < stages:
+        raise ValueError(f"block must be in 0..{stages - 1} for this backbone, got {block}")
+    model.blocks = model.blocks[:block + 1]
+    model.conv_head, model.bn2 = nn.Identity(), nn.Identity()
+    width = [m for m in model.blocks.modules() if isinstance(m, nn.BatchNorm2d)][-1].num_features
+    model.num_features = model.head_hidden_size = width
+    old = model.get_classifier()
+    model.classifier = nn.Linear(width, old.out_features)
+    return model
+
+
 def pooled_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The globally pooled penultimate features (B, model.num_features) the head reads.
 

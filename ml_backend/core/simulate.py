@@ -32,9 +32,10 @@ on the same unlabelled images, the oracle picking from the FixMatch scores unles
   ``lblend_*``: the mean of three standardised logits, the model's, the head's on its
   embeddings and the head's on the ImageNet ones (linear in both embeddings together, so a
   model carrying both backbones could publish it as one head).
-- with ``imagenet_framing`` (crop, size), also ``fprobe_*`` and ``fblend_*``: the same two
-  with the ImageNet embeddings framed their own way (a tighter crop, more pixels) instead of
-  as the model is, so one run pairs the two framings of the third term.
+- with ``imagenet_framing`` (crop, size) and/or ``imagenet_block``, also ``fprobe_*`` and
+  ``fblend_*``: the same two with a second set of ImageNet embeddings, framed their own way
+  (a tighter crop, more pixels) and/or pooled after an earlier stage of the backbone
+  (`model.truncate_after_block`), so one run pairs the two versions of the third term.
 
 Every FixMatch row also reads out calibration: ``mean_score_top_1pct`` is the mean score
 the model gives its own top 1 % (what an annotator reads there), to set beside
@@ -64,7 +65,7 @@ from ml_backend.core import metrics
 from ml_backend.core.checkpoint import ModelMeta, imagenet_model, load_model_dir, read_meta
 from ml_backend.core.config import TrainConfig
 from ml_backend.core.fixmatch import StepStats
-from ml_backend.core.model import anomaly_logit_weights
+from ml_backend.core.model import anomaly_logit_weights, truncate_after_block
 from ml_backend.core.scoring import score_store
 from ml_backend.core.sources import StoreSubset
 from ml_backend.core.store import CutoutStore
@@ -95,6 +96,10 @@ class SimulationPlan:
     # (center crop, image size) of a second set of ImageNet embeddings for the third term
     # (`fprobe_*`, `fblend_*`); None: only the model's framing.
     imagenet_framing: tuple[float, int] | None = None
+    # Stage of the ImageNet backbone the second set of embeddings is pooled after
+    # (`model.truncate_after_block`); None: its last (the model's framing unless
+    # imagenet_framing says otherwise).
+    imagenet_block: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -105,12 +110,15 @@ class SimulationPlan:
         if self.picks_from != "model" and not (self.fast_head and self.method in TRAINED):
             raise ValueError(f"picks_from={self.picks_from!r} needs fast_head and a trained "
                              f"method ({', '.join(TRAINED)})")
+        second = self.imagenet_framing is not None or self.imagenet_block is not None
+        if second and not (self.fast_head and self.method in TRAINED):
+            raise ValueError(f"imagenet_framing and imagenet_block need fast_head and a "
+                             f"trained method ({', '.join(TRAINED)})")
         if self.imagenet_framing is not None:
-            if not (self.fast_head and self.method in TRAINED):
-                raise ValueError(f"imagenet_framing needs fast_head and a trained method "
-                                 f"({', '.join(TRAINED)})")
             crop, size = self.imagenet_framing
             TrainConfig(center_crop=crop, image_size=size)  # its checks, with its messages
+        if self.imagenet_block is not None and self.imagenet_block < 0:
+            raise ValueError(f"imagenet_block must be >= 0, got {self.imagenet_block}")
         if self.initial_anomalies < 1 or self.initial_normals < 1:
             raise ValueError("need at least one initial anomaly and one initial normal")
         if self.cycles < 1:
@@ -171,9 +179,10 @@ def run_simulation(
     features = _imagenet_features(store, pool, cfg) if needs_features else None
     imagenet = features.copy() if fast else None  # `features` becomes the model's each cycle
     framed = None
-    if fast and plan.imagenet_framing is not None:
-        crop, size = plan.imagenet_framing
-        framed = _imagenet_features(store, pool, cfg.replace(center_crop=crop, image_size=size))
+    if fast and (plan.imagenet_framing is not None or plan.imagenet_block is not None):
+        crop, size = plan.imagenet_framing or (cfg.center_crop, cfg.image_size)
+        framed = _imagenet_features(store, pool, cfg.replace(center_crop=crop, image_size=size),
+                                    block=plan.imagenet_block)
     stale: np.ndarray | None = None  # the previous cycle's FixMatch scores over the pool
     previous: np.ndarray | None = None  # after training, the same (stale is then this cycle's)
     logit: tuple[np.ndarray, float] | None = None  # that model's anomaly logit over features
@@ -281,11 +290,14 @@ def _tta_toggled(meta: ModelMeta) -> ModelMeta:
     return dataclasses.replace(meta, config={**meta.config, "test_time_augmentation": not on})
 
 
-def _imagenet_features(store: CutoutStore, pool: np.ndarray, cfg: TrainConfig) -> np.ndarray:
+def _imagenet_features(store: CutoutStore, pool: np.ndarray, cfg: TrainConfig, *,
+                       block: int | None = None) -> np.ndarray:
     """float16 pooled features of the pool rows from the ImageNet backbone (before cycle 1),
     embedded as the backend's first ranking embeds them (`checkpoint.imagenet_model`: with
-    test-time augmentation, the mean over the views)."""
+    test-time augmentation, the mean over the views); `block`: pooled after that stage."""
     model, meta = imagenet_model(cfg, int(store.shape[-1]), store.stretch)
+    if block is not None:
+        truncate_after_block(model, block)
     features = np.empty((len(pool), model.num_features), dtype=np.float16)
     score_store(store, model, meta, indices=pool, features=features,
                 batch_size=cfg.score_batch_size, device=cfg.device, progress_desc="features")
