@@ -1,18 +1,23 @@
-"""Which crop and size let ImageNet features tell FIRST's classes apart: a linear probe, in
-minutes (a screen for the suite, never a decision).
+"""Which crop, size and stage let ImageNet features tell FIRST's classes apart: a linear
+probe, in minutes (a screen for the suite, never a decision).
 
     python -m benchmarks.framing_probe 0.5x64 0.35x64 0.5x96 0.5x64:log,a=100 [--draws 10]
+    python -m benchmarks.framing_probe 0.5x64@dihedral 0.5x64@dihedral/b4 --cycles 3
 
 Each framing is CROPxSIZE (`TrainConfig.center_crop` x `image_size`), optionally followed by
 "@INVARIANCE" (features averaged over that invariance's views, as test-time augmentation
-scores) and ":STRETCH[,key=value...]", a store stretch (`core.stretch`) applied to each 8-bit cutout
-first, as `amls import --stretch` would; several framings joined by "+" concatenate their
-features. The frozen ImageNet backbone embeds all 2,158 FIRST cutouts
+scores), "/bN" (pooled after stage N of the backbone, `model.truncate_after_block`, instead
+of its last) and ":STRETCH[,key=value...]", a store stretch (`core.stretch`) applied to each
+8-bit cutout first, as `amls import --stretch` would; several framings joined by "+"
+concatenate their features. The frozen ImageNet backbone embeds all 2,158 FIRST cutouts
 once per framing (cached under --cache). Then, for each class as the rare one at 5 % and
 each draw, the suite's start is drawn: 5 anomalies and 495 normals labelled; the instant
-re-ranking's head (`core.fast_head`) is fitted on them and ranks the rest. The same draws
-serve every framing, so the first framing is the baseline of a paired comparison over
-(class, draw) pairs (`benchmarks.paired`).
+re-ranking's head (`core.fast_head`) is fitted on them and ranks the rest. With --cycles N
+it goes on as the suite's oracle does (`simulate.oracle_picks`: the 10 highest-ranked
+anomalies and normals labelled per cycle) with the head picking its own, and ranks again, N
+rankings in all (the first is the backend's first ranking). The same draws serve every
+framing, so the first framing is the baseline of a paired comparison over (class, draw)
+pairs (`benchmarks.paired`), per cycle and metric.
 """
 
 from __future__ import annotations
@@ -39,12 +44,15 @@ from ml_backend.core import metrics
 from ml_backend.core.augment import symmetry_views
 from ml_backend.core.baselines import extract_features, pretrained_feature_fn
 from ml_backend.core.config import TrainConfig
-from ml_backend.core.fast_head import fit_fast_head
+from ml_backend.core.fast_head import DEFAULT_C, fit_fast_head
+from ml_backend.core.simulate import oracle_picks
 from ml_backend.core.sources import ArraySource
 from ml_backend.core.stretch import make_stretch
 
 RARE_SHARE = 0.05
 LABELLED = (5, 495)  # anomalies, normals: the suite's start
+PER_CYCLE = 10  # the suite's oracle: anomalies and normals labelled per cycle
+METRICS = ("auroc", "ap", "precision_top_1pct")
 
 
 def first_images() -> tuple[np.ndarray, np.ndarray]:
@@ -62,14 +70,15 @@ def framing_features(images: np.ndarray, framing: str, cache: Path) -> np.ndarra
     parts = []
     for part in framing.split("+"):
         frame, _, stretch = part.partition(":")
+        frame, _, stage = frame.partition("/b")
         frame, _, invariance = frame.partition("@")
         crop, _, size = frame.partition("x")
-        path = cache / f"{part}.npy"
+        path = cache / f"{part.replace('/', '_')}.npy"
         if not path.exists():
             cfg = TrainConfig(center_crop=float(crop), image_size=int(size), device="cpu")
             started = time.perf_counter()
             source = restretch(images, stretch) if stretch else images
-            fn = pretrained_feature_fn(cfg, images.shape[-1])
+            fn = pretrained_feature_fn(cfg, images.shape[-1], block=int(stage) if stage else None)
             feats = np.mean([extract_features(ArraySource(view), None, fn, 128)
                              for view in symmetry_views_np(source, invariance)], axis=0)
             print(f"{part}: features in {time.perf_counter() - started:.0f} s", flush=True)
@@ -96,9 +105,12 @@ def restretch(images: np.ndarray, spec: str) -> np.ndarray:
     return np.stack([stretch(image) for image in images])
 
 
-def probe_aurocs(features: np.ndarray, classes: np.ndarray, draws: int) -> np.ndarray:
-    """(len(FIRST_CLASSES), draws) AUROC of the head on what each draw leaves unlabelled."""
-    out = np.empty((len(FIRST_CLASSES), draws))
+def probe_metrics(features: np.ndarray, classes: np.ndarray, draws: int, cycles: int = 1,
+                  c: float = DEFAULT_C) -> np.ndarray:
+    """(len(FIRST_CLASSES), draws, cycles, len(METRICS)): each ranking's metrics over what
+    the draw has left unlabelled, the head (inverse regularisation `c`) refit on its own
+    picks between rankings."""
+    out = np.empty((len(FIRST_CLASSES), draws, cycles, len(METRICS)))
     for k in range(len(FIRST_CLASSES)):
         for draw in range(draws):
             rng = np.random.default_rng(draw)
@@ -109,10 +121,14 @@ def probe_aurocs(features: np.ndarray, classes: np.ndarray, draws: int) -> np.nd
             labelled = np.concatenate([
                 rng.choice(np.flatnonzero(truth == 1), LABELLED[0], replace=False),
                 rng.choice(np.flatnonzero(truth == 0), LABELLED[1], replace=False)])
-            rest = np.setdiff1d(np.arange(len(pool)), labelled)
-            head = fit_fast_head(features[pool], labelled, truth[labelled])
-            out[k, draw] = metrics.evaluate(truth[rest], head.scores(features[pool][rest]))[
-                "auroc"]
+            for cycle in range(cycles):
+                rest = np.setdiff1d(np.arange(len(pool)), labelled)
+                head = fit_fast_head(features[pool], labelled, truth[labelled], c=c)
+                scores = head.logits(features[pool][rest])
+                found = metrics.evaluate(truth[rest], scores)
+                out[k, draw, cycle] = [found[m] for m in METRICS]
+                labelled = np.concatenate([labelled,
+                                           oracle_picks(rest, scores, truth, PER_CYCLE)])
     return out
 
 
@@ -121,21 +137,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("framings", nargs="+", help="CROPxSIZE[+CROPxSIZE], the first the "
                                                      "baseline")
     parser.add_argument("--draws", type=int, default=10)
+    parser.add_argument("--cycles", type=int, default=1,
+                        help="rankings per draw, the head picking its own labels between them")
+    parser.add_argument("--c", type=float, default=DEFAULT_C,
+                        help="the head's inverse L2 strength (fast_head.DEFAULT_C)")
     parser.add_argument("--cache", type=Path, default=Path("runs/framing_probe"))
     args = parser.parse_args(argv)
+    if args.cycles < 1 or args.draws < 1:
+        parser.error("--cycles and --draws must be >= 1")
     torch.set_num_threads(1)
     images, classes = first_images()
-    base = None
-    print("| framing | mean AUROC | paired vs first, 95 % interval | "
-          + " | ".join(FIRST_CLASSES) + " |")
-    for framing in args.framings:
-        aurocs = probe_aurocs(framing_features(images, framing, args.cache), classes,
-                              args.draws)
-        base = aurocs if base is None else base
-        pc = paired_comparison(base.ravel(), aurocs.ravel())
-        print(f"| {framing} | {aurocs.mean():.3f} | {pc.mean_diff:+.3f} [{pc.ci_low:+.3f}, "
-              f"{pc.ci_high:+.3f}], {pc.wins} / {pc.losses} | "
-              + " | ".join(f"{m:.3f}" for m in aurocs.mean(axis=1)) + " |", flush=True)
+    results = {framing: probe_metrics(framing_features(images, framing, args.cache), classes,
+                                      args.draws, args.cycles, args.c)
+               for framing in args.framings}
+    base = results[args.framings[0]]
+    for cycle in sorted({0, args.cycles - 1}):
+        for j, metric in enumerate(METRICS):
+            print(f"\nranking {cycle + 1}, {metric}\n| framing | mean | paired vs first, "
+                  "95 % interval | " + " | ".join(FIRST_CLASSES) + " |")
+            for framing, found in results.items():
+                pc = paired_comparison(base[:, :, cycle, j].ravel(), found[:, :, cycle, j].ravel())
+                print(f"| {framing} | {found[:, :, cycle, j].mean():.3f} | {pc.mean_diff:+.3f} "
+                      f"[{pc.ci_low:+.3f}, {pc.ci_high:+.3f}], {pc.wins} / {pc.losses} | "
+                      + " | ".join(f"{m:.3f}" for m in found[:, :, cycle, j].mean(axis=1))
+                      + " |", flush=True)
     return 0
 
 

@@ -25,23 +25,33 @@ log = logging.getLogger(__name__)
 FeatureFn = Callable[[np.ndarray], np.ndarray]
 
 
-def pretrained_feature_fn(cfg: TrainConfig, in_chans: int) -> FeatureFn:
-    """Pooled EfficientNet-Lite0 features (n, 1280) float32 of cfg's model input, on cfg.device.
+def pretrained_feature_fn(cfg: TrainConfig, in_chans: int,
+                          block: int | None = None) -> FeatureFn:
+    """Pooled EfficientNet-Lite0 features (n, 1280) float32 of cfg's model input, on cfg.device;
+    `block`: pooled after that stage instead (`model.truncate_after_block`).
 
     The backbone is ImageNet-pretrained when `cfg.pretrained` (random otherwise) and runs in
     eval mode (BatchNorm running statistics).
     """
-    from ml_backend.core.model import build_model, pooled_features, resolve_device
+    from ml_backend.core.model import (
+        build_model,
+        pooled_features,
+        resolve_device,
+        truncate_after_block,
+    )
     from ml_backend.core.preprocess import to_model_input
 
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)  # the unused head is randomly initialised
-    model = build_model(cfg, in_chans).to(device).eval()
+    model = build_model(cfg, in_chans)
+    if block is not None:
+        truncate_after_block(model, block)
+    model = model.to(device).eval()
 
     @torch.inference_mode()
     def features(images: np.ndarray) -> np.ndarray:
         x = to_model_input(images, cfg.image_size, device, cfg.center_crop)
-        return pooled_features(model, x).float().cpu().numpy()  # (n, 1280)
+        return pooled_features(model, x).float().cpu().numpy()  # (n, model.num_features)
 
     return features
 
