@@ -3,6 +3,7 @@ probe, in minutes (a screen for the suite, never a decision).
 
     python -m benchmarks.framing_probe 0.5x64 0.35x64 0.5x96 0.5x64:log,a=100 [--draws 10]
     python -m benchmarks.framing_probe 0.5x64@dihedral 0.5x64@dihedral/b4 --cycles 3
+    python -m benchmarks.framing_probe 1.0x64@flip 1.0x64@flip/b4 --cycles 3 --data animal
 
 Each framing is CROPxSIZE (`TrainConfig.center_crop` x `image_size`), optionally followed by
 "@INVARIANCE" (features averaged over that invariance's views, as test-time augmentation
@@ -10,7 +11,8 @@ scores), "/bN" (pooled after stage N of the backbone, `model.truncate_after_bloc
 of its last) and ":STRETCH[,key=value...]", a store stretch (`core.stretch`) applied to each
 8-bit cutout first, as `amls import --stretch` would; several framings joined by "+"
 concatenate their features. The frozen ImageNet backbone embeds all 2,158 FIRST cutouts
-once per framing (cached under --cache). Then, for each class as the rare one at 5 % and
+(--data animal: the 10,000 Animal-MNIST images) once per framing (cached under --cache).
+Then, for each class as the rare one (FIRST at 5 %, Animal-MNIST at 1 %, as in the suite) and
 each draw, the suite's start is drawn: 5 anomalies and 495 normals labelled; the instant
 re-ranking's head (`core.fast_head`) is fitted on them and ranks the rest. With --cycles N
 it goes on as the suite's oracle does (`simulate.oracle_picks`: the 10 highest-ranked
@@ -32,10 +34,12 @@ import numpy as np
 import torch
 
 from benchmarks.datasets import (
+    ANIMAL_CLASSES,
     FIRST_CLASSES,
     FIRST_ZIP,
     _first_members,
     _read_grey_png,
+    load_animal_mnist,
     package_dir,
     rare_count,
 )
@@ -49,7 +53,6 @@ from ml_backend.core.simulate import oracle_picks
 from ml_backend.core.sources import ArraySource
 from ml_backend.core.stretch import make_stretch
 
-RARE_SHARE = 0.05
 LABELLED = (5, 495)  # anomalies, normals: the suite's start
 PER_CYCLE = 10  # the suite's oracle: anomalies and normals labelled per cycle
 METRICS = ("auroc", "ap", "precision_top_1pct")
@@ -63,6 +66,17 @@ def first_images() -> tuple[np.ndarray, np.ndarray]:
         images = np.stack([_read_grey_png(archive, name) for _, _, name in members])
     classes = np.array([FIRST_CLASSES.index(c) for _, c, _ in members])
     return images[..., None], classes
+
+
+def animal_images() -> tuple[np.ndarray, np.ndarray]:
+    """Every Animal-MNIST image, uint8 (n, 28, 28, 1), and its class index into ANIMAL_CLASSES."""
+    images, classes = load_animal_mnist()
+    return images[..., None], classes
+
+
+# Class names, images and classes, the rare class's share: the suite's datasets.
+DATA = {"first": (FIRST_CLASSES, first_images, 0.05),
+        "animal": (ANIMAL_CLASSES, animal_images, 0.01)}
 
 
 def framing_features(images: np.ndarray, framing: str, cache: Path) -> np.ndarray:
@@ -106,16 +120,17 @@ def restretch(images: np.ndarray, spec: str) -> np.ndarray:
 
 
 def probe_metrics(features: np.ndarray, classes: np.ndarray, draws: int, cycles: int = 1,
-                  c: float = DEFAULT_C) -> np.ndarray:
-    """(len(FIRST_CLASSES), draws, cycles, len(METRICS)): each ranking's metrics over what
-    the draw has left unlabelled, the head (inverse regularisation `c`) refit on its own
-    picks between rankings."""
-    out = np.empty((len(FIRST_CLASSES), draws, cycles, len(METRICS)))
-    for k in range(len(FIRST_CLASSES)):
+                  c: float = DEFAULT_C, rare_share: float = 0.05) -> np.ndarray:
+    """(number of classes, draws, cycles, len(METRICS)): each ranking's metrics over what the
+    draw has left unlabelled, each class rare at `rare_share` in turn, the head (inverse
+    regularisation `c`) refit on its own picks between rankings."""
+    n_classes = int(classes.max()) + 1
+    out = np.empty((n_classes, draws, cycles, len(METRICS)))
+    for k in range(n_classes):
         for draw in range(draws):
             rng = np.random.default_rng(draw)
             normals, rares = np.flatnonzero(classes != k), np.flatnonzero(classes == k)
-            rares = rng.choice(rares, rare_count(len(normals), RARE_SHARE), replace=False)
+            rares = rng.choice(rares, rare_count(len(normals), rare_share), replace=False)
             pool = np.concatenate([normals, rares])
             truth = (classes[pool] == k).astype(np.int64)
             labelled = np.concatenate([
@@ -141,20 +156,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="rankings per draw, the head picking its own labels between them")
     parser.add_argument("--c", type=float, default=DEFAULT_C,
                         help="the head's inverse L2 strength (fast_head.DEFAULT_C)")
-    parser.add_argument("--cache", type=Path, default=Path("runs/framing_probe"))
+    parser.add_argument("--data", choices=sorted(DATA), default="first")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="default runs/framing_probe (FIRST), runs/framing_probe_animal")
     args = parser.parse_args(argv)
     if args.cycles < 1 or args.draws < 1:
         parser.error("--cycles and --draws must be >= 1")
     torch.set_num_threads(1)
-    images, classes = first_images()
-    results = {framing: probe_metrics(framing_features(images, framing, args.cache), classes,
-                                      args.draws, args.cycles, args.c)
+    names, load, share = DATA[args.data]
+    cache = args.cache or Path("runs/framing_probe" + ("" if args.data == "first" else
+                                                        f"_{args.data}"))
+    images, classes = load()
+    results = {framing: probe_metrics(framing_features(images, framing, cache), classes,
+                                      args.draws, args.cycles, args.c, share)
                for framing in args.framings}
     base = results[args.framings[0]]
     for cycle in sorted({0, args.cycles - 1}):
         for j, metric in enumerate(METRICS):
             print(f"\nranking {cycle + 1}, {metric}\n| framing | mean | paired vs first, "
-                  "95 % interval | " + " | ".join(FIRST_CLASSES) + " |")
+                  "95 % interval | " + " | ".join(names) + " |")
             for framing, found in results.items():
                 pc = paired_comparison(base[:, :, cycle, j].ravel(), found[:, :, cycle, j].ravel())
                 print(f"| {framing} | {found[:, :, cycle, j].mean():.3f} | {pc.mean_diff:+.3f} "

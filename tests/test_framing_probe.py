@@ -53,7 +53,8 @@ def test_the_probe_refits_on_its_own_picks_each_cycle(monkeypatch):
         return real_fit(features, labelled, labels, **kw)
 
     monkeypatch.setattr(framing_probe, "fit_fast_head", recording_fit)
-    found = framing_probe.probe_metrics(features, classes, draws=2, cycles=3, c=0.5)
+    found = framing_probe.probe_metrics(features, classes, draws=2, cycles=3, c=0.5,
+                                         rare_share=0.05)
     assert found.shape == (4, 2, 3, len(framing_probe.METRICS))
     # 5 + 495 to start, then the 10 top anomalies and 10 top normals per cycle.
     assert fitted[:3] == [(500, 5, 0.5), (520, 15, 0.5), (540, 25, 0.5)]
