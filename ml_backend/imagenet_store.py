@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ml_backend.core.atomic import atomic_file
-from ml_backend.core.checkpoint import imagenet_model
+from ml_backend.core.checkpoint import IMAGENET_STAGE, imagenet_model
 from ml_backend.core.config import TrainConfig
 from ml_backend.core.embedding_cache import Embeddings, read_embeddings, write_embeddings
 from ml_backend.registry import ModelRegistry
@@ -33,10 +33,11 @@ SIGNATURE = "signature.json"
 
 def imagenet_signature(cfg: TrainConfig, channels: int, stretch: dict[str, Any]) -> dict[str, Any]:
     """What ImageNet embeddings under `cfg` depend on: input size and crop, channels, the
-    store's stretch, and the test-time views they are averaged over."""
+    store's stretch, the test-time views they are averaged over, and the backbone's stage
+    they are pooled after (embeddings of the last stage, before session 22, lack it)."""
     return {"image_size": cfg.image_size, "center_crop": cfg.center_crop, "channels": channels,
             "stretch": dict(stretch), "invariance": cfg.invariance,
-            "test_time_augmentation": cfg.test_time_augmentation}
+            "test_time_augmentation": cfg.test_time_augmentation, "stage": IMAGENET_STAGE}
 
 
 def store_dir(registry: ModelRegistry, project_id: int) -> Path:

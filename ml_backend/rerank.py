@@ -23,6 +23,7 @@ from torch import nn
 from ml_backend.config import Config
 from ml_backend.core.checkpoint import (
     IMAGENET_KIND,
+    IMAGENET_STAGE,
     ModelMeta,
     imagenet_model,
     load_model_dir,
@@ -171,6 +172,7 @@ def rerank_and_publish(project_id: int, settings: Config, client: LabelStudioCli
                      iterations_total=base_meta.iterations_total,
                      kind="fast" if base is not None else IMAGENET_KIND,
                      imagenet_branch=len(parts) == 2,
+                     imagenet_stage=IMAGENET_STAGE if len(parts) == 2 else base_meta.imagenet_stage,
                      metrics={"fast_head_c": DEFAULT_C, "embedded_tasks": len(cache.task_ids),
                               "blended_with_cycle": blended,
                               "blend_terms": len(parts) + blended})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from datetime import UTC, datetime, timedelta
@@ -207,3 +208,28 @@ def test_absent_directory_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_model_dir(tmp_path / "nope")
 
+
+
+def test_an_imagenet_backbone_reloads_pooled_after_its_stage(tmp_path):
+    from ml_backend.core.model import SideBySide, pooled_features
+
+    set_seed(0)
+    backbone, meta = checkpoint.imagenet_model(CFG, 1, {"name": "none"})
+    assert meta.imagenet_stage == checkpoint.IMAGENET_STAGE and backbone.num_features == 112
+    x = torch.randn(2, 1, 32, 32)
+    # A first ranking: the ImageNet backbone is the model itself.
+    save_model_dir(tmp_path / "first", ema=backbone.eval(), student=None, meta=meta)
+    first, _ = load_model_dir(tmp_path / "first")
+    # A blend: the ImageNet backbone is the branch beside a full-depth cycle's model.
+    pair = SideBySide(build_model(CFG, 1), backbone).eval()
+    blend = dataclasses.replace(meta, kind="fast", imagenet_branch=True)
+    save_model_dir(tmp_path / "blend", ema=pair, student=None, meta=blend)
+    loaded, _ = load_model_dir(tmp_path / "blend")
+    with torch.no_grad():
+        torch.testing.assert_close(pooled_features(first, x), pooled_features(backbone, x))
+        torch.testing.assert_close(pooled_features(loaded, x), pooled_features(pair, x))
+    assert pooled_features(loaded, x).shape == (2, 1280 + 112)
+    # Versions from before stages were recorded hold a full-depth ImageNet backbone.
+    old = dataclasses.replace(meta, imagenet_stage=None)
+    save_model_dir(tmp_path / "old", ema=build_model(CFG, 1).eval(), student=None, meta=old)
+    assert load_model_dir(tmp_path / "old")[0].num_features == 1280

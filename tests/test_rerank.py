@@ -173,7 +173,8 @@ def test_a_failed_blend_leaves_the_cycle_serving(tmp_path, monkeypatch):
 
 def test_the_first_ranking_embeds_with_imagenet_and_the_first_cycle_starts_afresh(tmp_path,
                                                                                    monkeypatch):
-    from ml_backend.core.model import build_model, pooled_features
+    from ml_backend.core.checkpoint import IMAGENET_STAGE
+    from ml_backend.core.model import build_model, pooled_features, truncate_after_block
     from ml_backend.core.preprocess import to_model_input
 
     store = tmp_path / "stores" / "s.h5"
@@ -196,8 +197,10 @@ def test_the_first_ranking_embeds_with_imagenet_and_the_first_cycle_starts_afres
         pixels = s.read(np.arange(N_TASKS))
         model, model_meta = load_model_dir(registry.version_dir(7, version))
         served = score_store(s, model, model_meta, device="cpu")
-    backbone = build_model(settings.train.replace(invariance="dihedral"), 1).eval()
+    backbone = truncate_after_block(build_model(settings.train.replace(invariance="dihedral"), 1),
+                                    IMAGENET_STAGE).eval()  # pooled after stage 4
     assert TrainConfig.from_dict(model_meta.config).test_time_augmentation
+    assert model_meta.imagenet_stage == IMAGENET_STAGE and cache.features.shape[1] == 112
     with torch.inference_mode():
         expected = torch.stack([pooled_features(backbone, view) for view in symmetry_views(
             to_model_input(pixels, 32), "dihedral")]).mean(0).numpy()

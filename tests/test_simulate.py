@@ -377,8 +377,8 @@ def test_a_second_imagenet_term_is_measured_beside_the_model_framed_one(tmp_path
                                   TOY_CFG))
     # The model's framing for the model's run; then both, the second as asked: framed, or
     # at the model's framing pooled after stage 4 (EfficientNet-Lite0: 112 channels).
-    assert framings == [(1.0, 32, None, 1280), (1.0, 32, None, 1280), (0.5, 48, None, 1280),
-                        (1.0, 32, None, 1280), (1.0, 32, 4, 112)]
+    assert framings == [(1.0, 32, None, 112), (1.0, 32, None, 112), (0.5, 48, None, 112),
+                        (1.0, 32, None, 112), (1.0, 32, 4, 112)]
     for a, b in [*zip(plain, framed, strict=True), *zip(plain, mid, strict=True)]:  # the rest
         for key in ("auroc", "zblend_auroc", "probe_auroc", "lblend_auroc", "lblend_ap"):
             assert b[key] == pytest.approx(a[key])

@@ -34,7 +34,7 @@ from torch import nn
 
 from ml_backend.core.config import TrainConfig
 from ml_backend.core.errors import AmlsError
-from ml_backend.core.model import SideBySide, build_model, resolve_device
+from ml_backend.core.model import SideBySide, build_model, resolve_device, truncate_after_block
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,10 @@ FORMAT_VERSION = 1
 VERSION_PREFIX = "amls-"
 # The kind of an untrained model: the ImageNet backbone with a fresh head (a first ranking).
 IMAGENET_KIND = "imagenet"
+# The ImageNet backbone's features are pooled after this stage (of 7; 112 channels), not its
+# last: on both benchmark suites they rank rare objects better from a few labels
+# (benchmarks/RESULTS.md, "Session 22").
+IMAGENET_STAGE = 4
 _FILE_MODE = 0o644
 
 
@@ -74,6 +78,10 @@ class ModelMeta:
     # The classifier also reads the ImageNet backbone's pooled features, set beside the
     # model's own (`model.SideBySide`: a three-term blend, `fast_head.blend_with_model`).
     imagenet_branch: bool = False
+    # Stage the version's ImageNet backbone is pooled after (`IMAGENET_STAGE`): its branch,
+    # or without one the model itself (a first ranking and the bursts on it); None: no
+    # ImageNet backbone, or its last stage (versions before session 22).
+    imagenet_stage: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -115,13 +123,14 @@ def utc_now_iso() -> str:
 
 def imagenet_model(cfg: TrainConfig, channels: int,
                    stretch: dict[str, Any]) -> tuple[nn.Module, ModelMeta]:
-    """The ImageNet backbone under `cfg` with a fresh head, and a meta describing it, so that
-    `scoring.score_store` embeds with it exactly as it would with a trained cycle of `cfg`
-    (size, crop, and the views of test-time augmentation)."""
-    model = build_model(cfg, channels)
+    """The ImageNet backbone under `cfg`, pooled after `IMAGENET_STAGE`, with a fresh head,
+    and a meta describing it, so that `scoring.score_store` embeds with it exactly as it would
+    with a trained cycle of `cfg` (size, crop, and the views of test-time augmentation)."""
+    model = truncate_after_block(build_model(cfg, channels), IMAGENET_STAGE)
     meta = ModelMeta(version=IMAGENET_KIND, parent=None, created=utc_now_iso(),
                      config=cfg.to_dict(), image_size=cfg.image_size, channels=channels,
-                     stretch=dict(stretch), center_crop=cfg.center_crop, kind=IMAGENET_KIND)
+                     stretch=dict(stretch), center_crop=cfg.center_crop, kind=IMAGENET_KIND,
+                     imagenet_stage=IMAGENET_STAGE)
     return model, meta
 
 
@@ -177,14 +186,24 @@ def load_model_dir(model_dir: str | Path,
     cfg = TrainConfig.from_dict(meta.config).replace(pretrained=False)
     # Building initialises weights from the global RNG; keep callers' random streams intact.
     with torch.random.fork_rng(devices=[]):
+        # The ImageNet backbone is the branch when there is one, else (a first ranking and
+        # the bursts on it) the model itself.
         model = build_model(cfg, meta.channels)
         if meta.imagenet_branch:
-            model = SideBySide(model, build_model(cfg, meta.channels))
+            model = SideBySide(model, _imagenet_stage(build_model(cfg, meta.channels),
+                                                      meta.imagenet_stage))
+        else:
+            model = _imagenet_stage(model, meta.imagenet_stage)
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as err:
         raise CheckpointError(f"{model_dir / EMA_WEIGHTS} does not fit the model: {err}") from err
     return model.to(resolve_device(device)).eval(), meta
+
+
+def _imagenet_stage(model: nn.Module, stage: int | None) -> nn.Module:
+    """`model` pooled after `stage` (None: unchanged, its last)."""
+    return model if stage is None else truncate_after_block(model, stage)
 
 
 def load_training_state(model_dir: str | Path) -> TrainingState:

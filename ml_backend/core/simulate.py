@@ -223,6 +223,8 @@ def run_simulation(
                                          batch_size=cfg.score_batch_size, device=cfg.device)
                 else:  # the whole pool: the next interim head needs the new labels' features
                     previous = stale
+                    if features.shape[1] != model.num_features:  # the ImageNet term's stage
+                        features = np.empty((len(pool), model.num_features), dtype=np.float16)
                     stale = score_store(store, model, meta, indices=pool, features=features,
                                         batch_size=cfg.score_batch_size, device=cfg.device)
                     scores = stale[np.searchsorted(pool, unlabelled)]
