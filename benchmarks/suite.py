@@ -38,7 +38,7 @@ from typing import Any
 from benchmarks.datasets import ANIMAL_CLASSES, FIRST_CLASSES
 from benchmarks.detection_quality import dataset_paths, run_one
 from ml_backend.core.config import TrainConfig
-from ml_backend.core.simulate import METHODS, SimulationPlan
+from ml_backend.core.simulate import IMAGENET_UNCUT, METHODS, SimulationPlan
 
 log = logging.getLogger(__name__)
 
@@ -191,10 +191,12 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     *(Setting(f"dist-align+tta@imagenet-0.35x{size}",
               overrides=dict(SETTINGS_BY_KIND["dist-align+tta"]), imagenet_framing=(0.35, size))
       for size in (96, 64)),
-    # The same with the ImageNet term pooled after the fifth stage (index 4, 112 channels)
-    # instead of the last: mid-level features rank FIRST better in a frozen-head screen.
-    Setting("dist-align+tta@imagenet-b4", overrides=dict(SETTINGS_BY_KIND["dist-align+tta"]),
-            imagenet_block=4),
+    # The same with the ImageNet term also uncut (its last stage, 1,280 channels: the
+    # backend's before session 22) beside today's, pooled after stage 4 (0-based, 112
+    # channels). The log's "dist-align+tta@imagenet-b4" runs (session 22, when the uncut
+    # term was the backend's) measured the same pair the other way round.
+    Setting("dist-align+tta@imagenet-last", overrides=dict(SETTINGS_BY_KIND["dist-align+tta"]),
+            imagenet_block=IMAGENET_UNCUT),
     # 96 px model input instead of 64 (2.25x the pixels).
     Setting("size-96", overrides={"image_size": 96}),
     Setting("flip+size-96", overrides={"invariance": "flip", "image_size": 96}),

@@ -363,9 +363,9 @@ def test_a_second_imagenet_term_is_measured_beside_the_model_framed_one(tmp_path
     framings = []
     real_features = simulate._imagenet_features
 
-    def recording_features(store, pool, cfg, *, block=None):
-        features = real_features(store, pool, cfg, block=block)
-        framings.append((cfg.center_crop, cfg.image_size, block, features.shape[1]))
+    def recording_features(store, pool, cfg, *, stage=simulate.IMAGENET_STAGE):
+        features = real_features(store, pool, cfg, stage=stage)
+        framings.append((cfg.center_crop, cfg.image_size, stage, features.shape[1]))
         return features
 
     monkeypatch.setattr(simulate, "_imagenet_features", recording_features)
@@ -373,13 +373,18 @@ def test_a_second_imagenet_term_is_measured_beside_the_model_framed_one(tmp_path
         plain = list(run_simulation(store, truth, toy_plan(fast_head=True), TOY_CFG))
         framed = list(run_simulation(store, truth, toy_plan(
             fast_head=True, imagenet_framing=(0.5, 48)), TOY_CFG))
-        mid = list(run_simulation(store, truth, toy_plan(fast_head=True, imagenet_block=4),
+        mid = list(run_simulation(store, truth, toy_plan(fast_head=True, imagenet_block=3),
                                   TOY_CFG))
-    # The model's framing for the model's run; then both, the second as asked: framed, or
-    # at the model's framing pooled after stage 4 (EfficientNet-Lite0: 112 channels).
-    assert framings == [(1.0, 32, None, 112), (1.0, 32, None, 112), (0.5, 48, None, 112),
-                        (1.0, 32, None, 112), (1.0, 32, 4, 112)]
-    for a, b in [*zip(plain, framed, strict=True), *zip(plain, mid, strict=True)]:  # the rest
+        uncut = list(run_simulation(store, truth, toy_plan(
+            fast_head=True, imagenet_block=simulate.IMAGENET_UNCUT), TOY_CFG))
+    # The backend's stage 4 (EfficientNet-Lite0: 112 channels) at the model's framing for the
+    # model's run; then both, the second as asked: framed, pooled after stage 3 (80
+    # channels), or uncut (the head convolution's 1,280).
+    assert framings == [(1.0, 32, 4, 112), (1.0, 32, 4, 112), (0.5, 48, 4, 112),
+                        (1.0, 32, 4, 112), (1.0, 32, 3, 80), (1.0, 32, 4, 112),
+                        (1.0, 32, None, 1280)]
+    for a, b in [*zip(plain, framed, strict=True), *zip(plain, mid, strict=True),
+                 *zip(plain, uncut, strict=True)]:  # the rest
         for key in ("auroc", "zblend_auroc", "probe_auroc", "lblend_auroc", "lblend_ap"):
             assert b[key] == pytest.approx(a[key])
         assert "fblend_auroc" not in a
@@ -390,6 +395,6 @@ def test_a_second_imagenet_term_is_measured_beside_the_model_framed_one(tmp_path
     with pytest.raises(ValueError, match="need fast_head"):
         toy_plan(imagenet_block=4)
     with pytest.raises(ValueError, match="imagenet_block must be >= 0"):
-        toy_plan(fast_head=True, imagenet_block=-1)
+        toy_plan(fast_head=True, imagenet_block=-2)
     with pytest.raises(ValueError, match="center_crop"):
         toy_plan(fast_head=True, imagenet_framing=(1.5, 48))

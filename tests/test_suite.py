@@ -196,17 +196,17 @@ def test_a_framed_imagenet_setting_measures_the_fast_head_under_its_own_key(tmp_
 
 def test_a_mid_level_imagenet_setting_measures_the_fast_head_under_its_own_key(tmp_path,
                                                                               monkeypatch):
-    setting = SETTINGS["dist-align+tta@imagenet-b4"]
+    setting = SETTINGS["dist-align+tta@imagenet-last"]
     assert setting.overrides == SETTINGS["dist-align+tta"].overrides
     job = Job(SUITES["first"][0], 0, setting, "full")
     framed = Job(SUITES["first"][0], 0, SETTINGS["dist-align+tta@imagenet-0.35x64"], "full")
-    assert job.measures_fast_head and "imagenet:b4" in job.key()
+    assert job.measures_fast_head and "imagenet:b-1" in job.key()
     assert job.key() != framed.key()
     plans = []
     monkeypatch.setattr(suite, "run_one", lambda store, truth, plan, cfg: plans.append(plan)
                         or [{"auroc": 0.5}])
     run_job(job, tmp_path / "s.h5", tmp_path / "t.csv", 1)
-    assert plans[0].imagenet_block == 4 and plans[0].imagenet_framing is None
+    assert plans[0].imagenet_block == -1 and plans[0].imagenet_framing is None
 
 
 def test_redo_since_counts_that_commit_and_later_ones_as_done(tmp_path, monkeypatch):

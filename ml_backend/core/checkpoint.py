@@ -121,16 +121,17 @@ def utc_now_iso() -> str:
     return datetime.now(UTC).replace(microsecond=0).isoformat()
 
 
-def imagenet_model(cfg: TrainConfig, channels: int,
-                   stretch: dict[str, Any]) -> tuple[nn.Module, ModelMeta]:
-    """The ImageNet backbone under `cfg`, pooled after `IMAGENET_STAGE`, with a fresh head,
-    and a meta describing it, so that `scoring.score_store` embeds with it exactly as it would
-    with a trained cycle of `cfg` (size, crop, and the views of test-time augmentation)."""
-    model = truncate_after_block(build_model(cfg, channels), IMAGENET_STAGE)
+def imagenet_model(cfg: TrainConfig, channels: int, stretch: dict[str, Any], *,
+                   stage: int | None = IMAGENET_STAGE) -> tuple[nn.Module, ModelMeta]:
+    """The ImageNet backbone under `cfg`, pooled after `stage` (None: uncut, its last), with
+    a fresh head, and a meta describing it, so that `scoring.score_store` embeds with it
+    exactly as it would with a trained cycle of `cfg` (size, crop, and the views of
+    test-time augmentation)."""
+    model = _imagenet_stage(build_model(cfg, channels), stage)
     meta = ModelMeta(version=IMAGENET_KIND, parent=None, created=utc_now_iso(),
                      config=cfg.to_dict(), image_size=cfg.image_size, channels=channels,
                      stretch=dict(stretch), center_crop=cfg.center_crop, kind=IMAGENET_KIND,
-                     imagenet_stage=IMAGENET_STAGE)
+                     imagenet_stage=stage)
     return model, meta
 
 

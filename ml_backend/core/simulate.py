@@ -34,8 +34,8 @@ on the same unlabelled images, the oracle picking from the FixMatch scores unles
   model carrying both backbones could publish it as one head).
 - with ``imagenet_framing`` (crop, size) and/or ``imagenet_block``, also ``fprobe_*`` and
   ``fblend_*``: the same two with a second set of ImageNet embeddings, framed their own way
-  (a tighter crop, more pixels) and/or pooled after an earlier stage of the backbone
-  (`model.truncate_after_block`), so one run pairs the two versions of the third term.
+  (a tighter crop, more pixels) and/or pooled after another stage of the backbone
+  (`model.truncate_after_block`, or uncut), so one run pairs two versions of the third term.
 
 Every FixMatch row also reads out calibration: ``mean_score_top_1pct`` is the mean score
 the model gives its own top 1 % (what an annotator reads there), to set beside
@@ -62,10 +62,16 @@ from typing import Any
 import numpy as np
 
 from ml_backend.core import metrics
-from ml_backend.core.checkpoint import ModelMeta, imagenet_model, load_model_dir, read_meta
+from ml_backend.core.checkpoint import (
+    IMAGENET_STAGE,
+    ModelMeta,
+    imagenet_model,
+    load_model_dir,
+    read_meta,
+)
 from ml_backend.core.config import TrainConfig
 from ml_backend.core.fixmatch import StepStats
-from ml_backend.core.model import anomaly_logit_weights, truncate_after_block
+from ml_backend.core.model import anomaly_logit_weights
 from ml_backend.core.scoring import score_store
 from ml_backend.core.sources import StoreSubset
 from ml_backend.core.store import CutoutStore
@@ -77,6 +83,8 @@ METHODS = ("fixmatch", "supervised", "isolation-forest", "linear-probe")
 # What the oracle picks from: the trained model's scores, or (with fast_head) the two-term
 # blend (`zblend`) or the three-term one (`lblend`), as annotators of a blend's queue would.
 PICKS_FROM = ("model", "zblend", "lblend")
+# `SimulationPlan.imagenet_block`: the ImageNet backbone uncut (its last stage).
+IMAGENET_UNCUT = -1
 # The methods that train the network each cycle (the others score with a fixed feature map).
 TRAINED = ("fixmatch", "supervised")
 
@@ -97,8 +105,10 @@ class SimulationPlan:
     # (`fprobe_*`, `fblend_*`); None: only the model's framing.
     imagenet_framing: tuple[float, int] | None = None
     # Stage of the ImageNet backbone the second set of embeddings is pooled after
-    # (`model.truncate_after_block`); None: its last (the model's framing unless
-    # imagenet_framing says otherwise).
+    # (`model.truncate_after_block`); IMAGENET_UNCUT: its last, the 1,280 channels of its
+    # head convolution (the backend's term before session 22); None: the backend's stage
+    # (`checkpoint.IMAGENET_STAGE`, at the model's framing unless imagenet_framing says
+    # otherwise).
     imagenet_block: int | None = None
 
     def __post_init__(self) -> None:
@@ -117,8 +127,9 @@ class SimulationPlan:
         if self.imagenet_framing is not None:
             crop, size = self.imagenet_framing
             TrainConfig(center_crop=crop, image_size=size)  # its checks, with its messages
-        if self.imagenet_block is not None and self.imagenet_block < 0:
-            raise ValueError(f"imagenet_block must be >= 0, got {self.imagenet_block}")
+        if self.imagenet_block is not None and self.imagenet_block < IMAGENET_UNCUT:
+            raise ValueError(f"imagenet_block must be >= 0, or {IMAGENET_UNCUT} for the uncut "
+                             f"backbone, got {self.imagenet_block}")
         if self.initial_anomalies < 1 or self.initial_normals < 1:
             raise ValueError("need at least one initial anomaly and one initial normal")
         if self.cycles < 1:
@@ -181,8 +192,10 @@ def run_simulation(
     framed = None
     if fast and (plan.imagenet_framing is not None or plan.imagenet_block is not None):
         crop, size = plan.imagenet_framing or (cfg.center_crop, cfg.image_size)
+        stage = {None: IMAGENET_STAGE, IMAGENET_UNCUT: None}.get(plan.imagenet_block,
+                                                                 plan.imagenet_block)
         framed = _imagenet_features(store, pool, cfg.replace(center_crop=crop, image_size=size),
-                                    block=plan.imagenet_block)
+                                    stage=stage)
     stale: np.ndarray | None = None  # the previous cycle's FixMatch scores over the pool
     previous: np.ndarray | None = None  # after training, the same (stale is then this cycle's)
     logit: tuple[np.ndarray, float] | None = None  # that model's anomaly logit over features
@@ -293,13 +306,11 @@ def _tta_toggled(meta: ModelMeta) -> ModelMeta:
 
 
 def _imagenet_features(store: CutoutStore, pool: np.ndarray, cfg: TrainConfig, *,
-                       block: int | None = None) -> np.ndarray:
+                       stage: int | None = IMAGENET_STAGE) -> np.ndarray:
     """float16 pooled features of the pool rows from the ImageNet backbone (before cycle 1),
     embedded as the backend's first ranking embeds them (`checkpoint.imagenet_model`: with
-    test-time augmentation, the mean over the views); `block`: pooled after that stage."""
-    model, meta = imagenet_model(cfg, int(store.shape[-1]), store.stretch)
-    if block is not None:
-        truncate_after_block(model, block)
+    test-time augmentation, the mean over the views); pooled after `stage` (None: uncut)."""
+    model, meta = imagenet_model(cfg, int(store.shape[-1]), store.stretch, stage=stage)
     features = np.empty((len(pool), model.num_features), dtype=np.float16)
     score_store(store, model, meta, indices=pool, features=features,
                 batch_size=cfg.score_batch_size, device=cfg.device, progress_desc="features")
