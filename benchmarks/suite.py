@@ -22,6 +22,8 @@ means and paired comparisons (`benchmarks.paired`) against a baseline setting.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -191,12 +193,12 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     *(Setting(f"dist-align+tta@imagenet-0.35x{size}",
               overrides=dict(SETTINGS_BY_KIND["dist-align+tta"]), imagenet_framing=(0.35, size))
       for size in (96, 64)),
-    # The same with the ImageNet term also uncut (its last stage, 1,280 channels: the
-    # backend's before session 22) beside today's, pooled after stage 4 (0-based, 112
+    # Each kind's default with the ImageNet term also uncut (its last stage, 1,280 channels:
+    # the backend's before session 22) beside today's, pooled after stage 4 (0-based, 112
     # channels). The log's "dist-align+tta@imagenet-b4" runs (session 22, when the uncut
     # term was the backend's) measured the same pair the other way round.
-    Setting("dist-align+tta@imagenet-last", overrides=dict(SETTINGS_BY_KIND["dist-align+tta"]),
-            imagenet_block=IMAGENET_UNCUT),
+    *(Setting(f"{name}@imagenet-last", overrides=dict(SETTINGS_BY_KIND[name]),
+              imagenet_block=IMAGENET_UNCUT) for name in SETTINGS_BY_KIND),
     # 96 px model input instead of 64 (2.25x the pixels).
     Setting("size-96", overrides={"image_size": 96}),
     Setting("flip+size-96", overrides={"invariance": "flip", "image_size": 96}),
@@ -319,9 +321,12 @@ def job_config(job: Job) -> TrainConfig:
 
 
 def run_job(job: Job, store: Path, truth: Path, threads: int,
-            start_before: float | None = None) -> dict[str, Any] | None:
+            start_before: float | None = None,
+            scores_root: Path | None = None) -> dict[str, Any] | None:
     """Run one job (in a worker process) and return its log row; None, without running it,
-    once the wall-clock time `start_before` (epoch seconds) has passed."""
+    once the wall-clock time `start_before` (epoch seconds) has passed. With `scores_root`
+    (and the fast head measured), its logits per cycle go to a folder there named by the
+    job's key (`SimulationPlan.scores_dir`), recorded in the row."""
     if start_before is not None and time.time() > start_before:
         return None
     import torch
@@ -337,9 +342,14 @@ def run_job(job: Job, store: Path, truth: Path, threads: int,
                           picks_from=job.setting.picks_from,
                           imagenet_framing=job.setting.imagenet_framing,
                           imagenet_block=job.setting.imagenet_block, **protocol)
+    saved: dict[str, str] = {}
+    if scores_root is not None and plan.fast_head:
+        folder = Path(scores_root) / hashlib.sha1(job.key().encode()).hexdigest()[:16]
+        plan = dataclasses.replace(plan, scores_dir=folder)
+        saved["scores_dir"] = str(folder)
     started = time.perf_counter()
     cycles = run_one(store, truth, plan, cfg)
-    return {
+    return saved | {
         "key": job.key(), "dataset": job.dataset.name, "rare_fraction": job.dataset.rare_fraction,
         "center_crop": job.dataset.center_crop, "seed": job.seed, "setting": job.setting.name,
         "method": job.setting.method, "overrides": job.setting.overrides,
@@ -351,13 +361,15 @@ def run_job(job: Job, store: Path, truth: Path, threads: int,
 
 def run_grid(jobs: list[Job], log_path: Path, data_root: Path, workers: int,
              threads: int, stop_after: float | None = None,
-             redo_since: str | None = None) -> Iterator[dict[str, Any]]:
+             redo_since: str | None = None,
+             scores_root: Path | None = None) -> Iterator[dict[str, Any]]:
     """Run the jobs the log lacks, appending each finished row to it; yields the rows.
 
     stop_after: seconds from now after which no further run starts (runs under way finish),
     so that a grid fits a fixed time slot; None: run them all. redo_since: run again those
     logged before this commit (the report reads a run's latest row), e.g. to log a new
     measurement; still resumable, since what it and later commits logged is skipped.
+    scores_root: where fast-head runs save their logits (`run_job`).
     """
     done = done_keys(log_path, None if redo_since is None else _commits_since(redo_since))
     todo = [j for j in jobs if j.key() not in done]
@@ -370,7 +382,8 @@ def run_grid(jobs: list[Job], log_path: Path, data_root: Path, workers: int,
     start_before = None if stop_after is None else time.time() + stop_after
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
         futures: dict[Future, Job] = {
-            pool.submit(run_job, j, *paths[j.dataset], threads, start_before): j for j in todo}
+            pool.submit(run_job, j, *paths[j.dataset], threads, start_before,
+                        scores_root): j for j in todo}
         for future in as_completed(futures):
             result = future.result()
             if result is None:
@@ -454,6 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     redo.add_argument("--redo-since", metavar="COMMIT",
                       help="run again what the log holds from before COMMIT (resumes across "
                            "later commits)")
+    run.add_argument("--save-scores", type=Path, metavar="DIR",
+                     help="save each fast-head run's logits per cycle under DIR, to measure "
+                          "other blends of the same runs afterwards (benchmarks.blend_weights)")
     run.add_argument("--stop-after", type=float, metavar="SECONDS",
                      help="start no run after this many seconds (runs under way finish)")
     report = sub.add_parser("report", help="per-class table, suite means, paired comparisons")
@@ -484,7 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      device=args.device, fast_head=args.fast_head,
                      compare_tta=args.compare_tta)
     for row in run_grid(jobs, args.log, args.data, args.workers, args.threads,
-                        args.stop_after, args.redo_since):
+                        args.stop_after, args.redo_since, args.save_scores):
         print(json.dumps({k: row[k] for k in ("dataset", "seed", "setting", "auroc", "ap",
                                              "precision_top_1pct", "wall_seconds")}),
               flush=True)

@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from amls_cli import main
 from ml_backend.core.config import TrainConfig
@@ -237,7 +238,7 @@ def test_the_oracle_picks_from_the_blend_it_is_told_to(tmp_path, monkeypatch, pi
 
     _, truth = make_toy_store(tmp_path / "toy.h5")
     blends, ranked_by = [], []
-    real_mean_z, real_rankings, real_picks = (simulate._mean_z, simulate._head_rankings,
+    real_mean_z, real_rankings, real_picks = (simulate.mean_z, simulate._head_rankings,
                                               simulate.oracle_picks)
 
     def recording_mean_z(*logits):
@@ -254,7 +255,7 @@ def test_the_oracle_picks_from_the_blend_it_is_told_to(tmp_path, monkeypatch, pi
         ranked_by.append(scores)
         return real_picks(candidates, scores, *args)
 
-    monkeypatch.setattr(simulate, "_mean_z", recording_mean_z)
+    monkeypatch.setattr(simulate, "mean_z", recording_mean_z)
     monkeypatch.setattr(simulate, "_head_rankings", recording_rankings)
     monkeypatch.setattr(simulate, "oracle_picks", recording_picks)
     with CutoutStore.open(tmp_path / "toy.h5") as store:
@@ -299,11 +300,14 @@ def test_imagenet_embeddings_follow_test_time_augmentation_as_the_backend_does(t
 
 
 def test_mean_z_averages_logits_each_standardised():
-    from ml_backend.core.simulate import _mean_z
+    from ml_backend.core.simulate import mean_z
 
     # [1, 2, 3] -> [-1.2247, 0, 1.2247]; [10, 0, 20] -> [0, -1.2247, 1.2247]
-    assert _mean_z(np.array([1.0, 2, 3]), np.array([10.0, 0, 20])) == pytest.approx(
+    assert mean_z(np.array([1.0, 2, 3]), np.array([10.0, 0, 20])) == pytest.approx(
         [-0.61237, -0.61237, 1.22474], abs=1e-4)
+    # Weighted 1 : 3: (-1.2247 + 0) / 4, (0 - 3 * 1.2247) / 4, (1.2247 + 3 * 1.2247) / 4
+    assert mean_z(np.array([1.0, 2, 3]), np.array([10.0, 0, 20]), weights=[1, 3]) == (
+        pytest.approx([-0.30619, -0.91856, 1.22474], abs=1e-4))
 
 
 @pytest.mark.slow
@@ -376,7 +380,8 @@ def test_a_second_imagenet_term_is_measured_beside_the_model_framed_one(tmp_path
         mid = list(run_simulation(store, truth, toy_plan(fast_head=True, imagenet_block=3),
                                   TOY_CFG))
         uncut = list(run_simulation(store, truth, toy_plan(
-            fast_head=True, imagenet_block=simulate.IMAGENET_UNCUT), TOY_CFG))
+            fast_head=True, imagenet_block=simulate.IMAGENET_UNCUT,
+            scores_dir=tmp_path / "scores"), TOY_CFG))
     # The backend's stage 4 (EfficientNet-Lite0: 112 channels) at the model's framing for the
     # model's run; then both, the second as asked: framed, pooled after stage 3 (80
     # channels), or uncut (the head convolution's 1,280).
@@ -390,6 +395,17 @@ def test_a_second_imagenet_term_is_measured_beside_the_model_framed_one(tmp_path
         assert "fblend_auroc" not in a
         assert all(0.0 <= b[f"{p}_{m}"] <= 1.0 for p in ("fprobe", "fblend")
                    for m in ("auroc", "ap", "precision_top_1pct"))
+    # The saved logits give back every blend the run measured.
+    for row in uncut:
+        saved = np.load(tmp_path / "scores" / f"cycle{row['cycle']}.npz")
+        assert sorted(saved.files) == ["fprobe", "head", "model", "probe", "rows", "truth"]
+        for name, terms in {"lblend": ("model", "head", "probe"),
+                            "fblend": ("model", "head", "fprobe"), "probe": ("probe",),
+                            "head": ("head",)}.items():
+            blend = simulate.mean_z(*(saved[t] for t in terms))
+            assert roc_auc_score(saved["truth"], blend) == pytest.approx(row[f"{name}_auroc"])
+    with pytest.raises(ValueError, match="need fast_head"):
+        toy_plan(scores_dir=tmp_path / "x")
     with pytest.raises(ValueError, match="need fast_head"):
         toy_plan(imagenet_framing=(0.5, 48))
     with pytest.raises(ValueError, match="need fast_head"):

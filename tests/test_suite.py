@@ -205,8 +205,18 @@ def test_a_mid_level_imagenet_setting_measures_the_fast_head_under_its_own_key(t
     plans = []
     monkeypatch.setattr(suite, "run_one", lambda store, truth, plan, cfg: plans.append(plan)
                         or [{"auroc": 0.5}])
-    run_job(job, tmp_path / "s.h5", tmp_path / "t.csv", 1)
+    row = run_job(job, tmp_path / "s.h5", tmp_path / "t.csv", 1)
     assert plans[0].imagenet_block == -1 and plans[0].imagenet_framing is None
+    assert plans[0].scores_dir is None and "scores_dir" not in row
+    # Saving logits: a folder per run, named by its key and recorded in its row.
+    rows = [run_job(j, tmp_path / "s.h5", tmp_path / "t.csv", 1, scores_root=tmp_path / "l")
+            for j in (job, framed, Job(SUITES["first"][0], 0, SETTINGS["default"], "full"))]
+    assert [str(p.scores_dir) for p in plans[1:3]] == [r["scores_dir"] for r in rows[:2]]
+    assert plans[1].scores_dir.parent == tmp_path / "l"
+    assert plans[1].scores_dir != plans[2].scores_dir
+    assert plans[3].scores_dir is None
+    assert "scores_dir" not in rows[2]  # no fast head measured, no logits to save
+    assert SETTINGS["flip+tta@imagenet-last"].overrides == SETTINGS["flip+tta"].overrides
 
 
 def test_redo_since_counts_that_commit_and_later_ones_as_done(tmp_path, monkeypatch):

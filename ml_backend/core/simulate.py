@@ -54,7 +54,7 @@ import dataclasses
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,6 +110,10 @@ class SimulationPlan:
     # (`checkpoint.IMAGENET_STAGE`, at the model's framing unless imagenet_framing says
     # otherwise).
     imagenet_block: int | None = None
+    # With fast_head: write each cycle's logits over the unlabelled pool here
+    # (`cycle<N>.npz`: `rows`, `truth`, `model`, `head`, `probe`, and `fprobe` with a second
+    # ImageNet embedding), so that other blends of the same runs can be measured afterwards.
+    scores_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -121,9 +125,10 @@ class SimulationPlan:
             raise ValueError(f"picks_from={self.picks_from!r} needs fast_head and a trained "
                              f"method ({', '.join(TRAINED)})")
         second = self.imagenet_framing is not None or self.imagenet_block is not None
-        if second and not (self.fast_head and self.method in TRAINED):
-            raise ValueError(f"imagenet_framing and imagenet_block need fast_head and a "
-                             f"trained method ({', '.join(TRAINED)})")
+        if (second or self.scores_dir is not None) and not (self.fast_head
+                                                            and self.method in TRAINED):
+            raise ValueError(f"imagenet_framing, imagenet_block and scores_dir need fast_head "
+                             f"and a trained method ({', '.join(TRAINED)})")
         if self.imagenet_framing is not None:
             crop, size = self.imagenet_framing
             TrainConfig(center_crop=crop, image_size=size)  # its checks, with its messages
@@ -276,14 +281,21 @@ def run_simulation(
                 extra |= _prefixed("pblend", truth[unlabelled], _mean_rank(scores, probe["head"]))
                 extra |= _prefixed("pzblend", truth[unlabelled],
                                    _mean_rank(ranked["zblend"], probe["head"]))
-                lblend = _mean_z(ranked["model_logit"], ranked["head_logit"],
+                lblend = mean_z(ranked["model_logit"], ranked["head_logit"],
                                  probe["head_logit"])
                 extra |= _prefixed("lblend", truth[unlabelled], lblend)
+                logits = {"model": ranked["model_logit"], "head": ranked["head_logit"],
+                          "probe": probe["head_logit"]}
                 if framed is not None:
                     fprobe = _head_rankings(framed, pool, labelled, unlabelled, truth, None)
                     extra |= _prefixed("fprobe", truth[unlabelled], fprobe["head"])
-                    extra |= _prefixed("fblend", truth[unlabelled], _mean_z(
+                    extra |= _prefixed("fblend", truth[unlabelled], mean_z(
                         ranked["model_logit"], ranked["head_logit"], fprobe["head_logit"]))
+                    logits["fprobe"] = fprobe["head_logit"]
+                if plan.scores_dir is not None:
+                    Path(plan.scores_dir).mkdir(parents=True, exist_ok=True)
+                    np.savez_compressed(Path(plan.scores_dir) / f"cycle{cycle}.npz",
+                                        rows=unlabelled, truth=truth[unlabelled], **logits)
                 picked_from = {"model": scores, "zblend": ranked["zblend"], "lblend": lblend}
             else:
                 picked_from = {"model": scores}
@@ -345,11 +357,12 @@ def _prefixed(prefix: str, labels: np.ndarray, scores: np.ndarray) -> dict[str, 
     return {f"{prefix}_{k}": result[k] for k in _HEAD_KEYS}
 
 
-def _mean_z(*logits: np.ndarray) -> np.ndarray:
+def mean_z(*logits: np.ndarray, weights: Sequence[float] | None = None) -> np.ndarray:
     """Mean of the logits each standardised to mean 0 and spread 1 (`blend_with_model`'s rule,
-    over the rows given)."""
-    return np.mean([(v - v.mean()) / max(float(v.std()), 1e-6)
-                    for v in (np.asarray(x, dtype=np.float64) for x in logits)], axis=0)
+    over the rows given), weighted by `weights` (None: equally)."""
+    return np.average([(v - v.mean()) / max(float(v.std()), 1e-6)
+                       for v in (np.asarray(x, dtype=np.float64) for x in logits)], axis=0,
+                      weights=weights)
 
 
 def _mean_rank(*scores: np.ndarray) -> np.ndarray:

@@ -1,0 +1,121 @@
+"""Other blends of the same suite runs, from the logits they saved (`suite run --save-scores`).
+
+Each blend is a weighted mean of standardised logits (`simulate.mean_z`) over the
+terms a run saved: `model` (the cycle's own logit), `head` (the fast head on its
+embeddings), `probe` (the head on ImageNet embeddings, the backend's stage) and, with a
+second ImageNet embedding, `fprobe`. The first blend is the baseline; every other is paired
+with it over the same runs, per cycle (wins / losses, mean difference, bootstrap 95 %
+interval: `benchmarks.paired`). The published three-term blend is `model=1,head=1,probe=1`.
+
+    python -m benchmarks.blend_weights --setting flip+tta@imagenet-last \\
+        model=1,head=1 model=1,head=1,probe=1 model=1,head=1,probe=2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.paired import paired_comparison
+from benchmarks.suite import DEFAULT_LOG
+from ml_backend.core import metrics
+from ml_backend.core.simulate import mean_z
+
+TERMS = ("model", "head", "probe", "fprobe")
+METRICS = ("auroc", "ap", "precision_top_1pct")
+
+
+def parse_blend(text: str) -> dict[str, float]:
+    """"model=1,probe=2" -> {"model": 1.0, "probe": 2.0}; unknown terms are refused."""
+    weights: dict[str, float] = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        if not sep or name not in TERMS:
+            raise argparse.ArgumentTypeError(
+                f"blend {text!r}: expected TERM=WEIGHT,... with TERM one of {', '.join(TERMS)}")
+        weights[name] = float(value)
+    if not any(weights.values()):
+        raise argparse.ArgumentTypeError(f"blend {text!r}: every weight is zero")
+    return weights
+
+
+def blend(saved: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
+    """The weighted mean of the standardised logits named in `weights`."""
+    missing = [t for t in weights if t not in saved]
+    if missing:
+        raise KeyError(f"these runs saved no {', '.join(missing)} logits")
+    return mean_z(*(saved[t] for t in weights), weights=list(weights.values()))
+
+
+def saved_runs(log_paths: Sequence[Path], setting: str) -> list[dict]:
+    """The latest row of each run of `setting` that saved its logits, in log order."""
+    latest: dict[str, dict] = {}
+    for path in log_paths:
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            if row.get("setting") == setting and row.get("scores_dir"):
+                latest[row["key"]] = row
+    return list(latest.values())
+
+
+def measure(rows: list[dict], blends: list[dict[str, float]]) -> dict[int, list[list[dict]]]:
+    """Per cycle, per blend, each run's metrics (runs in `rows`' order)."""
+    out: dict[int, list[list[dict]]] = {}
+    for row in rows:
+        for path in sorted(Path(row["scores_dir"]).glob("cycle*.npz")):
+            cycle = int(path.stem.removeprefix("cycle"))
+            with np.load(path) as npz:
+                saved = {k: npz[k] for k in npz.files}
+            per_blend = out.setdefault(cycle, [[] for _ in blends])
+            for i, weights in enumerate(blends):
+                per_blend[i].append(metrics.evaluate(saved["truth"], blend(saved, weights)))
+    return out
+
+
+def report(rows: list[dict], blends: list[dict[str, float]]) -> list[str]:
+    """Markdown: per cycle and metric, each blend's mean ± std and its pairing with the first."""
+    names = [",".join(f"{t}={w:g}" for t, w in b.items()) for b in blends]
+    lines = [f"{len(rows)} runs: " + ", ".join(f"{r['dataset']} s{r['seed']}" for r in rows), "",
+             "| cycle | metric | blend | mean ± std | − first [95 %] | wins / losses |",
+             "|---|---|---|---|---|---|"]
+    for cycle, per_blend in sorted(measure(rows, blends).items()):
+        if len({len(runs) for runs in per_blend}) != 1 or len(per_blend[0]) != len(rows):
+            continue  # not every run reached this cycle
+        for metric in METRICS:
+            base = [m[metric] for m in per_blend[0]]
+            for name, runs in zip(names, per_blend, strict=True):
+                values = [m[metric] for m in runs]
+                pair = "— | —"
+                if runs is not per_blend[0]:
+                    c = paired_comparison(base, values)
+                    pair = (f"{c.mean_diff:+.3f} [{c.ci_low:+.3f}, {c.ci_high:+.3f}] | "
+                            f"{c.wins} / {c.losses}")
+                lines.append(f"| {cycle} | {metric} | {name} | {np.mean(values):.3f} ± "
+                             f"{np.std(values, ddof=1) if len(values) > 1 else 0:.3f} | "
+                             f"{pair} |")
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("blends", nargs="+", type=parse_blend, metavar="TERM=W,...",
+                        help="the first is the baseline")
+    parser.add_argument("--setting", required=True, help="the suite setting whose runs to read")
+    parser.add_argument("--log", type=Path, action="append",
+                        help=f"a suite log (repeatable; default {DEFAULT_LOG})")
+    args = parser.parse_args(argv)
+    logs = args.log or [DEFAULT_LOG]
+    rows = saved_runs(logs, args.setting)
+    if not rows:
+        raise SystemExit(f"no run of {args.setting!r} in {', '.join(map(str, logs))} saved "
+                         "its logits (suite run --save-scores DIR)")
+    print("\n".join(report(rows, args.blends)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,72 @@
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks import blend_weights
+from benchmarks.paired import paired_comparison
+from ml_backend.core import metrics
+
+
+def _save_run(folder, rng, cycles=2):
+    truth = np.r_[np.ones(5), np.zeros(45)].astype(np.int64)
+    for cycle in range(1, cycles + 1):
+        folder.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(folder / f"cycle{cycle}.npz", rows=np.arange(50), truth=truth,
+                            **{t: rng.normal(size=50) + truth * rng.uniform(0, 2)
+                               for t in ("model", "head", "probe")})
+
+
+def _log(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_blends_are_weighted_means_of_standardised_logits_paired_with_the_first(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = []
+    for seed in range(3):
+        _save_run(tmp_path / f"r{seed}", rng)
+        rows.append({"key": f"k{seed}", "setting": "s", "dataset": "first:Bent", "seed": seed,
+                     "scores_dir": str(tmp_path / f"r{seed}")})
+    # An earlier row of the same run, one of another setting, one without logits: not read.
+    _log(tmp_path / "log.jsonl", [{**rows[0], "scores_dir": "/nowhere"}, *rows,
+                                  {**rows[1], "key": "other", "setting": "t"},
+                                  {"key": "k9", "setting": "s", "dataset": "x", "seed": 9}])
+    runs = blend_weights.saved_runs([tmp_path / "log.jsonl"], "s")
+    assert [r["key"] for r in runs] == ["k0", "k1", "k2"]
+    assert runs[0]["scores_dir"] == str(tmp_path / "r0")
+
+    with np.load(tmp_path / "r1" / "cycle2.npz") as npz:
+        saved = {k: npz[k] for k in npz.files}
+    z = {t: (saved[t] - saved[t].mean()) / saved[t].std() for t in ("model", "head", "probe")}
+    np.testing.assert_allclose(blend_weights.blend(saved, {"model": 1, "probe": 3}),
+                               (z["model"] + 3 * z["probe"]) / 4)
+    with pytest.raises(KeyError, match="fprobe"):
+        blend_weights.blend(saved, {"fprobe": 1})
+
+    base, cand = {"model": 1, "head": 1}, {"model": 1, "head": 1, "probe": 2}
+    lines = blend_weights.report(runs, [base, cand])
+    by_hand = []
+    for r in runs:
+        with np.load(f"{r['scores_dir']}/cycle2.npz") as npz:
+            s = {k: npz[k] for k in npz.files}
+        by_hand.append([metrics.evaluate(s["truth"], blend_weights.blend(s, w))["auroc"]
+                        for w in (base, cand)])
+    c = paired_comparison(*zip(*by_hand, strict=True))
+    row = next(line for line in lines if line.startswith("| 2 | auroc | model=1,head=1,probe=2"))
+    assert f"{c.mean_diff:+.3f} [{c.ci_low:+.3f}, {c.ci_high:+.3f}] | {c.wins} / {c.losses}" in row
+    assert sum(line.startswith("| 1 | ") for line in lines) == 6  # 3 metrics x 2 blends
+
+
+def test_blend_specs_are_checked():
+    assert blend_weights.parse_blend("model=1,probe=2.5") == {"model": 1.0, "probe": 2.5}
+    for bad in ("modl=1", "model", "model=0,head=0"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            blend_weights.parse_blend(bad)
+
+
+def test_a_setting_without_saved_logits_is_a_clear_error(tmp_path):
+    _log(tmp_path / "log.jsonl", [{"key": "k", "setting": "s", "dataset": "d", "seed": 0}])
+    with pytest.raises(SystemExit, match="saved its logits"):
+        blend_weights.main(["model=1", "--setting", "s", "--log", str(tmp_path / "log.jsonl")])
