@@ -33,6 +33,9 @@ _OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
     ("--drop-path-rate", "drop_path_rate", float,
      "stochastic depth in training, 0 to < 1 (default 0)"),
     ("--drop-rate", "drop_rate", float, "dropout before the head in training (default 0)"),
+    ("--backbone-stage", "backbone_stage", int,
+     "train the backbone cut after this stage (0-6; 4: 112 channels) instead of whole "
+     "(default: whole)"),
     ("--backbone-lr-scale", "backbone_lr_scale", float,
      "learning rate of the pretrained backbone as a fraction of the head's, 0 to 1 (default 1)"),
     ("--hard-normal-share", "hard_normal_share", float,

@@ -199,6 +199,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     # term was the backend's) measured the same pair the other way round.
     *(Setting(f"{name}@imagenet-last", overrides=dict(SETTINGS_BY_KIND[name]),
               imagenet_block=IMAGENET_UNCUT) for name in SETTINGS_BY_KIND),
+    # Each kind's default trained with the backbone cut after stage 4 (TrainConfig.backbone_stage),
+    # the fast head measured as in the "@imagenet-last" runs it pairs with.
+    *(Setting(f"{name}+stage-4", overrides={**SETTINGS_BY_KIND[name], "backbone_stage": 4},
+              fast_head=True) for name in SETTINGS_BY_KIND),
     # 96 px model input instead of 64 (2.25x the pixels).
     Setting("size-96", overrides={"image_size": 96}),
     Setting("flip+size-96", overrides={"invariance": "flip", "image_size": 96}),

@@ -229,6 +229,16 @@ def test_an_imagenet_backbone_reloads_pooled_after_its_stage(tmp_path):
         torch.testing.assert_close(pooled_features(first, x), pooled_features(backbone, x))
         torch.testing.assert_close(pooled_features(loaded, x), pooled_features(pair, x))
     assert pooled_features(loaded, x).shape == (2, 1280 + 112)
+    # A model trained cut after stage 2 blends with the ImageNet branch at its own stage.
+    cut = CFG.replace(backbone_stage=2)
+    assert checkpoint.imagenet_model(cut, 1, {"name": "none"})[1].config["backbone_stage"] is None
+    pair = SideBySide(build_model(cut, 1), backbone).eval()
+    save_model_dir(tmp_path / "cut", ema=pair, student=None,
+                   meta=dataclasses.replace(blend, config=cut.to_dict()))
+    with torch.no_grad():
+        torch.testing.assert_close(pooled_features(load_model_dir(tmp_path / "cut")[0], x),
+                                   pooled_features(pair, x))
+    assert pooled_features(pair, x).shape == (2, 40 + 112)
     # Versions from before stages were recorded hold a full-depth ImageNet backbone.
     old = dataclasses.replace(meta, imagenet_stage=None)
     save_model_dir(tmp_path / "old", ema=build_model(CFG, 1).eval(), student=None, meta=old)

@@ -184,3 +184,17 @@ def test_truncating_after_a_block_pools_that_stages_output():
     torch.testing.assert_close(logits, model.get_classifier()(expected))
     with pytest.raises(ValueError, match=r"block must be in 0\.\.4"):
         truncate_after_block(model, 5)
+
+
+def test_a_backbone_cut_after_a_stage_keeps_the_small_head_init():
+    cfg = TrainConfig(pretrained=False, image_size=32, backbone_stage=4)
+    model = build_model(cfg, 1)
+    assert model.num_features == 112 and len(model.blocks) == 5
+    head = model.get_classifier()
+    assert head.in_features == 112 and float(head.weight.detach().std()) < 1e-2
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 2)
+    with pytest.raises(ValueError, match="block must be in 0..6"):
+        build_model(cfg.replace(backbone_stage=7), 1)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="backbone_stage must be"):
+            TrainConfig(backbone_stage=bad)

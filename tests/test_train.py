@@ -14,7 +14,7 @@ from torch import nn
 
 from amls_cli import main
 from ml_backend.core import train as train_mod
-from ml_backend.core.checkpoint import load_training_state, read_meta
+from ml_backend.core.checkpoint import load_model_dir, load_training_state, read_meta
 from ml_backend.core.config import TrainConfig
 from ml_backend.core.csvio import write_labels_csv
 from ml_backend.core.fixmatch import ModelEMA, WeightedLabeledSampler, make_optimizer
@@ -361,7 +361,7 @@ def test_cli_training_settings_are_recorded_inherited_and_kept(store_and_labels,
                 "--bn-momentum", "0.01", "--drop-path-rate", "0.2", "--drop-rate", "0.1",
                 "--hard-normal-share", "0.5", "--probe-head-init", "yes",
                 "--protect-top-share", "0.2", "--alignment-share", "0.01",
-                "-o", str(tmp_path / "m1"))
+                "--backbone-stage", "4", "-o", str(tmp_path / "m1"))
     _amls_train(capsys, str(store), *common, "--init", str(tmp_path / "m1"),
                 "--drop-rate", "0.3", "-o", str(tmp_path / "m2"))
     first = TrainConfig.from_dict(read_meta(tmp_path / "m1").config)
@@ -375,6 +375,14 @@ def test_cli_training_settings_are_recorded_inherited_and_kept(store_and_labels,
     assert first.probe_head_init is second.probe_head_init is True
     assert first.protect_top_share == second.protect_top_share == 0.2
     assert first.alignment_share == second.alignment_share == 0.01
+    assert first.backbone_stage == second.backbone_stage == 4
+    assert load_model_dir(tmp_path / "m2")[0].num_features == 112  # cut after stage 4
+    err = _train_error(capsys, str(store), *common, "--backbone-stage", "5",
+                       "--init", str(tmp_path / "m1"), "-o", str(tmp_path / "m5"))
+    assert re.search("backbone stage 4 in the model, 5 now", err)
+    err = _train_error(capsys, str(store), *common, "--backbone-stage", "-1", "-o",
+                       str(tmp_path / "m6"))
+    assert re.search("backbone_stage must be a stage number", err)
     err = _train_error(capsys, str(store), *common, "--invariance", "dihedral",
                        "--init", str(tmp_path / "m1"), "-o", str(tmp_path / "m3"))
     assert re.search("invariance flip in the model, dihedral now", err)

@@ -126,7 +126,8 @@ def imagenet_model(cfg: TrainConfig, channels: int, stretch: dict[str, Any], *,
     """The ImageNet backbone under `cfg`, pooled after `stage` (None: uncut, its last), with
     a fresh head, and a meta describing it, so that `scoring.score_store` embeds with it
     exactly as it would with a trained cycle of `cfg` (size, crop, and the views of
-    test-time augmentation)."""
+    test-time augmentation). A cut the config asks of a trained model is not applied."""
+    cfg = cfg.replace(backbone_stage=None)
     model = _imagenet_stage(build_model(cfg, channels), stage)
     meta = ModelMeta(version=IMAGENET_KIND, parent=None, created=utc_now_iso(),
                      config=cfg.to_dict(), image_size=cfg.image_size, channels=channels,
@@ -191,8 +192,8 @@ def load_model_dir(model_dir: str | Path,
         # the bursts on it) the model itself.
         model = build_model(cfg, meta.channels)
         if meta.imagenet_branch:
-            model = SideBySide(model, _imagenet_stage(build_model(cfg, meta.channels),
-                                                      meta.imagenet_stage))
+            branch = build_model(cfg.replace(backbone_stage=None), meta.channels)
+            model = SideBySide(model, _imagenet_stage(branch, meta.imagenet_stage))
         else:
             model = _imagenet_stage(model, meta.imagenet_stage)
     try:
@@ -227,12 +228,15 @@ def lineage_mismatch(meta: ModelMeta, cfg: TrainConfig, channels: int,
                      stretch: dict[str, Any] | None = None) -> list[str]:
     """What a cycle with `cfg` on `channels`-channel images (of `stretch`, when given) would
     change of the model `meta` describes, among the things a continued model must keep: image
-    size, centre crop, channels, weak-view invariance and stretch. Empty: it can continue.
+    size, centre crop, channels, weak-view invariance, backbone stage and stretch. Empty: it
+    can continue.
     """
+    had = TrainConfig.from_dict(meta.config)
     kept = {"image size": (meta.image_size, cfg.image_size),
             "centre crop": (meta.center_crop, cfg.center_crop),
             "channels": (meta.channels, channels),
-            "invariance": (TrainConfig.from_dict(meta.config).invariance, cfg.invariance)}
+            "invariance": (had.invariance, cfg.invariance),
+            "backbone stage": (had.backbone_stage, cfg.backbone_stage)}
     if stretch is not None:
         kept["stretch"] = (meta.stretch, stretch)
     return [f"{name} {had} in the model, {wants} now"

@@ -63,6 +63,11 @@ class TrainConfig:
     # act in training only. EfficientNet's own recipe uses 0.2 for each, timm builds with 0.
     drop_path_rate: float = 0.0
     drop_rate: float = 0.0
+    # Train the backbone cut after this stage (0-based; EfficientNet-Lite0 has 7, stage 4 has
+    # 112 channels), its later stages and head convolution dropped (`model.truncate_after_block`);
+    # None: the whole backbone. Mid-level ImageNet features rank both benchmark suites better
+    # than the last stage's as frozen features (benchmarks/RESULTS.md, "Session 22").
+    backbone_stage: int | None = None
     # Symmetries taught through the weak view (and so the pseudo-labels): "dihedral" = flips
     # and 90° rotations (sky cutouts have no "up"), "flip" = horizontal flips only (upright
     # photographs). Shifts are always on.
@@ -109,6 +114,11 @@ class TrainConfig:
             if not 0 <= value < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {value}")
         check_invariance(self.invariance)
+        if self.backbone_stage is not None and (isinstance(self.backbone_stage, bool)
+                                                or not isinstance(self.backbone_stage, int)
+                                                or self.backbone_stage < 0):
+            raise ValueError(f"backbone_stage must be a stage number >= 0 or None (the whole "
+                             f"backbone), got {self.backbone_stage!r}")
         if not 0 <= self.backbone_lr_scale <= 1:
             raise ValueError(f"backbone_lr_scale must be in [0, 1], got {self.backbone_lr_scale}")
         if not 0 <= self.alignment_share < 1:
@@ -145,7 +155,8 @@ LEGACY_VALUES: dict[str, Any] = {"drop_path_rate": 0.0, "drop_rate": 0.0,
                                  "distribution_alignment": False,
                                  "test_time_augmentation": False,
                                  "hard_normal_share": 0.0, "probe_head_init": False,
-                                 "protect_top_share": 0.0, "alignment_share": 0.0}
+                                 "protect_top_share": 0.0, "alignment_share": 0.0,
+                                 "backbone_stage": None}
 
 
 def kind_defaults(invariance: str) -> dict[str, Any]:

@@ -37,7 +37,7 @@ def build_model(cfg: TrainConfig, in_chans: int) -> nn.Module:
     The head is re-initialised from normal(0, cfg.head_init_std) with zero bias so the
     first predictions sit near probability 0.5, and every BatchNorm gets `cfg.bn_momentum`.
     `cfg.drop_path_rate` (stochastic depth) and `cfg.drop_rate` (dropout before the head)
-    act in training mode only.
+    act in training mode only. With `cfg.backbone_stage` the backbone is cut after that stage.
     Weights that are not loaded come from torch's global RNG: call `set_seed` first.
     """
     if in_chans < 1:
@@ -47,6 +47,8 @@ def build_model(cfg: TrainConfig, in_chans: int) -> nn.Module:
                               drop_path_rate=cfg.drop_path_rate)
     if cfg.pretrained:
         _load_imagenet_backbone(model, in_chans)
+    if cfg.backbone_stage is not None:
+        truncate_after_block(model, cfg.backbone_stage)
     init_head(model.get_classifier(), cfg.head_init_std)
     set_bn_momentum(model, cfg.bn_momentum)
     return model
