@@ -51,13 +51,15 @@ def blend(saved: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray
     return mean_z(*(saved[t] for t in weights), weights=list(weights.values()))
 
 
-def saved_runs(log_paths: Sequence[Path], setting: str) -> list[dict]:
-    """The latest row of each run of `setting` that saved its logits, in log order."""
+def saved_runs(log_paths: Sequence[Path], setting: str, protocol: str = "full") -> list[dict]:
+    """The latest row of each run of `setting` under `protocol` that saved its logits, in
+    log order."""
     latest: dict[str, dict] = {}
     for path in log_paths:
         for line in path.read_text().splitlines():
             row = json.loads(line)
-            if row.get("setting") == setting and row.get("scores_dir"):
+            if (row.get("setting") == setting and row.get("protocol") == protocol
+                    and row.get("scores_dir")):
                 latest[row["key"]] = row
     return list(latest.values())
 
@@ -105,14 +107,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("blends", nargs="+", type=parse_blend, metavar="TERM=W,...",
                         help="the first is the baseline")
     parser.add_argument("--setting", required=True, help="the suite setting whose runs to read")
+    parser.add_argument("--protocol", default="full", help="the runs' protocol (default full)")
     parser.add_argument("--log", type=Path, action="append",
                         help=f"a suite log (repeatable; default {DEFAULT_LOG})")
     args = parser.parse_args(argv)
     logs = args.log or [DEFAULT_LOG]
-    rows = saved_runs(logs, args.setting)
+    rows = saved_runs(logs, args.setting, args.protocol)
     if not rows:
-        raise SystemExit(f"no run of {args.setting!r} in {', '.join(map(str, logs))} saved "
-                         "its logits (suite run --save-scores DIR)")
+        raise SystemExit(f"no {args.protocol} run of {args.setting!r} in "
+                         f"{', '.join(map(str, logs))} saved its logits "
+                         "(suite run --save-scores DIR)")
     print("\n".join(report(rows, args.blends)))
     return 0
 

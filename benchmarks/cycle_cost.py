@@ -7,6 +7,7 @@ both and their ratio. The target is a ratio of at most 1.5. The two are timed al
 --repeats times and the fastest run of each is kept, which resists a busy shared machine.
 
     python benchmarks/cycle_cost.py [--iterations 100] [--repeats 3] [--device auto]
+                                    [--backbone-stage 4]
 """
 
 from __future__ import annotations
@@ -88,10 +89,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3,
                         help="alternating timings of each; the fastest is reported")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--backbone-stage", type=int, default=None,
+                        help="train the backbone cut after this stage (default: whole)")
     args = parser.parse_args()
 
     cfg = TrainConfig(iterations=args.iterations, image_size=args.image_size,
-                      device=args.device, pretrained=False)
+                      device=args.device, pretrained=False, backbone_stage=args.backbone_stage)
     device = resolve_device(cfg.device)
     with tempfile.TemporaryDirectory() as tmp:
         store_path = Path(tmp) / "bench.h5"
@@ -106,6 +109,7 @@ def main() -> None:
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "torch_threads": torch.get_num_threads(),
         "iterations": cfg.iterations, "image_size": cfg.image_size,
+        "backbone_stage": cfg.backbone_stage,
         "batch": f"{cfg.batch_size} labelled + 2 x {cfg.uratio * cfg.batch_size} unlabelled",
         "cycle_seconds": round(cycle, 2), "bare_seconds": round(bare, 2),
         "all_cycle_seconds": [round(t, 2) for t in cycles],

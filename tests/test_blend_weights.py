@@ -28,11 +28,14 @@ def test_blends_are_weighted_means_of_standardised_logits_paired_with_the_first(
     for seed in range(3):
         _save_run(tmp_path / f"r{seed}", rng)
         rows.append({"key": f"k{seed}", "setting": "s", "dataset": "first:Bent", "seed": seed,
-                     "scores_dir": str(tmp_path / f"r{seed}")})
-    # An earlier row of the same run, one of another setting, one without logits: not read.
+                     "protocol": "full", "scores_dir": str(tmp_path / f"r{seed}")})
+    # An earlier row of the same run, one of another setting or protocol, one without
+    # logits: not read.
     _log(tmp_path / "log.jsonl", [{**rows[0], "scores_dir": "/nowhere"}, *rows,
                                   {**rows[1], "key": "other", "setting": "t"},
-                                  {"key": "k9", "setting": "s", "dataset": "x", "seed": 9}])
+                                  {**rows[1], "key": "c1", "protocol": "cycle1"},
+                                  {"key": "k9", "setting": "s", "dataset": "x", "seed": 9,
+                                   "protocol": "full"}])
     runs = blend_weights.saved_runs([tmp_path / "log.jsonl"], "s")
     assert [r["key"] for r in runs] == ["k0", "k1", "k2"]
     assert runs[0]["scores_dir"] == str(tmp_path / "r0")
@@ -67,6 +70,7 @@ def test_blend_specs_are_checked():
 
 
 def test_a_setting_without_saved_logits_is_a_clear_error(tmp_path):
-    _log(tmp_path / "log.jsonl", [{"key": "k", "setting": "s", "dataset": "d", "seed": 0}])
+    _log(tmp_path / "log.jsonl", [{"key": "k", "setting": "s", "dataset": "d", "seed": 0,
+                                   "protocol": "full"}])
     with pytest.raises(SystemExit, match="saved its logits"):
         blend_weights.main(["model=1", "--setting", "s", "--log", str(tmp_path / "log.jsonl")])
