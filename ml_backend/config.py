@@ -56,6 +56,10 @@ class Config:
     # kind of data (`core.config.kind_defaults`), else on / off.
     test_time_augmentation: bool | None = None
     distribution_alignment: bool | None = None
+    # Stage the trained backbone is cut after (AMLS_BACKBONE_STAGE): "auto" = the chosen
+    # invariance's default (`kind_defaults`: stage 4 for sky cutouts, whole for photographs),
+    # "whole", or a stage number. Changing it starts a new lineage.
+    backbone_stage: str = "auto"
     # Model versions kept per project on disk and as predictions in Label Studio.
     versions_kept: int = 3
     # Predictions written to Label Studio per API request. Label Studio 1.23 recounts every
@@ -186,6 +190,9 @@ class Config:
         for name in ("test_time_augmentation", "distribution_alignment"):
             if getattr(self, name) is not None:
                 settings[name] = getattr(self, name)
+        if self.backbone_stage != "auto":
+            settings["backbone_stage"] = (None if self.backbone_stage == "whole"
+                                          else int(self.backbone_stage))
         return self.train.replace(**settings)
 
     @classmethod
@@ -204,6 +211,7 @@ class Config:
             invariance=env.get("AMLS_INVARIANCE", "auto").strip() or "auto",
             test_time_augmentation=_auto_bool(env, "AMLS_TEST_TIME_AUGMENTATION"),
             distribution_alignment=_auto_bool(env, "AMLS_DISTRIBUTION_ALIGNMENT"),
+            backbone_stage=_backbone_stage(env),
             versions_kept=_int(env, "AMLS_VERSIONS_KEPT", 3),
             prediction_write_batch=_int(env, "AMLS_PREDICTION_WRITE_BATCH", 100_000),
             queue_name=env.get("AMLS_QUEUE", "amls"),
@@ -247,6 +255,15 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     if raw in ("0", "false", "no", "off"):
         return False
     raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def _backbone_stage(env: Mapping[str, str]) -> str:
+    """AMLS_BACKBONE_STAGE: "auto" (unset), "whole", or a stage number 0-6."""
+    raw = env.get("AMLS_BACKBONE_STAGE", "").strip().lower() or "auto"
+    if raw not in ("auto", "whole") and raw not in {str(i) for i in range(7)}:
+        raise ConfigError(f"AMLS_BACKBONE_STAGE must be auto, whole or a stage number 0-6, "
+                          f"got {raw!r}")
+    return raw
 
 
 def _auto_bool(env: Mapping[str, str], name: str) -> bool | None:

@@ -261,22 +261,26 @@ def test_config_defaults_and_overrides():
     assert not Config.from_env({"AMLS_RERANK_IMAGENET": "off"}).imagenet_term("dihedral")
 
 
-@pytest.mark.parametrize("env, store_invariance, invariance, tta, align", [
-    # sky cutouts: alignment on and eight views; photographs: two views, no alignment
-    ({}, "dihedral", "dihedral", True, True),
-    ({"AMLS_TEST_TIME_AUGMENTATION": "false"}, "dihedral", "dihedral", False, True),
-    ({}, "flip", "flip", True, False),
-    ({"AMLS_INVARIANCE": "flip"}, "dihedral", "flip", True, False),
-    ({"AMLS_TEST_TIME_AUGMENTATION": "auto"}, "flip", "flip", True, False),
-    ({"AMLS_TEST_TIME_AUGMENTATION": "false"}, "flip", "flip", False, False),
-    ({"AMLS_TEST_TIME_AUGMENTATION": "true"}, "dihedral", "dihedral", True, True),
-    ({"AMLS_DISTRIBUTION_ALIGNMENT": "off"}, "dihedral", "dihedral", True, False),
+@pytest.mark.parametrize("env, store_invariance, invariance, tta, align, stage", [
+    # sky cutouts: alignment on, eight views, the backbone cut after stage 4; photographs:
+    # two views, no alignment, the whole backbone
+    ({}, "dihedral", "dihedral", True, True, 4),
+    ({"AMLS_TEST_TIME_AUGMENTATION": "false"}, "dihedral", "dihedral", False, True, 4),
+    ({}, "flip", "flip", True, False, None),
+    ({"AMLS_INVARIANCE": "flip"}, "dihedral", "flip", True, False, None),
+    ({"AMLS_TEST_TIME_AUGMENTATION": "auto"}, "flip", "flip", True, False, None),
+    ({"AMLS_TEST_TIME_AUGMENTATION": "false"}, "flip", "flip", False, False, None),
+    ({"AMLS_TEST_TIME_AUGMENTATION": "true"}, "dihedral", "dihedral", True, True, 4),
+    ({"AMLS_DISTRIBUTION_ALIGNMENT": "off"}, "dihedral", "dihedral", True, False, 4),
+    ({"AMLS_BACKBONE_STAGE": "whole"}, "dihedral", "dihedral", True, True, None),
+    ({"AMLS_BACKBONE_STAGE": "5"}, "flip", "flip", True, False, 5),
+    ({"AMLS_BACKBONE_STAGE": "auto"}, "dihedral", "dihedral", True, True, 4),
 ])
 def test_a_jobs_training_config_follows_the_kind_of_data(env, store_invariance, invariance,
-                                                          tta, align):
+                                                          tta, align, stage):
     cfg = Config.from_env(env).train_config(store_invariance)
-    assert (cfg.invariance, cfg.test_time_augmentation, cfg.distribution_alignment) == (
-        invariance, tta, align)
+    assert (cfg.invariance, cfg.test_time_augmentation, cfg.distribution_alignment,
+            cfg.backbone_stage) == (invariance, tta, align, stage)
 
 
 @pytest.mark.parametrize("env, fragment", [
@@ -294,6 +298,8 @@ def test_a_jobs_training_config_follows_the_kind_of_data(env, store_invariance, 
     ({"AMLS_TEST_TIME_AUGMENTATION": "maybe"}, "AMLS_TEST_TIME_AUGMENTATION"),
     ({"AMLS_DISTRIBUTION_ALIGNMENT": "2"}, "AMLS_DISTRIBUTION_ALIGNMENT"),
     ({"AMLS_RERANK_IMAGENET": "sometimes"}, "AMLS_RERANK_IMAGENET"),
+    ({"AMLS_BACKBONE_STAGE": "7"}, "AMLS_BACKBONE_STAGE"),
+    ({"AMLS_BACKBONE_STAGE": "last"}, "AMLS_BACKBONE_STAGE"),
     ({"ANOMALY_LABEL": " "}, "ANOMALY_LABEL"),
 ])
 def test_config_rejects_bad_values(env, fragment):

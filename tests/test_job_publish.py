@@ -48,7 +48,7 @@ def test_a_job_publishes_then_points_label_studio(project):
 
 @pytest.mark.slow
 def test_the_job_takes_the_stores_invariance_unless_configured(project):
-    from ml_backend.core.checkpoint import read_meta
+    from ml_backend.core.checkpoint import load_model_dir, read_meta
 
     fake, registry, settings = project
     jobs.run_training(7, settings, fake)  # invariance "auto", the default
@@ -56,12 +56,15 @@ def test_the_job_takes_the_stores_invariance_unless_configured(project):
     jobs.run_training(7, settings.replace(invariance="dihedral"), fake)  # new lineage
     forced = read_meta(registry.latest_dir(7))
     # each kind's defaults (core.config.kind_defaults)
-    assert (auto.invariance, auto.test_time_augmentation, auto.distribution_alignment) == (
-        "flip", True, False)
+    assert (auto.invariance, auto.test_time_augmentation, auto.distribution_alignment,
+            auto.backbone_stage) == ("flip", True, False, None)
     forced_cfg = TrainConfig.from_dict(forced.config)
     assert (forced_cfg.invariance, forced_cfg.test_time_augmentation,
-            forced_cfg.distribution_alignment) == ("dihedral", True, True)
+            forced_cfg.distribution_alignment, forced_cfg.backbone_stage) == (
+        "dihedral", True, True, 4)
     assert forced.parent is None
+    # The sky cycle trained and serves the backbone cut after stage 4.
+    assert load_model_dir(registry.latest_dir(7))[0].num_features == 112
 
 
 @pytest.mark.slow
