@@ -241,7 +241,7 @@ def run_simulation(
                                          batch_size=cfg.score_batch_size, device=cfg.device)
                 else:  # the whole pool: the next interim head needs the new labels' features
                     previous = stale
-                    if features.shape[1] != model.num_features:  # the ImageNet term's stage
+                    if features.shape[1] != model.num_features:  # not the ImageNet term's width
                         features = np.empty((len(pool), model.num_features), dtype=np.float16)
                     stale = score_store(store, model, meta, indices=pool, features=features,
                                         batch_size=cfg.score_batch_size, device=cfg.device)
@@ -281,11 +281,10 @@ def run_simulation(
                 extra |= _prefixed("pblend", truth[unlabelled], _mean_rank(scores, probe["head"]))
                 extra |= _prefixed("pzblend", truth[unlabelled],
                                    _mean_rank(ranked["zblend"], probe["head"]))
-                lblend = mean_z(ranked["model_logit"], ranked["head_logit"],
-                                 probe["head_logit"])
-                extra |= _prefixed("lblend", truth[unlabelled], lblend)
                 logits = {"model": ranked["model_logit"], "head": ranked["head_logit"],
                           "probe": probe["head_logit"]}
+                lblend = mean_z(*logits.values())
+                extra |= _prefixed("lblend", truth[unlabelled], lblend)
                 if framed is not None:
                     fprobe = _head_rankings(framed, pool, labelled, unlabelled, truth, None)
                     extra |= _prefixed("fprobe", truth[unlabelled], fprobe["head"])
