@@ -128,7 +128,7 @@ def imagenet_model(cfg: TrainConfig, channels: int, stretch: dict[str, Any], *,
     exactly as it would with a trained cycle of `cfg` (size, crop, and the views of
     test-time augmentation). A cut the config asks of a trained model is not applied."""
     cfg = cfg.replace(backbone_stage=None)
-    model = _imagenet_stage(build_model(cfg, channels), stage)
+    model = _imagenet_backbone(cfg, channels, stage)
     meta = ModelMeta(version=IMAGENET_KIND, parent=None, created=utc_now_iso(),
                      config=cfg.to_dict(), image_size=cfg.image_size, channels=channels,
                      stretch=dict(stretch), center_crop=cfg.center_crop, kind=IMAGENET_KIND,
@@ -192,10 +192,10 @@ def load_model_dir(model_dir: str | Path,
         # the bursts on it) the model itself.
         model = build_model(cfg, meta.channels)
         if meta.imagenet_branch:
-            branch = build_model(cfg.replace(backbone_stage=None), meta.channels)
-            model = SideBySide(model, _imagenet_stage(branch, meta.imagenet_stage))
-        else:
-            model = _imagenet_stage(model, meta.imagenet_stage)
+            model = SideBySide(model, _imagenet_backbone(cfg, meta.channels,
+                                                         meta.imagenet_stage))
+        elif meta.imagenet_stage is not None:
+            model = truncate_after_block(model, meta.imagenet_stage)
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as err:
@@ -203,8 +203,10 @@ def load_model_dir(model_dir: str | Path,
     return model.to(resolve_device(device)).eval(), meta
 
 
-def _imagenet_stage(model: nn.Module, stage: int | None) -> nn.Module:
-    """`model` pooled after `stage` (None: unchanged, its last)."""
+def _imagenet_backbone(cfg: TrainConfig, channels: int, stage: int | None) -> nn.Module:
+    """The ImageNet backbone under `cfg`, always built whole (a cut `cfg` asks of a trained
+    model does not apply to it), then pooled after its own `stage` (None: its last)."""
+    model = build_model(cfg.replace(backbone_stage=None), channels)
     return model if stage is None else truncate_after_block(model, stage)
 
 

@@ -197,8 +197,11 @@ def run_simulation(
     framed = None
     if fast and (plan.imagenet_framing is not None or plan.imagenet_block is not None):
         crop, size = plan.imagenet_framing or (cfg.center_crop, cfg.image_size)
-        stage = {None: IMAGENET_STAGE, IMAGENET_UNCUT: None}.get(plan.imagenet_block,
-                                                                 plan.imagenet_block)
+        stage = plan.imagenet_block
+        if stage is None:
+            stage = IMAGENET_STAGE
+        elif stage == IMAGENET_UNCUT:
+            stage = None
         framed = _imagenet_features(store, pool, cfg.replace(center_crop=crop, image_size=size),
                                     stage=stage)
     stale: np.ndarray | None = None  # the previous cycle's FixMatch scores over the pool
