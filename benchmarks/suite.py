@@ -199,10 +199,12 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     # term was the backend's) measured the same pair the other way round.
     *(Setting(f"{name}@imagenet-last", overrides=dict(SETTINGS_BY_KIND[name]),
               imagenet_block=IMAGENET_UNCUT) for name in SETTINGS_BY_KIND),
-    # Each kind's default trained with the backbone cut after stage 4 (TrainConfig.backbone_stage),
-    # the fast head measured as in the "@imagenet-last" runs it pairs with.
-    *(Setting(f"{name}+stage-4", overrides={**SETTINGS_BY_KIND[name], "backbone_stage": 4},
-              fast_head=True) for name in SETTINGS_BY_KIND),
+    # Each kind's default trained with the backbone cut after stage 3, 4 or 5
+    # (TrainConfig.backbone_stage; 80, 112 or 192 channels), the fast head measured as in the
+    # "@imagenet-last" runs they pair with.
+    *(Setting(f"{name}+stage-{stage}",
+              overrides={**SETTINGS_BY_KIND[name], "backbone_stage": stage}, fast_head=True)
+      for name in SETTINGS_BY_KIND for stage in (3, 4, 5)),
     # 96 px model input instead of 64 (2.25x the pixels).
     Setting("size-96", overrides={"image_size": 96}),
     Setting("flip+size-96", overrides={"invariance": "flip", "image_size": 96}),
