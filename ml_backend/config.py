@@ -57,8 +57,8 @@ class Config:
     test_time_augmentation: bool | None = None
     distribution_alignment: bool | None = None
     # Stage the trained backbone is cut after (AMLS_BACKBONE_STAGE): "auto" = the chosen
-    # invariance's default (`kind_defaults`: stage 4 for sky cutouts, whole for photographs),
-    # "whole", or a stage number. Changing it starts a new lineage.
+    # invariance's default (`kind_defaults`: stage 4 for both kinds), "whole", or a stage
+    # number. Changing it starts a new lineage.
     backbone_stage: str = "auto"
     # Model versions kept per project on disk and as predictions in Label Studio.
     versions_kept: int = 3

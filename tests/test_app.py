@@ -262,14 +262,15 @@ def test_config_defaults_and_overrides():
 
 
 @pytest.mark.parametrize("env, store_invariance, invariance, tta, align, stage", [
-    # sky cutouts: alignment on, eight views, the backbone cut after stage 4; photographs:
-    # two views, no alignment, the whole backbone
+    # sky cutouts: alignment on, eight views; photographs: two views, no alignment; both
+    # train the backbone cut after stage 4
     ({}, "dihedral", "dihedral", True, True, 4),
     ({"AMLS_TEST_TIME_AUGMENTATION": "false"}, "dihedral", "dihedral", False, True, 4),
-    ({}, "flip", "flip", True, False, None),
-    ({"AMLS_INVARIANCE": "flip"}, "dihedral", "flip", True, False, None),
-    ({"AMLS_TEST_TIME_AUGMENTATION": "auto"}, "flip", "flip", True, False, None),
-    ({"AMLS_TEST_TIME_AUGMENTATION": "false"}, "flip", "flip", False, False, None),
+    ({}, "flip", "flip", True, False, 4),
+    ({"AMLS_INVARIANCE": "flip"}, "dihedral", "flip", True, False, 4),
+    ({"AMLS_TEST_TIME_AUGMENTATION": "auto"}, "flip", "flip", True, False, 4),
+    ({"AMLS_TEST_TIME_AUGMENTATION": "false"}, "flip", "flip", False, False, 4),
+    ({"AMLS_BACKBONE_STAGE": "whole"}, "flip", "flip", True, False, None),
     ({"AMLS_TEST_TIME_AUGMENTATION": "true"}, "dihedral", "dihedral", True, True, 4),
     ({"AMLS_DISTRIBUTION_ALIGNMENT": "off"}, "dihedral", "dihedral", True, False, 4),
     ({"AMLS_BACKBONE_STAGE": "whole"}, "dihedral", "dihedral", True, True, None),

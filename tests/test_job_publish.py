@@ -57,13 +57,13 @@ def test_the_job_takes_the_stores_invariance_unless_configured(project):
     forced = read_meta(registry.latest_dir(7))
     # each kind's defaults (core.config.kind_defaults)
     assert (auto.invariance, auto.test_time_augmentation, auto.distribution_alignment,
-            auto.backbone_stage) == ("flip", True, False, None)
+            auto.backbone_stage) == ("flip", True, False, 4)
     forced_cfg = TrainConfig.from_dict(forced.config)
     assert (forced_cfg.invariance, forced_cfg.test_time_augmentation,
             forced_cfg.distribution_alignment, forced_cfg.backbone_stage) == (
         "dihedral", True, True, 4)
     assert forced.parent is None
-    # The sky cycle trained and serves the backbone cut after stage 4.
+    # The new lineage's cycle trained and serves the backbone cut after stage 4.
     assert load_model_dir(registry.latest_dir(7))[0].num_features == 112
 
 
