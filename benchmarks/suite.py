@@ -86,11 +86,12 @@ class Setting:
 # What every setting's overrides apply to: the defaults the log's first runs had, so that a
 # setting keeps meaning what it meant when its runs were logged (and their keys stay valid)
 # when a TrainConfig default changes. Today's product defaults (`kind_defaults`) are the
-# settings "dist-align+tta" (dihedral, sky cutouts; session 11) and "flip+tta" (flip,
-# photographs).
+# settings "dist-align+tta+stage-4" (dihedral, sky cutouts; sessions 11 and 23) and
+# "flip+tta+stage-4" (flip, photographs; session 24).
 SUITE_BASE: dict[str, Any] = {"distribution_alignment": False, "test_time_augmentation": False}
 REFERENCE_FIX = {"bn_momentum": 0.01, "drop_path_rate": 0.2, "drop_rate": 0.2}
-# Today's product default of each kind of data, by the name its runs are logged under.
+# Each kind of data's product default before the backbone was cut (session 23), by the
+# name its runs are logged under; the base of each kind's other settings.
 SETTINGS_BY_KIND = {"dist-align+tta": {"distribution_alignment": True,
                                        "test_time_augmentation": True},
                     "flip+tta": {"invariance": "flip", "test_time_augmentation": True}}
