@@ -14,7 +14,6 @@ interval: `benchmarks.paired`). The published three-term blend is `model=1,head=
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import numpy as np
 
 from benchmarks.paired import paired_comparison
 from benchmarks.suite import DEFAULT_LOG
+from benchmarks.suite_report import mean_std, setting_runs
 from ml_backend.core import metrics
 from ml_backend.core.simulate import mean_z
 
@@ -52,16 +52,9 @@ def blend(saved: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray
 
 
 def saved_runs(log_paths: Sequence[Path], setting: str, protocol: str = "full") -> list[dict]:
-    """The latest row of each run of `setting` under `protocol` that saved its logits, in
-    log order."""
-    latest: dict[str, dict] = {}
-    for path in log_paths:
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            if (row.get("setting") == setting and row.get("protocol") == protocol
-                    and row.get("scores_dir")):
-                latest[row["key"]] = row
-    return list(latest.values())
+    """The latest row of each run of `setting` under `protocol`, where it saved its logits."""
+    return [row for row in setting_runs(log_paths, setting, protocol).values()
+            if row.get("scores_dir")]
 
 
 def measure(rows: list[dict], blends: list[dict[str, float]]) -> dict[int, list[list[dict]]]:
@@ -96,9 +89,7 @@ def report(rows: list[dict], blends: list[dict[str, float]]) -> list[str]:
                     c = paired_comparison(base, values)
                     pair = (f"{c.mean_diff:+.3f} [{c.ci_low:+.3f}, {c.ci_high:+.3f}] | "
                             f"{c.wins} / {c.losses}")
-                lines.append(f"| {cycle} | {metric} | {name} | {np.mean(values):.3f} ± "
-                             f"{np.std(values, ddof=1) if len(values) > 1 else 0:.3f} | "
-                             f"{pair} |")
+                lines.append(f"| {cycle} | {metric} | {name} | {mean_std(values)} | {pair} |")
     return lines
 
 

@@ -12,14 +12,12 @@ over the same (dataset, seed); the latest logged row of each is read.
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
 from benchmarks.paired import paired_comparison
 from benchmarks.suite import DEFAULT_LOG
+from benchmarks.suite_report import mean_std, setting_runs
 
 # A ranking's column prefix in the log's per-cycle rows ("model": the unprefixed metrics).
 RANKINGS = ("model", "head", "zblend", "blend", "lblend", "probe", "fprobe", "fblend")
@@ -42,15 +40,10 @@ def column(ranking: str, metric: str) -> str:
 
 def latest_runs(log_paths: Sequence[Path], setting: str, protocol: str,
                 device: str = "cpu") -> dict[tuple[str, int], dict]:
-    """(dataset, seed) -> the latest logged row of `setting` under `protocol` on `device`."""
-    runs: dict[tuple[str, int], dict] = {}
-    for path in log_paths:
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            if (row.get("setting") == setting and row.get("protocol") == protocol
-                    and row.get("device", "cpu") == device and row.get("cycles")):
-                runs[(row["dataset"], row["seed"])] = row
-    return runs
+    """(dataset, seed) -> the latest logged row of `setting` under `protocol` on `device`
+    that holds its cycles (under "cycle1", full runs stand in with their first cycle)."""
+    return {k: row for k, row in setting_runs(log_paths, setting, protocol, device).items()
+            if row.get("cycles")}
 
 
 def report(base: dict[tuple[str, int], dict], cand: dict[tuple[str, int], dict],
@@ -69,7 +62,7 @@ def report(base: dict[tuple[str, int], dict], cand: dict[tuple[str, int], dict],
             b = [base[k]["cycles"][cycle][column(base_ranking, metric)] for k in keys]
             c = [cand[k]["cycles"][cycle][column(cand_ranking, metric)] for k in keys]
             pair = paired_comparison(b, c)
-            lines.append(f"| {cycle + 1} | {metric} | {_mean_std(b)} | {_mean_std(c)} | "
+            lines.append(f"| {cycle + 1} | {metric} | {mean_std(b)} | {mean_std(c)} | "
                          f"{pair.mean_diff:+.3f} [{pair.ci_low:+.3f}, {pair.ci_high:+.3f}] | "
                          f"{pair.wins} / {pair.losses} |")
     lines += ["", f"Per run after cycle {cycles} (AUROC, AP, top-1 %: baseline -> candidate):"]
@@ -79,11 +72,6 @@ def report(base: dict[tuple[str, int], dict], cand: dict[tuple[str, int], dict],
             f"{b[column(base_ranking, m)]:.3f} -> {c[column(cand_ranking, m)]:.3f}"
             for m in METRICS))
     return lines
-
-
-def _mean_std(values: Sequence[float]) -> str:
-    spread = np.std(values, ddof=1) if len(values) > 1 else 0.0
-    return f"{np.mean(values):.3f} ± {spread:.3f}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -47,12 +47,20 @@ def load_rows(paths: Sequence[Path], protocol: str, device: str = "cpu") -> Rows
     return rows
 
 
+def setting_runs(paths: Sequence[Path], setting: str, protocol: str,
+                 device: str = "cpu") -> dict[tuple[str, int], dict[str, Any]]:
+    """(dataset, seed) -> the latest row of each run of `setting` (`load_rows`' rules)."""
+    return {(dataset, seed): row
+            for (dataset, name), runs in load_rows(paths, protocol, device).items()
+            if name == setting for seed, row in runs.items()}
+
+
 def top1_ceiling(row: dict[str, Any]) -> float:
     """Best possible top-1 % precision: remaining anomalies / top-1 % slots, at most 1."""
     return min(1.0, row["n_anomalies"] / top_count(row["n"], 0.01))
 
 
-def _mean_std(values: list[float]) -> str:
+def mean_std(values: list[float]) -> str:
     if not values:
         return "–"
     if len(values) == 1:
@@ -83,9 +91,9 @@ def report(paths: Sequence[Path], baseline: str, protocol: str,
             for setting in settings:
                 values = [r[metric] for r in rows.get((dataset, setting), {}).values()
                           if metric in r]
-                cells.append(f"{_mean_std(values)} ({len(values)})")
+                cells.append(f"{mean_std(values)} ({len(values)})")
             base_runs = rows.get((dataset, baseline), {})
-            ceiling = _mean_std([top1_ceiling(r) for r in base_runs.values()])
+            ceiling = mean_std([top1_ceiling(r) for r in base_runs.values()])
             lines.append(f"| {dataset} | " + " | ".join(cells) + f" | {ceiling} |")
         for suite in sorted({_suite(d) for d in datasets}):
             cells = []
@@ -93,7 +101,7 @@ def report(paths: Sequence[Path], baseline: str, protocol: str,
                 values = [r[metric] for (d, s), runs in rows.items()
                           if s == setting and _suite(d) == suite for r in runs.values()
                           if metric in r]
-                cells.append(f"**{_mean_std(values)}** ({len(values)})")
+                cells.append(f"**{mean_std(values)}** ({len(values)})")
             lines.append(f"| **{suite} mean** | " + " | ".join(cells) + " | |")
         lines += ["", *_paired_lines(rows, datasets, settings, baseline, metric), ""]
     return lines
