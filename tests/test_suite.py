@@ -178,6 +178,20 @@ def test_blend_pick_settings_are_the_kind_defaults_with_a_fast_head_and_their_ow
             assert f"picks:{blend}" in job.key()
 
 
+def test_supervised_settings_are_the_cut_defaults_trained_on_labels_alone(tmp_path, monkeypatch):
+    for kind in ("dist-align+tta", "flip+tta"):
+        product, alone = SETTINGS[f"{kind}+stage-4"], SETTINGS[f"supervised+{kind}+stage-4"]
+        assert alone.overrides == product.overrides and alone.method == "supervised"
+        job = Job(SUITES["first"][0], 0, alone, "full")
+        assert job.measures_fast_head
+        assert job.key() != Job(SUITES["first"][0], 0, product, "full").key()
+    plans = []
+    monkeypatch.setattr(suite, "run_one", lambda store, truth, plan, cfg: plans.append(plan)
+                        or [{"auroc": 0.5}])
+    run_job(job, tmp_path / "s.h5", tmp_path / "t.csv", 1)
+    assert plans[0].method == "supervised" and plans[0].fast_head
+
+
 @pytest.mark.parametrize("size", [96, 64])
 def test_a_framed_imagenet_setting_measures_the_fast_head_under_its_own_key(tmp_path,
                                                                            monkeypatch, size):
