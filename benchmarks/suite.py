@@ -211,6 +211,11 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     *(Setting(f"supervised+{name}+stage-4", method="supervised",
               overrides={**SETTINGS_BY_KIND[name], "backbone_stage": 4}, fast_head=True)
       for name in SETTINGS_BY_KIND),
+    # Photographs' cut default at 96 px with 2 unlabelled images per labelled one instead of
+    # 5: about the same pixels per training step.
+    Setting("flip+tta+stage-4+size-96+u2",
+            overrides={**SETTINGS_BY_KIND["flip+tta"], "backbone_stage": 4, "image_size": 96,
+                       "uratio": 2}, fast_head=True),
     # 96 px model input instead of 64 (2.25x the pixels).
     Setting("size-96", overrides={"image_size": 96}),
     Setting("flip+size-96", overrides={"invariance": "flip", "image_size": 96}),
