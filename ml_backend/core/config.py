@@ -173,7 +173,7 @@ def kind_defaults(invariance: str) -> dict[str, Any]:
     Distribution alignment is on for "dihedral" only (ahead on AUROC on FIRST, 12 pairs; no
     better on Animal-MNIST over 10 classes, and far worse on one). Both train the backbone
     cut after stage 4 (FIRST: AUROC up over 12 runs, session 23; Animal-MNIST: AUROC, AP and
-    top-1 % up over 20 runs, session 24).
+    top-1 % up over 30 runs, sessions 24-25).
     """
     sky = check_invariance(invariance) == "dihedral"
     return {"invariance": invariance, "distribution_alignment": sky,
