@@ -95,6 +95,9 @@ REFERENCE_FIX = {"bn_momentum": 0.01, "drop_path_rate": 0.2, "drop_rate": 0.2}
 SETTINGS_BY_KIND = {"dist-align+tta": {"distribution_alignment": True,
                                        "test_time_augmentation": True},
                     "flip+tta": {"invariance": "flip", "test_time_augmentation": True}}
+# Each kind's product default today (the backbone cut after stage 4), by its base's name.
+CUT_BY_KIND = {name: {**overrides, "backbone_stage": 4}
+               for name, overrides in SETTINGS_BY_KIND.items()}
 SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("default"),  # the session-8 defaults (SUITE_BASE), not today's
     Setting("supervised", method="supervised"),
@@ -208,14 +211,19 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
       for name in SETTINGS_BY_KIND for stage in (3, 4, 5)),
     # Each kind's default trained on the labels alone (no unlabelled images), cut and blended
     # as the product is: what FixMatch's unlabelled half earns today.
-    *(Setting(f"supervised+{name}+stage-4", method="supervised",
-              overrides={**SETTINGS_BY_KIND[name], "backbone_stage": 4}, fast_head=True)
+    *(Setting(f"supervised+{name}+stage-4", method="supervised", overrides=CUT_BY_KIND[name],
+              fast_head=True)
       for name in SETTINGS_BY_KIND),
     # Photographs' cut default at 96 px with 2 unlabelled images per labelled one instead of
     # 5: about the same pixels per training step.
     Setting("flip+tta+stage-4+size-96+u2",
-            overrides={**SETTINGS_BY_KIND["flip+tta"], "backbone_stage": 4, "image_size": 96,
-                       "uratio": 2}, fast_head=True),
+            overrides={**CUT_BY_KIND["flip+tta"], "image_size": 96, "uratio": 2}, fast_head=True),
+    # Photographs' cut default with no "normal" pseudo-label for the most anomalous fifth or
+    # half of each unlabelled batch: its pseudo-labels call about half the pool's anomalies
+    # "normal" (anomaly share 0.3-0.6 % against the true 1 %, mask rate 0.99; session 26).
+    *(Setting(f"flip+tta+stage-4+protect-{share}",
+              overrides={**CUT_BY_KIND["flip+tta"], "protect_top_share": share}, fast_head=True)
+      for share in (0.2, 0.5)),
     # 96 px model input instead of 64 (2.25x the pixels).
     Setting("size-96", overrides={"image_size": 96}),
     Setting("flip+size-96", overrides={"invariance": "flip", "image_size": 96}),
