@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from amls_cli.options import center_crop_arg
 from benchmarks.datasets import FIRST_CLASSES, build_animal, build_first
+from benchmarks.suite_report import mean_std
 from ml_backend.core.config import TrainConfig
 from ml_backend.core.csvio import truth_vector
 from ml_backend.core.simulate import METHODS, SimulationPlan, run_simulation
@@ -53,15 +53,8 @@ def run_one(store_path: Path, truth_path: Path, plan: SimulationPlan,
 
 def summarise(rows: list[dict], keys: tuple[str, ...] = METRICS) -> dict[str, str]:
     """'mean ± std' over rows for each key ('n/a' where no row has it)."""
-    out = {}
-    for key in keys:
-        values = [r[key] for r in rows if r.get(key) is not None]
-        if not values:
-            out[key] = "n/a"
-            continue
-        std = statistics.stdev(values) if len(values) > 1 else 0.0
-        out[key] = f"{statistics.mean(values):.3f} ± {std:.3f}"
-    return out
+    values = {key: [r[key] for r in rows if r.get(key) is not None] for key in keys}
+    return {key: mean_std(v) if v else "n/a" for key, v in values.items()}
 
 
 def table_header(labels: Sequence[str], keys: tuple[str, ...] = METRICS) -> list[str]:

@@ -10,6 +10,7 @@ import subprocess
 import pytest
 
 from benchmarks import suite
+from benchmarks.detection_quality import table_row
 from benchmarks.paired import BAD_LOSS, clear_majority_size, decide, paired_comparison
 from benchmarks.suite import (
     PROTOCOLS,
@@ -31,6 +32,7 @@ from benchmarks.suite_report import (
     report,
     top1_ceiling,
 )
+from ml_backend.core.config import kind_defaults
 
 
 def test_paired_comparison_counts_and_mean_by_hand():
@@ -349,3 +351,16 @@ def test_protocols_and_suites_are_what_the_issue_asks():
     assert sparse == {"initial_normals": 20}  # a project's start; everything else as full
     assert len(SUITES["animal"]) == 10 and {d.rare_fraction for d in SUITES["animal"]} == {0.01}
     assert len(SUITES["first"]) == 4 and {d.center_crop for d in SUITES["first"]} == {0.5}
+
+
+def test_detection_quality_table_row_means_by_hand():
+    rows = [{"auroc": 0.5, "ap": None}, {"auroc": 0.7}]
+    # mean 0.6, sample std sqrt(0.02) = 0.141; no row has an AP
+    assert table_row(["x"], rows, ("auroc", "ap")) == "| x | 2 | 0.600 ± 0.141 | n/a |"
+    assert table_row(["x"], rows[:1], ("auroc",)) == "| x | 1 | 0.500 |"
+
+
+def test_cut_settings_are_today_product_defaults():
+    for name, kind in (("flip+tta+stage-4", "flip"), ("dist-align+tta+stage-4", "dihedral")):
+        config = job_config(Job(SUITES["first"][0], 0, SETTINGS[name], "full"))
+        assert {k: getattr(config, k) for k in kind_defaults(kind)} == kind_defaults(kind)
