@@ -220,7 +220,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             overrides={**CUT_BY_KIND["flip+tta"], "image_size": 96, "uratio": 2}, fast_head=True),
     # Photographs' cut default with no "normal" pseudo-label for the most anomalous fifth or
     # half of each unlabelled batch: its pseudo-labels call about half the pool's anomalies
-    # "normal" (anomaly share 0.3-0.6 % against the true 1 %, mask rate 0.99; session 26).
+    # "normal" (anomaly share 0.2-0.9 % against the true 1 %, mask rate 0.96-1.00; session 26).
     *(Setting(f"flip+tta+stage-4+protect-{share}",
               overrides={**CUT_BY_KIND["flip+tta"], "protect_top_share": share}, fast_head=True)
       for share in (0.2, 0.5)),
