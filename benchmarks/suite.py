@@ -230,13 +230,15 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             fast_head=True),
     Setting("flip+tta+stage-4+iter-200", overrides={**CUT_BY_KIND["flip+tta"], "iterations": 200},
             fast_head=True),
-    # The same iterations at today's training cost (2 unlabelled images per labelled one
-    # instead of 5), and more iterations on the labels alone (a tenth of FixMatch's step).
-    Setting("flip+tta+stage-4+iter-200+u2",
-            overrides={**CUT_BY_KIND["flip+tta"], "iterations": 200, "uratio": 2}, fast_head=True),
-    *(Setting(f"supervised+flip+tta+stage-4+iter-{n}", method="supervised",
-              overrides={**CUT_BY_KIND["flip+tta"], "iterations": n}, fast_head=True)
-      for n in (200, 400)),
+    # Each kind's cut default with the same iterations at today's training cost (2 unlabelled
+    # images per labelled one instead of 5), and more iterations on the labels alone (a
+    # tenth of FixMatch's step).
+    *(Setting(f"{name}+stage-4+iter-200+u2",
+              overrides={**CUT_BY_KIND[name], "iterations": 200, "uratio": 2}, fast_head=True)
+      for name in CUT_BY_KIND),
+    *(Setting(f"supervised+{name}+stage-4+iter-{n}", method="supervised",
+              overrides={**CUT_BY_KIND[name], "iterations": n}, fast_head=True)
+      for name in CUT_BY_KIND for n in (200, 400)),
     # 96 px model input instead of 64 (2.25x the pixels).
     Setting("size-96", overrides={"image_size": 96}),
     Setting("flip+size-96", overrides={"invariance": "flip", "image_size": 96}),
