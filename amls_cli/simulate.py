@@ -36,8 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cycles", type=int, default=3, help="active-learning cycles")
     p.add_argument("--per-cycle", type=int, default=10,
                    help="anomalies and false positives the oracle labels after each cycle")
-    p.add_argument("--iterations", type=int, default=TrainConfig.iterations,
-                   help="training steps per cycle")
+    p.add_argument("--iterations", type=int,
+                   help="training steps per cycle (default: the kind of data's, 100 for "
+                   "dihedral data, 200 for flip data)")
     p.add_argument("--pool", type=int, default=10_000,
                    help="images drawn from the store (labelled and unlabelled)")
     p.add_argument("--seed", type=int, default=42,
@@ -71,8 +72,10 @@ def run(args: argparse.Namespace) -> int:
         # The store says which invariance suits its data unless --invariance is given, and
         # that kind of data has its defaults (test-time augmentation) unless told otherwise.
         given = training_overrides(args)
+        if args.iterations is not None:
+            given["iterations"] = args.iterations
         overrides = kind_defaults(given.get("invariance", store.invariance)) | given
-        cfg = TrainConfig(iterations=args.iterations, image_size=args.size,
+        cfg = TrainConfig(image_size=args.size,
                           center_crop=args.center_crop, seed=args.seed, device=args.device,
                           **overrides)
         truth = truth_vector(store, args.truth)

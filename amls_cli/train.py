@@ -1,6 +1,6 @@
 """`amls train`: one training cycle on a cutout store and an `id,label` CSV.
 
-    amls train STORE.h5 --labels LABELS.csv [--init MODEL_DIR] [--iterations 100]
+    amls train STORE.h5 --labels LABELS.csv [--init MODEL_DIR] [--iterations N]
                [--image-size S] [--seed N] [--device auto] -o MODEL_DIR
 
 Labelled ids are read from the store; every other row of the store is the unlabelled pool.
@@ -41,7 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init", type=Path, metavar="MODEL_DIR",
                    help="continue from this model directory (same image size, crop and "
                    "channels)")
-    p.add_argument("--iterations", type=int, help="training steps (default 100)")
+    p.add_argument("--iterations", type=int,
+                   help="training steps (default: the kind of data's, 100 for dihedral data, "
+                   "200 for flip data; with --init the parent's)")
     p.add_argument("--image-size", type=int, metavar="S", help="model input side (default 64)")
     p.add_argument("--center-crop", type=center_crop_arg, metavar="F",
                    help="fraction of each cutout side kept around the centre before resizing "

@@ -87,7 +87,7 @@ class Setting:
 # setting keeps meaning what it meant when its runs were logged (and their keys stay valid)
 # when a TrainConfig default changes. Today's product defaults (`kind_defaults`) are the
 # settings "dist-align+tta+stage-4" (dihedral, sky cutouts; sessions 11 and 23) and
-# "flip+tta+stage-4" (flip, photographs; session 24).
+# "flip+tta+stage-4+iter-200+u2" (flip, photographs; sessions 24 and 27).
 SUITE_BASE: dict[str, Any] = {"distribution_alignment": False, "test_time_augmentation": False}
 REFERENCE_FIX = {"bn_momentum": 0.01, "drop_path_rate": 0.2, "drop_rate": 0.2}
 # Each kind of data's product default before the backbone was cut (session 23), by the

@@ -43,11 +43,14 @@ class Config:
     basic_auth_pass: str = dataclasses.field(default="", repr=False)
     # Choice value that means "anomaly" in the project's label config.
     anomaly_label: str = "anomaly"
-    # Training and scoring hyperparameters of every job (FixMatch iterations per cycle, input
-    # size, centre crop, batch sizes, torch device "cpu" / "cuda" / "auto"); the rest of
-    # TrainConfig keeps its paper defaults. Its `invariance`, `test_time_augmentation` and
-    # `distribution_alignment` are not used: see below.
+    # Training and scoring hyperparameters of every job (input size, centre crop, batch
+    # sizes, torch device "cpu" / "cuda" / "auto"); the rest of TrainConfig keeps its paper
+    # defaults. Its `invariance`, `test_time_augmentation`, `distribution_alignment`,
+    # `backbone_stage`, `iterations` and `uratio` are not used: see below.
     train: TrainConfig = TrainConfig()
+    # FixMatch iterations per training job (AMLS_ITERATIONS): None ("auto") = the chosen
+    # invariance's default (`kind_defaults`: 100 for sky cutouts, 200 for photographs).
+    iterations: int | None = None
     # Symmetries the weak view teaches: "dihedral" (sky cutouts), "flip" (upright photos) or
     # "auto": what the task's cutout store records (`amls import --invariance`; else dihedral).
     invariance: str = "auto"
@@ -110,13 +113,12 @@ class Config:
         return f"{self.queue_name}-fast"
 
     def __post_init__(self) -> None:
-        for owner, names in ((self.train, ("iterations", "image_size", "batch_size",
-                                           "score_batch_size")),
-                             (self, ("versions_kept", "prediction_write_batch",
+        for owner, names in ((self.train, ("image_size", "batch_size", "score_batch_size")),
+                             (self, ("iterations", "versions_kept", "prediction_write_batch",
                                      "job_timeout_s", "min_anomalies", "min_normals"))):
             for name in names:
                 value = getattr(owner, name)
-                if value < 1:
+                if value is not None and value < 1:
                     raise ConfigError(f"{name} must be >= 1, got {value}")
         for name in ("debounce_s", "rerank_debounce_s"):
             if not 0.0 <= getattr(self, name) <= MAX_DEBOUNCE_S:
@@ -184,12 +186,14 @@ class Config:
     def train_config(self, store_invariance: str) -> TrainConfig:
         """The TrainConfig of a job on a store recording `store_invariance`: its invariance
         (unless AMLS_INVARIANCE says otherwise) and that kind's defaults (`kind_defaults`)
-        for what AMLS_TEST_TIME_AUGMENTATION leaves on auto."""
+        for what AMLS_TEST_TIME_AUGMENTATION and the others leave on auto."""
         chosen = store_invariance if self.invariance == "auto" else self.invariance
         settings = kind_defaults(chosen)
         for name in ("test_time_augmentation", "distribution_alignment"):
             if getattr(self, name) is not None:
                 settings[name] = getattr(self, name)
+        if self.iterations is not None:
+            settings["iterations"] = self.iterations
         if self.backbone_stage != "auto":
             settings["backbone_stage"] = (None if self.backbone_stage == "whole"
                                           else int(self.backbone_stage))
@@ -208,6 +212,7 @@ class Config:
             basic_auth_pass=env.get("BASIC_AUTH_PASS", ""),
             anomaly_label=env.get("ANOMALY_LABEL", "anomaly"),
             train=_train_config(env),
+            iterations=_auto_int(env, "AMLS_ITERATIONS"),
             invariance=env.get("AMLS_INVARIANCE", "auto").strip() or "auto",
             test_time_augmentation=_auto_bool(env, "AMLS_TEST_TIME_AUGMENTATION"),
             distribution_alignment=_auto_bool(env, "AMLS_DISTRIBUTION_ALIGNMENT"),
@@ -239,8 +244,7 @@ def _train_config(env: Mapping[str, str]) -> TrainConfig:
         check_center_crop(crop)
     except ValueError as err:
         raise ConfigError(f"AMLS_CENTER_CROP: {err}") from None
-    return TrainConfig(iterations=_int(env, "AMLS_ITERATIONS", 100),
-                       image_size=_int(env, "AMLS_IMAGE_SIZE", 64), center_crop=crop,
+    return TrainConfig(image_size=_int(env, "AMLS_IMAGE_SIZE", 64), center_crop=crop,
                        batch_size=_int(env, "AMLS_BATCH_SIZE", 16),
                        score_batch_size=_int(env, "AMLS_SCORE_BATCH_SIZE", 256),
                        device=env.get("AMLS_DEVICE", "auto"))
@@ -271,6 +275,13 @@ def _auto_bool(env: Mapping[str, str], name: str) -> bool | None:
     if env.get(name, "").strip().lower() in ("", "auto"):
         return None
     return _bool(env, name, False)
+
+
+def _auto_int(env: Mapping[str, str], name: str) -> int | None:
+    """None for unset or "auto", else `_int`."""
+    if env.get(name, "").strip().lower() in ("", "auto"):
+        return None
+    return _int(env, name, 0)
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:

@@ -250,7 +250,8 @@ def test_config_defaults_and_overrides():
     forced = cfg.train_config("dihedral")  # both forced on, whatever the kind
     assert forced.test_time_augmentation and forced.distribution_alignment
     assert cfg.label_studio_url == "http://ls:8080"
-    assert (cfg.train.iterations, cfg.debounce_s, str(cfg.model_dir)) == (30, 0.5, "/m")
+    assert (cfg.iterations, cfg.debounce_s, str(cfg.model_dir)) == (30, 0.5, "/m")
+    assert cfg.train_config("dihedral").iterations == cfg.train_config("flip").iterations == 30
     assert cfg.train.center_crop == 0.4 and cfg.for_jobs().train.center_crop == 0.4
     assert cfg.train_config("dihedral").invariance == "flip"
     assert cfg.image_hosts == frozenset({"a.org", "b:81", "ls:8080"})
@@ -282,6 +283,18 @@ def test_a_jobs_training_config_follows_the_kind_of_data(env, store_invariance, 
     cfg = Config.from_env(env).train_config(store_invariance)
     assert (cfg.invariance, cfg.test_time_augmentation, cfg.distribution_alignment,
             cfg.backbone_stage) == (invariance, tta, align, stage)
+
+
+@pytest.mark.parametrize("env, kind, iterations, uratio", [
+    # photographs train 200 iterations with 2 unlabelled images per labelled one, sky
+    # cutouts the paper's 100 with 5; AMLS_ITERATIONS sets both kinds' iterations
+    ({}, "flip", 200, 2), ({}, "dihedral", 100, 5),
+    ({"AMLS_ITERATIONS": "auto"}, "flip", 200, 2),
+    ({"AMLS_ITERATIONS": "150"}, "flip", 150, 2), ({"AMLS_ITERATIONS": "50"}, "dihedral", 50, 5),
+])
+def test_a_jobs_iterations_follow_the_kind_of_data_unless_set(env, kind, iterations, uratio):
+    cfg = Config.from_env(env).train_config(kind)
+    assert (cfg.iterations, cfg.uratio) == (iterations, uratio)
 
 
 @pytest.mark.parametrize("env, fragment", [

@@ -196,6 +196,9 @@ def test_simulate_takes_the_invariance_the_store_records_unless_told(tmp_path, m
     # the kind's, unless told
     assert [(cfg.test_time_augmentation, cfg.distribution_alignment) for _, cfg in runs] == [
         (True, False), (True, True), (False, False)]
+    # photographs train 200 iterations at uratio 2, sky cutouts 100 at 5; --iterations wins
+    assert [(cfg.iterations, cfg.uratio) for _, cfg in runs] == [(200, 2), (100, 5), (200, 2)]
+    assert main([*args, "--iterations", "30"]) == 0 and runs[-1][1].iterations == 30
 
 
 # Two short cycles on the toy store: the within-run measurements' tests.
