@@ -176,8 +176,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         common = [t["id"] for t in tasks if not t["data"]["cutout_id"].startswith(RARE)]
         cfg = Config(label_studio_url=ls.url, label_studio_api_key=ls.token,
                      model_dir=Path(tmp) / "models", store_roots=(Path(tmp),),
-                     train=TrainConfig(iterations=args.iterations, image_size=args.image_size,
-                                       device="cpu"),
+                     train=TrainConfig(image_size=args.image_size, device="cpu"),
+                     iterations=args.iterations,
                      debounce_s=args.debounce)
         with serve(cfg) as (url, _service):
             client.ml.create(url=url, project=project.id)

@@ -94,8 +94,8 @@ def test_sigkilled_worker_leaves_the_previous_version_serving(tmp_path, redis_ur
     with json_server(ls.answer) as url:
         settings = Config(label_studio_url=url, label_studio_api_key=API_KEY,
                           model_dir=tmp_path / "models", store_roots=(tmp_path / "stores",),
-                          train=TrainConfig(iterations=2, image_size=32, batch_size=4,
-                                            device="cpu"),
+                          train=TrainConfig(image_size=32, batch_size=4, device="cpu"),
+                          iterations=2,
                           rerank_blend=False)  # the cycle itself serves (no blend after it)
         registry = ModelRegistry(settings.model_dir)
         first = jobs.run_training(PROJECT, settings)["model_version"]

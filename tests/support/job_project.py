@@ -77,5 +77,5 @@ def job_settings(tmp_path: Path) -> Config:
     """A two-iteration job on 32 px images, on the CPU, that publishes the cycle's own scores
     (the blend a job publishes after it is tested on its own: `rerank_blend=True`)."""
     return Config(label_studio_url="http://ls.test", model_dir=tmp_path / "models",
-                  train=TrainConfig(iterations=2, image_size=32, batch_size=4, device="cpu"),
+                  train=TrainConfig(image_size=32, batch_size=4, device="cpu"), iterations=2,
                   rerank_blend=False)
