@@ -47,7 +47,7 @@ def cycle_seconds(store: CutoutStore, truth: np.ndarray, cfg: TrainConfig) -> di
                    label_counts={"anomaly": int(labels.sum()), "normal": int((labels == 0).sum())})
         model, meta = load_model_dir(Path(tmp))
         start = time.perf_counter()
-        score_store(store, model, meta, batch_size=cfg.score_batch_size, device="cpu",
+        score_store(store, model, meta, batch_size=cfg.score_batch_size, device=cfg.device,
                     progress_desc="scoring")
         score = time.perf_counter() - start
     return {"train_seconds": train, "score_seconds": score, "cycle_seconds": train + score}

@@ -45,8 +45,9 @@ class Config:
     anomaly_label: str = "anomaly"
     # Training and scoring hyperparameters of every job (input size, centre crop, batch
     # sizes, torch device "cpu" / "cuda" / "auto"); the rest of TrainConfig keeps its paper
-    # defaults. Its `invariance`, `test_time_augmentation`, `distribution_alignment`,
-    # `backbone_stage`, `iterations` and `uratio` are not used: see below.
+    # defaults. The kind of data decides its `invariance`, `test_time_augmentation`,
+    # `distribution_alignment`, `backbone_stage`, `iterations` and `uratio` (the fields
+    # below override them): a `train` that sets any of them is refused, not ignored.
     train: TrainConfig = TrainConfig()
     # FixMatch iterations per training job (AMLS_ITERATIONS): None ("auto") = the chosen
     # invariance's default (`kind_defaults`: 100 for sky cutouts, 200 for photographs).
@@ -124,6 +125,7 @@ class Config:
             if not 0.0 <= getattr(self, name) <= MAX_DEBOUNCE_S:
                 raise ConfigError(f"{name} must be in [0, {MAX_DEBOUNCE_S:g}] seconds, got "
                                   f"{getattr(self, name)}")
+        _check_kind_fields_unset(self.train)
         if self.train.image_size < 32:
             raise ConfigError(f"image_size must be >= 32 pixels, got {self.train.image_size}")
         if self.invariance != "auto":
@@ -236,6 +238,29 @@ class Config:
             local_files_root=Path(root) if (root := env.get(
                 "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", "").strip()) else None,
         )
+
+
+# How to set each TrainConfig field that `Config.train_config` takes from the kind of data.
+KIND_FIELD_HINTS = {
+    "invariance": "set Config.invariance (AMLS_INVARIANCE) instead",
+    "test_time_augmentation": "set Config.test_time_augmentation "
+                              "(AMLS_TEST_TIME_AUGMENTATION) instead",
+    "distribution_alignment": "set Config.distribution_alignment "
+                              "(AMLS_DISTRIBUTION_ALIGNMENT) instead",
+    "backbone_stage": "set Config.backbone_stage (AMLS_BACKBONE_STAGE) instead",
+    "iterations": "set Config.iterations (AMLS_ITERATIONS) instead",
+    "uratio": "the backend has no override for it (core.config.kind_defaults)",
+}
+
+
+def _check_kind_fields_unset(train: TrainConfig) -> None:
+    """Raise ConfigError if `train` sets a field that every job takes from the kind of data
+    instead: the value would be replaced without a word."""
+    paper = TrainConfig()
+    for name, hint in KIND_FIELD_HINTS.items():
+        if getattr(train, name) != getattr(paper, name):
+            raise ConfigError(f"Config.train.{name} is not used by jobs (the kind of data "
+                              f"decides it); {hint}")
 
 
 def _train_config(env: Mapping[str, str]) -> TrainConfig:

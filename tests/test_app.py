@@ -10,6 +10,7 @@ import pytest
 
 from ml_backend.app import create_app, project_id_of
 from ml_backend.config import Config
+from ml_backend.core.config import TrainConfig
 from ml_backend.label_schema import parse_label_config
 
 LABEL_CONFIG = """<View>
@@ -321,3 +322,24 @@ def test_config_rejects_bad_values(env, fragment):
 
     with pytest.raises(ConfigError, match=fragment):
         Config.from_env(env)
+
+
+def test_kind_field_hints_cover_every_kind_governed_setting():
+    from ml_backend.config import KIND_FIELD_HINTS
+    from ml_backend.core.config import kind_defaults
+
+    assert set(KIND_FIELD_HINTS) == set(kind_defaults("dihedral")) == set(kind_defaults("flip"))
+
+
+@pytest.mark.parametrize("field, value, hint", [
+    ("iterations", 2, "AMLS_ITERATIONS"),
+    ("uratio", 3, "no override"),
+    ("invariance", "flip", "AMLS_INVARIANCE"),
+    ("backbone_stage", 3, "AMLS_BACKBONE_STAGE"),
+])
+def test_config_refuses_a_train_whose_kind_governed_fields_jobs_would_ignore(field, value, hint):
+    from ml_backend.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"Config.train.{field} is not used by jobs.*{hint}"):
+        Config(train=TrainConfig(**{field: value}))
+    assert Config(train=TrainConfig(image_size=32, batch_size=4)).train.batch_size == 4
