@@ -3,12 +3,16 @@
 Each blend is a weighted mean of standardised logits (`simulate.mean_z`) over the
 terms a run saved: `model` (the cycle's own logit), `head` (the fast head on its
 embeddings), `probe` (the head on ImageNet embeddings, the backend's stage) and, with a
-second ImageNet embedding, `fprobe`. The first blend is the baseline; every other is paired
-with it over the same runs, per cycle (wins / losses, mean difference, bootstrap 95 %
-interval: `benchmarks.paired`). The published three-term blend is `model=1,head=1,probe=1`.
+second ImageNet embedding, `fprobe`; `prev_<term>` is that term of the previous cycle on the
+same images (an ensemble of the last two cycles; with it, cycle 1 is not reported). The
+first blend is the baseline; every other is paired with it over the same runs, per cycle
+(wins / losses, mean difference, bootstrap 95 % interval: `benchmarks.paired`). The
+published three-term blend is `model=1,head=1,probe=1`.
 
     python -m benchmarks.blend_weights --setting flip+tta@imagenet-last \\
         model=1,head=1 model=1,head=1,probe=1 model=1,head=1,probe=2
+    python -m benchmarks.blend_weights --setting flip+tta+stage-4+iter-200+u2 \\
+        model=1,head=1 model=2,head=2,prev_model=1,prev_head=1
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ from benchmarks.suite_report import mean_std, setting_runs
 from ml_backend.core import metrics
 from ml_backend.core.simulate import mean_z
 
-TERMS = ("model", "head", "probe", "fprobe")
+CYCLE_TERMS = ("model", "head", "probe", "fprobe")
+PREVIOUS = "prev_"
+TERMS = CYCLE_TERMS + tuple(PREVIOUS + t for t in CYCLE_TERMS)
 METRICS = ("auroc", "ap", "precision_top_1pct")
 
 
@@ -57,14 +63,34 @@ def saved_runs(log_paths: Sequence[Path], setting: str, protocol: str = "full") 
             if row.get("scores_dir")]
 
 
+def load_cycle(folder: Path, cycle: int, previous: bool) -> dict[str, np.ndarray] | None:
+    """A run's saved logits of `cycle`; with `previous`, also the previous cycle's logits of
+    the same images as `prev_<term>` (None for a first cycle)."""
+    with np.load(folder / f"cycle{cycle}.npz") as npz:
+        saved = {k: npz[k] for k in npz.files}
+    if not previous:
+        return saved
+    before = folder / f"cycle{cycle - 1}.npz"
+    if not before.exists():
+        return None
+    with np.load(before) as npz:
+        at = np.searchsorted(npz["rows"], saved["rows"])
+        if not np.array_equal(npz["rows"][np.minimum(at, len(npz["rows"]) - 1)], saved["rows"]):
+            raise ValueError(f"{folder}: cycle {cycle} scored images cycle {cycle - 1} did not")
+        saved |= {PREVIOUS + t: npz[t][at] for t in CYCLE_TERMS if t in npz.files}
+    return saved
+
+
 def measure(rows: list[dict], blends: list[dict[str, float]]) -> dict[int, list[list[dict]]]:
     """Per cycle, per blend, each run's metrics (runs in `rows`' order)."""
+    previous = any(t.startswith(PREVIOUS) for b in blends for t in b)
     out: dict[int, list[list[dict]]] = {}
     for row in rows:
         for path in sorted(Path(row["scores_dir"]).glob("cycle*.npz")):
             cycle = int(path.stem.removeprefix("cycle"))
-            with np.load(path) as npz:
-                saved = {k: npz[k] for k in npz.files}
+            saved = load_cycle(Path(row["scores_dir"]), cycle, previous)
+            if saved is None:
+                continue
             per_blend = out.setdefault(cycle, [[] for _ in blends])
             for i, weights in enumerate(blends):
                 per_blend[i].append(metrics.evaluate(saved["truth"], blend(saved, weights)))

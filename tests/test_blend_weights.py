@@ -74,3 +74,29 @@ def test_a_setting_without_saved_logits_is_a_clear_error(tmp_path):
                                    "protocol": "full"}])
     with pytest.raises(SystemExit, match="saved its logits"):
         blend_weights.main(["model=1", "--setting", "s", "--log", str(tmp_path / "log.jsonl")])
+
+
+def test_prev_terms_are_the_previous_cycles_logits_of_the_same_images(tmp_path):
+    rng = np.random.default_rng(1)
+    _save_run(tmp_path / "r", rng, cycles=2)
+    subset = np.r_[0:5, 15:50]  # cycle 2 scores 40 of cycle 1's 50 images (5 anomalies kept)
+    with np.load(tmp_path / "r" / "cycle2.npz") as npz:
+        kept = {k: npz[k][subset] for k in npz.files}
+    np.savez_compressed(tmp_path / "r" / "cycle2.npz", **kept)
+    assert blend_weights.load_cycle(tmp_path / "r", 1, previous=True) is None
+    saved = blend_weights.load_cycle(tmp_path / "r", 2, previous=True)
+    with np.load(tmp_path / "r" / "cycle1.npz") as npz:
+        np.testing.assert_array_equal(saved["prev_model"], npz["model"][subset])
+    np.testing.assert_array_equal(saved["model"], kept["model"])
+
+    _save_run(tmp_path / "r2", rng, cycles=2)
+    runs = [{"key": f"k{i}", "setting": "s", "dataset": "d", "seed": i, "protocol": "full",
+             "scores_dir": str(tmp_path / name)} for i, name in enumerate(("r", "r2"))]
+    lines = blend_weights.report(runs, [{"model": 1}, {"model": 2, "prev_model": 1}])
+    assert not any(line.startswith("| 1 | ") for line in lines)
+    assert sum(line.startswith("| 2 | ") for line in lines) == 6
+
+    kept["rows"] = kept["rows"] + 100  # images the previous cycle never scored
+    np.savez_compressed(tmp_path / "r" / "cycle2.npz", **kept)
+    with pytest.raises(ValueError, match="did not"):
+        blend_weights.load_cycle(tmp_path / "r", 2, previous=True)
