@@ -123,7 +123,7 @@ def wait_for_new_order(client: Any, project_id: int, before: str | None, since: 
 def _kind(cfg: Config, project_id: int, version: str) -> str:
     from ml_backend.registry import ModelRegistry
 
-    return str(ModelRegistry(cfg.model_dir).read_meta(project_id, version).get("kind", "?"))
+    return str(ModelRegistry(cfg.model_dir).read_meta(project_id, version).get("kind", "fixmatch"))
 
 
 def _epoch(iso: str | None) -> float:
