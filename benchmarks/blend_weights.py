@@ -4,7 +4,10 @@ Each blend is a weighted mean of standardised logits (`simulate.mean_z`) over th
 terms a run saved: `model` (the cycle's own logit), `head` (the fast head on its
 embeddings), `probe` (the head on ImageNet embeddings, the backend's stage) and, with a
 second ImageNet embedding, `fprobe`; `prev_<term>` is that term of the previous cycle on the
-same images (an ensemble of the last two cycles; with it, cycle 1 is not reported). The
+same images (an ensemble of the last two cycles; with it, cycle 1 is not reported).
+`--same-images` measures every cycle on the images still unlabelled after the run's last
+one: the oracle takes the anomalies each cycle ranks highest, so each later cycle is
+otherwise measured on a harder pool than the one before. The
 first blend is the baseline; every other is paired with it over the same runs, per cycle
 (wins / losses, mean difference, bootstrap 95 % interval: `benchmarks.paired`). The
 published three-term blend is `model=1,head=1,probe=1`.
@@ -63,32 +66,52 @@ def saved_runs(log_paths: Sequence[Path], setting: str, protocol: str = "full") 
             if row.get("scores_dir")]
 
 
-def load_cycle(folder: Path, cycle: int, previous: bool) -> dict[str, np.ndarray] | None:
+def _positions(have: np.ndarray, want: np.ndarray) -> np.ndarray | None:
+    """Where each of `want` sits in the sorted `have`; None if any is missing."""
+    at = np.minimum(np.searchsorted(have, want), len(have) - 1)
+    return at if np.array_equal(have[at], want) else None
+
+
+def load_cycle(folder: Path, cycle: int, previous: bool,
+               on_rows: np.ndarray | None = None) -> dict[str, np.ndarray] | None:
     """A run's saved logits of `cycle`; with `previous`, also the previous cycle's logits of
-    the same images as `prev_<term>` (None for a first cycle)."""
+    the same images as `prev_<term>` (None for a first cycle); with `on_rows`, only those
+    images (pool rows)."""
     with np.load(folder / f"cycle{cycle}.npz") as npz:
         saved = {k: npz[k] for k in npz.files}
-    if not previous:
-        return saved
-    before = folder / f"cycle{cycle - 1}.npz"
-    if not before.exists():
-        return None
-    with np.load(before) as npz:
-        at = np.searchsorted(npz["rows"], saved["rows"])
-        if not np.array_equal(npz["rows"][np.minimum(at, len(npz["rows"]) - 1)], saved["rows"]):
-            raise ValueError(f"{folder}: cycle {cycle} scored images cycle {cycle - 1} did not")
-        saved |= {PREVIOUS + t: npz[t][at] for t in CYCLE_TERMS if t in npz.files}
+    if previous:
+        before = folder / f"cycle{cycle - 1}.npz"
+        if not before.exists():
+            return None
+        with np.load(before) as npz:
+            at = _positions(npz["rows"], saved["rows"])
+            if at is None:
+                raise ValueError(f"{folder}: cycle {cycle} scored images cycle {cycle - 1} did not")
+            saved |= {PREVIOUS + t: npz[t][at] for t in CYCLE_TERMS if t in npz.files}
+    if on_rows is not None:
+        at = _positions(saved["rows"], on_rows)
+        if at is None:
+            raise ValueError(f"{folder}: cycle {cycle} did not score every image asked for")
+        saved = {k: v[at] for k, v in saved.items()}
     return saved
 
 
-def measure(rows: list[dict], blends: list[dict[str, float]]) -> dict[int, list[list[dict]]]:
-    """Per cycle, per blend, each run's metrics (runs in `rows`' order)."""
+def measure(rows: list[dict], blends: list[dict[str, float]],
+            same_images: bool = False) -> dict[int, list[list[dict]]]:
+    """Per cycle, per blend, each run's metrics (runs in `rows`' order). With `same_images`,
+    every cycle is measured on the images its run's last cycle scored (still unlabelled)."""
     previous = any(t.startswith(PREVIOUS) for b in blends for t in b)
     out: dict[int, list[list[dict]]] = {}
     for row in rows:
-        for path in sorted(Path(row["scores_dir"]).glob("cycle*.npz")):
+        paths = sorted(Path(row["scores_dir"]).glob("cycle*.npz"),
+                       key=lambda path: int(path.stem.removeprefix("cycle")))
+        on_rows = None
+        if same_images and paths:
+            with np.load(paths[-1]) as npz:
+                on_rows = npz["rows"]
+        for path in paths:
             cycle = int(path.stem.removeprefix("cycle"))
-            saved = load_cycle(Path(row["scores_dir"]), cycle, previous)
+            saved = load_cycle(Path(row["scores_dir"]), cycle, previous, on_rows)
             if saved is None:
                 continue
             per_blend = out.setdefault(cycle, [[] for _ in blends])
@@ -97,13 +120,14 @@ def measure(rows: list[dict], blends: list[dict[str, float]]) -> dict[int, list[
     return out
 
 
-def report(rows: list[dict], blends: list[dict[str, float]]) -> list[str]:
+def report(rows: list[dict], blends: list[dict[str, float]],
+           same_images: bool = False) -> list[str]:
     """Markdown: per cycle and metric, each blend's mean ± std and its pairing with the first."""
     names = [",".join(f"{t}={w:g}" for t, w in b.items()) for b in blends]
     lines = [f"{len(rows)} runs: " + ", ".join(f"{r['dataset']} s{r['seed']}" for r in rows), "",
              "| cycle | metric | blend | mean ± std | − first [95 %] | wins / losses |",
              "|---|---|---|---|---|---|"]
-    for cycle, per_blend in sorted(measure(rows, blends).items()):
+    for cycle, per_blend in sorted(measure(rows, blends, same_images).items()):
         if len({len(runs) for runs in per_blend}) != 1 or len(per_blend[0]) != len(rows):
             continue  # not every run reached this cycle
         for metric in METRICS:
@@ -127,6 +151,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--protocol", default="full", help="the runs' protocol (default full)")
     parser.add_argument("--log", type=Path, action="append",
                         help=f"a suite log (repeatable; default {DEFAULT_LOG})")
+    parser.add_argument("--same-images", action="store_true",
+                        help="measure every cycle on the images still unlabelled after the "
+                             "run's last one (the oracle takes each cycle's top anomalies, "
+                             "so later cycles are otherwise measured on a harder pool)")
     args = parser.parse_args(argv)
     logs = args.log or [DEFAULT_LOG]
     rows = saved_runs(logs, args.setting, args.protocol)
@@ -134,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"no {args.protocol} run of {args.setting!r} in "
                          f"{', '.join(map(str, logs))} saved its logits "
                          "(suite run --save-scores DIR)")
-    print("\n".join(report(rows, args.blends)))
+    print("\n".join(report(rows, args.blends, args.same_images)))
     return 0
 
 

@@ -100,3 +100,27 @@ def test_prev_terms_are_the_previous_cycles_logits_of_the_same_images(tmp_path):
     np.savez_compressed(tmp_path / "r" / "cycle2.npz", **kept)
     with pytest.raises(ValueError, match="did not"):
         blend_weights.load_cycle(tmp_path / "r", 2, previous=True)
+
+
+def test_same_images_measures_every_cycle_on_the_last_cycles_images(tmp_path):
+    rng = np.random.default_rng(2)
+    runs = []
+    subset = np.r_[0:3, 20:50]  # the last cycle scores 33 of the first's 50 images
+    for seed in range(2):
+        folder = tmp_path / f"r{seed}"
+        _save_run(folder, rng, cycles=2)
+        with np.load(folder / "cycle2.npz") as npz:
+            np.savez_compressed(folder / "cycle2.npz", **{k: npz[k][subset] for k in npz.files})
+        runs.append({"key": f"k{seed}", "setting": "s", "dataset": "d", "seed": seed,
+                     "protocol": "full", "scores_dir": str(folder)})
+    weights = {"model": 1, "head": 1}
+    by_hand = []
+    for r in runs:
+        with np.load(f"{r['scores_dir']}/cycle1.npz") as npz:
+            s = {k: npz[k][subset] for k in npz.files}
+        by_hand.append(metrics.evaluate(s["truth"], blend_weights.blend(s, weights)))
+    same = blend_weights.measure(runs, [weights], same_images=True)
+    assert [m["auroc"] for m in same[1][0]] == pytest.approx([m["auroc"] for m in by_hand])
+    own = blend_weights.measure(runs, [weights])
+    assert own[1][0][0]["n"] == 50 and same[1][0][0]["n"] == 33
+    assert same[2][0] == own[2][0]  # the last cycle is measured on its own images either way
