@@ -103,15 +103,14 @@ def measure(rows: list[dict], blends: list[dict[str, float]],
     previous = any(t.startswith(PREVIOUS) for b in blends for t in b)
     out: dict[int, list[list[dict]]] = {}
     for row in rows:
-        paths = sorted(Path(row["scores_dir"]).glob("cycle*.npz"),
-                       key=lambda path: int(path.stem.removeprefix("cycle")))
+        folder = Path(row["scores_dir"])
+        cycles = sorted(int(path.stem.removeprefix("cycle")) for path in folder.glob("cycle*.npz"))
         on_rows = None
-        if same_images and paths:
-            with np.load(paths[-1]) as npz:
+        if same_images and cycles:
+            with np.load(folder / f"cycle{cycles[-1]}.npz") as npz:
                 on_rows = npz["rows"]
-        for path in paths:
-            cycle = int(path.stem.removeprefix("cycle"))
-            saved = load_cycle(Path(row["scores_dir"]), cycle, previous, on_rows)
+        for cycle in cycles:
+            saved = load_cycle(folder, cycle, previous, on_rows)
             if saved is None:
                 continue
             per_blend = out.setdefault(cycle, [[] for _ in blends])
