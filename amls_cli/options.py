@@ -50,6 +50,8 @@ _OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
     ("--protect-top-share", "protect_top_share", float,
      "share of each unlabelled batch, the images scored most anomalous, that never gets a "
      "'normal' pseudo-label, 0 to < 1 (default 0)"),
+    ("--anomaly-threshold", "anomaly_threshold", float,
+     "confidence an 'anomaly' pseudo-label needs, 0.5 to 1 (default: the threshold, 0.95)"),
     ("--probe-head-init", "probe_head_init", yes_no,
      "yes/no: start a new model's head from a linear probe of the labelled images' ImageNet "
      "features instead of near zero (default no)"),

@@ -148,3 +148,18 @@ def test_the_most_anomalous_share_of_a_batch_gets_no_normal_pseudo_label():
     assert kept.tolist() == [1.0] * 8 + [0.0, 1.0]
     with pytest.raises(ValueError, match="protect_top_share"):
         TrainConfig(protect_top_share=1.0)
+
+
+def test_anomaly_pseudo_labels_can_need_less_confidence_than_normal_ones():
+    # Weak-view anomaly probabilities 0.02, 0.10, 0.85, 0.97: confidences 0.98, 0.90, 0.85, 0.97.
+    p = torch.tensor([0.02, 0.10, 0.85, 0.97])
+    weak = torch.stack([torch.zeros(4), torch.log(p / (1 - p))], dim=1)
+    strong = torch.zeros(4, 2)
+    logits_x, y = torch.zeros(2, 2), torch.tensor([0, 1])
+    *_, same = fixmatch_loss(logits_x, y, weak, strong, 0.95, 1.0)
+    *_, classwise = fixmatch_loss(logits_x, y, weak, strong, 0.95, 1.0, anomaly_threshold=0.8)
+    assert same.tolist() == [1.0, 0.0, 0.0, 1.0]
+    # The 0.85 anomaly now teaches; the 0.90 "normal" still needs 0.95.
+    assert classwise.tolist() == [1.0, 0.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="anomaly_threshold"):
+        TrainConfig(anomaly_threshold=0.4)

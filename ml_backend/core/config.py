@@ -27,6 +27,10 @@ class TrainConfig:
     iterations: int = 100
     # A weak-view prediction becomes a hard pseudo-label above this probability.
     threshold: float = 0.95
+    # Threshold for "anomaly" pseudo-labels alone (a class-wise threshold, FlexMatch's idea
+    # for a binary task): below `threshold`, more of the rare class's unlabelled images teach
+    # the strong view. None: `threshold` for both classes.
+    anomaly_threshold: float | None = None
     # Align the weak-view probabilities to the labelled class distribution before the
     # threshold (ReMixMatch's distribution alignment), so pseudo-labels follow the labels'
     # anomaly share instead of the model's drift. Off here; on by default for sky cutouts
@@ -123,6 +127,9 @@ class TrainConfig:
             raise ValueError(f"backbone_lr_scale must be in [0, 1], got {self.backbone_lr_scale}")
         if not 0 <= self.alignment_share < 1:
             raise ValueError(f"alignment_share must be in [0, 1), got {self.alignment_share}")
+        if self.anomaly_threshold is not None and not 0.5 <= self.anomaly_threshold <= 1:
+            raise ValueError(f"anomaly_threshold must be in [0.5, 1] or None (the threshold), "
+                             f"got {self.anomaly_threshold}")
         if not 0 <= self.protect_top_share < 1:
             raise ValueError(f"protect_top_share must be in [0, 1), got {self.protect_top_share}")
         if not 0 <= self.hard_normal_share < 1:
@@ -159,7 +166,7 @@ LEGACY_VALUES: dict[str, Any] = {"drop_path_rate": 0.0, "drop_rate": 0.0,
                                  "test_time_augmentation": False,
                                  "hard_normal_share": 0.0, "probe_head_init": False,
                                  "protect_top_share": 0.0, "alignment_share": 0.0,
-                                 "backbone_stage": None}
+                                 "backbone_stage": None, "anomaly_threshold": None}
 
 
 def kind_defaults(invariance: str) -> dict[str, Any]:

@@ -61,15 +61,17 @@ class DistributionAlignment:
 
 def fixmatch_loss(logits_x: torch.Tensor, y: torch.Tensor, logits_u_weak: torch.Tensor,
                   logits_u_strong: torch.Tensor, threshold: float, lambda_u: float,
-                  align: DistributionAlignment | None = None, protect_top_share: float = 0.0
+                  align: DistributionAlignment | None = None, protect_top_share: float = 0.0,
+                  anomaly_threshold: float | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """FixMatch loss from logits.
 
     logits_x (B, K) with labels y (B,) int64; logits_u_weak / logits_u_strong (µB, K) of two
     views of the same unlabelled images. Returns (loss, loss_x, loss_u, mask) where mask (µB,)
-    is 1.0 where the weak view's top probability (after `align`, if given) is >= threshold,
-    else 0.0 — and 0.0 for a "normal" pseudo-label on the `protect_top_share` of the batch
-    with the highest anomaly probability, where unlabelled anomalies gather. With no
+    is 1.0 where the weak view's top probability (after `align`, if given) is >= threshold
+    (>= `anomaly_threshold` for an "anomaly" pseudo-label, if given), else 0.0 — and 0.0 for
+    a "normal" pseudo-label on the `protect_top_share` of the batch with the highest anomaly
+    probability, where unlabelled anomalies gather. With no
     unlabelled images (µB = 0) loss_u is 0. NaN logits give a NaN loss.
     """
     # Supervised: cross-entropy on the labelled batch.
@@ -82,7 +84,11 @@ def fixmatch_loss(logits_x: torch.Tensor, y: torch.Tensor, logits_u_weak: torch.
     confidence, pseudo_label = probs_u.max(dim=1)
 
     # Confidence mask: only confident predictions teach the strong view.
-    mask = (confidence >= threshold).float()
+    if anomaly_threshold is None:
+        mask = (confidence >= threshold).float()
+    else:
+        needed = torch.where(pseudo_label == 1, anomaly_threshold, threshold)
+        mask = (confidence >= needed).float()
     if protect_top_share > 0 and len(mask):
         anomaly = probs_u[:, 1]
         top = anomaly >= torch.quantile(anomaly, 1.0 - protect_top_share)
@@ -113,7 +119,7 @@ def fixmatch_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, u_weak: to
     logits_x, logits_u_weak, logits_u_strong = logits.split([b, n_u, n_u])
     loss, loss_x, loss_u, mask = fixmatch_loss(
         logits_x, y, logits_u_weak, logits_u_strong, cfg.threshold, cfg.lambda_u, align,
-        cfg.protect_top_share)
+        cfg.protect_top_share, cfg.anomaly_threshold)
 
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
