@@ -278,8 +278,9 @@ def build_animal(out_dir: str | Path, *, rare: str = "Zebra", fraction: float = 
     store_path, truth_path = _prepare_out(out_dir)
     ids = [f"animal-{i:05d}" for i in range(rows.size)]
     side = size or images.shape[1]
+    # Photographs of upright animals: flips but no rotations (`TrainConfig.invariance`).
     with CutoutStore.create(store_path, height=side, width=side, channels=channels,
-                            stretch={"name": "none"}) as store:
+                            stretch={"name": "none"}, invariance="flip") as store:
         for start in range(0, rows.size, _BATCH * 16):
             part = rows[start:start + _BATCH * 16]
             grey = np.stack([_resize(images[r], side) for r in part])

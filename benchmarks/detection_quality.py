@@ -1,8 +1,10 @@
 """Detection quality: FixMatch vs supervised vs isolation forest on real packaged data.
 
 Runs the paper's protocol (`amls simulate`: 5 initial anomalies, 3 cycles, oracle adds the
-10 top anomalies and 10 top false positives per cycle) over several seeds and prints a
-markdown table of mean ± std for AUROC, AP and top-k precision.
+10 top anomalies and 10 top false positives per cycle) over several seeds, with the kind of
+data's defaults as `amls simulate` picks them from the store, and prints a markdown table of
+mean ± std for AUROC, AP and top-k precision. The suite (`benchmarks.suite`) is what decides
+defaults; this is the quick look.
 
     python -m benchmarks.detection_quality --out runs/quality            # everything
     python -m benchmarks.detection_quality --datasets first:Bent --seeds 1 --methods fixmatch
@@ -20,7 +22,7 @@ from pathlib import Path
 from amls_cli.options import center_crop_arg
 from benchmarks.datasets import FIRST_CLASSES, build_animal, build_first
 from benchmarks.suite_report import mean_std
-from ml_backend.core.config import TrainConfig
+from ml_backend.core.config import TrainConfig, kind_defaults
 from ml_backend.core.csvio import truth_vector
 from ml_backend.core.simulate import METHODS, SimulationPlan, run_simulation
 from ml_backend.core.store import CutoutStore
@@ -49,6 +51,12 @@ def run_one(store_path: Path, truth_path: Path, plan: SimulationPlan,
     with CutoutStore.open(store_path) as store:
         truth = truth_vector(store, str(truth_path))
         return list(run_simulation(store, truth, plan, cfg))
+
+
+def store_invariance(store_path: Path) -> str:
+    """The invariance a store records (as `amls simulate` reads it to pick the kind's defaults)."""
+    with CutoutStore.open(store_path) as store:
+        return store.invariance
 
 
 def summarise(rows: list[dict], keys: tuple[str, ...] = METRICS) -> dict[str, str]:
@@ -86,18 +94,21 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=TrainConfig.image_size)
     parser.add_argument("--center-crop", type=center_crop_arg, default=TrainConfig.center_crop,
                         help="fraction of each cutout side kept around the centre (default 1)")
-    parser.add_argument("--iterations", type=int, default=TrainConfig.iterations)
+    parser.add_argument("--iterations", type=int, default=None,
+                        help="training steps per cycle (default: the kind of data's)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    cfg = TrainConfig(image_size=args.size, center_crop=args.center_crop,
-                      iterations=args.iterations)
+    given = {"image_size": args.size, "center_crop": args.center_crop}
+    if args.iterations is not None:
+        given["iterations"] = args.iterations
     args.out.mkdir(parents=True, exist_ok=True)
     log_path = args.out / "runs.jsonl"
     table = table_header(["dataset", "method"])
     for spec in args.datasets:
         fraction = 0.01 if spec.startswith("animal") else args.rare_fraction
         store, truth = dataset_paths(spec, args.out / "data", fraction)
+        cfg = TrainConfig(**kind_defaults(store_invariance(store)) | given)
         for method in args.methods:
             rows = []
             for seed in range(args.first_seed, args.first_seed + args.seeds):

@@ -58,6 +58,7 @@ def test_animal_rare_fraction_and_truth(tmp_path):
     assert sum(truth.values()) == n_rare
     with CutoutStore.open(tmp_path / "store.h5") as store:
         assert store.shape == (28, 28, 3) and store.ids() == list(truth)
+        assert store.invariance == "flip"  # `amls simulate` picks the photographs' defaults
         img = store.read([0])[0]
         np.testing.assert_array_equal(img[..., 0], img[..., 2])
 
