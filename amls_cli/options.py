@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ml_backend.core.config import INVARIANCES, check_center_crop
+from ml_backend.core.config import INVARIANCES, RANDAUG_POOLS, check_center_crop
 
 
 def yes_no(text: str) -> bool:
@@ -50,6 +50,9 @@ _OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
     ("--protect-top-share", "protect_top_share", float,
      "share of each unlabelled batch, the images scored most anomalous, that never gets a "
      "'normal' pseudo-label, 0 to < 1 (default 0)"),
+    ("--randaug-pool", "randaug_pool", str,
+     "ops the strong view draws from: all, or linear (no solarize, posterize or equalize; "
+     "default all)"),
     ("--anomaly-threshold", "anomaly_threshold", float,
      "confidence an 'anomaly' pseudo-label needs, 0.5 to 1 (default: the threshold, 0.95)"),
     ("--probe-head-init", "probe_head_init", yes_no,
@@ -72,7 +75,7 @@ def center_crop_arg(text: str) -> float:
 def add_training_options(parser: argparse.ArgumentParser) -> None:
     """Add the options above; values are checked by TrainConfig."""
     for option, field, kind, text in _OPTIONS:
-        choices = INVARIANCES if field == "invariance" else None
+        choices = {"invariance": INVARIANCES, "randaug_pool": RANDAUG_POOLS}.get(field)
         parser.add_argument(option, dest=field, type=kind, choices=choices, help=text)
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ml_backend.core.augment import RANDAUGMENT_OPS, WeakStrong, cutout
-from ml_backend.core.config import TrainConfig
+from ml_backend.core.augment import RANDAUGMENT_OPS, RANDAUGMENT_POOLS, WeakStrong, cutout
+from ml_backend.core.config import RANDAUG_POOLS, TrainConfig
 
 
 def _batch(b: int, c: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -112,6 +112,28 @@ def test_flat_channel_survives_equalize_and_autocontrast():
     args = (torch.ones(1), torch.ones(1), torch.ones(1, dtype=bool))
     assert torch.equal(RANDAUGMENT_OPS["equalize"](x, *args), x)
     assert torch.equal(RANDAUGMENT_OPS["autocontrast"](x, *args), x)
+
+
+@pytest.mark.parametrize("pool, used", [("all", True), ("linear", False)])
+def test_the_linear_pool_never_draws_a_non_linear_intensity_op(monkeypatch, pool, used):
+    calls = []
+
+    def record(x, *args):
+        calls.append(len(x))
+        return x
+
+    for name in ("solarize", "posterize", "equalize"):
+        monkeypatch.setitem(RANDAUGMENT_OPS, name, record)
+    views = WeakStrong(TrainConfig(randaug_pool=pool, randaug_ops=3))
+    for seed in range(4):  # 4 x 64 images x 3 ops: every op is drawn many times
+        views.strong(_batch(64, 1, 8, seed), torch.Generator().manual_seed(seed))
+    assert bool(calls) is used
+
+
+def test_every_configurable_pool_has_its_ops():
+    assert set(RANDAUGMENT_POOLS) == set(RANDAUG_POOLS)
+    with pytest.raises(ValueError, match="randaug_pool"):
+        TrainConfig(randaug_pool="gentle")
 
 
 @pytest.mark.parametrize("bad", [dict(translate_fraction=1.0), dict(randaug_magnitude=2.0),

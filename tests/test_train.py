@@ -361,7 +361,8 @@ def test_cli_training_settings_are_recorded_inherited_and_kept(store_and_labels,
                 "--bn-momentum", "0.01", "--drop-path-rate", "0.2", "--drop-rate", "0.1",
                 "--hard-normal-share", "0.5", "--probe-head-init", "yes",
                 "--protect-top-share", "0.2", "--alignment-share", "0.01",
-                "--anomaly-threshold", "0.8", "--backbone-stage", "4", "-o", str(tmp_path / "m1"))
+                "--anomaly-threshold", "0.8", "--randaug-pool", "linear", "--backbone-stage", "4",
+                "-o", str(tmp_path / "m1"))
     _amls_train(capsys, str(store), *common, "--init", str(tmp_path / "m1"),
                 "--drop-rate", "0.3", "-o", str(tmp_path / "m2"))
     first = TrainConfig.from_dict(read_meta(tmp_path / "m1").config)
@@ -376,6 +377,7 @@ def test_cli_training_settings_are_recorded_inherited_and_kept(store_and_labels,
     assert first.protect_top_share == second.protect_top_share == 0.2
     assert first.alignment_share == second.alignment_share == 0.01
     assert first.anomaly_threshold == second.anomaly_threshold == 0.8
+    assert first.randaug_pool == second.randaug_pool == "linear"
     assert first.backbone_stage == second.backbone_stage == 4
     assert load_model_dir(tmp_path / "m2")[0].num_features == 112  # cut after stage 4
     err = _train_error(capsys, str(store), *common, "--backbone-stage", "5",

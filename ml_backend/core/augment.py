@@ -10,14 +10,15 @@ then the symmetries of ``invariance``: "dihedral" = random horizontal / vertical
 rotations (the sky has no "up"), "flip" = random horizontal flips only (upright photographs).
 These are label-preserving: a weak view holds the same pixels as the input, moved.
 
-Strong view: an independent weak view, then ``randaug_ops`` RandAugment ops per image, each
-with a random magnitude in [0, ``randaug_magnitude``], then a cutout square filled with 0.5.
+Strong view: an independent weak view, then ``randaug_ops`` RandAugment ops per image (drawn
+from ``randaug_pool``), each with a random magnitude in [0, ``randaug_magnitude``], then a
+cutout square filled with 0.5.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -227,16 +228,25 @@ RANDAUGMENT_OPS: dict[str, Op] = {
     "equalize": op_equalize,
     "autocontrast": op_autocontrast,
 }
+# The ops a strong view draws from (`TrainConfig.randaug_pool`). "linear" keeps the geometric
+# ops and those that change pixel values by a linear map per image (brightness, contrast,
+# sharpness, autocontrast); it leaves out solarize, posterize and equalize, whose non-linear
+# remaps can turn a bright core dark or wash out faint emission.
+RANDAUGMENT_POOLS: dict[str, tuple[str, ...]] = {
+    "all": tuple(RANDAUGMENT_OPS),
+    "linear": ("rotate", "shear", "translate", "brightness", "contrast", "sharpness",
+               "autocontrast"),
+}
 
 
 def rand_augment(x: torch.Tensor, num_ops: int, max_magnitude: float,
-                 gen: torch.Generator) -> torch.Tensor:
-    """Apply num_ops random ops per image, each with magnitude ~ U(0, max_magnitude).
+                 gen: torch.Generator, ops: Sequence[Op] = tuple(RANDAUGMENT_OPS.values())
+                 ) -> torch.Tensor:
+    """Apply num_ops random ops per image (of `ops`), each with magnitude ~ U(0, max_magnitude).
 
     Each op runs once on the sub-batch of images that drew it, so the cost is one pass of
     every op over at most the whole batch per round.
     """
-    ops = list(RANDAUGMENT_OPS.values())
     n, dev = x.shape[0], x.device
     for _ in range(num_ops):
         choice = _randint(len(ops), n, gen, dev)
@@ -275,8 +285,8 @@ class WeakStrong:
     x: float tensor (B, C, H, W) with values in [0, 1], any C; left unchanged.
     Returns two new tensors of the same shape, dtype and device, values in [0, 1].
     NaNs are not checked for; they pass through flips and shifts and spread under resampling.
-    Uses cfg.invariance, cfg.translate_fraction, cfg.randaug_ops, cfg.randaug_magnitude and
-    cfg.cutout_fraction.
+    Uses cfg.invariance, cfg.translate_fraction, cfg.randaug_ops, cfg.randaug_magnitude,
+    cfg.randaug_pool and cfg.cutout_fraction.
     """
 
     def __init__(self, cfg: TrainConfig) -> None:
@@ -290,6 +300,7 @@ class WeakStrong:
             raise ValueError(f"cutout_fraction must be in [0, 1], got {cfg.cutout_fraction}")
         self.symmetry = SYMMETRIES[check_invariance(cfg.invariance)]
         self.translate_fraction = cfg.translate_fraction
+        self.ops = tuple(RANDAUGMENT_OPS[name] for name in RANDAUGMENT_POOLS[cfg.randaug_pool])
         self.num_ops = cfg.randaug_ops
         self.magnitude = cfg.randaug_magnitude
         self.cutout_fraction = cfg.cutout_fraction
@@ -302,7 +313,7 @@ class WeakStrong:
 
     def strong(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """An independent weak view, then RandAugment, then cutout."""
-        x = rand_augment(self.weak(x, gen), self.num_ops, self.magnitude, gen)
+        x = rand_augment(self.weak(x, gen), self.num_ops, self.magnitude, gen, self.ops)
         side = round(self.cutout_fraction * min(x.shape[-2:]))
         return cutout(x, side, gen)
 

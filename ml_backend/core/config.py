@@ -98,6 +98,9 @@ class TrainConfig:
     # RandAugment: number of ops per image and maximum magnitude (0..1 of each op's range).
     randaug_ops: int = 2
     randaug_magnitude: float = 0.5
+    # The ops RandAugment draws from: "all", or "linear" (geometric ops and linear intensity
+    # maps only: no solarize, posterize or equalize; `core.augment.RANDAUGMENT_POOLS`).
+    randaug_pool: str = "all"
     # Cutout square side as a fraction of image_size.
     cutout_fraction: float = 0.5
     # Weak-view translation as a fraction of image_size.
@@ -118,6 +121,9 @@ class TrainConfig:
             if not 0 <= value < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {value}")
         check_invariance(self.invariance)
+        if self.randaug_pool not in RANDAUG_POOLS:
+            raise ValueError(f"randaug_pool must be one of {', '.join(RANDAUG_POOLS)}, "
+                             f"got {self.randaug_pool!r}")
         if self.backbone_stage is not None and (isinstance(self.backbone_stage, bool)
                                                 or not isinstance(self.backbone_stage, int)
                                                 or self.backbone_stage < 0):
@@ -154,6 +160,9 @@ class TrainConfig:
 
 
 INVARIANCES = ("dihedral", "flip")
+# The op pools a strong view can draw from (`TrainConfig.randaug_pool`; the ops of each are
+# `core.augment.RANDAUGMENT_POOLS`).
+RANDAUG_POOLS = ("all", "linear")
 # Both kinds of data train the backbone cut after this stage by default
 # (`TrainConfig.backbone_stage`, `kind_defaults`).
 DEFAULT_BACKBONE_STAGE = 4
@@ -166,7 +175,8 @@ LEGACY_VALUES: dict[str, Any] = {"drop_path_rate": 0.0, "drop_rate": 0.0,
                                  "test_time_augmentation": False,
                                  "hard_normal_share": 0.0, "probe_head_init": False,
                                  "protect_top_share": 0.0, "alignment_share": 0.0,
-                                 "backbone_stage": None, "anomaly_threshold": None}
+                                 "backbone_stage": None, "anomaly_threshold": None,
+                                 "randaug_pool": "all"}
 
 
 def kind_defaults(invariance: str) -> dict[str, Any]:
