@@ -2,9 +2,11 @@
 
 Each blend is a weighted mean of standardised logits (`simulate.mean_z`) over the
 terms a run saved: `model` (the cycle's own logit), `head` (the fast head on its
-embeddings), `probe` (the head on ImageNet embeddings, the backend's stage) and, with a
-second ImageNet embedding, `fprobe`; `prev_<term>` is that term of the previous cycle on the
-same images (an ensemble of the last two cycles; with it, cycle 1 is not reported).
+embeddings), `probe` (the head on ImageNet embeddings, the backend's stage), `knn`
+(nearest labelled neighbours on those embeddings, `fast_head.knn_logits`; runs since
+session 29) and, with a second ImageNet embedding, `fprobe`; `prev_<term>` is that term
+of the previous cycle on the same images (an ensemble of the last two cycles; with it,
+cycle 1 is not reported).
 `--same-images` measures every cycle on the images still unlabelled after the run's last
 one: the oracle takes the anomalies each cycle ranks highest, so each later cycle is
 otherwise measured on a harder pool than the one before. The
@@ -32,7 +34,7 @@ from benchmarks.suite_report import mean_std, setting_runs
 from ml_backend.core import metrics
 from ml_backend.core.simulate import mean_z
 
-CYCLE_TERMS = ("model", "head", "probe", "fprobe")
+CYCLE_TERMS = ("model", "head", "probe", "knn", "fprobe")
 PREVIOUS = "prev_"
 TERMS = CYCLE_TERMS + tuple(PREVIOUS + t for t in CYCLE_TERMS)
 METRICS = ("auroc", "ap", "precision_top_1pct")

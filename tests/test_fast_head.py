@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from ml_backend.core.fast_head import fit_fast_head, similar
+from ml_backend.core.fast_head import fit_fast_head, knn_logits, similar
 
 
 def clustered(n=400, n_anomalies=8, dim=32, seed=0):
@@ -162,3 +162,14 @@ def test_blend_ranks_the_same_whatever_the_scale_of_either_logit():
     assert large.bias == pytest.approx(1000 * small.bias, rel=1e-4)
     with pytest.raises(ValueError, match="model weight has shape"):
         blend_with_model(head, weight[:3], 0.0, features)
+
+
+def test_knn_logits_by_hand():
+    # Two features; standardising over the four rows maps them to the corners (±1, ±1).
+    features = np.array([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]], dtype=np.float32)
+    labelled, labels = np.array([0, 3]), np.array([1, 0])  # row 0 anomaly, row 3 normal
+    out = knn_logits(features, labelled, labels, np.array([0, 1, 2, 3]), k=3)
+    # Cosines to the anomaly (1, 1)/√2 and the normal (−1, −1)/√2: 1 and −1, 0 and 0, ...
+    np.testing.assert_allclose(out, [2.0, 0.0, 0.0, -2.0], atol=1e-6)
+    with pytest.raises(ValueError, match="at least one anomaly"):
+        knn_logits(features, labelled, np.array([1, 1]), np.array([1]))

@@ -401,10 +401,11 @@ def test_a_second_imagenet_term_is_measured_beside_the_model_framed_one(tmp_path
     # The saved logits give back every blend the run measured.
     for row in uncut:
         saved = np.load(tmp_path / "scores" / f"cycle{row['cycle']}.npz")
-        assert sorted(saved.files) == ["fprobe", "head", "model", "probe", "rows", "truth"]
+        assert sorted(saved.files) == ["fprobe", "head", "knn", "model", "probe", "rows", "truth"]
         for name, terms in {"lblend": ("model", "head", "probe"),
                             "fblend": ("model", "head", "fprobe"), "probe": ("probe",),
-                            "head": ("head",)}.items():
+                            "head": ("head",), "knn": ("knn",),
+                            "kblend": ("model", "head", "probe", "knn")}.items():
             blend = simulate.mean_z(*(saved[t] for t in terms))
             assert roc_auc_score(saved["truth"], blend) == pytest.approx(row[f"{name}_auroc"])
     with pytest.raises(ValueError, match="need fast_head"):

@@ -177,6 +177,34 @@ def scores_side_by_side(head: FastHead, parts: Sequence[np.ndarray]) -> np.ndarr
     return torch.sigmoid(torch.from_numpy(logits).clamp(-60.0, 60.0)).numpy()
 
 
+def knn_logits(features: np.ndarray, labelled: np.ndarray, labels: np.ndarray,
+               rows: np.ndarray, k: int = 3) -> np.ndarray:
+    """A nearest-neighbour anomaly score of `features[rows]`: the mean cosine similarity to its
+    `k` most similar labelled anomalies minus that to its `k` most similar labelled normals
+    (fewer where fewer are labelled), on standardised features as `similar` uses. Not linear
+    in the features, so unlike the head it cannot install as a classifier; measured as a blend
+    term by `simulate` (benchmarks/RESULTS.md, "Session 29")."""
+    features = _check_features(features)
+    labels = np.asarray(labels).reshape(-1)
+    labelled = np.asarray(labelled, dtype=np.int64).reshape(-1)
+    if len(labelled) != len(labels) or not ((labels == 1).any() and (labels == 0).any()):
+        raise ValueError("need the labels of the labelled rows, at least one anomaly and one "
+                         "normal among them")
+    mean, std = _moments(features)
+
+    def unit(idx: np.ndarray) -> np.ndarray:
+        z = (np.asarray(features[np.asarray(idx, dtype=np.int64)], dtype=np.float32) - mean) / std
+        return z / _norms(z)[:, None]
+
+    query = unit(rows)
+    out = np.zeros(len(query), dtype=np.float64)
+    for label, sign in ((1, 1.0), (0, -1.0)):
+        sims = query @ unit(labelled[labels == label]).T
+        top = min(k, sims.shape[1])
+        out += sign * -np.sort(-sims, axis=1)[:, :top].mean(axis=1)
+    return out.astype(np.float32)
+
+
 def _standardised(x: np.ndarray, w: np.ndarray, b: float) -> tuple[np.ndarray, float]:
     """(w', b') such that x @ w' + b' is x @ w + b with mean 0 and spread 1 over the rows x."""
     logits = x @ w + b

@@ -32,6 +32,9 @@ on the same unlabelled images, the oracle picking from the FixMatch scores unles
   ``lblend_*``: the mean of three standardised logits, the model's, the head's on its
   embeddings and the head's on the ImageNet ones (linear in both embeddings together, so a
   model carrying both backbones could publish it as one head).
+- ``knn_*``: nearest labelled neighbours on the ImageNet embeddings (`fast_head.knn_logits`);
+  ``kblend_*``: ``lblend``'s three logits and that score, standardised and averaged (not
+  linear in the embeddings: a measurement, not yet a ranking the product can publish).
 - with ``imagenet_framing`` (crop, size) and/or ``imagenet_block``, also ``fprobe_*`` and
   ``fblend_*``: the same two with a second set of ImageNet embeddings, framed their own way
   (a tighter crop, more pixels) and/or pooled after another stage of the backbone
@@ -111,7 +114,7 @@ class SimulationPlan:
     # otherwise).
     imagenet_block: int | None = None
     # With fast_head: write each cycle's logits over the unlabelled pool here
-    # (`cycle<N>.npz`: `rows`, `truth`, `model`, `head`, `probe`, and `fprobe` with a second
+    # (`cycle<N>.npz`: `rows`, `truth`, `model`, `head`, `probe`, `knn`, and `fprobe` with a second
     # ImageNet embedding), so that other blends of the same runs can be measured afterwards.
     scores_dir: Path | None = None
 
@@ -288,6 +291,12 @@ def run_simulation(
                           "probe": probe["head_logit"]}
                 lblend = mean_z(*logits.values())
                 extra |= _prefixed("lblend", truth[unlabelled], lblend)
+                from ml_backend.core.fast_head import knn_logits
+
+                logits["knn"] = knn_logits(imagenet, np.searchsorted(pool, labelled),
+                                           truth[labelled], np.searchsorted(pool, unlabelled))
+                extra |= _prefixed("knn", truth[unlabelled], logits["knn"])
+                extra |= _prefixed("kblend", truth[unlabelled], mean_z(*logits.values()))
                 if framed is not None:
                     fprobe = _head_rankings(framed, pool, labelled, unlabelled, truth, None)
                     extra |= _prefixed("fprobe", truth[unlabelled], fprobe["head"])
