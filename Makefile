@@ -18,7 +18,8 @@ $(VENV)/.installed: pyproject.toml
 # Label Studio pins its own dependencies, so it lives in its own venv.
 $(LS_VENV)/.installed:
 	$(PY) -m venv $(LS_VENV)
-	$(LS_VENV)/bin/pip install -q 'label-studio>=1.23,<1.24'
+	# sentry-sdk 3 (2026-12) refuses the options Label Studio 1.23 starts it with.
+	$(LS_VENV)/bin/pip install -q 'label-studio>=1.23,<1.24' 'sentry-sdk>=2.16,<3'
 	touch $@
 
 install: $(VENV)/.installed
