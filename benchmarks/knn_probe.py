@@ -2,7 +2,7 @@
 
 Each ranking picks its own labels over the paper's three cycles, as `amls simulate
 --method linear-probe` does: the linear head (`fast_head.fit_fast_head`), the
-nearest-neighbour score (`fast_head.knn_logits`) and the mean rank of the two. Features are
+nearest-neighbour score (`fast_head.NeighbourTerm`) and the mean rank of the two. Features are
 the backend's first-ranking embeddings (`simulate._imagenet_features`, the kind's views).
 Prints one JSON line per (run, ranking); `--pair` summarises such lines, paired with the
 linear head (benchmarks/RESULTS.md, "Session 29", part 4).
@@ -26,7 +26,7 @@ from benchmarks.suite import SUITES
 from ml_backend.core import metrics
 from ml_backend.core.config import TrainConfig, kind_defaults
 from ml_backend.core.csvio import truth_vector
-from ml_backend.core.fast_head import fit_fast_head, knn_logits
+from ml_backend.core.fast_head import fit_fast_head, fit_neighbour_term
 from ml_backend.core.simulate import (
     SimulationPlan,
     _imagenet_features,
@@ -57,7 +57,7 @@ def run(data: Path, dataset: str, seeds: int) -> None:
                     unlabelled = np.setdiff1d(pool, labelled, assume_unique=True)
                     rows, known = np.searchsorted(pool, unlabelled), np.searchsorted(pool, labelled)
                     linear = fit_fast_head(feats, known, truth[labelled]).scores(feats[rows])
-                    knn = knn_logits(feats, known, truth[labelled], rows)
+                    knn = fit_neighbour_term(feats, known, truth[labelled]).logits(feats[rows])
                     scores = {"linear": linear, "knn": knn,
                               "mix": _mean_rank(linear, knn)}[ranking]
                     result = metrics.evaluate(truth[unlabelled], scores)

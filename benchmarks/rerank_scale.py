@@ -28,7 +28,7 @@ from ml_backend.core.fast_head import (
     FastHead,
     blend_with_model,
     fit_fast_head,
-    scores_side_by_side,
+    fit_neighbour_term,
     similar,
 )
 
@@ -63,19 +63,26 @@ def cache_costs(n_tasks: int, n_labelled: int, root: Path) -> dict[str, Any]:
 def blend_costs(head: FastHead, features: np.ndarray, labelled: np.ndarray, truth: np.ndarray,
                 rng: np.random.Generator) -> dict[str, float]:
     """Seconds to blend `head` with a (random) model's logit and score every task: two terms,
-    and three (a second head fitted on a second embedding of the same tasks, as the sky
-    cutouts' blend has one on their ImageNet embeddings)."""
+    three (a second head fitted on a second embedding of the same tasks, as the sky
+    cutouts' blend has one on their ImageNet embeddings) and four (with the nearest-neighbour
+    term on that second embedding)."""
     imagenet = rng.normal(size=features.shape).astype(np.float16)
     weight = rng.normal(size=DIM)
     started = time.perf_counter()
-    scores_side_by_side(blend_with_model(head, weight, 0.0, features), [features])
+    blend_with_model(head, weight, 0.0, features).scores([features])
     two = time.perf_counter()
     other = fit_fast_head(imagenet, labelled, truth[labelled])
     blended = blend_with_model(head, weight, 0.0, features, imagenet=(other, imagenet))
-    scores_side_by_side(blended, [features, imagenet])
+    blended.scores([features, imagenet])
     three = time.perf_counter()
+    term = fit_neighbour_term(imagenet, labelled, truth[labelled])
+    blended = blend_with_model(head, weight, 0.0, features, imagenet=(other, imagenet),
+                               neighbours=(term, labelled))
+    blended.scores([features, imagenet])
+    four = time.perf_counter()
     return {"blend_two_terms_s": round(two - started, 3),
-            "blend_three_terms_s": round(three - two, 3)}
+            "blend_three_terms_s": round(three - two, 3),
+            "blend_four_terms_s": round(four - three, 3)}
 
 
 def scoring_overhead(n_images: int, repeats: int) -> dict[str, Any]:

@@ -91,6 +91,13 @@ class Config:
     # cutouts ("dihedral": ahead on all three metrics on FIRST, benchmarks/RESULTS.md "Session
     # 19"), off for photographs ("flip": not yet measured over the suite).
     rerank_imagenet: bool | None = None
+    # The blend's fourth term, beside the third (AMLS_RERANK_NEIGHBOURS): each task's
+    # similarity to its nearest labelled anomalies minus that to its nearest labelled normals,
+    # on the ImageNet embeddings (`fast_head.NeighbourTerm`; the version keeps the labelled
+    # embeddings). None ("auto"): on wherever the third term is on for sky cutouts
+    # ("dihedral": benchmarks/RESULTS.md "Session 30"), off for photographs (on frozen
+    # features there it ranked worse than the linear head).
+    rerank_neighbours: bool | None = None
     # The least a project needs before its first (and every) training job: this many
     # anomaly labels and this many other labels (AMLS_MIN_ANOMALIES, AMLS_MIN_NORMALS).
     # A job with fewer is skipped, with the reason in /metrics' last_result.
@@ -185,6 +192,11 @@ class Config:
         """Whether blends of a cycle with this weak-view invariance get the ImageNet term."""
         return invariance == "dihedral" if self.rerank_imagenet is None else self.rerank_imagenet
 
+    def neighbour_term(self, invariance: str) -> bool:
+        """Whether blends that have the ImageNet term also get the nearest-neighbour term."""
+        return (invariance == "dihedral" if self.rerank_neighbours is None
+                else self.rerank_neighbours)
+
     def train_config(self, store_invariance: str) -> TrainConfig:
         """The TrainConfig of a job on a store recording `store_invariance`: its invariance
         (unless AMLS_INVARIANCE says otherwise) and that kind's defaults (`kind_defaults`)
@@ -228,6 +240,7 @@ class Config:
             rerank_debounce_s=_float(env, "AMLS_RERANK_DEBOUNCE_S", 1.0),
             rerank_blend=_bool(env, "AMLS_RERANK_BLEND", True),
             rerank_imagenet=_auto_bool(env, "AMLS_RERANK_IMAGENET"),
+            rerank_neighbours=_auto_bool(env, "AMLS_RERANK_NEIGHBOURS"),
             min_anomalies=_int(env, "AMLS_MIN_ANOMALIES", 1),
             min_normals=_int(env, "AMLS_MIN_NORMALS", 3),
             prelabel=_bool(env, "AMLS_PRELABEL", False),

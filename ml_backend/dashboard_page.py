@@ -112,7 +112,7 @@ def _status(state: Mapping[str, Any], meta: Mapping[str, Any] | None) -> str:
     kind = meta.get("kind", "fixmatch") if meta else ""
     return f"""<section class="cards">
 <div class="card"><b>Serving version</b>{_e(version)}<div class="muted">{_e(_kind_text(kind))}{
-_e(" and ImageNet features" if meta and meta.get("imagenet_branch") else "")}
+_e(_branch_text(meta))}
 {_e(meta.get('created', ''))}</div></div>
 <div class="card"><b>Labels it learned from</b>{label_text}</div>
 <div class="card"><b>Training</b>{job}<div class="muted">{last}</div>{error}
@@ -122,6 +122,14 @@ _e(" and ImageNet features" if meta and meta.get("imagenet_branch") else "")}
 def _kind_text(kind: str) -> str:
     return {"fixmatch": "FixMatch cycle", "fast": "re-ranked on the newest labels",
             "imagenet": "first ranking (ImageNet features)"}.get(kind, kind)
+
+
+def _branch_text(meta: dict[str, Any] | None) -> str:
+    """What the serving version reads besides its own backbone."""
+    if not meta or not meta.get("imagenet_branch"):
+        return ""
+    return (" and ImageNet features, with nearest labelled neighbours"
+            if meta.get("neighbour_term") else " and ImageNet features")
 
 
 def _scores_section(summary: Mapping[str, Any]) -> str:

@@ -35,10 +35,11 @@ from ml_backend.core.config import TrainConfig
 from ml_backend.core.embedding_cache import Embeddings, read_embeddings, write_embeddings
 from ml_backend.core.fast_head import (
     DEFAULT_C,
+    Blend,
     blend_with_model,
     fit_fast_head,
-    install_head,
-    scores_side_by_side,
+    fit_neighbour_term,
+    install_blend,
     similar,
 )
 from ml_backend.core.model import SideBySide, anomaly_logit_weights
@@ -139,7 +140,7 @@ def rerank_and_publish(project_id: int, settings: Config, client: LabelStudioCli
     if y.sum() == 0 or (y == 0).sum() == 0:
         return skipped(f"needs one {settings.anomaly_label!r} and one other label among the "
                        f"{len(labelled_ids)} labelled tasks with cached embeddings")
-    head = fit_fast_head(cache.features, labelled_rows, y)
+    blend = Blend(fit_fast_head(cache.features, labelled_rows, y))
     # The cycle's classifier still knows what the head cannot (an ImageNet base has none).
     blended = settings.rerank_blend and base_meta.kind == "fixmatch"
     parts = [cache.features]
@@ -150,19 +151,22 @@ def rerank_and_publish(project_id: int, settings: Config, client: LabelStudioCli
                                      base_cfg, cache, schema.image_key, embed_missing)
             stages.done("imagenet_embeddings")
         if imagenet is not None:
-            imagenet_head = fit_fast_head(imagenet, labelled_rows, y)
-            head = blend_with_model(head, *anomaly_logit_weights(model), cache.features,
-                                    imagenet=(imagenet_head, imagenet))
+            neighbours = None
+            if settings.neighbour_term(base_cfg.invariance):
+                neighbours = (fit_neighbour_term(imagenet, labelled_rows, y), labelled_rows)
+            blend = blend_with_model(blend.head, *anomaly_logit_weights(model), cache.features,
+                                     imagenet=(fit_fast_head(imagenet, labelled_rows, y),
+                                               imagenet), neighbours=neighbours)
             model = SideBySide(model, imagenet_model(base_cfg, base_meta.channels,
                                                      base_meta.stretch)[0]).eval()
             parts.append(imagenet)
         else:
-            head = blend_with_model(head, *anomaly_logit_weights(model), cache.features)
+            blend = blend_with_model(blend.head, *anomaly_logit_weights(model), cache.features)
     unlabelled = [t for t in cache.task_ids.tolist() if t not in labels and t not in held_out]
     unlabelled_ids, unlabelled_rows = cache.rows_of(unlabelled)
-    all_scores = scores_side_by_side(head, parts)
+    all_scores = blend.scores(parts)
     scores = all_scores[unlabelled_rows]
-    install_head(model, head)
+    install_blend(model, blend)
     stages.done("fit_and_score")
     counts = {settings.anomaly_label: int(y.sum()), schema.normal_choice: int((y == 0).sum())}
     meta = ModelMeta(version=new_version(), parent=base, created=utc_now_iso(),
@@ -173,9 +177,11 @@ def rerank_and_publish(project_id: int, settings: Config, client: LabelStudioCli
                      kind="fast" if base is not None else IMAGENET_KIND,
                      imagenet_branch=len(parts) == 2,
                      imagenet_stage=IMAGENET_STAGE if len(parts) == 2 else base_meta.imagenet_stage,
+                     neighbour_term=blend.neighbours is not None,
                      metrics={"fast_head_c": DEFAULT_C, "embedded_tasks": len(cache.task_ids),
                               "blended_with_cycle": blended,
-                              "blend_terms": len(parts) + blended})
+                              "blend_terms": len(parts) + blended
+                              + (blend.neighbours is not None)})
     staging = registry.staging_dir(project_id)
     try:
         save_model_dir(staging, ema=model, student=None, meta=meta)  # scores only
@@ -213,6 +219,7 @@ def rerank_and_publish(project_id: int, settings: Config, client: LabelStudioCli
     return {"project": project_id, "status": "reranked", "model_version": meta.version,
             "embeddings_of": base or meta.version, "labels": counts, "predictions": written,
             "imagenet_term": meta.imagenet_branch,
+            "neighbour_term": meta.neighbour_term,
             "label_studio_updated": switched,
             "labels_without_embeddings": len(labels) - len(labelled_ids),
             "stage_seconds": stages.seconds}

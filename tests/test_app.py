@@ -261,6 +261,10 @@ def test_config_defaults_and_overrides():
     assert Config().imagenet_term("dihedral") and not Config().imagenet_term("flip")
     assert Config.from_env({"AMLS_RERANK_IMAGENET": "true"}).imagenet_term("flip")
     assert not Config.from_env({"AMLS_RERANK_IMAGENET": "off"}).imagenet_term("dihedral")
+    # Its neighbour term likewise.
+    assert Config().neighbour_term("dihedral") and not Config().neighbour_term("flip")
+    assert Config.from_env({"AMLS_RERANK_NEIGHBOURS": "on"}).neighbour_term("flip")
+    assert not Config.from_env({"AMLS_RERANK_NEIGHBOURS": "false"}).neighbour_term("dihedral")
 
 
 @pytest.mark.parametrize("env, store_invariance, invariance, tta, align, stage", [
@@ -313,6 +317,7 @@ def test_a_jobs_iterations_follow_the_kind_of_data_unless_set(env, kind, iterati
     ({"AMLS_TEST_TIME_AUGMENTATION": "maybe"}, "AMLS_TEST_TIME_AUGMENTATION"),
     ({"AMLS_DISTRIBUTION_ALIGNMENT": "2"}, "AMLS_DISTRIBUTION_ALIGNMENT"),
     ({"AMLS_RERANK_IMAGENET": "sometimes"}, "AMLS_RERANK_IMAGENET"),
+    ({"AMLS_RERANK_NEIGHBOURS": "2"}, "AMLS_RERANK_NEIGHBOURS"),
     ({"AMLS_BACKBONE_STAGE": "7"}, "AMLS_BACKBONE_STAGE"),
     ({"AMLS_BACKBONE_STAGE": "last"}, "AMLS_BACKBONE_STAGE"),
     ({"ANOMALY_LABEL": " "}, "ANOMALY_LABEL"),

@@ -205,3 +205,6 @@ def test_the_serving_card_says_when_a_blend_reads_imagenet_features_too():
     meta = {"kind": "fast", "label_counts": {}, "created": ""}
     assert "and ImageNet features" not in _status({}, meta)
     assert "newest labels and ImageNet features" in _status({}, meta | {"imagenet_branch": True})
+    assert "nearest labelled neighbours" not in _status({}, meta | {"imagenet_branch": True})
+    assert "ImageNet features, with nearest labelled neighbours" in _status(
+        {}, meta | {"imagenet_branch": True, "neighbour_term": True})

@@ -1,7 +1,10 @@
+import dataclasses
+
 import numpy as np
 import pytest
+import torch
 
-from ml_backend.core.fast_head import fit_fast_head, knn_logits, similar
+from ml_backend.core.fast_head import fit_fast_head, fit_neighbour_term, similar
 
 
 def clustered(n=400, n_anomalies=8, dim=32, seed=0):
@@ -104,7 +107,7 @@ def test_blend_ranks_by_both_standardised_logits_and_reads_on_the_models_scale()
     head = fit_fast_head(features, np.arange(300), truth)
     rng = np.random.default_rng(1)
     weight, bias = rng.normal(size=features.shape[1]).astype(np.float32), 0.7
-    blended = blend_with_model(head, weight, bias, features)
+    blended = blend_with_model(head, weight, bias, features).head
 
     f = features.astype(np.float64)
     model_logit = f @ weight + bias
@@ -119,7 +122,7 @@ def test_blend_ranks_by_both_standardised_logits_and_reads_on_the_models_scale()
 
 
 def test_a_three_term_blend_reads_both_embeddings_and_ranks_by_three_standardised_logits():
-    from ml_backend.core.fast_head import blend_with_model, scores_side_by_side
+    from ml_backend.core.fast_head import blend_with_model
 
     features, truth = clustered(n=300, n_anomalies=6)
     other = np.random.default_rng(3).normal(size=(300, 5)).astype(np.float32)
@@ -137,15 +140,60 @@ def test_a_three_term_blend_reads_both_embeddings_and_ranks_by_three_standardise
               + z(other_head.logits(other).astype(np.float64))) / 3
     (z_mid, z_top), (m_mid, m_top) = (np.quantile(v, (0.5, 0.99)) for v in (mean_z, model_logit))
     logit = m_mid + (mean_z - z_mid) * (m_top - m_mid) / (z_top - z_mid)
-    side_by_side = scores_side_by_side(blended, [features, other])
+    side_by_side = blended.scores([features, other])
     np.testing.assert_allclose(side_by_side, 1 / (1 + np.exp(-logit)), atol=1e-4)
-    np.testing.assert_allclose(blended.scores(np.hstack([features, other])), side_by_side,
+    np.testing.assert_allclose(blended.head.scores(np.hstack([features, other])), side_by_side,
                                atol=1e-6)
-    assert len(blended.weights) == features.shape[1] + other.shape[1]
+    assert len(blended.head.weights) == features.shape[1] + other.shape[1]
+    assert blended.neighbours is None
     with pytest.raises(ValueError, match="row for row"):
         blend_with_model(head, weight, bias, features, imagenet=(other_head, other[:10]))
     with pytest.raises(ValueError, match="feature blocks of"):
-        scores_side_by_side(blended, [features])
+        blended.scores([features])
+
+
+def test_a_four_term_blend_adds_the_neighbour_term_standardised_over_the_unlearnt_rows():
+    from ml_backend.core.fast_head import blend_with_model
+
+    features, truth = clustered(n=300, n_anomalies=6)
+    other = np.random.default_rng(3).normal(size=(300, 5)).astype(np.float32)
+    other[truth == 1] += 1.5
+    labelled = np.arange(0, 300, 3)
+    labelled = np.union1d(labelled, np.flatnonzero(truth)[:3])
+    head = fit_fast_head(features, labelled, truth[labelled])
+    other_head = fit_fast_head(other, labelled, truth[labelled])
+    term = fit_neighbour_term(other, labelled, truth[labelled])
+    weight, bias = np.random.default_rng(1).normal(size=features.shape[1]), -0.4
+    blended = blend_with_model(head, weight, bias, features, imagenet=(other_head, other),
+                               neighbours=(term, labelled))
+
+    def z(logit: np.ndarray, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
+        return (logit - logit[rows].mean()) / logit[rows].std()
+
+    model_logit = features.astype(np.float64) @ weight + bias
+    unlearnt = np.setdiff1d(np.arange(300), labelled)
+    mean_z = (z(model_logit) + z(head.logits(features).astype(np.float64))
+              + z(other_head.logits(other).astype(np.float64))
+              + z(term.logits(other).astype(np.float64), unlearnt)) / 4
+    (z_mid, z_top), (m_mid, m_top) = (np.quantile(v, (0.5, 0.99)) for v in (mean_z, model_logit))
+    logit = m_mid + (mean_z - z_mid) * (m_top - m_mid) / (z_top - z_mid)
+    np.testing.assert_allclose(blended.logits([features, other]), logit, atol=2e-4)
+    # Installed in a model that reads both blocks side by side, it scores the same.
+    from torch import nn
+
+    from ml_backend.core.fast_head import install_blend
+    from ml_backend.core.model import anomaly_probability
+
+    model = nn.Module()
+    model.classifier = nn.Linear(features.shape[1] + 5, 2)
+    model.get_classifier = lambda: model.classifier
+    install_blend(model, blended)
+    wide = torch.from_numpy(np.hstack([features, other]).astype(np.float32))
+    with torch.no_grad():
+        served = anomaly_probability(model.classifier(wide)).numpy()
+    np.testing.assert_allclose(served, blended.scores([features, other]), atol=1e-5)
+    with pytest.raises(ValueError, match="give `imagenet` too"):
+        blend_with_model(head, weight, bias, features, neighbours=(term, labelled))
 
 
 def test_blend_ranks_the_same_whatever_the_scale_of_either_logit():
@@ -154,8 +202,8 @@ def test_blend_ranks_the_same_whatever_the_scale_of_either_logit():
     features, truth = clustered(n=200, n_anomalies=5)
     head = fit_fast_head(features, np.arange(200), truth)
     weight = np.random.default_rng(2).normal(size=features.shape[1])
-    small = blend_with_model(head, weight, 0.0, features)
-    large = blend_with_model(head, 1000 * weight, 0.0, features)
+    small = blend_with_model(head, weight, 0.0, features).head
+    large = blend_with_model(head, 1000 * weight, 0.0, features).head
     # Only the reading scales with the model's logit (x 1000, so sigmoids saturate); the
     # blended logit is the same one times 1000, so the ranking does not move.
     np.testing.assert_allclose(large.weights, 1000 * small.weights, rtol=1e-4)
@@ -164,12 +212,17 @@ def test_blend_ranks_the_same_whatever_the_scale_of_either_logit():
         blend_with_model(head, weight[:3], 0.0, features)
 
 
-def test_knn_logits_by_hand():
+def test_neighbour_term_by_hand():
     # Two features; standardising over the four rows maps them to the corners (±1, ±1).
     features = np.array([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]], dtype=np.float32)
     labelled, labels = np.array([0, 3]), np.array([1, 0])  # row 0 anomaly, row 3 normal
-    out = knn_logits(features, labelled, labels, np.array([0, 1, 2, 3]), k=3)
+    term = fit_neighbour_term(features, labelled, labels, k=3)
     # Cosines to the anomaly (1, 1)/√2 and the normal (−1, −1)/√2: 1 and −1, 0 and 0, ...
-    np.testing.assert_allclose(out, [2.0, 0.0, 0.0, -2.0], atol=1e-6)
+    np.testing.assert_allclose(term.logits(features), [2.0, 0.0, 0.0, -2.0], atol=1e-6)
+    # k = 2 of two anomalies: the mean of both cosines; weight and offset apply after.
+    term = fit_neighbour_term(features, np.array([0, 1, 3]), np.array([1, 1, 0]), k=2)
+    np.testing.assert_allclose(term.logits(features[[2]]), [0.5 * (0 - 1) - 0], atol=1e-6)
+    scaled = dataclasses.replace(term, weight=2.0, offset=-1.0)
+    np.testing.assert_allclose(scaled.logits(features[[2]]), [2 * -0.5 - 1], atol=1e-6)
     with pytest.raises(ValueError, match="at least one anomaly"):
-        knn_logits(features, labelled, np.array([1, 1]), np.array([1]))
+        fit_neighbour_term(features, labelled, np.array([1, 1]))

@@ -69,7 +69,7 @@ def test_rerank_publishes_a_fast_version_whose_model_scores_like_the_head(traine
     head = fit_fast_head(cache.features, rows, np.isin(sorted(labelled), ANOMALIES).astype(int))
     if blend:
         cycle_model, _ = load_model_dir(registry.version_dir(7, base))
-        head = blend_with_model(head, *anomaly_logit_weights(cycle_model), cache.features)
+        head = blend_with_model(head, *anomaly_logit_weights(cycle_model), cache.features).head
     model, model_meta = load_model_dir(registry.version_dir(7, fast))
     with CutoutStore.open(store) as s:
         from_pixels = score_store(s, model, model_meta, device="cpu")
@@ -102,25 +102,27 @@ def test_a_training_job_publishes_its_cycle_then_the_cycle_blended_with_a_head(t
     assert "ranking" not in plain and registry.latest(7) == plain["model_version"]
 
 
-def test_a_cycles_blend_adds_a_head_on_imagenet_embeddings_and_its_version_serves_it(
-        tmp_path, monkeypatch):
+def test_a_cycles_blend_adds_imagenet_terms_and_its_version_serves_it(tmp_path, monkeypatch):
     """Sky cutouts: the blend published after a cycle has a third term, a head on the
-    project's ImageNet embeddings (embedded once, kept beside the versions), and its version
-    reads both backbones, so what /predict scores from pixels is what was published."""
+    project's ImageNet embeddings (embedded once, kept beside the versions), and a fourth,
+    the nearest labelled neighbours on them; its version reads both backbones and keeps the
+    labelled embeddings, so what /predict scores from pixels is what was published."""
     from ml_backend import imagenet_store
-    from ml_backend.core.fast_head import scores_side_by_side
+    from ml_backend.core.fast_head import NeighbourClassifier, fit_neighbour_term
 
     store = tmp_path / "stores" / "s.h5"
     store.parent.mkdir()
     fake = FakeLabelStudio(random_store_tasks(store, N_TASKS, ANOMALIES, NORMALS))
     settings = job_settings(tmp_path).replace(store_roots=(store.parent,), rerank_blend=True)
     assert settings.imagenet_term("dihedral") and not settings.imagenet_term("flip")
+    assert settings.neighbour_term("dihedral") and not settings.neighbour_term("flip")
     registry = ModelRegistry(tmp_path / "models")
     summary = jobs.run_training(7, settings, fake)
     cycle, ranking = summary["model_version"], summary["ranking"]
     assert ranking["status"] == "reranked" and ranking["imagenet_term"] is True
+    assert ranking["neighbour_term"] is True
     meta = read_meta(registry.version_dir(7, ranking["model_version"]))
-    assert meta.imagenet_branch and meta.metrics["blend_terms"] == 3
+    assert meta.imagenet_branch and meta.neighbour_term and meta.metrics["blend_terms"] == 4
     # The ImageNet embeddings of every task, as the first ranking embeds them.
     cfg = TrainConfig.from_dict(read_meta(registry.version_dir(7, cycle)).config)
     held = imagenet_store.read_imagenet_embeddings(
@@ -132,12 +134,16 @@ def test_a_cycles_blend_adds_a_head_on_imagenet_embeddings_and_its_version_serve
     labelled = sorted(set(ANOMALIES) | set(NORMALS))
     rows, y = cache.rows_of(labelled)[1], np.isin(labelled, ANOMALIES).astype(int)
     cycle_model, _ = load_model_dir(registry.version_dir(7, cycle))
-    head = blend_with_model(fit_fast_head(cache.features, rows, y),
-                            *anomaly_logit_weights(cycle_model), cache.features,
-                            imagenet=(fit_fast_head(imagenet, rows, y), imagenet))
-    expected = scores_side_by_side(head, [cache.features, imagenet])
+    blend = blend_with_model(fit_fast_head(cache.features, rows, y),
+                             *anomaly_logit_weights(cycle_model), cache.features,
+                             imagenet=(fit_fast_head(imagenet, rows, y), imagenet),
+                             neighbours=(fit_neighbour_term(imagenet, rows, y), rows))
+    expected = blend.scores([cache.features, imagenet])
     expected = expected[cache.rows_of(list(range(N_TASKS)))[1]]
     model, model_meta = load_model_dir(registry.version_dir(7, ranking["model_version"]))
+    # The saved version holds the labelled embeddings (unit rows of the ImageNet features).
+    assert isinstance(model.get_classifier(), NeighbourClassifier)
+    assert model.get_classifier().term_anomalies.shape == (len(ANOMALIES), imagenet.shape[1])
     with CutoutStore.open(store) as s:
         from_pixels = score_store(s, model, model_meta, device="cpu")
     np.testing.assert_allclose(from_pixels, expected, atol=2e-3)
@@ -147,7 +153,13 @@ def test_a_cycles_blend_adds_a_head_on_imagenet_embeddings_and_its_version_serve
     # A burst reuses the embeddings (nothing is embedded again) and blends three terms too.
     monkeypatch.setattr(imagenet_store, "embed_with_imagenet", None)
     burst = rerank.run_rerank(7, settings, fake)
-    assert burst["imagenet_term"] is True
+    assert burst["imagenet_term"] is True and burst["neighbour_term"] is True
+    # AMLS_RERANK_NEIGHBOURS=false: three terms, one linear classifier.
+    burst = rerank.run_rerank(7, settings.replace(rerank_neighbours=False), fake)
+    meta = read_meta(registry.version_dir(7, burst["model_version"]))
+    assert burst["neighbour_term"] is False and meta.metrics["blend_terms"] == 3
+    model, _ = load_model_dir(registry.version_dir(7, burst["model_version"]))
+    assert type(model.get_classifier()) is torch.nn.Linear
     # A burst never embeds: without ImageNet embeddings it blends two terms.
     shutil.rmtree(imagenet_store.store_dir(registry, 7))
     burst = rerank.run_rerank(7, settings, fake)

@@ -82,6 +82,9 @@ class ModelMeta:
     # or without one the model itself (a first ranking and the bursts on it); None: no
     # ImageNet backbone, or its last stage (versions before session 22).
     imagenet_stage: int | None = None
+    # The branch's classifier also holds a nearest-neighbour term over the ImageNet features
+    # (`fast_head.NeighbourClassifier`: a four-term blend, `fast_head.blend_with_model`).
+    neighbour_term: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -194,6 +197,10 @@ def load_model_dir(model_dir: str | Path,
         if meta.imagenet_branch:
             model = SideBySide(model, _imagenet_backbone(cfg, meta.channels,
                                                          meta.imagenet_stage))
+            if meta.neighbour_term:
+                from ml_backend.core.fast_head import NeighbourClassifier
+
+                model.classifier = NeighbourClassifier.shaped_like(weights, "classifier.")
         elif meta.imagenet_stage is not None:
             model = truncate_after_block(model, meta.imagenet_stage)
     try:

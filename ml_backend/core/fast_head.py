@@ -10,6 +10,7 @@ rows), so rare directions of the unlabelled pool count as much as common ones.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -103,8 +104,64 @@ def install_head(model: nn.Module, head: FastHead) -> None:
         classifier.bias[ANOMALY_INDEX] = b
 
 
+def install_blend(model: nn.Module, blend: Blend) -> None:
+    """Make the model's classifier compute `blend` from its pooled features: its linear head
+    (`install_head`), and with a neighbour term a `NeighbourClassifier` in place of the
+    model's `classifier`, which reads the term's features as the last columns."""
+    if blend.neighbours is not None:
+        term, old = blend.neighbours, model.get_classifier()
+        model.classifier = NeighbourClassifier(old.in_features, old.out_features,
+                                               len(term.mean), len(term.anomalies),
+                                               len(term.normals))
+        model.classifier.hold(term)
+    install_head(model, blend.head)
+
+
+class NeighbourClassifier(nn.Linear):
+    """A 2-way linear classifier whose anomaly logit also gets a nearest-neighbour term
+    (`NeighbourTerm`) of the last `term_dims` input features: what a four-term blend
+    installs as. The labelled unit vectors are buffers, so a saved version holds them."""
+
+    def __init__(self, in_features: int, out_features: int, term_dims: int, n_anomalies: int,
+                 n_normals: int) -> None:
+        super().__init__(in_features, out_features)
+        self.register_buffer("term_mean", torch.zeros(term_dims))
+        self.register_buffer("term_scale", torch.ones(term_dims))
+        self.register_buffer("term_anomalies", torch.zeros(n_anomalies, term_dims))
+        self.register_buffer("term_normals", torch.zeros(n_normals, term_dims))
+        # k, weight, offset
+        self.register_buffer("term_rule", torch.tensor([3.0, 1.0, 0.0], dtype=torch.float64))
+
+    @classmethod
+    def shaped_like(cls, state: dict[str, torch.Tensor], prefix: str) -> NeighbourClassifier:
+        """An empty one whose tensors have the shapes `state` holds under `prefix`."""
+        out_features, in_features = state[f"{prefix}weight"].shape
+        return cls(int(in_features), int(out_features), len(state[f"{prefix}term_mean"]),
+                   len(state[f"{prefix}term_anomalies"]), len(state[f"{prefix}term_normals"]))
+
+    def hold(self, term: NeighbourTerm) -> None:
+        """Take `term`'s statistics, labelled vectors and rule."""
+        with torch.no_grad():
+            for name in ("mean", "scale", "anomalies", "normals"):
+                getattr(self, f"term_{name}").copy_(torch.from_numpy(getattr(term, name)))
+            self.term_rule.copy_(torch.tensor([term.k, term.weight, term.offset]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ml_backend.core.model import ANOMALY_INDEX
+
+        logits = super().forward(x).float()
+        k, weight, offset = self.term_rule.tolist()
+        with torch.autocast(x.device.type, enabled=False):
+            term = neighbour_logits(x[:, -len(self.term_mean):].float(), self.term_mean,
+                                    self.term_scale, self.term_anomalies, self.term_normals,
+                                    int(k), weight, offset)
+        logits[:, ANOMALY_INDEX] = logits[:, ANOMALY_INDEX] + term
+        return logits
+
+
 def blend_with_model(head: FastHead, weight: np.ndarray, bias: float, features: np.ndarray,
-                     *, imagenet: tuple[FastHead, np.ndarray] | None = None) -> FastHead:
+                     *, imagenet: tuple[FastHead, np.ndarray] | None = None,
+                     neighbours: tuple[NeighbourTerm, np.ndarray] | None = None) -> Blend:
     """One linear head that ranks by the mean of the model's own anomaly logit
     (`weight · f + bias`) and `head`'s, each standardised to mean 0 and spread 1 over
     `features` (at most _MOMENT_ROWS evenly spaced rows), so neither dominates by its scale;
@@ -119,8 +176,14 @@ def blend_with_model(head: FastHead, weight: np.ndarray, bias: float, features: 
     by side, [f, g], and ranks by the mean of three standardised logits (benchmarks/RESULTS.md,
     "Session 19": ahead of the two-term blend on FIRST).
 
-    Every logit is linear in the pooled features, so the blend is too: it installs as a
-    classifier like the head itself. (D,) `weight`: the model's anomaly-minus-normal row.
+    `neighbours`: a fourth term beside the third, (the nearest-neighbour term fitted on the
+    same ImageNet embeddings, the labelled rows it was fitted on); its spread is taken over
+    the rows it did not learn from, which are their own nearest neighbours
+    (benchmarks/RESULTS.md, "Session 30": ahead of the three-term blend on FIRST).
+
+    Without the fourth term every logit is linear in the pooled features, so the blend is
+    too: it installs as a classifier like the head itself (`install_blend`). (D,) `weight`:
+    the model's anomaly-minus-normal row.
     """
     features = _check_features(features, len(head.weights))
     weight = np.asarray(weight, dtype=np.float64).reshape(-1)
@@ -145,64 +208,132 @@ def blend_with_model(head: FastHead, weight: np.ndarray, bias: float, features: 
         scale = np.concatenate([scale, other.scale])
         x = np.hstack([x, (np.asarray(other_features[::step], dtype=np.float64)
                            - mean[len(head.weights):]) / scale[len(head.weights):]])
+    if neighbours is not None and imagenet is None:
+        raise ValueError("the neighbour term reads the ImageNet embeddings: give `imagenet` too")
+    n_terms = len(terms) + (neighbours is not None)
     blended_w, blended_b = np.zeros_like(mean), 0.0
     for w, b in terms:
         w_std, b_std = _standardised(x, w, b)
-        blended_w += w_std / len(terms)
-        blended_b += b_std / len(terms)
-    # Onto the model's scale: the blend's median and top-1 % boundary go where the model's are.
+        blended_w += w_std / n_terms
+        blended_b += b_std / n_terms
     blended = x @ blended_w + blended_b
+    term = None
+    if neighbours is not None:
+        term, learnt = neighbours
+        sampled = np.arange(0, len(features), step)
+        raw = term.logits(other_features[sampled]).astype(np.float64)
+        unseen = raw[~np.isin(sampled, learnt)]
+        unseen = unseen if len(unseen) else raw
+        term_w = 1.0 / (max(float(unseen.std()), 1e-6) * n_terms)
+        term_b = -float(unseen.mean()) * term_w
+        blended = blended + raw * term_w + term_b
+    # Onto the model's scale: the blend's median and top-1 % boundary go where the model's are.
     model = x @ terms[0][0] + terms[0][1]
     (b_mid, b_top), (m_mid, m_top) = (np.quantile(v, _ANCHORS) for v in (blended, model))
     gain = (m_top - m_mid) / (b_top - b_mid) if b_top > b_mid and m_top > m_mid else 1.0
-    return FastHead(mean=mean.astype(np.float32), scale=scale.astype(np.float32),
-                    weights=(blended_w * gain).astype(np.float32),
-                    bias=float((blended_b - b_mid) * gain + m_mid),
-                    n_anomalies=head.n_anomalies, n_normals=head.n_normals)
+    linear = FastHead(mean=mean.astype(np.float32), scale=scale.astype(np.float32),
+                      weights=(blended_w * gain).astype(np.float32),
+                      bias=float((blended_b - b_mid) * gain + m_mid),
+                      n_anomalies=head.n_anomalies, n_normals=head.n_normals)
+    if term is not None:
+        term = dataclasses.replace(term, weight=term_w * gain, offset=term_b * gain)
+    return Blend(linear, term)
 
 
-def scores_side_by_side(head: FastHead, parts: Sequence[np.ndarray]) -> np.ndarray:
-    """`head.scores` of the feature blocks `parts` set side by side (a three-term blend reads
-    [f, g]), without building the wide array: its logit is the sum of each block's share."""
-    widths = np.cumsum([0, *(p.shape[1] for p in parts)])
-    if widths[-1] != len(head.weights):
-        raise ValueError(f"feature blocks of {widths[-1]} dimensions, the head {len(head.weights)}")
-    logits = np.zeros(len(parts[0]), dtype=np.float32)
-    for part, start, stop in zip(parts, widths[:-1], widths[1:], strict=True):
-        share = FastHead(mean=head.mean[start:stop], scale=head.scale[start:stop],
-                         weights=head.weights[start:stop], bias=0.0,
-                         n_anomalies=head.n_anomalies, n_normals=head.n_normals)
-        logits += share.logits(part)
-    logits += np.float32(head.bias)
-    return torch.sigmoid(torch.from_numpy(logits).clamp(-60.0, 60.0)).numpy()
+@dataclass(frozen=True)
+class Blend:
+    """What a re-ranking publishes: a linear head over the feature blocks set side by side
+    (the cycle's embeddings, then the ImageNet ones), plus optionally the nearest-neighbour
+    term over the last block; their logits add."""
+
+    head: FastHead
+    neighbours: NeighbourTerm | None = None
+
+    def logits(self, parts: Sequence[np.ndarray]) -> np.ndarray:
+        """Anomaly logits (n,) float32 of the feature blocks `parts` set side by side, without
+        building the wide array: the head's logit is the sum of each block's share."""
+        widths = np.cumsum([0, *(p.shape[1] for p in parts)])
+        if widths[-1] != len(self.head.weights):
+            raise ValueError(f"feature blocks of {widths[-1]} dimensions, the head "
+                             f"{len(self.head.weights)}")
+        head = self.head
+        logits = np.zeros(len(parts[0]), dtype=np.float32)
+        for part, start, stop in zip(parts, widths[:-1], widths[1:], strict=True):
+            share = FastHead(mean=head.mean[start:stop], scale=head.scale[start:stop],
+                             weights=head.weights[start:stop], bias=0.0,
+                             n_anomalies=head.n_anomalies, n_normals=head.n_normals)
+            logits += share.logits(part)
+        logits += np.float32(head.bias)
+        if self.neighbours is not None:
+            logits += self.neighbours.logits(parts[-1])
+        return logits
+
+    def scores(self, parts: Sequence[np.ndarray]) -> np.ndarray:
+        """Anomaly probabilities (n,) float32: `logits` through a sigmoid."""
+        return torch.sigmoid(torch.from_numpy(self.logits(parts)).clamp(-60.0, 60.0)).numpy()
 
 
-def knn_logits(features: np.ndarray, labelled: np.ndarray, labels: np.ndarray,
-               rows: np.ndarray, k: int = 3) -> np.ndarray:
-    """A nearest-neighbour anomaly score of `features[rows]`: the mean cosine similarity to its
-    `k` most similar labelled anomalies minus that to its `k` most similar labelled normals
-    (fewer where fewer are labelled), on standardised features as `similar` uses. Not linear
-    in the features, so unlike the head it cannot install as a classifier; measured as a blend
-    term by `simulate` (benchmarks/RESULTS.md, "Session 29")."""
+@dataclass(frozen=True)
+class NeighbourTerm:
+    """A nearest-neighbour anomaly logit: `weight` × (the mean cosine similarity of a row to
+    its `k` most similar labelled anomalies minus that to its `k` most similar labelled
+    normals, fewer where fewer are labelled) + `offset`, on features standardised by `mean`
+    and `scale`, as `similar` compares them. Not linear in the features: it keeps the
+    labelled rows' unit vectors to score any new row."""
+
+    mean: np.ndarray  # (D,) float32
+    scale: np.ndarray  # (D,) float32, > 0
+    anomalies: np.ndarray  # (a, D) float32, unit rows
+    normals: np.ndarray  # (n, D) float32, unit rows
+    k: int = 3
+    weight: float = 1.0
+    offset: float = 0.0
+
+    def logits(self, features: np.ndarray) -> np.ndarray:
+        """The term (n,) float32 of feature rows (float16 or float32, memmap ok)."""
+        features = _check_features(features, len(self.mean))
+        mean, scale = torch.from_numpy(self.mean), torch.from_numpy(self.scale)
+        refs = [torch.from_numpy(v) for v in (self.anomalies, self.normals)]
+        return torch.cat([neighbour_logits(block, mean, scale, *refs, self.k, self.weight,
+                                           self.offset) for block in _float_blocks(features)]
+                         ).numpy()
+
+
+def neighbour_logits(features: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor,
+                     anomalies: torch.Tensor, normals: torch.Tensor, k: int, weight: float,
+                     offset: float) -> torch.Tensor:
+    """`NeighbourTerm.logits` of float32 (n, D) rows, on tensors (what an installed blend's
+    classifier computes, `install_blend`)."""
+    z = (features - mean) / scale
+    z = z / torch.linalg.vector_norm(z, dim=1, keepdim=True).clamp_min(1e-12)
+    out = torch.zeros(len(z), dtype=torch.float64, device=z.device)
+    for refs, sign in ((anomalies, 1.0), (normals, -1.0)):
+        sims = z @ refs.T
+        out += sign * sims.topk(min(k, sims.shape[1]), dim=1).values.mean(dim=1).double()
+    return (out * weight + offset).float()
+
+
+def fit_neighbour_term(features: np.ndarray, labelled: np.ndarray, labels: np.ndarray,
+                       k: int = 3) -> NeighbourTerm:
+    """The nearest-neighbour term of `features[labelled]` with 0/1 `labels` (1 = anomaly),
+    standardised by the statistics of all `features`, unweighted (weight 1, offset 0).
+    Raises ValueError without at least one anomaly and one normal."""
     features = _check_features(features)
     labels = np.asarray(labels).reshape(-1)
     labelled = np.asarray(labelled, dtype=np.int64).reshape(-1)
     if len(labelled) != len(labels) or not ((labels == 1).any() and (labels == 0).any()):
         raise ValueError("need the labels of the labelled rows, at least one anomaly and one "
                          "normal among them")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
     mean, std = _moments(features)
 
     def unit(idx: np.ndarray) -> np.ndarray:
-        z = (np.asarray(features[np.asarray(idx, dtype=np.int64)], dtype=np.float32) - mean) / std
-        return z / _norms(z)[:, None]
+        z = (np.asarray(features[idx], dtype=np.float32) - mean) / std
+        return (z / _norms(z)[:, None]).astype(np.float32)
 
-    query = unit(rows)
-    out = np.zeros(len(query), dtype=np.float64)
-    for label, sign in ((1, 1.0), (0, -1.0)):
-        sims = query @ unit(labelled[labels == label]).T
-        top = min(k, sims.shape[1])
-        out += sign * -np.sort(-sims, axis=1)[:, :top].mean(axis=1)
-    return out.astype(np.float32)
+    return NeighbourTerm(mean=mean, scale=std, anomalies=unit(labelled[labels == 1]),
+                         normals=unit(labelled[labels == 0]), k=k)
 
 
 def _standardised(x: np.ndarray, w: np.ndarray, b: float) -> tuple[np.ndarray, float]:

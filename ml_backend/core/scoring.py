@@ -160,24 +160,30 @@ def _forward(model: nn.Module, images: np.ndarray | torch.Tensor, image_size: in
     """(anomaly probabilities, pooled features or None) of one batch.
 
     One forward pass, or with `views` (an invariance) the probability of the mean logits over
-    every view of that invariance (`augment.symmetry_views`), and the mean features. The
-    classifier is linear, so the mean logits are the classifier of the mean features: a head
-    fitted on those features (`fast_head`, the instant re-ranking) scores exactly as the
-    model it is published as.
+    every view of that invariance (`augment.symmetry_views`), and the mean features. A linear
+    classifier's mean logits are the classifier of the mean features, so a head fitted on
+    those features (`fast_head`, the instant re-ranking) scores exactly as the model it is
+    published as; any other classifier (a blend with a neighbour term,
+    `fast_head.NeighbourClassifier`) reads the mean features, as the re-ranking scored them.
     """
     x = to_model_input(images, image_size, device, crop)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
     batches = [x] if views is None else symmetry_views(x, views)
+    classifier = _unwrapped(model).get_classifier()
+    linear = type(classifier) is nn.Linear
     logits, pooled = [], []
     with autocast:
         for view in batches:
-            if not features:
+            if not features and linear:
                 logits.append(model(view).float())
                 continue
             pooled.append(pooled_features(_unwrapped(model), view))
-            logits.append(_unwrapped(model).get_classifier()(pooled[-1]).float())
+            if linear:
+                logits.append(classifier(pooled[-1]).float())
     mean_features = torch.stack(pooled).float().mean(0) if pooled else None
+    if not linear:
+        logits = [classifier(mean_features).float()]
     return anomaly_probability(torch.stack(logits).mean(0)), mean_features
 
 

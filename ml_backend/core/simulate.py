@@ -32,7 +32,7 @@ on the same unlabelled images, the oracle picking from the FixMatch scores unles
   ``lblend_*``: the mean of three standardised logits, the model's, the head's on its
   embeddings and the head's on the ImageNet ones (linear in both embeddings together, so a
   model carrying both backbones could publish it as one head).
-- ``knn_*``: nearest labelled neighbours on the ImageNet embeddings (`fast_head.knn_logits`);
+- ``knn_*``: nearest labelled neighbours on the ImageNet embeddings (`fast_head.NeighbourTerm`);
   ``kblend_*``: ``lblend``'s three logits and that score, standardised and averaged (not
   linear in the embeddings: a measurement, not yet a ranking the product can publish).
 - with ``imagenet_framing`` (crop, size) and/or ``imagenet_block``, also ``fprobe_*`` and
@@ -291,10 +291,11 @@ def run_simulation(
                           "probe": probe["head_logit"]}
                 lblend = mean_z(*logits.values())
                 extra |= _prefixed("lblend", truth[unlabelled], lblend)
-                from ml_backend.core.fast_head import knn_logits
+                from ml_backend.core.fast_head import fit_neighbour_term
 
-                logits["knn"] = knn_logits(imagenet, np.searchsorted(pool, labelled),
-                                           truth[labelled], np.searchsorted(pool, unlabelled))
+                logits["knn"] = fit_neighbour_term(
+                    imagenet, np.searchsorted(pool, labelled), truth[labelled]
+                ).logits(imagenet[np.searchsorted(pool, unlabelled)])
                 extra |= _prefixed("knn", truth[unlabelled], logits["knn"])
                 extra |= _prefixed("kblend", truth[unlabelled], mean_z(*logits.values()))
                 if framed is not None:
@@ -352,7 +353,7 @@ def _head_rankings(features: np.ndarray, pool: np.ndarray, labelled: np.ndarray,
     rows = features[np.searchsorted(pool, unlabelled)]
     out = {"head": head.scores(rows), "head_logit": head.logits(rows)}
     if logit is not None:
-        out["zblend"] = blend_with_model(head, *logit, features).scores(rows)
+        out["zblend"] = blend_with_model(head, *logit, features).head.scores(rows)
         out["model_logit"] = rows.astype(np.float32) @ logit[0].astype(np.float32) + logit[1]
     return out
 
