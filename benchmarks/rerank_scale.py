@@ -33,6 +33,8 @@ from ml_backend.core.fast_head import (
 )
 
 DIM = 1280
+# Width of the ImageNet embeddings the blend's third and fourth terms read (stage 4, 112 channels).
+IMAGENET_DIM = 112
 
 
 def cache_costs(n_tasks: int, n_labelled: int, root: Path) -> dict[str, Any]:
@@ -66,7 +68,7 @@ def blend_costs(head: FastHead, features: np.ndarray, labelled: np.ndarray, trut
     three (a second head fitted on a second embedding of the same tasks, as the sky
     cutouts' blend has one on their ImageNet embeddings) and four (with the nearest-neighbour
     term on that second embedding)."""
-    imagenet = rng.normal(size=features.shape).astype(np.float16)
+    imagenet = rng.normal(size=(len(features), IMAGENET_DIM)).astype(np.float16)
     weight = rng.normal(size=DIM)
     started = time.perf_counter()
     blend_with_model(head, weight, 0.0, features).scores([features])
