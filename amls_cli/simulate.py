@@ -47,11 +47,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--center-crop", type=center_crop_arg, default=TrainConfig.center_crop,
                    metavar="F", help="keep this fraction of each side around the centre "
                    "before resizing (1: whole cutout)")
-    p.add_argument("--picks-from", choices=("model", "zblend", "lblend"), default="model",
+    p.add_argument("--picks-from", choices=("model", "zblend", "lblend", "blend4"), default="model",
                    help="what the oracle labels from: the model's scores, or a blend the "
-                   "backend publishes (zblend: the model with a head on its embeddings; lblend: "
-                   "also a head on ImageNet embeddings, sky cutouts' default); a blend also "
-                   "measures the backend's fast rankings each cycle")
+                   "backend publishes (zblend: the model with a head on its embeddings, "
+                   "photographs' default; lblend: also a head on ImageNet embeddings; blend4: "
+                   "also their nearest labelled neighbours, as published for sky cutouts); a "
+                   "blend also measures the backend's fast rankings each cycle")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     add_training_options(p)
     p.set_defaults(func=run)

@@ -159,6 +159,8 @@ FAST_PAIRS = (
                          "standardised logits averaged, vs the blend annotators see"),
     ("fblend", "lblend", "that three-term blend with the ImageNet term framed its own way vs "
                          "framed as the model is"),
+    ("blend4", "lblend", "the four-term blend as published (nearest labelled neighbours on the "
+                         "ImageNet embeddings added) vs the three-term one"),
     ("fprobe", "probe", "the ImageNet head framed its own way vs framed as the model is"),
     ("tta", "", "the same model scored the other way round (test-time augmentation) vs "
                 "its own scores"),

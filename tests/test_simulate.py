@@ -235,14 +235,15 @@ def test_fast_head_metrics_sit_beside_the_fixmatch_ones_without_changing_them(tm
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("picks_from", ["lblend", "zblend"])
+@pytest.mark.parametrize("picks_from", ["lblend", "zblend", "blend4"])
 def test_the_oracle_picks_from_the_blend_it_is_told_to(tmp_path, monkeypatch, picks_from):
     from ml_backend.core import simulate
 
     _, truth = make_toy_store(tmp_path / "toy.h5")
     blends, ranked_by = [], []
-    real_mean_z, real_rankings, real_picks = (simulate.mean_z, simulate._head_rankings,
-                                              simulate.oracle_picks)
+    real_mean_z, real_rankings, real_picks, real_published = (
+        simulate.mean_z, simulate._head_rankings, simulate.oracle_picks,
+        simulate._published_blend)
 
     def recording_mean_z(*logits):
         blends.append(("lblend", real_mean_z(*logits)))
@@ -258,9 +259,14 @@ def test_the_oracle_picks_from_the_blend_it_is_told_to(tmp_path, monkeypatch, pi
         ranked_by.append(scores)
         return real_picks(candidates, scores, *args)
 
+    def recording_published(*args):
+        blends.append(("blend4", real_published(*args)))
+        return blends[-1][1]
+
     monkeypatch.setattr(simulate, "mean_z", recording_mean_z)
     monkeypatch.setattr(simulate, "_head_rankings", recording_rankings)
     monkeypatch.setattr(simulate, "oracle_picks", recording_picks)
+    monkeypatch.setattr(simulate, "_published_blend", recording_published)
     with CutoutStore.open(tmp_path / "toy.h5") as store:
         list(run_simulation(store, truth, toy_plan(fast_head=True, picks_from=picks_from),
                             TOY_CFG))
@@ -396,6 +402,8 @@ def test_a_second_imagenet_term_is_measured_beside_the_model_framed_one(tmp_path
         for key in ("auroc", "zblend_auroc", "probe_auroc", "lblend_auroc", "lblend_ap"):
             assert b[key] == pytest.approx(a[key])
         assert "fblend_auroc" not in a
+        assert 0.0 <= b["blend4_auroc"] <= 1.0 and b["blend4_auroc"] == pytest.approx(
+            a["blend4_auroc"])
         assert all(0.0 <= b[f"{p}_{m}"] <= 1.0 for p in ("fprobe", "fblend")
                    for m in ("auroc", "ap", "precision_top_1pct"))
     # The saved logits give back every blend the run measured.

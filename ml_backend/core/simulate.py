@@ -33,8 +33,10 @@ on the same unlabelled images, the oracle picking from the FixMatch scores unles
   embeddings and the head's on the ImageNet ones (linear in both embeddings together, so a
   model carrying both backbones could publish it as one head).
 - ``knn_*``: nearest labelled neighbours on the ImageNet embeddings (`fast_head.NeighbourTerm`);
-  ``kblend_*``: ``lblend``'s three logits and that score, standardised and averaged (not
-  linear in the embeddings: a measurement, not yet a ranking the product can publish).
+  ``kblend_*``: ``lblend``'s three logits and that score, standardised and averaged over
+  the unlabelled rows; ``blend4_*``: the same four terms blended exactly as the backend
+  publishes them for sky cutouts (`fast_head.blend_with_model`: the linear terms
+  standardised over the whole pool, the neighbour term over the rows it did not learn from).
 - with ``imagenet_framing`` (crop, size) and/or ``imagenet_block``, also ``fprobe_*`` and
   ``fblend_*``: the same two with a second set of ImageNet embeddings, framed their own way
   (a tighter crop, more pixels) and/or pooled after another stage of the backbone
@@ -85,7 +87,7 @@ log = logging.getLogger(__name__)
 METHODS = ("fixmatch", "supervised", "isolation-forest", "linear-probe")
 # What the oracle picks from: the trained model's scores, or (with fast_head) the two-term
 # blend (`zblend`) or the three-term one (`lblend`), as annotators of a blend's queue would.
-PICKS_FROM = ("model", "zblend", "lblend")
+PICKS_FROM = ("model", "zblend", "lblend", "blend4")
 # `SimulationPlan.imagenet_block`: the ImageNet backbone uncut (its last stage).
 IMAGENET_UNCUT = -1
 # The methods that train the network each cycle (the others score with a fixed feature map).
@@ -298,6 +300,9 @@ def run_simulation(
                 ).logits(imagenet[np.searchsorted(pool, unlabelled)])
                 extra |= _prefixed("knn", truth[unlabelled], logits["knn"])
                 extra |= _prefixed("kblend", truth[unlabelled], mean_z(*logits.values()))
+                blend4 = _published_blend(features, imagenet, pool, labelled, unlabelled,
+                                          truth, logit)
+                extra |= _prefixed("blend4", truth[unlabelled], blend4)
                 if framed is not None:
                     fprobe = _head_rankings(framed, pool, labelled, unlabelled, truth, None)
                     extra |= _prefixed("fprobe", truth[unlabelled], fprobe["head"])
@@ -308,7 +313,8 @@ def run_simulation(
                     Path(plan.scores_dir).mkdir(parents=True, exist_ok=True)
                     np.savez_compressed(Path(plan.scores_dir) / f"cycle{cycle}.npz",
                                         rows=unlabelled, truth=truth[unlabelled], **logits)
-                picked_from = {"model": scores, "zblend": ranked["zblend"], "lblend": lblend}
+                picked_from = {"model": scores, "zblend": ranked["zblend"], "lblend": lblend,
+                               "blend4": blend4}
             else:
                 picked_from = {"model": scores}
             result.update(extra)
@@ -356,6 +362,21 @@ def _head_rankings(features: np.ndarray, pool: np.ndarray, labelled: np.ndarray,
         out["zblend"] = blend_with_model(head, *logit, features).head.scores(rows)
         out["model_logit"] = rows.astype(np.float32) @ logit[0].astype(np.float32) + logit[1]
     return out
+
+
+def _published_blend(features: np.ndarray, imagenet: np.ndarray, pool: np.ndarray,
+                     labelled: np.ndarray, unlabelled: np.ndarray, truth: np.ndarray,
+                     logit: tuple[np.ndarray, float]) -> np.ndarray:
+    """Scores of the unlabelled pool rows by the four-term blend the backend publishes for
+    sky cutouts (`rerank.rerank_and_publish`), fitted on the labelled rows."""
+    from ml_backend.core.fast_head import blend_with_model, fit_fast_head, fit_neighbour_term
+
+    known, rows, y = np.searchsorted(pool, labelled), np.searchsorted(pool, unlabelled), \
+        truth[labelled]
+    blend = blend_with_model(fit_fast_head(features, known, y), *logit, features,
+                             imagenet=(fit_fast_head(imagenet, known, y), imagenet),
+                             neighbours=(fit_neighbour_term(imagenet, known, y), known))
+    return blend.scores([features[rows], imagenet[rows]])
 
 
 def mean_top_score(scores: np.ndarray, fraction: float = 0.01) -> float:
