@@ -62,7 +62,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -82,11 +82,15 @@ from ml_backend.core.sources import StoreSubset
 from ml_backend.core.store import CutoutStore
 from ml_backend.core.train import save_cycle, train_cycle
 
+if TYPE_CHECKING:  # fast_head imports scikit-learn: loaded when a run needs it
+    from ml_backend.core.fast_head import FastHead, NeighbourTerm
+
 log = logging.getLogger(__name__)
 
 METHODS = ("fixmatch", "supervised", "isolation-forest", "linear-probe")
 # What the oracle picks from: the trained model's scores, or (with fast_head) the two-term
-# blend (`zblend`) or the three-term one (`lblend`), as annotators of a blend's queue would.
+# blend (`zblend`), the three-term one (`lblend`) or the four-term one the backend publishes
+# for sky cutouts (`blend4`), as annotators of a blend's queue would.
 PICKS_FROM = ("model", "zblend", "lblend", "blend4")
 # `SimulationPlan.imagenet_block`: the ImageNet backbone uncut (its last stage).
 IMAGENET_UNCUT = -1
@@ -295,13 +299,13 @@ def run_simulation(
                 extra |= _prefixed("lblend", truth[unlabelled], lblend)
                 from ml_backend.core.fast_head import fit_neighbour_term
 
-                logits["knn"] = fit_neighbour_term(
-                    imagenet, np.searchsorted(pool, labelled), truth[labelled]
-                ).logits(imagenet[np.searchsorted(pool, unlabelled)])
+                known, rows = np.searchsorted(pool, labelled), np.searchsorted(pool, unlabelled)
+                term = fit_neighbour_term(imagenet, known, truth[labelled])
+                logits["knn"] = term.logits(imagenet[rows])
                 extra |= _prefixed("knn", truth[unlabelled], logits["knn"])
                 extra |= _prefixed("kblend", truth[unlabelled], mean_z(*logits.values()))
-                blend4 = _published_blend(features, imagenet, pool, labelled, unlabelled,
-                                          truth, logit)
+                blend4 = _published_blend(ranked["fitted"], probe["fitted"], (term, known),
+                                          logit, features, imagenet, rows)
                 extra |= _prefixed("blend4", truth[unlabelled], blend4)
                 if framed is not None:
                     fprobe = _head_rankings(framed, pool, labelled, unlabelled, truth, None)
@@ -351,31 +355,29 @@ def _head_rankings(features: np.ndarray, pool: np.ndarray, labelled: np.ndarray,
                    unlabelled: np.ndarray, truth: np.ndarray,
                    logit: tuple[np.ndarray, float] | None) -> dict[str, np.ndarray]:
     """Scores of the unlabelled pool rows by the fast head fitted on the labelled ones
-    ("head"; its logits "head_logit") and, given the `logit` of the model behind the
-    features, by the head blended with it ("zblend"; the model's logits "model_logit")."""
+    ("head"; its logits "head_logit"; the head itself "fitted") and, given the `logit` of the
+    model behind the features, by the head blended with it ("zblend"; the model's logits
+    "model_logit")."""
     from ml_backend.core.fast_head import blend_with_model, fit_fast_head
 
     head = fit_fast_head(features, np.searchsorted(pool, labelled), truth[labelled])
     rows = features[np.searchsorted(pool, unlabelled)]
-    out = {"head": head.scores(rows), "head_logit": head.logits(rows)}
+    out = {"head": head.scores(rows), "head_logit": head.logits(rows), "fitted": head}
     if logit is not None:
         out["zblend"] = blend_with_model(head, *logit, features).head.scores(rows)
         out["model_logit"] = rows.astype(np.float32) @ logit[0].astype(np.float32) + logit[1]
     return out
 
 
-def _published_blend(features: np.ndarray, imagenet: np.ndarray, pool: np.ndarray,
-                     labelled: np.ndarray, unlabelled: np.ndarray, truth: np.ndarray,
-                     logit: tuple[np.ndarray, float]) -> np.ndarray:
-    """Scores of the unlabelled pool rows by the four-term blend the backend publishes for
-    sky cutouts (`rerank.rerank_and_publish`), fitted on the labelled rows."""
-    from ml_backend.core.fast_head import blend_with_model, fit_fast_head, fit_neighbour_term
+def _published_blend(head: FastHead, imagenet_head: FastHead,
+                     neighbours: tuple[NeighbourTerm, np.ndarray], logit: tuple[np.ndarray, float],
+                     features: np.ndarray, imagenet: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Scores of the pool `rows` by the four-term blend the backend publishes for sky cutouts
+    (`rerank.rerank_and_publish`) of the heads and neighbour term this cycle fitted."""
+    from ml_backend.core.fast_head import blend_with_model
 
-    known, rows, y = np.searchsorted(pool, labelled), np.searchsorted(pool, unlabelled), \
-        truth[labelled]
-    blend = blend_with_model(fit_fast_head(features, known, y), *logit, features,
-                             imagenet=(fit_fast_head(imagenet, known, y), imagenet),
-                             neighbours=(fit_neighbour_term(imagenet, known, y), known))
+    blend = blend_with_model(head, *logit, features, imagenet=(imagenet_head, imagenet),
+                             neighbours=neighbours)
     return blend.scores([features[rows], imagenet[rows]])
 
 
