@@ -189,9 +189,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
                                                     "image_size": 96, "uratio": 2}),
     # Each kind's default with the oracle picking from a blend, as annotators of the product's
     # queue do: the two-term blend (published until session 20), the three-term one (until
-    # session 30) or the four-term one.
+    # session 30), the four-term one or that without the model's own logit (sky cutouts'
+    # since session 31).
     *(Setting(f"{name}@{blend}-picks", overrides=dict(SETTINGS_BY_KIND[name]), picks_from=blend)
-      for name in SETTINGS_BY_KIND for blend in ("zblend", "lblend", "blend4")),
+      for name in SETTINGS_BY_KIND for blend in ("zblend", "lblend", "blend4", "blend3")),
     # The sky default with the blend's ImageNet term also framed tighter, at more pixels or
     # at the model's (crop 0.35 at 96 px: the best linear probe of FIRST; 0.35 at 64 px: most
     # of its gain at no extra pixels; `benchmarks.framing_probe`).

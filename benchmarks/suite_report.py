@@ -161,6 +161,8 @@ FAST_PAIRS = (
                          "framed as the model is"),
     ("blend4", "lblend", "the four-term blend as published (nearest labelled neighbours on the "
                          "ImageNet embeddings added) vs the three-term one"),
+    ("blend3", "blend4", "that blend without the model's own logit (sky cutouts' since "
+                         "session 31) vs with it"),
     ("fprobe", "probe", "the ImageNet head framed its own way vs framed as the model is"),
     ("tta", "", "the same model scored the other way round (test-time augmentation) vs "
                 "its own scores"),

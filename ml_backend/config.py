@@ -98,6 +98,12 @@ class Config:
     # ("dihedral": benchmarks/RESULTS.md "Session 30"), off for photographs (on frozen
     # features there it ranked worse than the linear head).
     rerank_neighbours: bool | None = None
+    # Whether the blend's mean includes the cycle's own classifier logit
+    # (AMLS_RERANK_MODEL_TERM; it always sets the scale the blend's scores read on). None
+    # ("auto"): left out for sky cutouts ("dihedral": without it the blend ranks more
+    # anomalies at the top of FIRST's queue, benchmarks/RESULTS.md "Session 31"), kept for
+    # photographs (not measured there).
+    rerank_model_term: bool | None = None
     # The least a project needs before its first (and every) training job: this many
     # anomaly labels and this many other labels (AMLS_MIN_ANOMALIES, AMLS_MIN_NORMALS).
     # A job with fewer is skipped, with the reason in /metrics' last_result.
@@ -197,6 +203,11 @@ class Config:
         return (invariance == "dihedral" if self.rerank_neighbours is None
                 else self.rerank_neighbours)
 
+    def model_term(self, invariance: str) -> bool:
+        """Whether blends of a cycle with this weak-view invariance average in its own logit."""
+        return (invariance != "dihedral" if self.rerank_model_term is None
+                else self.rerank_model_term)
+
     def train_config(self, store_invariance: str) -> TrainConfig:
         """The TrainConfig of a job on a store recording `store_invariance`: its invariance
         (unless AMLS_INVARIANCE says otherwise) and that kind's defaults (`kind_defaults`)
@@ -241,6 +252,7 @@ class Config:
             rerank_blend=_bool(env, "AMLS_RERANK_BLEND", True),
             rerank_imagenet=_auto_bool(env, "AMLS_RERANK_IMAGENET"),
             rerank_neighbours=_auto_bool(env, "AMLS_RERANK_NEIGHBOURS"),
+            rerank_model_term=_auto_bool(env, "AMLS_RERANK_MODEL_TERM"),
             min_anomalies=_int(env, "AMLS_MIN_ANOMALIES", 1),
             min_normals=_int(env, "AMLS_MIN_NORMALS", 3),
             prelabel=_bool(env, "AMLS_PRELABEL", False),

@@ -144,8 +144,10 @@ def rerank_and_publish(project_id: int, settings: Config, client: LabelStudioCli
     # The cycle's classifier still knows what the head cannot (an ImageNet base has none).
     blended = settings.rerank_blend and base_meta.kind == "fixmatch"
     parts = [cache.features]
+    model_term = False
     if blended:
         imagenet, base_cfg = None, TrainConfig.from_dict(base_meta.config)
+        model_term = settings.model_term(base_cfg.invariance)
         if settings.imagenet_term(base_cfg.invariance):
             imagenet = imagenet_rows(project_id, settings, client, registry, base_meta,
                                      base_cfg, cache, schema.image_key, embed_missing)
@@ -156,12 +158,14 @@ def rerank_and_publish(project_id: int, settings: Config, client: LabelStudioCli
                 neighbours = (fit_neighbour_term(imagenet, labelled_rows, y), labelled_rows)
             blend = blend_with_model(blend.head, *anomaly_logit_weights(model), cache.features,
                                      imagenet=(fit_fast_head(imagenet, labelled_rows, y),
-                                               imagenet), neighbours=neighbours)
+                                               imagenet), neighbours=neighbours,
+                                     model_term=model_term)
             model = SideBySide(model, imagenet_model(base_cfg, base_meta.channels,
                                                      base_meta.stretch)[0]).eval()
             parts.append(imagenet)
         else:
-            blend = blend_with_model(blend.head, *anomaly_logit_weights(model), cache.features)
+            blend = blend_with_model(blend.head, *anomaly_logit_weights(model), cache.features,
+                                     model_term=model_term)
     unlabelled = [t for t in cache.task_ids.tolist() if t not in labels and t not in held_out]
     unlabelled_ids, unlabelled_rows = cache.rows_of(unlabelled)
     all_scores = blend.scores(parts)
@@ -180,7 +184,8 @@ def rerank_and_publish(project_id: int, settings: Config, client: LabelStudioCli
                      neighbour_term=blend.neighbours is not None,
                      metrics={"fast_head_c": DEFAULT_C, "embedded_tasks": len(cache.task_ids),
                               "blended_with_cycle": blended,
-                              "blend_terms": len(parts) + blended
+                              "model_term": model_term,
+                              "blend_terms": len(parts) + model_term
                               + (blend.neighbours is not None)})
     staging = registry.staging_dir(project_id)
     try:
@@ -219,7 +224,7 @@ def rerank_and_publish(project_id: int, settings: Config, client: LabelStudioCli
     return {"project": project_id, "status": "reranked", "model_version": meta.version,
             "embeddings_of": base or meta.version, "labels": counts, "predictions": written,
             "imagenet_term": meta.imagenet_branch,
-            "neighbour_term": meta.neighbour_term,
+            "neighbour_term": meta.neighbour_term, "model_term": model_term,
             "label_studio_updated": switched,
             "labels_without_embeddings": len(labels) - len(labelled_ids),
             "stage_seconds": stages.seconds}

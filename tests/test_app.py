@@ -265,6 +265,10 @@ def test_config_defaults_and_overrides():
     assert Config().neighbour_term("dihedral") and not Config().neighbour_term("flip")
     assert Config.from_env({"AMLS_RERANK_NEIGHBOURS": "on"}).neighbour_term("flip")
     assert not Config.from_env({"AMLS_RERANK_NEIGHBOURS": "false"}).neighbour_term("dihedral")
+    # The cycle's own logit in the blend's mean: left out for sky cutouts only, unless told.
+    assert not Config().model_term("dihedral") and Config().model_term("flip")
+    assert Config.from_env({"AMLS_RERANK_MODEL_TERM": "on"}).model_term("dihedral")
+    assert not Config.from_env({"AMLS_RERANK_MODEL_TERM": "false"}).model_term("flip")
 
 
 @pytest.mark.parametrize("env, store_invariance, invariance, tta, align, stage", [
@@ -318,6 +322,7 @@ def test_a_jobs_iterations_follow_the_kind_of_data_unless_set(env, kind, iterati
     ({"AMLS_DISTRIBUTION_ALIGNMENT": "2"}, "AMLS_DISTRIBUTION_ALIGNMENT"),
     ({"AMLS_RERANK_IMAGENET": "sometimes"}, "AMLS_RERANK_IMAGENET"),
     ({"AMLS_RERANK_NEIGHBOURS": "2"}, "AMLS_RERANK_NEIGHBOURS"),
+    ({"AMLS_RERANK_MODEL_TERM": "maybe"}, "AMLS_RERANK_MODEL_TERM"),
     ({"AMLS_BACKBONE_STAGE": "7"}, "AMLS_BACKBONE_STAGE"),
     ({"AMLS_BACKBONE_STAGE": "last"}, "AMLS_BACKBONE_STAGE"),
     ({"ANOMALY_LABEL": " "}, "ANOMALY_LABEL"),

@@ -192,6 +192,13 @@ def test_a_four_term_blend_adds_the_neighbour_term_standardised_over_the_unlearn
     with torch.no_grad():
         served = anomaly_probability(model.classifier(wide)).numpy()
     np.testing.assert_allclose(served, blended.scores([features, other]), atol=1e-5)
+    # Without the model's own logit: the other three averaged, read on the model's scale.
+    without = blend_with_model(head, weight, bias, features, imagenet=(other_head, other),
+                               neighbours=(term, labelled), model_term=False)
+    mean_z = (mean_z * 4 - z(model_logit)) / 3
+    (z_mid, z_top) = np.quantile(mean_z, (0.5, 0.99))
+    logit = m_mid + (mean_z - z_mid) * (m_top - m_mid) / (z_top - z_mid)
+    np.testing.assert_allclose(without.logits([features, other]), logit, atol=2e-4)
     with pytest.raises(ValueError, match="give `imagenet` too"):
         blend_with_model(head, weight, bias, features, neighbours=(term, labelled))
 

@@ -51,7 +51,7 @@ def test_a_training_job_caches_every_tasks_embedding_in_its_version(trained):
 @pytest.mark.parametrize("blend", [True, False])
 def test_rerank_publishes_a_fast_version_whose_model_scores_like_the_head(trained, blend):
     fake, registry, settings, store, base = trained
-    settings = settings.replace(rerank_blend=blend, rerank_imagenet=False)
+    settings = settings.replace(rerank_blend=blend, rerank_imagenet=False, rerank_model_term=True)
     summary = rerank.run_rerank(7, settings, fake)
     assert summary["status"] == "reranked" and summary["embeddings_of"] == base
     fast = summary["model_version"]
@@ -103,10 +103,11 @@ def test_a_training_job_publishes_its_cycle_then_the_cycle_blended_with_a_head(t
 
 
 def test_a_cycles_blend_adds_imagenet_terms_and_its_version_serves_it(tmp_path, monkeypatch):
-    """Sky cutouts: the blend published after a cycle has a third term, a head on the
-    project's ImageNet embeddings (embedded once, kept beside the versions), and a fourth,
-    the nearest labelled neighbours on them; its version reads both backbones and keeps the
-    labelled embeddings, so what /predict scores from pixels is what was published."""
+    """Sky cutouts: the blend published after a cycle averages the refit head, a head on
+    the project's ImageNet embeddings (embedded once, kept beside the versions) and the
+    nearest labelled neighbours on them, without the cycle's own logit; its version reads
+    both backbones and keeps the labelled embeddings, so what /predict scores from pixels is
+    what was published."""
     from ml_backend import imagenet_store
     from ml_backend.core.fast_head import NeighbourClassifier, fit_neighbour_term
 
@@ -116,13 +117,14 @@ def test_a_cycles_blend_adds_imagenet_terms_and_its_version_serves_it(tmp_path, 
     settings = job_settings(tmp_path).replace(store_roots=(store.parent,), rerank_blend=True)
     assert settings.imagenet_term("dihedral") and not settings.imagenet_term("flip")
     assert settings.neighbour_term("dihedral") and not settings.neighbour_term("flip")
+    assert not settings.model_term("dihedral") and settings.model_term("flip")
     registry = ModelRegistry(tmp_path / "models")
     summary = jobs.run_training(7, settings, fake)
     cycle, ranking = summary["model_version"], summary["ranking"]
     assert ranking["status"] == "reranked" and ranking["imagenet_term"] is True
-    assert ranking["neighbour_term"] is True
+    assert ranking["neighbour_term"] is True and ranking["model_term"] is False
     meta = read_meta(registry.version_dir(7, ranking["model_version"]))
-    assert meta.imagenet_branch and meta.neighbour_term and meta.metrics["blend_terms"] == 4
+    assert meta.imagenet_branch and meta.neighbour_term and meta.metrics["blend_terms"] == 3
     # The ImageNet embeddings of every task, as the first ranking embeds them.
     cfg = TrainConfig.from_dict(read_meta(registry.version_dir(7, cycle)).config)
     held = imagenet_store.read_imagenet_embeddings(
@@ -137,7 +139,8 @@ def test_a_cycles_blend_adds_imagenet_terms_and_its_version_serves_it(tmp_path, 
     blend = blend_with_model(fit_fast_head(cache.features, rows, y),
                              *anomaly_logit_weights(cycle_model), cache.features,
                              imagenet=(fit_fast_head(imagenet, rows, y), imagenet),
-                             neighbours=(fit_neighbour_term(imagenet, rows, y), rows))
+                             neighbours=(fit_neighbour_term(imagenet, rows, y), rows),
+                             model_term=False)
     expected = blend.scores([cache.features, imagenet])
     expected = expected[cache.rows_of(list(range(N_TASKS)))[1]]
     model, model_meta = load_model_dir(registry.version_dir(7, ranking["model_version"]))
@@ -154,17 +157,21 @@ def test_a_cycles_blend_adds_imagenet_terms_and_its_version_serves_it(tmp_path, 
     monkeypatch.setattr(imagenet_store, "embed_with_imagenet", None)
     burst = rerank.run_rerank(7, settings, fake)
     assert burst["imagenet_term"] is True and burst["neighbour_term"] is True
-    # AMLS_RERANK_NEIGHBOURS=false: three terms, one linear classifier.
+    # AMLS_RERANK_MODEL_TERM=true: the cycle's logit averaged in too, four terms.
+    burst = rerank.run_rerank(7, settings.replace(rerank_model_term=True), fake)
+    meta = read_meta(registry.version_dir(7, burst["model_version"]))
+    assert burst["model_term"] is True and meta.metrics["blend_terms"] == 4
+    # AMLS_RERANK_NEIGHBOURS=false: two terms, one linear classifier.
     burst = rerank.run_rerank(7, settings.replace(rerank_neighbours=False), fake)
     meta = read_meta(registry.version_dir(7, burst["model_version"]))
-    assert burst["neighbour_term"] is False and meta.metrics["blend_terms"] == 3
+    assert burst["neighbour_term"] is False and meta.metrics["blend_terms"] == 2
     model, _ = load_model_dir(registry.version_dir(7, burst["model_version"]))
     assert type(model.get_classifier()) is torch.nn.Linear
-    # A burst never embeds: without ImageNet embeddings it blends two terms.
+    # A burst never embeds: without ImageNet embeddings it ranks by the refit head alone.
     shutil.rmtree(imagenet_store.store_dir(registry, 7))
     burst = rerank.run_rerank(7, settings, fake)
     assert burst["status"] == "reranked" and burst["imagenet_term"] is False
-    assert read_meta(registry.version_dir(7, burst["model_version"])).metrics["blend_terms"] == 2
+    assert read_meta(registry.version_dir(7, burst["model_version"])).metrics["blend_terms"] == 1
 
 
 def test_a_failed_blend_leaves_the_cycle_serving(tmp_path, monkeypatch):

@@ -235,7 +235,7 @@ def test_fast_head_metrics_sit_beside_the_fixmatch_ones_without_changing_them(tm
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("picks_from", ["lblend", "zblend", "blend4"])
+@pytest.mark.parametrize("picks_from", ["lblend", "zblend", "blend4", "blend3"])
 def test_the_oracle_picks_from_the_blend_it_is_told_to(tmp_path, monkeypatch, picks_from):
     from ml_backend.core import simulate
 
@@ -259,8 +259,9 @@ def test_the_oracle_picks_from_the_blend_it_is_told_to(tmp_path, monkeypatch, pi
         ranked_by.append(scores)
         return real_picks(candidates, scores, *args)
 
-    def recording_published(*args):
-        blends.append(("blend4", real_published(*args)))
+    def recording_published(*args, model_term):
+        blends.append(("blend4" if model_term else "blend3",
+                       real_published(*args, model_term=model_term)))
         return blends[-1][1]
 
     monkeypatch.setattr(simulate, "mean_z", recording_mean_z)
@@ -402,8 +403,8 @@ def test_a_second_imagenet_term_is_measured_beside_the_model_framed_one(tmp_path
         for key in ("auroc", "zblend_auroc", "probe_auroc", "lblend_auroc", "lblend_ap"):
             assert b[key] == pytest.approx(a[key])
         assert "fblend_auroc" not in a
-        assert 0.0 <= b["blend4_auroc"] <= 1.0 and b["blend4_auroc"] == pytest.approx(
-            a["blend4_auroc"])
+        for key in ("blend4_auroc", "blend3_auroc"):
+            assert 0.0 <= b[key] <= 1.0 and b[key] == pytest.approx(a[key])
         assert all(0.0 <= b[f"{p}_{m}"] <= 1.0 for p in ("fprobe", "fblend")
                    for m in ("auroc", "ap", "precision_top_1pct"))
     # The saved logits give back every blend the run measured.

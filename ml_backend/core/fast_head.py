@@ -161,7 +161,8 @@ class NeighbourClassifier(nn.Linear):
 
 def blend_with_model(head: FastHead, weight: np.ndarray, bias: float, features: np.ndarray,
                      *, imagenet: tuple[FastHead, np.ndarray] | None = None,
-                     neighbours: tuple[NeighbourTerm, np.ndarray] | None = None) -> Blend:
+                     neighbours: tuple[NeighbourTerm, np.ndarray] | None = None,
+                     model_term: bool = True) -> Blend:
     """One linear head that ranks by the mean of the model's own anomaly logit
     (`weight · f + bias`) and `head`'s, each standardised to mean 0 and spread 1 over
     `features` (at most _MOMENT_ROWS evenly spaced rows), so neither dominates by its scale;
@@ -180,6 +181,10 @@ def blend_with_model(head: FastHead, weight: np.ndarray, bias: float, features: 
     same ImageNet embeddings, the labelled rows it was fitted on); its spread is taken over
     the rows it did not learn from, which are their own nearest neighbours
     (benchmarks/RESULTS.md, "Session 30": ahead of the three-term blend on FIRST).
+
+    `model_term=False` leaves the model's own logit out of the mean (it still sets the scale
+    the blend is read on): with the ImageNet and neighbour terms beside it, it lowered the sky
+    blend's precision at the top (benchmarks/RESULTS.md, "Session 31").
 
     Without the fourth term every logit is linear in the pooled features, so the blend is
     too: it installs as a classifier like the head itself (`install_blend`). (D,) `weight`:
@@ -210,9 +215,10 @@ def blend_with_model(head: FastHead, weight: np.ndarray, bias: float, features: 
                            - mean[len(head.weights):]) / scale[len(head.weights):]])
     if neighbours is not None and imagenet is None:
         raise ValueError("the neighbour term reads the ImageNet embeddings: give `imagenet` too")
-    n_terms = len(terms) + (neighbours is not None)
+    averaged = terms if model_term else terms[1:]
+    n_terms = len(averaged) + (neighbours is not None)
     blended_w, blended_b = np.zeros_like(mean), 0.0
-    for w, b in terms:
+    for w, b in averaged:
         w_std, b_std = _standardised(x, w, b)
         blended_w += w_std / n_terms
         blended_b += b_std / n_terms

@@ -35,8 +35,10 @@ on the same unlabelled images, the oracle picking from the FixMatch scores unles
 - ``knn_*``: nearest labelled neighbours on the ImageNet embeddings (`fast_head.NeighbourTerm`);
   ``kblend_*``: ``lblend``'s three logits and that score, standardised and averaged over
   the unlabelled rows; ``blend4_*``: the same four terms blended exactly as the backend
-  publishes them for sky cutouts (`fast_head.blend_with_model`: the linear terms
-  standardised over the whole pool, the neighbour term over the rows it did not learn from).
+  published them for sky cutouts in session 30 (`fast_head.blend_with_model`: the linear terms
+  standardised over the whole pool, the neighbour term over the rows it did not learn from);
+  ``blend3_*``: the same without the model's own logit (head, ImageNet head, neighbours:
+  what the backend publishes for sky cutouts since session 31, `Config.model_term`).
 - with ``imagenet_framing`` (crop, size) and/or ``imagenet_block``, also ``fprobe_*`` and
   ``fblend_*``: the same two with a second set of ImageNet embeddings, framed their own way
   (a tighter crop, more pixels) and/or pooled after another stage of the backbone
@@ -89,9 +91,10 @@ log = logging.getLogger(__name__)
 
 METHODS = ("fixmatch", "supervised", "isolation-forest", "linear-probe")
 # What the oracle picks from: the trained model's scores, or (with fast_head) the two-term
-# blend (`zblend`), the three-term one (`lblend`) or the four-term one the backend publishes
-# for sky cutouts (`blend4`), as annotators of a blend's queue would.
-PICKS_FROM = ("model", "zblend", "lblend", "blend4")
+# blend (`zblend`), the three-term one (`lblend`), the four-term one (`blend4`) or that
+# without the model's own logit, which the backend publishes for sky cutouts (`blend3`), as
+# annotators of a blend's queue would.
+PICKS_FROM = ("model", "zblend", "lblend", "blend4", "blend3")
 # `SimulationPlan.imagenet_block`: the ImageNet backbone uncut (its last stage).
 IMAGENET_UNCUT = -1
 # The methods that train the network each cycle (the others score with a fixed feature map).
@@ -304,9 +307,12 @@ def run_simulation(
                 logits["knn"] = term.logits(imagenet[rows])
                 extra |= _prefixed("knn", truth[unlabelled], logits["knn"])
                 extra |= _prefixed("kblend", truth[unlabelled], mean_z(*logits.values()))
-                blend4 = _published_blend(ranked["fitted"], probe["fitted"], (term, known),
-                                          logit, features, imagenet, rows)
+                blend4, blend3 = (_published_blend(ranked["fitted"], probe["fitted"],
+                                                   (term, known), logit, features, imagenet,
+                                                   rows, model_term=with_model)
+                                  for with_model in (True, False))
                 extra |= _prefixed("blend4", truth[unlabelled], blend4)
+                extra |= _prefixed("blend3", truth[unlabelled], blend3)
                 if framed is not None:
                     fprobe = _head_rankings(framed, pool, labelled, unlabelled, truth, None)
                     extra |= _prefixed("fprobe", truth[unlabelled], fprobe["head"])
@@ -318,7 +324,7 @@ def run_simulation(
                     np.savez_compressed(Path(plan.scores_dir) / f"cycle{cycle}.npz",
                                         rows=unlabelled, truth=truth[unlabelled], **logits)
                 picked_from = {"model": scores, "zblend": ranked["zblend"], "lblend": lblend,
-                               "blend4": blend4}
+                               "blend4": blend4, "blend3": blend3}
             else:
                 picked_from = {"model": scores}
             result.update(extra)
@@ -371,13 +377,15 @@ def _head_rankings(features: np.ndarray, pool: np.ndarray, labelled: np.ndarray,
 
 def _published_blend(head: FastHead, imagenet_head: FastHead,
                      neighbours: tuple[NeighbourTerm, np.ndarray], logit: tuple[np.ndarray, float],
-                     features: np.ndarray, imagenet: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Scores of the pool `rows` by the four-term blend the backend publishes for sky cutouts
-    (`rerank.rerank_and_publish`) of the heads and neighbour term this cycle fitted."""
+                     features: np.ndarray, imagenet: np.ndarray, rows: np.ndarray, *,
+                     model_term: bool = True) -> np.ndarray:
+    """Scores of the pool `rows` by the blend the backend publishes for sky cutouts
+    (`rerank.rerank_and_publish`) of the heads and neighbour term this cycle fitted, with or
+    without the model's own logit (`fast_head.blend_with_model`'s `model_term`)."""
     from ml_backend.core.fast_head import blend_with_model
 
     blend = blend_with_model(head, *logit, features, imagenet=(imagenet_head, imagenet),
-                             neighbours=neighbours)
+                             neighbours=neighbours, model_term=model_term)
     return blend.scores([features[rows], imagenet[rows]])
 
 
