@@ -12,12 +12,16 @@ one: the oracle takes the anomalies each cycle ranks highest, so each later cycl
 otherwise measured on a harder pool than the one before. The
 first blend is the baseline; every other is paired with it over the same runs, per cycle
 (wins / losses, mean difference, bootstrap 95 % interval: `benchmarks.paired`). The
-published three-term blend is `model=1,head=1,probe=1`.
+published three-term blend is `model=1,head=1,probe=1`. With `--baseline-setting` every
+blend is also paired with the first measured on that setting's runs of the same (dataset,
+seed): the same blend of, say, training on the labels alone against FixMatch.
 
     python -m benchmarks.blend_weights --setting flip+tta@imagenet-last \\
         model=1,head=1 model=1,head=1,probe=1 model=1,head=1,probe=2
     python -m benchmarks.blend_weights --setting flip+tta+stage-4+iter-200+u2 \\
         model=1,head=1 model=2,head=2,prev_model=1,prev_head=1
+    python -m benchmarks.blend_weights --setting dist-align+tta+stage-4 \\
+        --baseline-setting supervised+dist-align+tta+stage-4 head=1,probe=1,knn=1
 """
 
 from __future__ import annotations
@@ -122,13 +126,21 @@ def measure(rows: list[dict], blends: list[dict[str, float]],
 
 
 def report(rows: list[dict], blends: list[dict[str, float]],
-           same_images: bool = False) -> list[str]:
-    """Markdown: per cycle and metric, each blend's mean ± std and its pairing with the first."""
+           same_images: bool = False, base_rows: list[dict] | None = None) -> list[str]:
+    """Markdown: per cycle and metric, each blend's mean ± std and its pairing with the first;
+    with `base_rows` (another setting's runs of the same (dataset, seed), in `rows`' order)
+    the first blend is measured on those."""
     names = [",".join(f"{t}={w:g}" for t, w in b.items()) for b in blends]
     lines = [f"{len(rows)} runs: " + ", ".join(f"{r['dataset']} s{r['seed']}" for r in rows), "",
              "| cycle | metric | blend | mean ± std | − first [95 %] | wins / losses |",
              "|---|---|---|---|---|---|"]
-    for cycle, per_blend in sorted(measure(rows, blends, same_images).items()):
+    measured = measure(rows, blends, same_images)
+    if base_rows is not None:
+        baseline = measure(base_rows, blends[:1], same_images)
+        measured = {c: [baseline[c][0], *per_blend] for c, per_blend in measured.items()
+                    if c in baseline}
+        names = ["baseline setting: " + names[0], *names]
+    for cycle, per_blend in sorted(measured.items()):
         if len({len(runs) for runs in per_blend}) != 1 or len(per_blend[0]) != len(rows):
             continue  # not every run reached this cycle
         for metric in METRICS:
@@ -149,6 +161,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("blends", nargs="+", type=parse_blend, metavar="TERM=W,...",
                         help="the first is the baseline")
     parser.add_argument("--setting", required=True, help="the suite setting whose runs to read")
+    parser.add_argument("--baseline-setting",
+                        help="read the first blend from this setting's runs of the same "
+                             "(dataset, seed) instead")
+    parser.add_argument("--seeds", type=int, nargs="+", help="only these seeds (default all)")
     parser.add_argument("--protocol", default="full", help="the runs' protocol (default full)")
     parser.add_argument("--log", type=Path, action="append",
                         help=f"a suite log (repeatable; default {DEFAULT_LOG})")
@@ -158,12 +174,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "so later cycles are otherwise measured on a harder pool)")
     args = parser.parse_args(argv)
     logs = args.log or [DEFAULT_LOG]
-    rows = saved_runs(logs, args.setting, args.protocol)
+    rows = [r for r in saved_runs(logs, args.setting, args.protocol)
+            if args.seeds is None or r["seed"] in args.seeds]
+    base_rows = None
+    if args.baseline_setting:
+        base = {(r["dataset"], r["seed"]): r
+                for r in saved_runs(logs, args.baseline_setting, args.protocol)}
+        rows = [r for r in rows if (r["dataset"], r["seed"]) in base]
+        base_rows = [base[r["dataset"], r["seed"]] for r in rows]
     if not rows:
         raise SystemExit(f"no {args.protocol} run of {args.setting!r} in "
                          f"{', '.join(map(str, logs))} saved its logits "
-                         "(suite run --save-scores DIR)")
-    print("\n".join(report(rows, args.blends, args.same_images)))
+                         "(suite run --save-scores DIR)"
+                         + (f" with one of {args.baseline_setting!r} beside it"
+                            if args.baseline_setting else ""))
+    print("\n".join(report(rows, args.blends, args.same_images, base_rows)))
     return 0
 
 

@@ -124,3 +124,36 @@ def test_same_images_measures_every_cycle_on_the_last_cycles_images(tmp_path):
     own = blend_weights.measure(runs, [weights])
     assert own[1][0][0]["n"] == 50 and same[1][0][0]["n"] == 33
     assert same[2][0] == own[2][0]  # the last cycle is measured on its own images either way
+
+
+def test_a_baseline_setting_pairs_the_same_blend_of_two_settings_runs(tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    rows = []
+    for setting in ("base", "cand"):
+        for seed in range(3):
+            _save_run(tmp_path / f"{setting}{seed}", rng)
+            rows.append({"key": f"{setting}{seed}", "setting": setting, "dataset": "first:Bent",
+                         "seed": seed, "protocol": "full",
+                         "scores_dir": str(tmp_path / f"{setting}{seed}")})
+    # A candidate run with no baseline run of its (dataset, seed) is left out.
+    _save_run(tmp_path / "cand9", rng)
+    rows.append({**rows[-1], "key": "cand9", "seed": 9, "scores_dir": str(tmp_path / "cand9")})
+    _log(tmp_path / "log.jsonl", rows)
+    blend_weights.main(["head=1,probe=1", "--setting", "cand", "--baseline-setting", "base",
+                        "--seeds", "0", "1", "2", "9", "--log", str(tmp_path / "log.jsonl")])
+    out = capsys.readouterr().out
+    assert out.startswith("3 runs: first:Bent s0, first:Bent s1, first:Bent s2")
+
+    def ap(setting, seed):
+        with np.load(tmp_path / f"{setting}{seed}" / "cycle2.npz") as npz:
+            s = {k: npz[k] for k in npz.files}
+        return metrics.evaluate(s["truth"], blend_weights.blend(s, {"head": 1, "probe": 1}))["ap"]
+
+    c = paired_comparison([ap("base", s) for s in range(3)], [ap("cand", s) for s in range(3)])
+    line = next(x for x in out.splitlines() if x.startswith("| 2 | ap | head=1,probe=1 |"))
+    assert f"{c.mean_diff:+.3f} [{c.ci_low:+.3f}, {c.ci_high:+.3f}] | {c.wins} / {c.losses}" in line
+    assert "| 2 | ap | baseline setting: head=1,probe=1 |" in out
+    # Only seed 1 asked for: one pair.
+    blend_weights.main(["head=1,probe=1", "--setting", "cand", "--baseline-setting", "base",
+                        "--seeds", "1", "--log", str(tmp_path / "log.jsonl")])
+    assert capsys.readouterr().out.startswith("1 runs: first:Bent s1\n")
