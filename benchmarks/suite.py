@@ -187,12 +187,16 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("dist-align+tta+size-96+u2", overrides={"distribution_alignment": True,
                                                     "test_time_augmentation": True,
                                                     "image_size": 96, "uratio": 2}),
-    # Each kind's default with the oracle picking from a blend, as annotators of the product's
-    # queue do: the two-term blend (published until session 20), the three-term one (until
-    # session 30), the four-term one or that without the model's own logit (sky cutouts'
-    # since session 31).
+    # Each kind's default of session 20 (the whole backbone) with the oracle picking from a
+    # blend, as annotators of the product's queue do: the two-term blend (published until
+    # session 20) or the three-term one (until session 30).
     *(Setting(f"{name}@{blend}-picks", overrides=dict(SETTINGS_BY_KIND[name]), picks_from=blend)
-      for name in SETTINGS_BY_KIND for blend in ("zblend", "lblend", "blend4", "blend3")),
+      for name in SETTINGS_BY_KIND for blend in ("zblend", "lblend")),
+    # Today's default (cut after stage 4) picking from the four-term blend (session 30) or
+    # that without the model's own logit (sky cutouts' published ranking since session 31).
+    *(Setting(f"{name}+stage-4@{blend}-picks", overrides=dict(CUT_BY_KIND[name]),
+              picks_from=blend)
+      for name in CUT_BY_KIND for blend in ("blend4", "blend3")),
     # The sky default with the blend's ImageNet term also framed tighter, at more pixels or
     # at the model's (crop 0.35 at 96 px: the best linear probe of FIRST; 0.35 at 64 px: most
     # of its gain at no extra pixels; `benchmarks.framing_probe`).
