@@ -102,7 +102,7 @@ class Config:
     # (AMLS_RERANK_MODEL_TERM; it always sets the scale the blend's scores read on). None
     # ("auto"): left out for sky cutouts ("dihedral": without it the blend ranks more
     # anomalies at the top of FIRST's queue, benchmarks/RESULTS.md "Session 31"), kept for
-    # photographs (not measured there).
+    # photographs (their refit head alone ranks a little below the head and model together).
     rerank_model_term: bool | None = None
     # The least a project needs before its first (and every) training job: this many
     # anomaly labels and this many other labels (AMLS_MIN_ANOMALIES, AMLS_MIN_NORMALS).

@@ -2,7 +2,9 @@
 
 `run_rerank(project_id, settings)` reads the project's labels, fits the fast head
 (`core.fast_head`) on the embeddings the latest training cycle cached (`core.embedding_cache`),
-blends it with that cycle's own classifier (`Config.rerank_blend`; benchmarks/RESULTS.md),
+blends it with that cycle's own classifier (`Config.rerank_blend`; for sky cutouts with
+terms on the ImageNet embeddings instead, the classifier only setting the scale:
+`Config.model_term`; benchmarks/RESULTS.md),
 scores every unlabelled task from the cache and publishes the result as a "fast" model
 version: the cycle's backbone with the blend as its classifier, so /predict, rollback and
 pruning treat it like any other version. The next FixMatch cycle trains on from the cycle the
