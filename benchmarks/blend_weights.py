@@ -140,8 +140,16 @@ def report(rows: list[dict], blends: list[dict[str, float]],
         measured = {c: [baseline[c][0], *per_blend] for c, per_blend in measured.items()
                     if c in baseline}
         names = ["baseline setting: " + names[0], *names]
+    return lines + paired_rows(measured, names, len(rows))
+
+
+def paired_rows(measured: dict[int, list[list[dict]]], names: Sequence[str],
+                n_runs: int) -> list[str]:
+    """Markdown table rows: per cycle every one of the `n_runs` runs reached and per metric,
+    each named ranking's mean ± std and its pairing with the first (`measure`'s shape)."""
+    lines = []
     for cycle, per_blend in sorted(measured.items()):
-        if len({len(runs) for runs in per_blend}) != 1 or len(per_blend[0]) != len(rows):
+        if any(len(runs) != n_runs for runs in per_blend):
             continue  # not every run reached this cycle
         for metric in METRICS:
             base = [m[metric] for m in per_blend[0]]

@@ -21,10 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.blend_weights import METRICS, saved_runs
-from benchmarks.paired import paired_comparison
+from benchmarks.blend_weights import paired_rows, saved_runs
 from benchmarks.suite import SUITE_BASE
-from benchmarks.suite_report import mean_std
 from ml_backend.core import metrics
 from ml_backend.core.config import TrainConfig
 from ml_backend.core.csvio import truth_vector
@@ -87,20 +85,7 @@ def report(rows: list[dict], data: Path, ks: Sequence[int], terms: Sequence[str]
     lines = [f"{len(rows)} runs; blend: {', '.join(terms)} and the neighbour term", "",
              "| cycle | metric | k | mean ± std | − first [95 %] | wins / losses |",
              "|---|---|---|---|---|---|"]
-    for cycle, per_k in sorted(measure(rows, data, ks, terms).items()):
-        if any(len(runs) != len(rows) for runs in per_k):
-            continue  # not every run reached this cycle
-        for metric in METRICS:
-            base = [m[metric] for m in per_k[0]]
-            for k, runs in zip(ks, per_k, strict=True):
-                values = [m[metric] for m in runs]
-                pair = "— | —"
-                if runs is not per_k[0]:
-                    c = paired_comparison(base, values)
-                    pair = (f"{c.mean_diff:+.3f} [{c.ci_low:+.3f}, {c.ci_high:+.3f}] | "
-                            f"{c.wins} / {c.losses}")
-                lines.append(f"| {cycle} | {metric} | {k} | {mean_std(values)} | {pair} |")
-    return lines
+    return lines + paired_rows(measure(rows, data, ks, terms), [str(k) for k in ks], len(rows))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
