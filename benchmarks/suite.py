@@ -245,6 +245,13 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     *(Setting(f"supervised+{name}+stage-4+iter-{n}", method="supervised",
               overrides={**CUT_BY_KIND[name], "iterations": n}, fast_head=True)
       for name in CUT_BY_KIND for n in (200, 400)),
+    # Each kind's cut default taking pseudo-labels from the frozen ImageNet terms of the blend
+    # (probe head + neighbours, `fast_head.frozen_ranking`): their top share "anomaly", and
+    # their bottom share "normal" where given (`TrainConfig.teacher_top_share`).
+    *(Setting(f"{name}+stage-4+teacher-{top}-{bottom}",
+              overrides={**CUT_BY_KIND[name], "teacher_top_share": top,
+                         "teacher_normal_share": bottom}, fast_head=True)
+      for name in CUT_BY_KIND for top, bottom in ((0.01, 0.0), (0.01, 0.9))),
     # 96 px model input instead of 64 (2.25x the pixels).
     Setting("size-96", overrides={"image_size": 96}),
     Setting("flip+size-96", overrides={"invariance": "flip", "image_size": 96}),

@@ -45,6 +45,13 @@ class TrainConfig:
     # gets a "normal" pseudo-label: unlabelled anomalies gather there, and teaching them
     # "normal" is how a 1-5 % class gets argued away. 0 = off.
     protect_top_share: float = 0.0
+    # Pseudo-labels from a frozen teacher: the ranking of the unlabelled pool by the instant
+    # re-ranking's frozen ImageNet terms (`fast_head.frozen_ranking`), fitted on the cycle's
+    # labels before it trains. Its top `teacher_top_share` teach "anomaly" and its bottom
+    # `teacher_normal_share` "normal", whatever the model's weak view says; the rest follow
+    # FixMatch's own rule. Both 0 = off (the model teaches itself, as in the paper).
+    teacher_top_share: float = 0.0
+    teacher_normal_share: float = 0.0
     # Weight of the unlabelled (consistency) loss.
     lambda_u: float = 1.0
     # SGD settings; weight decay is not applied to BatchNorm weights or biases.
@@ -138,6 +145,12 @@ class TrainConfig:
                              f"got {self.anomaly_threshold}")
         if not 0 <= self.protect_top_share < 1:
             raise ValueError(f"protect_top_share must be in [0, 1), got {self.protect_top_share}")
+        for name in ("teacher_top_share", "teacher_normal_share"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.teacher_top_share + self.teacher_normal_share > 1:
+            raise ValueError(f"teacher_top_share + teacher_normal_share must be at most 1, got "
+                             f"{self.teacher_top_share} + {self.teacher_normal_share}")
         if not 0 <= self.hard_normal_share < 1:
             raise ValueError(f"hard_normal_share must be in [0, 1), got {self.hard_normal_share}")
 
@@ -154,6 +167,11 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         known = {k: v for k, v in data.items() if k in names}
         return cls(**(LEGACY_VALUES | known))
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether training takes pseudo-labels from the frozen teacher's ranking."""
+        return self.teacher_top_share > 0 or self.teacher_normal_share > 0
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -176,7 +194,8 @@ LEGACY_VALUES: dict[str, Any] = {"drop_path_rate": 0.0, "drop_rate": 0.0,
                                  "hard_normal_share": 0.0, "probe_head_init": False,
                                  "protect_top_share": 0.0, "alignment_share": 0.0,
                                  "backbone_stage": None, "anomaly_threshold": None,
-                                 "randaug_pool": "all"}
+                                 "randaug_pool": "all", "teacher_top_share": 0.0,
+                                 "teacher_normal_share": 0.0}
 
 
 def kind_defaults(invariance: str) -> dict[str, Any]:

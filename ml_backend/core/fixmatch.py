@@ -62,7 +62,7 @@ class DistributionAlignment:
 def fixmatch_loss(logits_x: torch.Tensor, y: torch.Tensor, logits_u_weak: torch.Tensor,
                   logits_u_strong: torch.Tensor, threshold: float, lambda_u: float,
                   align: DistributionAlignment | None = None, protect_top_share: float = 0.0,
-                  anomaly_threshold: float | None = None
+                  anomaly_threshold: float | None = None, teacher: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """FixMatch loss from logits.
 
@@ -71,8 +71,10 @@ def fixmatch_loss(logits_x: torch.Tensor, y: torch.Tensor, logits_u_weak: torch.
     is 1.0 where the weak view's top probability (after `align`, if given) is >= threshold
     (>= `anomaly_threshold` for an "anomaly" pseudo-label, if given), else 0.0 — and 0.0 for
     a "normal" pseudo-label on the `protect_top_share` of the batch with the highest anomaly
-    probability, where unlabelled anomalies gather. With no
-    unlabelled images (µB = 0) loss_u is 0. NaN logits give a NaN loss.
+    probability, where unlabelled anomalies gather. `teacher` (µB,) int64 overrides both
+    where it is 0 or 1: that pseudo-label, masked in (`teacher_pseudo_labels`); -1 leaves an
+    image to the rule above. With no unlabelled images (µB = 0) loss_u is 0. NaN logits give
+    a NaN loss.
     """
     # Supervised: cross-entropy on the labelled batch.
     loss_x = F.cross_entropy(logits_x, y)
@@ -93,6 +95,10 @@ def fixmatch_loss(logits_x: torch.Tensor, y: torch.Tensor, logits_u_weak: torch.
         anomaly = probs_u[:, 1]
         top = anomaly >= torch.quantile(anomaly, 1.0 - protect_top_share)
         mask = mask * ~(top & (pseudo_label == 0))
+    if teacher is not None:
+        decided = teacher >= 0
+        pseudo_label = torch.where(decided, teacher, pseudo_label)
+        mask = torch.where(decided, torch.ones_like(mask), mask)
 
     # Consistency: masked cross-entropy of the strong view against the pseudo-labels.
     per_image = F.cross_entropy(logits_u_strong, pseudo_label, reduction="none")
@@ -105,13 +111,15 @@ def fixmatch_loss(logits_x: torch.Tensor, y: torch.Tensor, logits_u_weak: torch.
 
 def fixmatch_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, u_weak: torch.Tensor,
                   u_strong: torch.Tensor, optimizer: torch.optim.Optimizer,
-                  cfg: TrainConfig, align: DistributionAlignment | None = None) -> StepStats:
+                  cfg: TrainConfig, align: DistributionAlignment | None = None,
+                  teacher: torch.Tensor | None = None) -> StepStats:
     """One forward of [x; u_weak; u_strong] (one BN batch), backward and optimiser step.
 
     x (B, C, S, S) labelled model inputs with labels y (B,) in {0, 1}; u_weak / u_strong
     (µB, C, S, S) two views of the same unlabelled images (µB may be 0: supervised only).
     The model is put in train mode. Uses cfg.threshold and cfg.lambda_u; `align` (kept by
-    the caller across steps) aligns the pseudo-label distribution.
+    the caller across steps) aligns the pseudo-label distribution; `teacher` (µB,) gives
+    the frozen teacher's pseudo-labels (`fixmatch_loss`).
     """
     model.train()
     b, n_u = len(x), len(u_weak)
@@ -119,7 +127,7 @@ def fixmatch_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, u_weak: to
     logits_x, logits_u_weak, logits_u_strong = logits.split([b, n_u, n_u])
     loss, loss_x, loss_u, mask = fixmatch_loss(
         logits_x, y, logits_u_weak, logits_u_strong, cfg.threshold, cfg.lambda_u, align,
-        cfg.protect_top_share, cfg.anomaly_threshold)
+        cfg.protect_top_share, cfg.anomaly_threshold, teacher)
 
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -127,7 +135,10 @@ def fixmatch_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, u_weak: to
 
     # One device-to-host transfer for all statistics.
     pseudo = align.last if align is not None and align.last is not None else logits_u_weak
-    pseudo_anomaly = (pseudo.detach().argmax(1) == 1).float()
+    pseudo_label = pseudo.detach().argmax(1)
+    if teacher is not None:
+        pseudo_label = torch.where(teacher >= 0, teacher, pseudo_label)
+    pseudo_anomaly = (pseudo_label == 1).float()
     n_masked_t = mask.sum()
     values = torch.stack([loss.detach(), loss_x.detach(), loss_u.detach(), n_masked_t,
                           (pseudo_anomaly * mask).sum()]).tolist()
@@ -140,6 +151,25 @@ def fixmatch_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, u_weak: to
         pseudo_anomaly_rate=n_pseudo_anomaly / n_masked if n_masked else 0.0,
         lr=optimizer.param_groups[0]["lr"],
     )
+
+
+def teacher_pseudo_labels(ranking: np.ndarray, top_share: float,
+                          normal_share: float) -> np.ndarray:
+    """int64 pseudo-labels (n,) of images ranked by a frozen teacher (`ranking`, higher = more
+    anomalous): 1 for the top `top_share` of them, 0 for the bottom `normal_share`, -1 (the
+    model's own rule) between. Ties are broken by position; shares round to whole images."""
+    ranking = np.asarray(ranking, dtype=np.float64).reshape(-1)
+    if not np.isfinite(ranking).all():
+        raise ValueError("the teacher's ranking contains NaN or infinity")
+    n = len(ranking)
+    order = np.argsort(-ranking, kind="stable")  # most anomalous first
+    labels = np.full(n, -1, dtype=np.int64)
+    n_top = round(top_share * n)
+    n_normal = min(round(normal_share * n), n - n_top)
+    labels[order[:n_top]] = 1
+    if n_normal:
+        labels[order[n - n_normal:]] = 0
+    return labels
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:

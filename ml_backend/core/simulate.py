@@ -203,9 +203,10 @@ def run_simulation(
     pool, labelled = choose_pool(truth, plan)
     cfg = cfg.replace(seed=plan.seed)
     fast = plan.fast_head and plan.method in TRAINED
-    needs_features = fast or plan.method == "linear-probe"
+    needs_features = fast or plan.method == "linear-probe" or cfg.uses_teacher
     features = _imagenet_features(store, pool, cfg) if needs_features else None
-    imagenet = features.copy() if fast else None  # `features` becomes the model's each cycle
+    # `features` becomes the model's each cycle
+    imagenet = features.copy() if fast or cfg.uses_teacher else None
     framed = None
     if fast and (plan.imagenet_framing is not None or plan.imagenet_block is not None):
         crop, size = plan.imagenet_framing or (cfg.center_crop, cfg.image_size)
@@ -246,8 +247,15 @@ def run_simulation(
                 train_seconds = time.perf_counter() - started
             else:
                 model_dir = Path(tmp) / f"cycle{cycle}"
+                teacher = None
+                if cfg.uses_teacher:
+                    from ml_backend.core.fast_head import frozen_ranking
+
+                    teacher = frozen_ranking(imagenet, np.searchsorted(pool, labelled),
+                                             truth[labelled], np.searchsorted(pool, unlabelled))
+                    extra |= _teacher_quality(teacher, truth[unlabelled], cfg)
                 parent, steps = _train_one_cycle(store, truth, labelled, unlabelled, plan, cfg,
-                                                 model_dir, parent)
+                                                 model_dir, parent, teacher)
                 train_seconds = time.perf_counter() - started
                 model, meta = load_model_dir(parent)
                 score_started = time.perf_counter()
@@ -424,16 +432,32 @@ def _train_one_cycle(
     cfg: TrainConfig,
     out_dir: Path,
     parent: Path | None,
+    teacher: np.ndarray | None = None,
 ) -> tuple[Path, list[StepStats]]:
-    """Train one cycle continuing from ``parent``, save it to ``out_dir``; (out_dir, steps)."""
+    """Train one cycle continuing from ``parent``, save it to ``out_dir``; (out_dir, steps).
+    ``teacher``: the frozen ranking of ``unlabelled`` when the config takes pseudo-labels
+    from it."""
     images = store.read(labelled)
     labels = truth[labelled].astype(np.int64)
     pool = StoreSubset(store, unlabelled if plan.method == "fixmatch" else unlabelled[:0])
-    result = train_cycle(cfg, images, labels, pool, init_dir=parent)
+    result = train_cycle(cfg, images, labels, pool, init_dir=parent,
+                         teacher=teacher if plan.method == "fixmatch" else None)
     counts = {"anomaly": int(labels.sum()), "normal": int((labels == 0).sum())}
     save_cycle(result, out_dir, cfg=cfg, stretch=store.stretch,
                parent=None if parent is None else read_meta(parent), label_counts=counts)
     return out_dir, result.steps
+
+
+def _teacher_quality(ranking: np.ndarray, truth: np.ndarray,
+                     cfg: TrainConfig) -> dict[str, float | None]:
+    """How right the teacher's pseudo-labels are: the true anomaly share of its "anomaly"
+    ones and of its "normal" ones (None where it gives none)."""
+    from ml_backend.core.fixmatch import teacher_pseudo_labels
+
+    taught = teacher_pseudo_labels(ranking, cfg.teacher_top_share, cfg.teacher_normal_share)
+    return {f"teacher_{name}_anomaly_share": round(float(np.mean(truth[taught == value] == 1)), 4)
+            if (taught == value).any() else None
+            for name, value in (("anomaly", 1), ("normal", 0))}
 
 
 def _step_summary(steps: list[StepStats]) -> dict[str, float]:

@@ -41,6 +41,7 @@ from ml_backend.core.fixmatch import (
     WeightedLabeledSampler,
     fixmatch_step,
     make_optimizer,
+    teacher_pseudo_labels,
 )
 from ml_backend.core.model import (
     batch_statistics,
@@ -76,16 +77,20 @@ class CycleResult:
 
 def train_cycle(cfg: TrainConfig, labeled: np.ndarray, labels: np.ndarray,
                 unlabeled: ImageSource, *, init_dir: Path | None = None,
-                on_progress: ProgressCallback | None = None) -> CycleResult:
+                on_progress: ProgressCallback | None = None,
+                teacher: np.ndarray | None = None) -> CycleResult:
     """Train cfg.iterations FixMatch steps and return student, EMA model and statistics.
 
     labeled: uint8 (n, H, W, C) images with labels (n,) in {0 = normal, 1 = anomaly}; at least
     one of each. unlabeled: images of the same (H, W, C), read cfg.uratio * cfg.batch_size
     random rows per step; an empty pool trains supervised only. init_dir: a model directory to
-    continue from (its image size and channels must match). Seeds Python, NumPy and torch
-    with cfg.seed. Raises ValueError on bad inputs.
+    continue from (its image size and channels must match). teacher: a frozen ranking (n,)
+    of the unlabelled rows (higher = more anomalous), needed when `cfg.uses_teacher`; its
+    top and bottom shares become pseudo-labels (`teacher_pseudo_labels`). Seeds Python,
+    NumPy and torch with cfg.seed. Raises ValueError on bad inputs.
     """
     channels = _check_inputs(labeled, labels, unlabeled)
+    pseudo_labels = _teacher_labels(cfg, teacher, len(unlabeled))
     device = resolve_device(cfg.device)
     set_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)  # sampling and augmentation
@@ -125,10 +130,12 @@ def train_cycle(cfg: TrainConfig, labeled: np.ndarray, labels: np.ndarray,
         for it in bar:
             idx = sampler.sample().to(device)
             x = augment.weak(x_all[idx], gen)
-            u01 = _unit_images(pool.next(), cfg, x_all.shape[1:], device)
+            rows, images = pool.next()
+            u01 = _unit_images(images, cfg, x_all.shape[1:], device)
             u_weak, u_strong = augment(u01, gen)
+            taught = None if pseudo_labels is None else pseudo_labels[rows].to(device)
             stats = fixmatch_step(student, _model_input(x), y_all[idx], _model_input(u_weak),
-                                  _model_input(u_strong), optimizer, cfg, align)
+                                  _model_input(u_strong), optimizer, cfg, align, taught)
             if not math.isfinite(stats.loss):
                 raise FloatingPointError(f"training loss became {stats.loss} at iteration "
                                          f"{it + 1}; try a lower learning rate")
@@ -228,7 +235,7 @@ class _PoolReader:
     def __init__(self, source: ImageSource, n: int, gen: torch.Generator) -> None:
         self.source, self.n, self.gen = source, n, gen
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pool-reader")
-        self.pending: Future[np.ndarray] | None = None
+        self.pending: tuple[np.ndarray, Future[np.ndarray]] | None = None
 
     def __enter__(self) -> _PoolReader:
         return self
@@ -236,17 +243,17 @@ class _PoolReader:
     def __exit__(self, *exc: object) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)
 
-    def _submit(self) -> Future[np.ndarray]:
+    def _submit(self) -> tuple[np.ndarray, Future[np.ndarray]]:
         rows = torch.randint(0, len(self.source), (self.n,), generator=self.gen).numpy()
-        return self.executor.submit(self.source.read, rows)
+        return rows, self.executor.submit(self.source.read, rows)
 
-    def next(self) -> np.ndarray | None:
-        """uint8 (n, H, W, C) images, or None when n is 0 (no unlabelled pool)."""
+    def next(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """(rows, uint8 (n, H, W, C) images); no rows and None when n is 0 (no pool)."""
         if self.n == 0:
-            return None
-        current = self.pending if self.pending is not None else self._submit()
+            return np.zeros(0, dtype=np.int64), None
+        rows, current = self.pending if self.pending is not None else self._submit()
         self.pending = self._submit()
-        return current.result()
+        return rows, current.result()
 
 
 def _unit_images(images: np.ndarray | None, cfg: TrainConfig, chw: torch.Size,
@@ -280,6 +287,22 @@ def _check_inputs(labeled: np.ndarray, labels: np.ndarray, unlabeled: ImageSourc
             raise ValueError(f"unlabelled images have shape (H, W, C) = {pool_shape}, "
                              f"labelled images {labeled.shape[1:]}")
     return int(labeled.shape[-1])
+
+
+def _teacher_labels(cfg: TrainConfig, teacher: np.ndarray | None,
+                    n_unlabeled: int) -> torch.Tensor | None:
+    """The teacher's pseudo-labels of the unlabelled rows (CPU int64), or None without one
+    (or without unlabelled images)."""
+    if not cfg.uses_teacher or n_unlabeled == 0:
+        return None
+    if teacher is None:
+        raise ValueError("teacher_top_share / teacher_normal_share need the frozen teacher's "
+                         "ranking of the unlabelled images (train_cycle's `teacher`)")
+    if np.shape(teacher) != (n_unlabeled,):
+        raise ValueError(f"the teacher ranks {np.shape(teacher)} images, the unlabelled pool "
+                         f"holds ({n_unlabeled},)")
+    return torch.from_numpy(teacher_pseudo_labels(teacher, cfg.teacher_top_share,
+                                                  cfg.teacher_normal_share))
 
 
 def _check_compatible(meta: ModelMeta, cfg: TrainConfig, channels: int,
