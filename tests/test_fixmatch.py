@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -163,3 +164,52 @@ def test_anomaly_pseudo_labels_can_need_less_confidence_than_normal_ones():
     assert classwise.tolist() == [1.0, 0.0, 1.0, 1.0]
     with pytest.raises(ValueError, match="anomaly_threshold"):
         TrainConfig(anomaly_threshold=0.4)
+
+
+def test_the_teachers_pseudo_labels_override_the_models_where_it_decides():
+    # Weak views: a confident "normal", a confident "anomaly", two unsure images.
+    p = torch.tensor([0.01, 0.99, 0.5, 0.6])
+    weak = torch.stack([torch.zeros(4), torch.log(p / (1 - p))], dim=1)
+    strong = torch.log(torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.4, 0.6]]))
+    logits_x, y = torch.zeros(2, 2), torch.tensor([0, 1])
+    teacher = torch.tensor([1, -1, 0, -1])  # "anomaly", undecided, "normal", undecided
+    _, _, loss_u, mask = fixmatch_loss(logits_x, y, weak, strong, 0.95, 1.0, teacher=teacher)
+    # Image 0 is taught "anomaly", 2 "normal" (both in despite the model); 1 keeps its own
+    # confident "anomaly"; 3 stays out (0.6 < 0.95).
+    assert mask.tolist() == [1.0, 1.0, 1.0, 0.0]
+    expected = -(math.log(0.1) + math.log(0.8) + math.log(0.7)) / 4
+    assert loss_u.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_step_counts_the_teachers_pseudo_labels_in_its_statistics():
+    torch.manual_seed(0)
+    model = _Tiny(3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    teacher = torch.tensor([1, 1, 1, 0, 0, -1])
+    stats = fixmatch_step(model, *_step_inputs(6), opt, TrainConfig(threshold=1.0),
+                          teacher=teacher)
+    # Threshold 1: only the teacher's five images are in, three of them "anomaly".
+    assert stats.mask_rate == pytest.approx(5 / 6)
+    assert stats.pseudo_anomaly_rate == pytest.approx(3 / 5)
+
+
+def test_teacher_pseudo_labels_take_the_top_and_bottom_shares_of_the_ranking():
+    from ml_backend.core.fixmatch import teacher_pseudo_labels
+
+    ranking = np.array([0.3, 2.0, -1.0, 0.9, -0.5, 1.5, 0.0, -2.0, 0.1, 0.2])
+    labels = teacher_pseudo_labels(ranking, 0.2, 0.3)
+    assert labels.tolist() == [-1, 1, 0, -1, 0, 1, -1, 0, -1, -1]
+    assert (teacher_pseudo_labels(ranking, 0.0, 0.0) == -1).all()
+    assert teacher_pseudo_labels(ranking, 0.05, 0.0).sum() == -10  # 0.5 image rounds to none
+    with pytest.raises(ValueError, match="NaN"):
+        teacher_pseudo_labels(np.array([0.0, np.nan]), 0.5, 0.0)
+
+
+@pytest.mark.parametrize(("top", "bottom", "message"), [
+    (1.0, 0.0, "teacher_top_share"), (0.0, -0.1, "teacher_normal_share"),
+    (0.5, 0.6, "at most 1")])
+def test_teacher_shares_are_validated(top, bottom, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(teacher_top_share=top, teacher_normal_share=bottom)
+    assert not TrainConfig().uses_teacher
+    assert TrainConfig(teacher_normal_share=0.5).uses_teacher

@@ -427,3 +427,31 @@ def test_a_second_imagenet_term_is_measured_beside_the_model_framed_one(tmp_path
         toy_plan(fast_head=True, imagenet_block=-2)
     with pytest.raises(ValueError, match="center_crop"):
         toy_plan(fast_head=True, imagenet_framing=(1.5, 48))
+
+
+def test_a_teacher_config_trains_on_the_frozen_ranking_and_logs_how_right_it_is(tmp_path,
+                                                                               monkeypatch):
+    from ml_backend.core import simulate
+
+    _, truth = make_toy_store(tmp_path / "toy.h5")
+    taught = []
+    real = simulate.train_cycle
+
+    def recording(cfg, *args, teacher=None, **kwargs):
+        taught.append(teacher)
+        return real(cfg, *args, teacher=teacher, **kwargs)
+
+    monkeypatch.setattr(simulate, "train_cycle", recording)
+    cfg = TOY_CFG.replace(teacher_top_share=0.05, teacher_normal_share=0.5)
+    with CutoutStore.open(tmp_path / "toy.h5") as store:
+        rows = list(run_simulation(store, truth, toy_plan(), cfg))
+    # One ranking per cycle over that cycle's unlabelled images (97, then 93).
+    assert [len(t) for t in taught] == [len(truth) - 23, len(truth) - 27]
+    for row in rows:  # bright squares: the ImageNet terms find them
+        assert row["teacher_anomaly_anomaly_share"] >= 0.75
+        assert row["teacher_normal_anomaly_share"] == 0.0
+        assert row["mean_pseudo_anomaly_rate"] > 0.0
+    # The labels alone: no unlabelled images, no teacher.
+    with CutoutStore.open(tmp_path / "toy.h5") as store:
+        supervised = list(run_simulation(store, truth, toy_plan(method="supervised"), cfg))
+    assert taught[2:] == [None, None] and len(supervised) == 2

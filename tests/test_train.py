@@ -537,3 +537,46 @@ def test_a_continued_cycle_keeps_its_trained_head_under_probe_head_init(toy, tmp
     saved = TrainConfig().to_dict()
     del saved["probe_head_init"]
     assert TrainConfig.from_dict(saved).probe_head_init is False  # older checkpoints
+
+
+def test_a_cycle_takes_the_teachers_pseudo_labels_of_the_rows_it_draws(toy, tmp_path):
+    labeled, labels, pool = toy
+    drawn = []
+
+    class Recording(ArraySource):
+        def read(self, rows):
+            drawn.append(np.array(rows))
+            return super().read(rows)
+
+    images = pool.read(np.arange(len(pool)))
+    cfg = FAST.replace(iterations=3, threshold=1.0, teacher_top_share=0.3,
+                       teacher_normal_share=0.7)
+    # The teacher ranks the pool's rows in order: the first 63 of 210 are its "anomalies",
+    # the rest "normal". Threshold 1 keeps the model's own pseudo-labels out.
+    ranking = -np.arange(len(images), dtype=np.float64)
+    result = train_cycle(cfg, labeled, labels, Recording(images), teacher=ranking)
+    assert [s.mask_rate for s in result.steps] == [1.0] * 3
+    steps_rows = [rows for rows in drawn if len(rows) == cfg.uratio * cfg.batch_size][:3]
+    assert [s.pseudo_anomaly_rate for s in result.steps] == [
+        pytest.approx(float(np.mean(rows < 63))) for rows in steps_rows]
+    plain = train_cycle(cfg.replace(teacher_top_share=0.0, teacher_normal_share=0.0),
+                        labeled, labels, pool)
+    assert [s.mask_rate for s in plain.steps] == [0.0] * 3
+    meta = save_cycle(result, tmp_path / "m", cfg=cfg, stretch={"name": "none"}, parent=None,
+                      label_counts={"anomaly": 5, "normal": 20})
+    assert TrainConfig.from_dict(meta.config).teacher_top_share == 0.3
+    saved = TrainConfig().to_dict()
+    del saved["teacher_top_share"], saved["teacher_normal_share"]
+    assert not TrainConfig.from_dict(saved).uses_teacher  # older checkpoints
+
+
+def test_a_teacher_config_without_a_fitting_ranking_is_refused(toy):
+    labeled, labels, pool = toy
+    cfg = FAST.replace(teacher_top_share=0.01)
+    with pytest.raises(ValueError, match="frozen teacher's ranking"):
+        train_cycle(cfg, labeled, labels, pool)
+    with pytest.raises(ValueError, match=r"ranks \(3,\) images"):
+        train_cycle(cfg, labeled, labels, pool, teacher=np.zeros(3))
+    # Without unlabelled images there is nothing to teach: the labels alone train.
+    empty = ArraySource(np.zeros((0, SIZE, SIZE, 3), np.uint8))
+    assert len(train_cycle(cfg, labeled, labels, empty).steps) == 2
