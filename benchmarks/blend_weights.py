@@ -38,7 +38,7 @@ from benchmarks.suite_report import mean_std, setting_runs
 from ml_backend.core import metrics
 from ml_backend.core.simulate import mean_z
 
-CYCLE_TERMS = ("model", "head", "probe", "knn", "fprobe")
+CYCLE_TERMS = ("model", "head", "probe", "knn", "mknn", "fprobe")
 PREVIOUS = "prev_"
 TERMS = CYCLE_TERMS + tuple(PREVIOUS + t for t in CYCLE_TERMS)
 METRICS = ("auroc", "ap", "precision_top_1pct")

@@ -230,7 +230,7 @@ def test_fast_head_metrics_sit_beside_the_fixmatch_ones_without_changing_them(tm
         assert 0.0 <= r["mean_score_top_1pct"] <= 1.0
         assert 0.0 <= r["zblend_mean_score_top_1pct"] <= 1.0
     assert rows[-1]["head_auroc"] > 0.8  # bright squares separate in any embedding
-    for prefix in ("probe", "pblend", "pzblend", "lblend"):
+    for prefix in ("probe", "pblend", "pzblend", "lblend", "mknn", "mkblend"):
         assert all(0.0 <= r[f"{prefix}_auroc"] <= 1.0 for r in rows)
 
 
@@ -410,11 +410,13 @@ def test_a_second_imagenet_term_is_measured_beside_the_model_framed_one(tmp_path
     # The saved logits give back every blend the run measured.
     for row in uncut:
         saved = np.load(tmp_path / "scores" / f"cycle{row['cycle']}.npz")
-        assert sorted(saved.files) == ["fprobe", "head", "knn", "model", "probe", "rows", "truth"]
+        assert sorted(saved.files) == ["fprobe", "head", "knn", "mknn", "model", "probe", "rows",
+                                       "truth"]
         for name, terms in {"lblend": ("model", "head", "probe"),
                             "fblend": ("model", "head", "fprobe"), "probe": ("probe",),
                             "head": ("head",), "knn": ("knn",),
-                            "kblend": ("model", "head", "probe", "knn")}.items():
+                            "kblend": ("model", "head", "probe", "knn"), "mknn": ("mknn",),
+                            "mkblend": ("model", "head", "mknn")}.items():
             blend = simulate.mean_z(*(saved[t] for t in terms))
             assert roc_auc_score(saved["truth"], blend) == pytest.approx(row[f"{name}_auroc"])
     with pytest.raises(ValueError, match="need fast_head"):

@@ -32,6 +32,9 @@ on the same unlabelled images, the oracle picking from the FixMatch scores unles
   ``lblend_*``: the mean of three standardised logits, the model's, the head's on its
   embeddings and the head's on the ImageNet ones (linear in both embeddings together, so a
   model carrying both backbones could publish it as one head).
+- ``mknn_*``: the same neighbour score on the model's own embeddings; ``mkblend_*``: the
+  mean of the model's, its head's and that score's standardised logits (photographs' blend
+  with a neighbour term).
 - ``knn_*``: nearest labelled neighbours on the ImageNet embeddings (`fast_head.NeighbourTerm`);
   ``kblend_*``: ``lblend``'s three logits and that score, standardised and averaged over
   the unlabelled rows; ``blend4_*``: the same four terms blended exactly as the backend
@@ -315,6 +318,11 @@ def run_simulation(
                 logits["knn"] = term.logits(imagenet[rows])
                 extra |= _prefixed("knn", truth[unlabelled], logits["knn"])
                 extra |= _prefixed("kblend", truth[unlabelled], mean_z(*logits.values()))
+                logits["mknn"] = fit_neighbour_term(features, known, truth[labelled]).logits(
+                    features[rows])
+                extra |= _prefixed("mknn", truth[unlabelled], logits["mknn"])
+                extra |= _prefixed("mkblend", truth[unlabelled], mean_z(
+                    logits["model"], logits["head"], logits["mknn"]))
                 blend4, blend3 = (_published_blend(ranked["fitted"], probe["fitted"],
                                                    (term, known), logit, features, imagenet,
                                                    rows, model_term=with_model)
