@@ -49,7 +49,10 @@ class TrainConfig:
     # re-ranking's frozen ImageNet terms (`fast_head.frozen_ranking`), fitted on the cycle's
     # labels before it trains. Its top `teacher_top_share` teach "anomaly" and its bottom
     # `teacher_normal_share` "normal", whatever the model's weak view says; the rest follow
-    # FixMatch's own rule. Both 0 = off (the model teaches itself, as in the paper).
+    # FixMatch's own rule. Both 0 = off (the model teaches itself, as in the paper). A
+    # benchmark setting: `amls simulate` and the suite compute the ranking, the backend and
+    # `amls train` do not; the network learns the teacher and the sky blend, which already
+    # holds its terms, gains nothing (benchmarks/RESULTS.md, "Session 32").
     teacher_top_share: float = 0.0
     teacher_normal_share: float = 0.0
     # Weight of the unlabelled (consistency) loss.
