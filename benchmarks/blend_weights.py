@@ -4,7 +4,8 @@ Each blend is a weighted mean of standardised logits (`simulate.mean_z`) over th
 terms a run saved: `model` (the cycle's own logit), `head` (the fast head on its
 embeddings), `probe` (the head on ImageNet embeddings, the backend's stage), `knn`
 (nearest labelled neighbours on those embeddings, `fast_head.NeighbourTerm`; runs since
-session 29) and, with a second ImageNet embedding, `fprobe`; `prev_<term>` is that term
+session 29), `mknn` (the same on the model's own embeddings; runs since session 32) and,
+with a second ImageNet embedding, `fprobe`; `prev_<term>` is that term
 of the previous cycle on the same images (an ensemble of the last two cycles; with it,
 cycle 1 is not reported).
 `--same-images` measures every cycle on the images still unlabelled after the run's last
