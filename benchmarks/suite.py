@@ -246,7 +246,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
               overrides={**CUT_BY_KIND[name], "iterations": n}, fast_head=True)
       for name in CUT_BY_KIND for n in (200, 400)),
     # Each kind's cut default taking pseudo-labels from the frozen ImageNet terms of the blend
-    # (probe head + neighbours, `fast_head.frozen_ranking`): their top share "anomaly", and
+    # (probe head + neighbours, `simulate.frozen_ranking`): their top share "anomaly", and
     # their bottom share "normal" where given (`TrainConfig.teacher_top_share`).
     *(Setting(f"{name}+stage-4+teacher-{top}-{bottom}",
               overrides={**CUT_BY_KIND[name], "teacher_top_share": top,

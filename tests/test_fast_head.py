@@ -233,19 +233,3 @@ def test_neighbour_term_by_hand():
     np.testing.assert_allclose(scaled.logits(features[[2]]), [2 * -0.5 - 1], atol=1e-6)
     with pytest.raises(ValueError, match="at least one anomaly"):
         fit_neighbour_term(features, labelled, np.array([1, 1]))
-
-
-def test_frozen_ranking_is_the_mean_of_the_standardised_head_and_neighbour_logits():
-    from ml_backend.core.fast_head import frozen_ranking
-
-    features, truth = clustered()
-    labelled = np.r_[np.flatnonzero(truth == 1)[:3], np.flatnonzero(truth == 0)[:40]]
-    rows = np.setdiff1d(np.arange(len(truth)), labelled)
-    ranking = frozen_ranking(features, labelled, truth[labelled], rows)
-    head = fit_fast_head(features, labelled, truth[labelled]).logits(features[rows])
-    term = fit_neighbour_term(features, labelled, truth[labelled]).logits(features[rows])
-    by_hand = sum((v - v.mean()) / v.std() for v in (head.astype(np.float64),
-                                                     term.astype(np.float64))) / 2
-    np.testing.assert_allclose(ranking, by_hand, rtol=1e-6, atol=1e-9)
-    # The five unlabelled anomalies are its top five.
-    assert set(rows[np.argsort(-ranking)[:5]]) == set(np.flatnonzero(truth == 1)[3:])

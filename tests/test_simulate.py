@@ -457,3 +457,21 @@ def test_a_teacher_config_trains_on_the_frozen_ranking_and_logs_how_right_it_is(
     with CutoutStore.open(tmp_path / "toy.h5") as store:
         supervised = list(run_simulation(store, truth, toy_plan(method="supervised"), cfg))
     assert taught[2:] == [None, None] and len(supervised) == 2
+
+
+def test_frozen_ranking_is_the_mean_of_the_standardised_head_and_neighbour_logits():
+    from ml_backend.core.fast_head import fit_fast_head, fit_neighbour_term
+    from ml_backend.core.simulate import frozen_ranking
+    from tests.test_fast_head import clustered
+
+    features, truth = clustered()
+    labelled = np.r_[np.flatnonzero(truth == 1)[:3], np.flatnonzero(truth == 0)[:40]]
+    rows = np.setdiff1d(np.arange(len(truth)), labelled)
+    ranking = frozen_ranking(features, labelled, truth[labelled], rows)
+    head = fit_fast_head(features, labelled, truth[labelled]).logits(features[rows])
+    term = fit_neighbour_term(features, labelled, truth[labelled]).logits(features[rows])
+    by_hand = sum((v - v.mean()) / v.std() for v in (head.astype(np.float64),
+                                                     term.astype(np.float64))) / 2
+    np.testing.assert_allclose(ranking, by_hand, rtol=1e-6, atol=1e-9)
+    # The five unlabelled anomalies are its top five.
+    assert set(rows[np.argsort(-ranking)[:5]]) == set(np.flatnonzero(truth == 1)[3:])

@@ -46,7 +46,7 @@ class TrainConfig:
     # "normal" is how a 1-5 % class gets argued away. 0 = off.
     protect_top_share: float = 0.0
     # Pseudo-labels from a frozen teacher: the ranking of the unlabelled pool by the instant
-    # re-ranking's frozen ImageNet terms (`fast_head.frozen_ranking`), fitted on the cycle's
+    # re-ranking's frozen ImageNet terms (`simulate.frozen_ranking`), fitted on the cycle's
     # labels before it trains. Its top `teacher_top_share` teach "anomaly" and its bottom
     # `teacher_normal_share` "normal", whatever the model's weak view says; the rest follow
     # FixMatch's own rule. Both 0 = off (the model teaches itself, as in the paper). A

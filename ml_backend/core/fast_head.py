@@ -342,19 +342,6 @@ def fit_neighbour_term(features: np.ndarray, labelled: np.ndarray, labels: np.nd
                          normals=unit(labelled[labels == 0]), k=k)
 
 
-def frozen_ranking(features: np.ndarray, labelled: np.ndarray, labels: np.ndarray,
-                   rows: np.ndarray) -> np.ndarray:
-    """The frozen terms of the sky blend on their own, as a teacher for training
-    (`TrainConfig.teacher_top_share`): the head and the neighbour term fitted on
-    `features[labelled]` with 0/1 `labels`, each logit standardised over `rows` and averaged.
-    Returns (len(rows),) float64, higher = more anomalous."""
-    head = fit_fast_head(features, labelled, labels)
-    term = fit_neighbour_term(features, labelled, labels)
-    logits = [head.logits(features[rows]), term.logits(features[rows])]
-    return np.mean([(v - v.mean()) / max(float(v.std()), 1e-6)
-                    for v in (x.astype(np.float64) for x in logits)], axis=0)
-
-
 def _standardised(x: np.ndarray, w: np.ndarray, b: float) -> tuple[np.ndarray, float]:
     """(w', b') such that x @ w' + b' is x @ w + b with mean 0 and spread 1 over the rows x."""
     logits = x @ w + b

@@ -96,9 +96,8 @@ def fixmatch_loss(logits_x: torch.Tensor, y: torch.Tensor, logits_u_weak: torch.
         top = anomaly >= torch.quantile(anomaly, 1.0 - protect_top_share)
         mask = mask * ~(top & (pseudo_label == 0))
     if teacher is not None:
-        decided = teacher >= 0
-        pseudo_label = torch.where(decided, teacher, pseudo_label)
-        mask = torch.where(decided, torch.ones_like(mask), mask)
+        pseudo_label = _taught(pseudo_label, teacher)
+        mask = torch.where(teacher >= 0, torch.ones_like(mask), mask)
 
     # Consistency: masked cross-entropy of the strong view against the pseudo-labels.
     per_image = F.cross_entropy(logits_u_strong, pseudo_label, reduction="none")
@@ -137,7 +136,7 @@ def fixmatch_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, u_weak: to
     pseudo = align.last if align is not None and align.last is not None else logits_u_weak
     pseudo_label = pseudo.detach().argmax(1)
     if teacher is not None:
-        pseudo_label = torch.where(teacher >= 0, teacher, pseudo_label)
+        pseudo_label = _taught(pseudo_label, teacher)
     pseudo_anomaly = (pseudo_label == 1).float()
     n_masked_t = mask.sum()
     values = torch.stack([loss.detach(), loss_x.detach(), loss_u.detach(), n_masked_t,
@@ -151,6 +150,11 @@ def fixmatch_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, u_weak: to
         pseudo_anomaly_rate=n_pseudo_anomaly / n_masked if n_masked else 0.0,
         lr=optimizer.param_groups[0]["lr"],
     )
+
+
+def _taught(pseudo_label: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """The teacher's pseudo-label where it gives one (0 or 1), the model's where it is -1."""
+    return torch.where(teacher >= 0, teacher, pseudo_label)
 
 
 def teacher_pseudo_labels(ranking: np.ndarray, top_share: float,

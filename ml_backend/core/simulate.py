@@ -252,8 +252,6 @@ def run_simulation(
                 model_dir = Path(tmp) / f"cycle{cycle}"
                 teacher = None
                 if cfg.uses_teacher:
-                    from ml_backend.core.fast_head import frozen_ranking
-
                     teacher = frozen_ranking(imagenet, np.searchsorted(pool, labelled),
                                              truth[labelled], np.searchsorted(pool, unlabelled))
                     extra |= _teacher_quality(teacher, truth[unlabelled], cfg)
@@ -422,6 +420,19 @@ def mean_z(*logits: np.ndarray, weights: Sequence[float] | None = None) -> np.nd
     return np.average([(v - v.mean()) / max(float(v.std()), 1e-6)
                        for v in (np.asarray(x, dtype=np.float64) for x in logits)], axis=0,
                       weights=weights)
+
+
+def frozen_ranking(features: np.ndarray, labelled: np.ndarray, labels: np.ndarray,
+                   rows: np.ndarray) -> np.ndarray:
+    """The frozen terms of the sky blend on their own, as a teacher for training
+    (`TrainConfig.teacher_top_share`): the fast head and the neighbour term fitted on
+    `features[labelled]` with 0/1 `labels`, their logits over `rows` averaged by `mean_z`.
+    Returns (len(rows),) float64, higher = more anomalous."""
+    from ml_backend.core.fast_head import fit_fast_head, fit_neighbour_term
+
+    head = fit_fast_head(features, labelled, labels)
+    term = fit_neighbour_term(features, labelled, labels)
+    return mean_z(head.logits(features[rows]), term.logits(features[rows]))
 
 
 def _mean_rank(*scores: np.ndarray) -> np.ndarray:
