@@ -61,6 +61,9 @@ _OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
     ("--test-time-augmentation", "test_time_augmentation", yes_no,
      "yes/no: score as the mean over the invariance's flips/rotations (default: yes; "
      "2 views for flip data, 8 for dihedral data)"),
+    ("--test-time-shift", "test_time_shift", float,
+     "also score each view shifted diagonally by +/- this fraction of the input size, 0 to "
+     "< 0.5 (3x the forward passes; default 0: none)"),
 )
 
 

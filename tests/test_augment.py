@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -184,3 +185,31 @@ def test_dihedral_views_need_square_images():
     assert len(symmetry_views(torch.rand(1, 1, 4, 6), "flip")) == 2
     with pytest.raises(ValueError, match="invariance"):
         symmetry_views(torch.rand(1, 1, 4, 4), "rotate")
+
+
+def test_shifted_moves_the_content_and_reflects_the_edges():
+    from ml_backend.core.augment import shifted
+
+    x = torch.arange(36.0).view(1, 1, 6, 6)
+    out = shifted(x, 2, -1)
+    assert out.shape == x.shape
+    assert torch.equal(out[0, 0, 2:, :5], x[0, 0, :4, 1:])  # moved 2 down, 1 left
+    padded = np.pad(x[0, 0].numpy(), 2, mode="reflect")  # the edges mirrored, not repeated
+    assert np.array_equal(out[0, 0].numpy(), padded[0:6, 3:9])
+    assert shifted(x, 0, 0) is x
+    with pytest.raises(ValueError, match="6x6"):
+        shifted(x, 6, 0)
+
+
+@pytest.mark.parametrize("invariance, n_symmetry", [(None, 1), ("flip", 2), ("dihedral", 8)])
+def test_scoring_views_are_the_symmetry_views_then_each_shifted_both_ways(invariance, n_symmetry):
+    from ml_backend.core.augment import scoring_views, shifted, symmetry_views
+
+    x = torch.rand(2, 1, 8, 8)
+    plain = [x] if invariance is None else symmetry_views(x, invariance)
+    assert all(torch.equal(a, b) for a, b in zip(scoring_views(x, invariance, 0), plain,
+                                                  strict=True))
+    views = scoring_views(x, invariance, 2)
+    assert len(views) == 3 * n_symmetry
+    expected = plain + [shifted(v, 2, 2) for v in plain] + [shifted(v, -2, -2) for v in plain]
+    assert all(torch.equal(a, b) for a, b in zip(views, expected, strict=True))

@@ -324,3 +324,33 @@ def test_test_time_augmentation_scores_the_mean_logits_over_the_views(model, inv
 def test_models_saved_before_test_time_augmentation_score_without_it():
     legacy = {k: v for k, v in CFG.to_dict().items() if k != "test_time_augmentation"}
     assert TrainConfig.from_dict(legacy).test_time_augmentation is False
+
+
+def test_test_time_shifts_add_each_view_shifted_both_ways(model):
+    images = random_images(5, seed=9)
+    meta = make_meta()
+    shifted_meta = dataclasses.replace(meta, config={
+        **meta.config, "invariance": "flip", "test_time_augmentation": True,
+        "test_time_shift": 0.125})  # 4 of 32 pixels
+    scores = score_store(ArraySource(images, STRETCH), model, shifted_meta, device="cpu")
+    x = to_model_input(images, SIZE).numpy()
+    flips = [x, x[..., ::-1]]
+    padded = [np.pad(v, ((0, 0), (0, 0), (4, 4), (4, 4)), mode="reflect") for v in flips]
+    views = (flips + [p[..., 0:SIZE, 0:SIZE] for p in padded]  # moved 4 down and right
+             + [p[..., 8:8 + SIZE, 8:8 + SIZE] for p in padded])  # and 4 up and left
+    with torch.inference_mode():
+        logits = np.mean([model(torch.from_numpy(np.ascontiguousarray(v))).float().numpy()
+                          for v in views], axis=0)
+    expected = 1.0 / (1.0 + np.exp(logits[:, 0] - logits[:, 1]))
+    np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-6)
+    flips_only = dataclasses.replace(meta, config={**shifted_meta.config, "test_time_shift": 0.0})
+    assert not np.allclose(score_store(ArraySource(images, STRETCH), model, flips_only,
+                                       device="cpu"), scores)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 0.5])
+def test_test_time_shift_is_a_fraction_below_half_and_absent_means_none(bad):
+    with pytest.raises(ValueError, match="test_time_shift"):
+        TrainConfig(test_time_shift=bad)
+    legacy = {k: v for k, v in CFG.to_dict().items() if k != "test_time_shift"}
+    assert TrainConfig.from_dict(legacy).test_time_shift == 0.0

@@ -179,9 +179,11 @@ def test_simulate_command_passes_size_and_center_crop_to_training(tmp_path, monk
     args, runs = _recorded_simulate(tmp_path, monkeypatch)
     assert main([*args, "--size", "48", "--center-crop", "0.5", "--invariance", "flip",
                  "--bn-momentum", "0.01", "--drop-path-rate", "0.2", "--drop-rate", "0.2",
-                 "--test-time-augmentation", "yes", "--distribution-alignment", "no"]) == 0
+                 "--test-time-augmentation", "yes", "--distribution-alignment", "no",
+                 "--test-time-shift", "0.0625"]) == 0
     cfg = runs[0][1]
     assert (cfg.image_size, cfg.center_crop, cfg.invariance) == (48, 0.5, "flip")
+    assert cfg.test_time_shift == 0.0625
     assert (cfg.bn_momentum, cfg.drop_path_rate, cfg.drop_rate) == (0.01, 0.2, 0.2)
     assert cfg.test_time_augmentation and not cfg.distribution_alignment
     with pytest.raises(SystemExit):

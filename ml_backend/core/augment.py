@@ -89,6 +89,29 @@ def symmetry_views(x: torch.Tensor, invariance: str) -> list[torch.Tensor]:
     return turns + [t.flip(-1) for t in turns]
 
 
+def scoring_views(x: torch.Tensor, invariance: str | None, shift: int) -> list[torch.Tensor]:
+    """The views scoring averages over, the input first: the symmetry views of `invariance`
+    (the input alone for None), then each of them shifted by (+shift, +shift) and by (-shift,
+    -shift) pixels when `shift` > 0 (`shifted`)."""
+    views = [x] if invariance is None else symmetry_views(x, invariance)
+    if shift <= 0:
+        return views
+    return views + [shifted(v, d, d) for d in (shift, -shift) for v in views]
+
+
+def shifted(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """A batch moved `dy` pixels down and `dx` right, the edges reflect-padded (each shift
+    smaller than the image)."""
+    h, w = x.shape[-2:]
+    s = max(abs(dy), abs(dx))
+    if s == 0:
+        return x
+    if s >= min(h, w):
+        raise ValueError(f"a shift of {s} pixels needs images larger than {h}x{w}")
+    padded = F.pad(x, (s, s, s, s), mode="reflect")
+    return padded[..., s - dy:s - dy + h, s - dx:s - dx + w]
+
+
 def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
     """Per-sample integer shifts in [-max_shift, max_shift] pixels, reflect-padded."""
     n, _, h, w = x.shape

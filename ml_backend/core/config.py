@@ -90,6 +90,10 @@ class TrainConfig:
     # of `invariance` (8 for dihedral, 2 for flip) instead of the image alone: test-time
     # augmentation, at that many forward passes per scored image. Training is unchanged.
     test_time_augmentation: bool = False
+    # Test-time shifts, a fraction of image_size: scoring also averages every view above
+    # shifted diagonally by + and - this much (reflect-padded, as the weak view shifts), at
+    # three times the forward passes. 0 = none.
+    test_time_shift: float = 0.0
     # Std of the re-initialised binary head: small, so early pseudo-labels stay below threshold.
     head_init_std: float = 1e-3
     # Start a fresh model's head from a linear probe instead (LP-FT, Kumar et al. 2022): the
@@ -131,6 +135,9 @@ class TrainConfig:
             if not 0 <= value < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {value}")
         check_invariance(self.invariance)
+        if not 0 <= self.test_time_shift < 0.5:
+            raise ValueError(f"test_time_shift must be in [0, 0.5) (a fraction of image_size), "
+                             f"got {self.test_time_shift}")
         if self.randaug_pool not in RANDAUG_POOLS:
             raise ValueError(f"randaug_pool must be one of {', '.join(RANDAUG_POOLS)}, "
                              f"got {self.randaug_pool!r}")
@@ -198,7 +205,7 @@ LEGACY_VALUES: dict[str, Any] = {"drop_path_rate": 0.0, "drop_rate": 0.0,
                                  "protect_top_share": 0.0, "alignment_share": 0.0,
                                  "backbone_stage": None, "anomaly_threshold": None,
                                  "randaug_pool": "all", "teacher_top_share": 0.0,
-                                 "teacher_normal_share": 0.0}
+                                 "teacher_normal_share": 0.0, "test_time_shift": 0.0}
 
 
 def kind_defaults(invariance: str) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 Score = softmax probability of the "anomaly" logit, float32 in [0, 1]; with the model's
 `test_time_augmentation` that of the mean logits over the symmetry views of its invariance
-(session 11; sessions 9-10 averaged the probabilities). A store
+(session 11; sessions 9-10 averaged the probabilities), and with its `test_time_shift` over
+those views shifted too (session 33). A store
 is read in batches by its prefetching reader, so memory holds one batch of images (plus the
 prefetched ones) and one float32 per scored image, whatever the store's size.
 """
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ml_backend.core.augment import symmetry_views
+from ml_backend.core.augment import scoring_views
 from ml_backend.core.checkpoint import ModelMeta
 from ml_backend.core.config import TrainConfig
 from ml_backend.core.model import anomaly_probability, pooled_features, resolve_device
@@ -136,7 +137,7 @@ def _score_batches(store: ScorableStore, net: nn.Module, device: torch.device, m
         for batch_rows, images in store.iter_batches(batch_size, indices=rows, prefetch=2):
             probabilities, pooled = _forward(net, images, meta.image_size, meta.center_crop,
                                              device, features=out[1] is not None,
-                                             views=tta_invariance(meta))
+                                             views=view_rule(meta))
             pending.append((_positions(batch_rows, rows), probabilities, pooled))
             if len(pending) >= _FLUSH_EVERY:
                 _flush(pending, out, filled)
@@ -155,12 +156,14 @@ def _forward_scores(model: nn.Module, images: np.ndarray | torch.Tensor, image_s
 
 
 def _forward(model: nn.Module, images: np.ndarray | torch.Tensor, image_size: int, crop: float,
-             device: torch.device, *, features: bool, views: str | None = None
+             device: torch.device, *, features: bool,
+             views: tuple[str | None, int] = (None, 0)
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(anomaly probabilities, pooled features or None) of one batch.
 
-    One forward pass, or with `views` (an invariance) the probability of the mean logits over
-    every view of that invariance (`augment.symmetry_views`), and the mean features. A linear
+    One forward pass, or with `views` (an invariance or None, a shift in pixels: `view_rule`)
+    the probability of the mean logits over every view they make (`augment.scoring_views`), and
+    the mean features. A linear
     classifier's mean logits are the classifier of the mean features, so a head fitted on
     those features (`fast_head`, the instant re-ranking) scores exactly as the model it is
     published as; any other classifier (a blend with a neighbour term,
@@ -169,7 +172,7 @@ def _forward(model: nn.Module, images: np.ndarray | torch.Tensor, image_size: in
     x = to_model_input(images, image_size, device, crop)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
-    batches = [x] if views is None else symmetry_views(x, views)
+    batches = scoring_views(x, *views)
     classifier = _unwrapped(model).get_classifier()
     linear = type(classifier) is nn.Linear
     logits, pooled = [], []
@@ -187,10 +190,12 @@ def _forward(model: nn.Module, images: np.ndarray | torch.Tensor, image_size: in
     return anomaly_probability(torch.stack(logits).mean(0)), mean_features
 
 
-def tta_invariance(meta: ModelMeta) -> str | None:
-    """The invariance whose views scoring averages over, or None (one plain forward pass)."""
+def view_rule(meta: ModelMeta) -> tuple[str | None, int]:
+    """What scoring averages over (`augment.scoring_views`): the invariance whose symmetry views
+    it takes (None: the image alone) and the test-time shift in pixels (0: none)."""
     cfg = TrainConfig.from_dict(meta.config)
-    return cfg.invariance if cfg.test_time_augmentation else None
+    return (cfg.invariance if cfg.test_time_augmentation else None,
+            round(cfg.test_time_shift * meta.image_size))
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
