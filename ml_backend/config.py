@@ -294,8 +294,12 @@ def _train_config(env: Mapping[str, str]) -> TrainConfig:
         check_center_crop(crop)
     except ValueError as err:
         raise ConfigError(f"AMLS_CENTER_CROP: {err}") from None
+    shift = _float(env, "AMLS_TEST_TIME_SHIFT", 0.0)
+    if not 0 <= shift < 0.5:
+        raise ConfigError(f"AMLS_TEST_TIME_SHIFT must be a fraction in [0, 0.5) of the input "
+                          f"size, got {shift}")
     return TrainConfig(image_size=_int(env, "AMLS_IMAGE_SIZE", 64), center_crop=crop,
-                       batch_size=_int(env, "AMLS_BATCH_SIZE", 16),
+                       test_time_shift=shift, batch_size=_int(env, "AMLS_BATCH_SIZE", 16),
                        score_batch_size=_int(env, "AMLS_SCORE_BATCH_SIZE", 256),
                        device=env.get("AMLS_DEVICE", "auto"))
 

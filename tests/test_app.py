@@ -247,13 +247,16 @@ def test_config_defaults_and_overrides():
                            "AMLS_DEBOUNCE_S": "0.5", "LABEL_STUDIO_API_KEY": "sekrit",
                            "AMLS_CENTER_CROP": "0.4", "AMLS_INVARIANCE": "flip",
                            "AMLS_TEST_TIME_AUGMENTATION": "true",
-                           "AMLS_DISTRIBUTION_ALIGNMENT": "on"})
+                           "AMLS_DISTRIBUTION_ALIGNMENT": "on", "AMLS_TEST_TIME_SHIFT": "0.0625"})
     forced = cfg.train_config("dihedral")  # both forced on, whatever the kind
     assert forced.test_time_augmentation and forced.distribution_alignment
     assert cfg.label_studio_url == "http://ls:8080"
     assert (cfg.iterations, cfg.debounce_s, str(cfg.model_dir)) == (30, 0.5, "/m")
     assert cfg.train_config("dihedral").iterations == cfg.train_config("flip").iterations == 30
     assert cfg.train.center_crop == 0.4 and cfg.for_jobs().train.center_crop == 0.4
+    # test-time shifts: off unless set, for every kind of data
+    assert forced.test_time_shift == cfg.train_config("flip").test_time_shift == 0.0625
+    assert Config().train_config("flip").test_time_shift == 0.0
     assert cfg.train_config("dihedral").invariance == "flip"
     assert cfg.image_hosts == frozenset({"a.org", "b:81", "ls:8080"})
     assert "sekrit" not in repr(cfg)
@@ -325,6 +328,8 @@ def test_a_jobs_iterations_follow_the_kind_of_data_unless_set(env, kind, iterati
     ({"AMLS_RERANK_MODEL_TERM": "maybe"}, "AMLS_RERANK_MODEL_TERM"),
     ({"AMLS_BACKBONE_STAGE": "7"}, "AMLS_BACKBONE_STAGE"),
     ({"AMLS_BACKBONE_STAGE": "last"}, "AMLS_BACKBONE_STAGE"),
+    ({"AMLS_TEST_TIME_SHIFT": "some"}, "AMLS_TEST_TIME_SHIFT"),
+    ({"AMLS_TEST_TIME_SHIFT": "0.5"}, "AMLS_TEST_TIME_SHIFT"),
     ({"ANOMALY_LABEL": " "}, "ANOMALY_LABEL"),
 ])
 def test_config_rejects_bad_values(env, fragment):
