@@ -162,12 +162,12 @@ def _forward(model: nn.Module, images: np.ndarray | torch.Tensor, image_size: in
     """(anomaly probabilities, pooled features or None) of one batch.
 
     One forward pass, or with `views` (an invariance or None, a shift in pixels: `view_rule`)
-    the probability of the mean logits over every view they make (`augment.scoring_views`), and
-    the mean features. A linear
-    classifier's mean logits are the classifier of the mean features, so a head fitted on
-    those features (`fast_head`, the instant re-ranking) scores exactly as the model it is
-    published as; any other classifier (a blend with a neighbour term,
-    `fast_head.NeighbourClassifier`) reads the mean features, as the re-ranking scored them.
+    the probability of the mean logits over every view they make (`augment.scoring_views`),
+    and the mean features. A linear classifier's mean logits are the classifier of the mean
+    features, so a head fitted on those features (`fast_head`, the instant re-ranking) scores
+    exactly as the model it is published as; any other classifier (a blend with a neighbour
+    term, `fast_head.NeighbourClassifier`) reads the mean features, as the re-ranking scored
+    them.
     """
     x = to_model_input(images, image_size, device, crop)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
