@@ -252,14 +252,11 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
               overrides={**CUT_BY_KIND[name], "teacher_top_share": top,
                          "teacher_normal_share": bottom}, fast_head=True)
       for name in CUT_BY_KIND for top, bottom in ((0.01, 0.0), (0.01, 0.9))),
-    # Each kind's default scoring its views also shifted diagonally by +/- 4 px of 64
+    # Photographs' default scoring its views also shifted diagonally by +/- 4 px of 64
     # (`TrainConfig.test_time_shift`): 3x the forward passes at scoring.
     Setting("flip+tta+stage-4+iter-200+u2+shift-4",
             overrides={**CUT_BY_KIND["flip+tta"], "iterations": 200, "uratio": 2,
                        "test_time_shift": 0.0625}, fast_head=True),
-    Setting("dist-align+tta+stage-4+shift-4",
-            overrides={**CUT_BY_KIND["dist-align+tta"], "test_time_shift": 0.0625},
-            fast_head=True),
     # 96 px model input instead of 64 (2.25x the pixels).
     Setting("size-96", overrides={"image_size": 96}),
     Setting("flip+size-96", overrides={"invariance": "flip", "image_size": 96}),

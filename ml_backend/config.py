@@ -17,6 +17,7 @@ from ml_backend.core.config import (
     TrainConfig,
     check_center_crop,
     check_invariance,
+    check_test_time_shift,
     kind_defaults,
 )
 
@@ -295,9 +296,10 @@ def _train_config(env: Mapping[str, str]) -> TrainConfig:
     except ValueError as err:
         raise ConfigError(f"AMLS_CENTER_CROP: {err}") from None
     shift = _float(env, "AMLS_TEST_TIME_SHIFT", 0.0)
-    if not 0 <= shift < 0.5:
-        raise ConfigError(f"AMLS_TEST_TIME_SHIFT must be a fraction in [0, 0.5) of the input "
-                          f"size, got {shift}")
+    try:
+        check_test_time_shift(shift)
+    except ValueError as err:
+        raise ConfigError(f"AMLS_TEST_TIME_SHIFT: {err}") from None
     return TrainConfig(image_size=_int(env, "AMLS_IMAGE_SIZE", 64), center_crop=crop,
                        test_time_shift=shift, batch_size=_int(env, "AMLS_BATCH_SIZE", 16),
                        score_batch_size=_int(env, "AMLS_SCORE_BATCH_SIZE", 256),

@@ -136,9 +136,7 @@ class TrainConfig:
             if not 0 <= value < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {value}")
         check_invariance(self.invariance)
-        if not 0 <= self.test_time_shift < 0.5:
-            raise ValueError(f"test_time_shift must be in [0, 0.5) (a fraction of image_size), "
-                             f"got {self.test_time_shift}")
+        check_test_time_shift(self.test_time_shift)
         if self.randaug_pool not in RANDAUG_POOLS:
             raise ValueError(f"randaug_pool must be one of {', '.join(RANDAUG_POOLS)}, "
                              f"got {self.randaug_pool!r}")
@@ -234,6 +232,14 @@ def check_invariance(value: str) -> str:
     """`value` if it names a weak-view invariance; ValueError otherwise."""
     if value not in INVARIANCES:
         raise ValueError(f"invariance must be one of {', '.join(INVARIANCES)}, got {value!r}")
+    return value
+
+
+def check_test_time_shift(value: float) -> float:
+    """`value` if it is a fraction of the input size in [0, 0.5); ValueError otherwise."""
+    if not 0 <= value < 0.5:
+        raise ValueError(f"test_time_shift must be in [0, 0.5) (a fraction of image_size), "
+                         f"got {value}")
     return value
 
 
