@@ -21,7 +21,7 @@ from benchmarks.suite_report import mean_std, setting_runs
 
 # A ranking's column prefix in the log's per-cycle rows ("model": the unprefixed metrics).
 RANKINGS = ("model", "head", "zblend", "blend", "lblend", "probe", "fprobe", "fblend", "knn",
-            "kblend", "blend4", "blend3", "mknn", "mkblend")
+            "kblend", "blend4", "blend3", "mknn", "mkblend", "shift", "shift_zblend")
 METRICS = ("auroc", "ap", "precision_top_1pct")
 
 

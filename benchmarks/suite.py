@@ -81,6 +81,9 @@ class Setting:
     # Likewise with the ImageNet term pooled after this stage of the backbone
     # (SimulationPlan.imagenet_block); implies fast_head.
     imagenet_block: int | None = None
+    # Also score each cycle's model with this test-time shift (SimulationPlan.compare_shift:
+    # shift_*, and with the fast head shift_zblend_*), the oracle picking from its own scoring.
+    compare_shift: float | None = None
 
 
 # What every setting's overrides apply to: the defaults the log's first runs had, so that a
@@ -257,6 +260,11 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("flip+tta+stage-4+iter-200+u2+shift-4",
             overrides={**CUT_BY_KIND["flip+tta"], "iterations": 200, "uratio": 2,
                        "test_time_shift": 0.0625}, fast_head=True),
+    # Photographs' default, each cycle's model also scored with those shifts: both scorings
+    # on the same picks (the oracle picks from the default's).
+    Setting("flip+tta+stage-4+iter-200+u2@compare-shift-4",
+            overrides={**CUT_BY_KIND["flip+tta"], "iterations": 200, "uratio": 2},
+            fast_head=True, compare_shift=0.0625),
     # 96 px model input instead of 64 (2.25x the pixels).
     Setting("size-96", overrides={"image_size": 96}),
     Setting("flip+size-96", overrides={"invariance": "flip", "image_size": 96}),
@@ -320,6 +328,8 @@ class Job:
             parts.append("imagenet:{}x{}".format(*self.setting.imagenet_framing))
         if self.setting.imagenet_block is not None:
             parts.append(f"imagenet:b{self.setting.imagenet_block}")
+        if self.setting.compare_shift is not None:
+            parts.append(f"compare_shift:{self.setting.compare_shift}")
         return json.dumps(parts, sort_keys=True)
 
 
@@ -399,7 +409,8 @@ def run_job(job: Job, store: Path, truth: Path, threads: int,
                           fast_head=job.measures_fast_head, compare_tta=job.compare_tta,
                           picks_from=job.setting.picks_from,
                           imagenet_framing=job.setting.imagenet_framing,
-                          imagenet_block=job.setting.imagenet_block, **protocol)
+                          imagenet_block=job.setting.imagenet_block,
+                          compare_shift=job.setting.compare_shift, **protocol)
     saved: dict[str, str] = {}
     if scores_root is not None and plan.fast_head:
         folder = Path(scores_root) / hashlib.sha1(job.key().encode()).hexdigest()[:16]

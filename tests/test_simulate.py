@@ -1,4 +1,5 @@
 import json
+from typing import Any
 
 import numpy as np
 import pytest
@@ -208,7 +209,7 @@ TOY_CFG = TrainConfig(image_size=32, iterations=3, batch_size=8, uratio=2, pretr
                       ema_decay=0.5, device="cpu")
 
 
-def toy_plan(**measure: bool) -> SimulationPlan:
+def toy_plan(**measure: Any) -> SimulationPlan:
     return SimulationPlan(initial_anomalies=3, initial_normals=20, cycles=2, per_cycle=2,
                           **measure)
 
@@ -369,6 +370,31 @@ def test_compare_tta_scores_the_same_model_the_other_way_without_changing_the_ru
     # the plain scores as its tta_* and the TTA scores as its own.
     assert on[0]["tta_auroc"] == pytest.approx(rows[0]["auroc"])
     assert on[0]["auroc"] == pytest.approx(rows[0]["tta_auroc"])
+
+
+@pytest.mark.slow
+def test_compare_shift_scores_each_cycle_shifted_on_the_same_picks(tmp_path):
+    _, truth = make_toy_store(tmp_path / "toy.h5")
+    compared = toy_plan(fast_head=True, compare_shift=0.125)
+    with CutoutStore.open(tmp_path / "toy.h5") as store:
+        plain = list(run_simulation(store, truth, toy_plan(fast_head=True), TOY_CFG))
+        rows = list(run_simulation(store, truth, compared, TOY_CFG))
+        shifted = list(run_simulation(store, truth, toy_plan(fast_head=True),
+                                      TOY_CFG.replace(test_time_shift=0.125)))
+    for a, b in zip(plain, rows, strict=True):  # the run itself, picks included, unchanged
+        assert (b["auroc"], b["zblend_ap"]) == pytest.approx((a["auroc"], a["zblend_ap"]))
+    # Cycle 1 trains the same model either way: its shifted scoring is the shifted run's own.
+    assert rows[0]["shift_auroc"] == pytest.approx(shifted[0]["auroc"])
+    assert rows[0]["shift_ap"] == pytest.approx(shifted[0]["ap"])
+    assert rows[0]["shift_zblend_ap"] == pytest.approx(shifted[0]["zblend_ap"])
+    top = [r[0]["mean_score_top_1pct"] for r in (plain, shifted)]
+    assert rows[0]["shift_mean_score_top_1pct"] == pytest.approx(top[1])
+    assert top[1] != pytest.approx(top[0])  # the toy's ranking is perfect either way
+    assert "shift_zblend_auroc" in rows[1]
+    with pytest.raises(ValueError, match=r"\[0, 0.5\)"):
+        toy_plan(compare_shift=0.5)
+    with pytest.raises(ValueError, match="compare_shift needs a trained method"):
+        toy_plan(method="linear-probe", compare_shift=0.1)
 
 
 @pytest.mark.slow

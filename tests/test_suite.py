@@ -122,6 +122,10 @@ def test_device_and_within_run_measurements_keep_old_keys_and_tell_runs_apart():
     assert json.loads(cuda.key())[-1] == "cuda" and json.loads(tta.key())[-1] == "compare_tta"
     assert fast.key() == Job(dataset, 0, setting, "full", fast_head=True).key() != cpu.key()
     assert len({cpu.key(), cuda.key(), tta.key(), fast.key()}) == 4
+    compared = Job(dataset, 0, SETTINGS["flip+tta+stage-4+iter-200+u2@compare-shift-4"], "full")
+    assert json.loads(compared.key())[-1] == "compare_shift:0.0625"
+    assert job_config(compared) == job_config(
+        Job(dataset, 0, SETTINGS["flip+tta+stage-4+iter-200+u2"], "full"))  # trains the same
 
 
 def test_settings_keep_their_logged_meaning_when_defaults_change():

@@ -56,6 +56,13 @@ With ``compare_tta`` each cycle's row also holds ``tta_*``: the same model score
 way round (with test-time augmentation when the config has none, without it when it has),
 on the same unlabelled images, so one run pairs the two scoring rules; the oracle still
 picks from the config's own scores.
+
+With ``compare_shift`` (a fraction of the input size, as `TrainConfig.test_time_shift`) each
+cycle's row also holds ``shift_*``: the same model scored with that test-time shift instead
+of its own (``shift_mean_score_top_1pct`` its calibration), and with ``fast_head``
+``shift_zblend_*``: the photographs' published blend (the head refit on those embeddings,
+blended with the model) from it; the oracle still picks from the config's own scores, so
+each cycle pairs two scorings of one model on one set of picks.
 """
 
 from __future__ import annotations
@@ -79,7 +86,7 @@ from ml_backend.core.checkpoint import (
     load_model_dir,
     read_meta,
 )
-from ml_backend.core.config import TrainConfig
+from ml_backend.core.config import TrainConfig, check_test_time_shift
 from ml_backend.core.fixmatch import StepStats
 from ml_backend.core.model import anomaly_logit_weights
 from ml_backend.core.scoring import score_store
@@ -115,6 +122,7 @@ class SimulationPlan:
     seed: int = 42
     fast_head: bool = False
     compare_tta: bool = False
+    compare_shift: float | None = None
     picks_from: str = "model"
     # (center crop, image size) of a second set of ImageNet embeddings for the third term
     # (`fprobe_*`, `fblend_*`); None: only the model's framing.
@@ -150,6 +158,10 @@ class SimulationPlan:
         if self.imagenet_block is not None and self.imagenet_block < IMAGENET_UNCUT:
             raise ValueError(f"imagenet_block must be >= 0, or {IMAGENET_UNCUT} for the uncut "
                              f"backbone, got {self.imagenet_block}")
+        if self.compare_shift is not None:
+            check_test_time_shift(self.compare_shift)
+            if self.method not in TRAINED:
+                raise ValueError(f"compare_shift needs a trained method ({', '.join(TRAINED)})")
         if self.initial_anomalies < 1 or self.initial_normals < 1:
             raise ValueError("need at least one initial anomaly and one initial normal")
         if self.cycles < 1:
@@ -280,6 +292,9 @@ def run_simulation(
                     extra |= _prefixed("tta", truth[unlabelled], score_store(
                         store, model, _tta_toggled(meta), indices=unlabelled,
                         batch_size=cfg.score_batch_size, device=cfg.device))
+                if plan.compare_shift is not None:
+                    extra |= _shift_compared(store, model, meta, plan.compare_shift, pool,
+                                             labelled, unlabelled, truth, cfg, fast)
             result.update(
                 cycle=cycle,
                 method=plan.method,
@@ -353,10 +368,35 @@ def run_simulation(
 _HEAD_KEYS = ("auroc", "ap", "precision_top_1pct")
 
 
+def _scored_as(meta: ModelMeta, **overrides: Any) -> ModelMeta:
+    """`meta` with its config's scoring settings replaced by `overrides`."""
+    return dataclasses.replace(meta, config={**meta.config, **overrides})
+
+
 def _tta_toggled(meta: ModelMeta) -> ModelMeta:
     """`meta` with test-time augmentation switched the other way."""
     on = TrainConfig.from_dict(meta.config).test_time_augmentation
-    return dataclasses.replace(meta, config={**meta.config, "test_time_augmentation": not on})
+    return _scored_as(meta, test_time_augmentation=not on)
+
+
+def _shift_compared(store: CutoutStore, model: Any, meta: ModelMeta, shift: float,
+                    pool: np.ndarray, labelled: np.ndarray, unlabelled: np.ndarray,
+                    truth: np.ndarray, cfg: TrainConfig, fast: bool) -> dict[str, Any]:
+    """``shift_*`` (and with `fast`, ``shift_zblend_*``): `model` scored with test-time shift
+    `shift` over the unlabelled rows, and the two-term blend refit on those embeddings."""
+    shifted = _scored_as(meta, test_time_shift=shift)
+    rows = pool if fast else unlabelled  # the next head needs the labelled rows' features
+    features = np.empty((len(rows), model.num_features), dtype=np.float16) if fast else None
+    scores = score_store(store, model, shifted, indices=rows, features=features,
+                         batch_size=cfg.score_batch_size, device=cfg.device)
+    scores = scores[np.searchsorted(rows, unlabelled)]
+    out = _prefixed("shift", truth[unlabelled], scores)
+    out["shift_mean_score_top_1pct"] = mean_top_score(scores)
+    if fast:
+        ranked = _head_rankings(features, pool, labelled, unlabelled, truth,
+                                anomaly_logit_weights(model))
+        out |= _prefixed("shift_zblend", truth[unlabelled], ranked["zblend"])
+    return out
 
 
 def _imagenet_features(store: CutoutStore, pool: np.ndarray, cfg: TrainConfig, *,
