@@ -90,7 +90,7 @@ class Setting:
 # setting keeps meaning what it meant when its runs were logged (and their keys stay valid)
 # when a TrainConfig default changes. Today's product defaults (`kind_defaults`) are the
 # settings "dist-align+tta+stage-4" (dihedral, sky cutouts; sessions 11 and 23) and
-# "flip+tta+stage-4+iter-200+u2" (flip, photographs; sessions 24 and 27).
+# "flip+tta+stage-4+iter-200+u2+shift-4" (flip, photographs; sessions 24, 27 and 34).
 SUITE_BASE: dict[str, Any] = {"distribution_alignment": False, "test_time_augmentation": False}
 REFERENCE_FIX = {"bn_momentum": 0.01, "drop_path_rate": 0.2, "drop_rate": 0.2}
 # Each kind of data's product default before the backbone was cut (session 23), by the
@@ -256,7 +256,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
                          "teacher_normal_share": bottom}, fast_head=True)
       for name in CUT_BY_KIND for top, bottom in ((0.01, 0.0), (0.01, 0.9))),
     # Photographs' default scoring its views also shifted diagonally by +/- 4 px of 64
-    # (`TrainConfig.test_time_shift`): 3x the forward passes at scoring.
+    # (`TrainConfig.test_time_shift`): 3x the forward passes at scoring; photographs'
+    # product default since session 34.
     Setting("flip+tta+stage-4+iter-200+u2+shift-4",
             overrides={**CUT_BY_KIND["flip+tta"], "iterations": 200, "uratio": 2,
                        "test_time_shift": 0.0625}, fast_head=True),

@@ -47,8 +47,9 @@ class Config:
     # Training and scoring hyperparameters of every job (input size, centre crop, batch
     # sizes, torch device "cpu" / "cuda" / "auto"); the rest of TrainConfig keeps its paper
     # defaults. The kind of data decides its `invariance`, `test_time_augmentation`,
-    # `distribution_alignment`, `backbone_stage`, `iterations` and `uratio` (the fields
-    # below override them): a `train` that sets any of them is refused, not ignored.
+    # `test_time_shift`, `distribution_alignment`, `backbone_stage`, `iterations` and
+    # `uratio` (the fields below override them): a `train` that sets any of them is
+    # refused, not ignored.
     train: TrainConfig = TrainConfig()
     # FixMatch iterations per training job (AMLS_ITERATIONS): None ("auto") = the chosen
     # invariance's default (`kind_defaults`: 100 for sky cutouts, 200 for photographs).
@@ -61,6 +62,9 @@ class Config:
     # kind of data (`core.config.kind_defaults`), else on / off.
     test_time_augmentation: bool | None = None
     distribution_alignment: bool | None = None
+    # Test-time shifts, a fraction of the input size (AMLS_TEST_TIME_SHIFT): None ("auto") =
+    # the kind's default (`kind_defaults`: 0.0625 for photographs, 0 for sky cutouts).
+    test_time_shift: float | None = None
     # Stage the trained backbone is cut after (AMLS_BACKBONE_STAGE): "auto" = the chosen
     # invariance's default (`kind_defaults`: stage 4 for both kinds), "whole", or a stage
     # number. Changing it starts a new lineage.
@@ -218,6 +222,8 @@ class Config:
         for name in ("test_time_augmentation", "distribution_alignment"):
             if getattr(self, name) is not None:
                 settings[name] = getattr(self, name)
+        if self.test_time_shift is not None:
+            settings["test_time_shift"] = self.test_time_shift
         if self.iterations is not None:
             settings["iterations"] = self.iterations
         if self.backbone_stage != "auto":
@@ -242,6 +248,7 @@ class Config:
             invariance=env.get("AMLS_INVARIANCE", "auto").strip() or "auto",
             test_time_augmentation=_auto_bool(env, "AMLS_TEST_TIME_AUGMENTATION"),
             distribution_alignment=_auto_bool(env, "AMLS_DISTRIBUTION_ALIGNMENT"),
+            test_time_shift=_test_time_shift(env),
             backbone_stage=_backbone_stage(env),
             versions_kept=_int(env, "AMLS_VERSIONS_KEPT", 3),
             prediction_write_batch=_int(env, "AMLS_PREDICTION_WRITE_BATCH", 100_000),
@@ -274,6 +281,7 @@ KIND_FIELD_HINTS = {
     "distribution_alignment": "set Config.distribution_alignment "
                               "(AMLS_DISTRIBUTION_ALIGNMENT) instead",
     "backbone_stage": "set Config.backbone_stage (AMLS_BACKBONE_STAGE) instead",
+    "test_time_shift": "set Config.test_time_shift (AMLS_TEST_TIME_SHIFT) instead",
     "iterations": "set Config.iterations (AMLS_ITERATIONS) instead",
     "uratio": "the backend has no override for it (core.config.kind_defaults)",
 }
@@ -295,15 +303,22 @@ def _train_config(env: Mapping[str, str]) -> TrainConfig:
         check_center_crop(crop)
     except ValueError as err:
         raise ConfigError(f"AMLS_CENTER_CROP: {err}") from None
-    shift = _float(env, "AMLS_TEST_TIME_SHIFT", 0.0)
-    try:
-        check_test_time_shift(shift)
-    except ValueError as err:
-        raise ConfigError(f"AMLS_TEST_TIME_SHIFT: {err}") from None
     return TrainConfig(image_size=_int(env, "AMLS_IMAGE_SIZE", 64), center_crop=crop,
-                       test_time_shift=shift, batch_size=_int(env, "AMLS_BATCH_SIZE", 16),
+                       batch_size=_int(env, "AMLS_BATCH_SIZE", 16),
                        score_batch_size=_int(env, "AMLS_SCORE_BATCH_SIZE", 256),
                        device=env.get("AMLS_DEVICE", "auto"))
+
+
+def _test_time_shift(env: Mapping[str, str]) -> float | None:
+    """AMLS_TEST_TIME_SHIFT: None for unset or "auto", else a fraction in [0, 0.5)."""
+    raw = env.get("AMLS_TEST_TIME_SHIFT", "").strip().lower()
+    if raw in ("", "auto"):
+        return None
+    shift = _float(env, "AMLS_TEST_TIME_SHIFT", 0.0)
+    try:
+        return check_test_time_shift(shift)
+    except ValueError as err:
+        raise ConfigError(f"AMLS_TEST_TIME_SHIFT: {err}") from None
 
 
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:

@@ -254,9 +254,12 @@ def test_config_defaults_and_overrides():
     assert (cfg.iterations, cfg.debounce_s, str(cfg.model_dir)) == (30, 0.5, "/m")
     assert cfg.train_config("dihedral").iterations == cfg.train_config("flip").iterations == 30
     assert cfg.train.center_crop == 0.4 and cfg.for_jobs().train.center_crop == 0.4
-    # test-time shifts: off unless set, for every kind of data
+    # test-time shifts: the kind's (photographs 4 of 64 pixels, sky none) unless set
     assert forced.test_time_shift == cfg.train_config("flip").test_time_shift == 0.0625
-    assert Config().train_config("flip").test_time_shift == 0.0
+    assert Config().train_config("flip").test_time_shift == 0.0625
+    assert Config().train_config("dihedral").test_time_shift == 0.0
+    assert Config.from_env({"AMLS_TEST_TIME_SHIFT": "0"}).train_config("flip").test_time_shift == 0
+    assert Config.from_env({"AMLS_TEST_TIME_SHIFT": "auto"}) == Config()
     assert cfg.train_config("dihedral").invariance == "flip"
     assert cfg.image_hosts == frozenset({"a.org", "b:81", "ls:8080"})
     assert "sekrit" not in repr(cfg)
@@ -351,6 +354,7 @@ def test_kind_field_hints_cover_every_kind_governed_setting():
     ("uratio", 3, "no override"),
     ("invariance", "flip", "AMLS_INVARIANCE"),
     ("backbone_stage", 3, "AMLS_BACKBONE_STAGE"),
+    ("test_time_shift", 0.125, "AMLS_TEST_TIME_SHIFT"),
 ])
 def test_config_refuses_a_train_whose_kind_governed_fields_jobs_would_ignore(field, value, hint):
     from ml_backend.config import ConfigError

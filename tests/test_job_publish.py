@@ -66,6 +66,8 @@ def test_the_job_takes_the_stores_invariance_unless_configured(project):
     # Photographs train on 2 unlabelled images per labelled one, sky cutouts on 5; both train
     # the iterations configured (AMLS_ITERATIONS) over their kind's 200 / 100.
     assert (auto.uratio, forced_cfg.uratio) == (2, 5)
+    # Photographs score each view also shifted by 4 of 64 pixels; sky cutouts do not.
+    assert (auto.test_time_shift, forced_cfg.test_time_shift) == (0.0625, 0.0)
     assert auto.iterations == forced_cfg.iterations == forced.iterations_total == 2
     # The new lineage's cycle trained and serves the backbone cut after stage 4.
     assert load_model_dir(registry.latest_dir(7))[0].num_features == 112
