@@ -202,6 +202,9 @@ def test_simulate_takes_the_invariance_the_store_records_unless_told(tmp_path, m
     # photographs train 200 iterations at uratio 2, sky cutouts 100 at 5; --iterations wins
     assert [(cfg.iterations, cfg.uratio) for _, cfg in runs] == [(200, 2), (100, 5), (200, 2)]
     assert main([*args, "--iterations", "30"]) == 0 and runs[-1][1].iterations == 30
+    # photographs score each view also shifted by 4 of 64 pixels, sky cutouts do not
+    assert [cfg.test_time_shift for _, cfg in runs] == [0.0625, 0.0, 0.0625, 0.0625]
+    assert main([*args, "--test-time-shift", "0"]) == 0 and runs[-1][1].test_time_shift == 0
 
 
 # Two short cycles on the toy store: the within-run measurements' tests.
