@@ -385,7 +385,7 @@ def _shift_compared(store: CutoutStore, model: Any, meta: ModelMeta, shift: floa
     """``shift_*`` (and with `fast`, ``shift_zblend_*``): `model` scored with test-time shift
     `shift` over the unlabelled rows, and the two-term blend refit on those embeddings."""
     shifted = _scored_as(meta, test_time_shift=shift)
-    rows = pool if fast else unlabelled  # the next head needs the labelled rows' features
+    rows = pool if fast else unlabelled  # the refit head needs the labelled rows' features
     features = np.empty((len(rows), model.num_features), dtype=np.float16) if fast else None
     scores = score_store(store, model, shifted, indices=rows, features=features,
                          batch_size=cfg.score_batch_size, device=cfg.device)
