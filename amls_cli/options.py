@@ -28,6 +28,9 @@ _OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
      "symmetries the weak view teaches: dihedral (flips and 90° rotations, for sky cutouts) "
      "or flip (horizontal flips only, for upright photographs); default: what the store "
      "records (`amls import --invariance`), dihedral if it records nothing"),
+    ("--weak-rotation", "weak_rotation", yes_no,
+     "yes/no: also turn each weak view by a random angle in [-45°, 45°), so training sees "
+     "every angle (dihedral data only; default no)"),
     ("--bn-momentum", "bn_momentum", float,
      "BatchNorm momentum, the weight of each new batch statistic (default 0.1)"),
     ("--drop-path-rate", "drop_path_rate", float,

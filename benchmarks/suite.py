@@ -266,6 +266,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("flip+tta+stage-4+iter-200+u2@compare-shift-4",
             overrides={**CUT_BY_KIND["flip+tta"], "iterations": 200, "uratio": 2},
             fast_head=True, compare_shift=0.0625),
+    # The sky's cut default with each weak view also turned by a random angle in [-45°, 45°)
+    # (`TrainConfig.weak_rotation`): every angle, not only quarter turns.
+    Setting("dist-align+tta+stage-4+rotate",
+            overrides={**CUT_BY_KIND["dist-align+tta"], "weak_rotation": True}, fast_head=True),
     # 96 px model input instead of 64 (2.25x the pixels).
     Setting("size-96", overrides={"image_size": 96}),
     Setting("flip+size-96", overrides={"invariance": "flip", "image_size": 96}),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -142,6 +144,46 @@ def test_every_configurable_pool_has_its_ops():
 def test_bad_config_is_rejected(bad):
     with pytest.raises(ValueError):
         WeakStrong(TrainConfig(**bad))
+
+
+def _orientation(img: torch.Tensor) -> float:
+    """The angle in degrees, in [-45, 45), of the principal axis of a (1, H, W) image's
+    intensity, modulo quarter turns."""
+    h, w = img.shape[-2:]
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64) - (h - 1) / 2,
+                            torch.arange(w, dtype=torch.float64) - (w - 1) / 2, indexing="ij")
+    m = img[0].double()
+    cxx, cyy, cxy = (m * xs * xs).sum(), (m * ys * ys).sum(), (m * xs * ys).sum()
+    angle = 0.5 * math.degrees(math.atan2(2 * cxy, cxx - cyy))
+    return (angle + 45) % 90 - 45
+
+
+def test_weak_rotation_turns_each_image_by_its_own_angle_of_any_size():
+    bar = torch.zeros(1, 1, 33, 33)
+    bar[..., 14:19, 4:29] = 1.0  # a horizontal bar through the centre
+    x = bar.repeat(64, 1, 1, 1)
+    cfg = TrainConfig(translate_fraction=0.0, weak_rotation=True)
+    angles = [_orientation(v) for v in WeakStrong(cfg).weak(x, torch.Generator().manual_seed(0))]
+    assert min(angles) < -30 and max(angles) > 30  # the whole quarter turn is reached
+    assert sum(abs(a) > 5 for a in angles) > 48  # most views are off the quarter turns
+    plain = WeakStrong(TrainConfig(translate_fraction=0.0)).weak(x, torch.Generator())
+    assert all(abs(_orientation(v)) < 1e-6 for v in plain)
+
+
+def test_weak_rotation_reflects_at_the_edges_instead_of_blackening_the_corners():
+    x = torch.full((8, 2, 16, 16), 0.7)
+    weak, strong = WeakStrong(TrainConfig(weak_rotation=True, randaug_ops=0,
+                                          cutout_fraction=0.0))(x, torch.Generator())
+    assert torch.allclose(weak, x, atol=1e-6) and torch.allclose(strong, x, atol=1e-6)
+
+
+def test_weak_rotation_needs_the_dihedral_invariance_and_is_off_in_older_configs():
+    with pytest.raises(ValueError, match="weak_rotation"):
+        TrainConfig(invariance="flip", weak_rotation=True)
+    saved = TrainConfig(weak_rotation=True).to_dict()
+    assert TrainConfig.from_dict(saved).weak_rotation is True
+    del saved["weak_rotation"]
+    assert TrainConfig.from_dict(saved).weak_rotation is False
 
 
 def test_non_float_input_is_rejected():

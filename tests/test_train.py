@@ -394,6 +394,21 @@ def test_cli_training_settings_are_recorded_inherited_and_kept(store_and_labels,
     assert re.search("drop_rate must be in", err)
 
 
+def test_cli_weak_rotation_is_recorded_inherited_and_refused_for_flip_data(store_and_labels,
+                                                                          tmp_path, capsys):
+    store, labels = store_and_labels
+    common = ["--labels", str(labels), "--device", "cpu", "--iterations", "1",
+              "--image-size", "32"]
+    _amls_train(capsys, str(store), *common, "--weak-rotation", "yes", "-o", str(tmp_path / "m1"))
+    _amls_train(capsys, str(store), *common, "--init", str(tmp_path / "m1"),
+                "-o", str(tmp_path / "m2"))
+    for name in ("m1", "m2"):
+        assert TrainConfig.from_dict(read_meta(tmp_path / name).config).weak_rotation is True
+    err = _train_error(capsys, str(store), *common, "--invariance", "flip", "--weak-rotation",
+                       "yes", "-o", str(tmp_path / "m3"))
+    assert re.search("weak_rotation turns images by any angle, which only suits", err)
+
+
 def test_cli_new_model_takes_the_invariance_the_store_records(store_and_labels, tmp_path,
                                                                capsys):
     import h5py

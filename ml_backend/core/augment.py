@@ -7,8 +7,10 @@ posterize act on each channel separately. All randomness comes from a CPU
 
 Weak view: integer shifts of up to ``translate_fraction`` of the size with reflect padding,
 then the symmetries of ``invariance``: "dihedral" = random horizontal / vertical flips and 90°
-rotations (the sky has no "up"), "flip" = random horizontal flips only (upright photographs).
-These are label-preserving: a weak view holds the same pixels as the input, moved.
+rotations (the sky has no "up"), "flip" = random horizontal flips only (upright photographs);
+with ``weak_rotation`` each image is then also turned by a random angle in [-45°, 45°).
+These are label-preserving: a weak view holds the same pixels as the input, moved (and,
+turned, resampled).
 
 Strong view: an independent weak view, then ``randaug_ops`` RandAugment ops per image (drawn
 from ``randaug_pool``), each with a random magnitude in [0, ``randaug_magnitude``], then a
@@ -66,6 +68,18 @@ def random_dihedral(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 def random_hflip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Per-sample random horizontal (left-right) flips."""
     return torch.where(_per_sample(_uniform(x.shape[0], gen, x.device) < 0.5), x.flip(-1), x)
+
+
+def random_rotation(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Each image turned by its own random angle in [-45°, 45°) about its centre (bilinear,
+    reflected at the edges); after random quarter turns, every angle is equally likely."""
+    angle = (_uniform(x.shape[0], gen, x.device) - 0.5) * (math.pi / 2)
+    theta = torch.zeros(x.shape[0], 2, 3, dtype=x.dtype, device=x.device)
+    theta[:, 0, 0], theta[:, 0, 1] = angle.cos(), -angle.sin()
+    theta[:, 1, 0], theta[:, 1, 1] = angle.sin(), angle.cos()
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection",
+                         align_corners=False)
 
 
 SYMMETRIES: dict[str, Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = {
@@ -308,8 +322,8 @@ class WeakStrong:
     x: float tensor (B, C, H, W) with values in [0, 1], any C; left unchanged.
     Returns two new tensors of the same shape, dtype and device, values in [0, 1].
     NaNs are not checked for; they pass through flips and shifts and spread under resampling.
-    Uses cfg.invariance, cfg.translate_fraction, cfg.randaug_ops, cfg.randaug_magnitude,
-    cfg.randaug_pool and cfg.cutout_fraction.
+    Uses cfg.invariance, cfg.weak_rotation, cfg.translate_fraction, cfg.randaug_ops,
+    cfg.randaug_magnitude, cfg.randaug_pool and cfg.cutout_fraction.
     """
 
     def __init__(self, cfg: TrainConfig) -> None:
@@ -322,6 +336,7 @@ class WeakStrong:
         if not 0 <= cfg.cutout_fraction <= 1:
             raise ValueError(f"cutout_fraction must be in [0, 1], got {cfg.cutout_fraction}")
         self.symmetry = SYMMETRIES[check_invariance(cfg.invariance)]
+        self.rotation = cfg.weak_rotation
         self.translate_fraction = cfg.translate_fraction
         self.ops = tuple(RANDAUGMENT_OPS[name] for name in RANDAUGMENT_POOLS[cfg.randaug_pool])
         self.num_ops = cfg.randaug_ops
@@ -329,10 +344,12 @@ class WeakStrong:
         self.cutout_fraction = cfg.cutout_fraction
 
     def weak(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """Reflect-padded integer shifts, then the invariance's flips / rotations, per sample."""
+        """Reflect-padded integer shifts, then the invariance's flips / rotations (and, with
+        `weak_rotation`, a random turn), per sample."""
         _check_batch(x)
         max_shift = math.floor(self.translate_fraction * min(x.shape[-2:]))
-        return self.symmetry(random_shift(x, max_shift, gen), gen)
+        x = self.symmetry(random_shift(x, max_shift, gen), gen)
+        return random_rotation(x, gen) if self.rotation else x
 
     def strong(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """An independent weak view, then RandAugment, then cutout."""

@@ -86,6 +86,11 @@ class TrainConfig:
     # and 90° rotations (sky cutouts have no "up"), "flip" = horizontal flips only (upright
     # photographs). Shifts are always on.
     invariance: str = "dihedral"
+    # The weak view (and so the strong one, built on it) also turns each image by a random
+    # angle in [-45°, 45°) after the quarter turns and flips (bilinear, reflected at the
+    # edges), so "dihedral" covers every angle. Only for "dihedral". Off by default: on radio
+    # galaxies it lifts FRII and costs FRI (benchmarks/RESULTS.md, "Session 35").
+    weak_rotation: bool = False
     # Score each image as the mean anomaly probability (and mean features) over every view
     # of `invariance` (8 for dihedral, 2 for flip) instead of the image alone: test-time
     # augmentation, at that many forward passes per scored image. Training is unchanged.
@@ -136,6 +141,9 @@ class TrainConfig:
             if not 0 <= value < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {value}")
         check_invariance(self.invariance)
+        if self.weak_rotation and self.invariance != "dihedral":
+            raise ValueError(f"weak_rotation turns images by any angle, which only suits "
+                             f"invariance 'dihedral', got {self.invariance!r}")
         check_test_time_shift(self.test_time_shift)
         if self.randaug_pool not in RANDAUG_POOLS:
             raise ValueError(f"randaug_pool must be one of {', '.join(RANDAUG_POOLS)}, "
@@ -207,7 +215,8 @@ LEGACY_VALUES: dict[str, Any] = {"drop_path_rate": 0.0, "drop_rate": 0.0,
                                  "protect_top_share": 0.0, "alignment_share": 0.0,
                                  "backbone_stage": None, "anomaly_threshold": None,
                                  "randaug_pool": "all", "teacher_top_share": 0.0,
-                                 "teacher_normal_share": 0.0, "test_time_shift": 0.0}
+                                 "teacher_normal_share": 0.0, "test_time_shift": 0.0,
+                                 "weak_rotation": False}
 
 
 def kind_defaults(invariance: str) -> dict[str, Any]:
