@@ -74,12 +74,7 @@ def random_rotation(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Each image turned by its own random angle in [-45°, 45°) about its centre (bilinear,
     reflected at the edges); after random quarter turns, every angle is equally likely."""
     angle = (_uniform(x.shape[0], gen, x.device) - 0.5) * (math.pi / 2)
-    theta = torch.zeros(x.shape[0], 2, 3, dtype=x.dtype, device=x.device)
-    theta[:, 0, 0], theta[:, 0, 1] = angle.cos(), -angle.sin()
-    theta[:, 1, 0], theta[:, 1, 1] = angle.sin(), angle.cos()
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection",
-                         align_corners=False)
+    return _rotated(x, angle.to(x.dtype), padding="reflection")
 
 
 SYMMETRIES: dict[str, Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = {
@@ -145,10 +140,11 @@ def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch
 
 # ---------------------------------------------------------------- RandAugment ops
 
-def _affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Apply per-sample 2x3 affine matrices (normalised coordinates), zeros outside."""
+def _affine(x: torch.Tensor, theta: torch.Tensor, padding: str = "zeros") -> torch.Tensor:
+    """Apply per-sample 2x3 affine matrices (normalised coordinates), bilinear; outside the
+    image `padding` ("zeros" or "reflection", as `F.grid_sample` names them)."""
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding, align_corners=False)
 
 
 def _eye(n: int, x: torch.Tensor) -> torch.Tensor:
@@ -157,11 +153,15 @@ def _eye(n: int, x: torch.Tensor) -> torch.Tensor:
 
 def op_rotate(x: torch.Tensor, m: torch.Tensor, s: torch.Tensor,
               horizontal: torch.Tensor) -> torch.Tensor:
-    a = torch.deg2rad(s * m * MAX_ROTATE_DEG).to(x.dtype)
+    return _rotated(x, torch.deg2rad(s * m * MAX_ROTATE_DEG).to(x.dtype))
+
+
+def _rotated(x: torch.Tensor, angle: torch.Tensor, padding: str = "zeros") -> torch.Tensor:
+    """Each image turned about its centre by its own `angle` (n,) in radians (`_affine`)."""
     theta = _eye(len(x), x)
-    theta[:, 0, 0], theta[:, 0, 1] = a.cos(), -a.sin()
-    theta[:, 1, 0], theta[:, 1, 1] = a.sin(), a.cos()
-    return _affine(x, theta)
+    theta[:, 0, 0], theta[:, 0, 1] = angle.cos(), -angle.sin()
+    theta[:, 1, 0], theta[:, 1, 1] = angle.sin(), angle.cos()
+    return _affine(x, theta, padding)
 
 
 def op_shear(x: torch.Tensor, m: torch.Tensor, s: torch.Tensor,
