@@ -37,6 +37,7 @@ from ml_backend.core.store import CutoutStore
 # for photographs).
 KIND_SETTING = {"first": "dist-align+tta+stage-4", "animal": "flip+tta+stage-4+iter-200+u2"}
 RANKINGS = ("model", "head", "probe")
+METRICS = ("auroc", "ap", "precision_top_1pct")
 
 
 def fold_rows(n: int, folds: int, seed: int = 0) -> list[np.ndarray]:
@@ -52,6 +53,7 @@ def _metrics(labels: np.ndarray, scores: dict[str, np.ndarray]) -> dict[str, flo
     for name, s in scores.items():
         out[f"{name}_auroc"] = round(metrics.auroc(labels, s), 4)
         out[f"{name}_ap"] = round(metrics.average_precision(labels, s), 4)
+        out[f"{name}_precision_top_1pct"] = round(metrics.precision_at_fraction(labels, s, 0.01), 4)
     return out
 
 
@@ -90,18 +92,23 @@ def run(data: Path, dataset: str, iterations: int, folds: int) -> None:
 
 
 def summarise(path: Path) -> None:
-    """Per (dataset, iterations): mean AUROC and AP of each ranking over its folds."""
+    """Per (dataset, iterations): mean AUROC, AP and top-1 % precision of each ranking over
+    its folds ("-" for a metric some of its lines lack)."""
     groups: dict[tuple[str, int], list[dict]] = collections.defaultdict(list)
     for line in path.read_text().splitlines():
         row = json.loads(line)
         groups[(row["dataset"], row["iterations"])].append(row)
     print("| dataset | iterations | folds | " + " | ".join(
-        f"{r} AUROC / AP" for r in RANKINGS) + " |")
+        f"{r} AUROC / AP / top 1 %" for r in RANKINGS) + " |")
     print("|---|---|---|" + "---|" * len(RANKINGS))
     for (dataset, iterations), rows in sorted(groups.items()):
-        cells = [f"{np.mean([r[f'{name}_auroc'] for r in rows]):.3f} / "
-                 f"{np.mean([r[f'{name}_ap'] for r in rows]):.3f}" for name in RANKINGS]
+        cells = [" / ".join(_mean(rows, f"{name}_{metric}") for metric in METRICS)
+                 for name in RANKINGS]
         print(f"| {dataset} | {iterations} | {len(rows)} | " + " | ".join(cells) + " |")
+
+
+def _mean(rows: list[dict], key: str) -> str:
+    return f"{np.mean([r[key] for r in rows]):.3f}" if all(key in r for r in rows) else "-"
 
 
 def main() -> None:

@@ -27,10 +27,16 @@ def test_summarise_averages_each_ranking_over_folds(tmp_path, capsys):
     rows = [{"dataset": "first:FRI", "iterations": 200, "model_auroc": a, "model_ap": 0.1,
              "head_auroc": 0.8, "head_ap": ap, "probe_auroc": 0.7, "probe_ap": 0.3}
             for a, ap in ((0.6, 0.2), (0.9, 0.4))]
+    for row, top in zip(rows, (0.5, 1.0), strict=True):
+        row |= {"model_precision_top_1pct": top, "head_precision_top_1pct": top,
+                "probe_precision_top_1pct": top}
     rows.append({**rows[0], "iterations": 600})
+    del rows[-1]["probe_precision_top_1pct"]  # older lines lack the top 1 %
     path = tmp_path / "ceiling.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
     summarise(path)
     out = capsys.readouterr().out.splitlines()
-    assert out[2] == "| first:FRI | 200 | 2 | 0.750 / 0.100 | 0.800 / 0.300 | 0.700 / 0.300 |"
-    assert out[3] == "| first:FRI | 600 | 1 | 0.600 / 0.100 | 0.800 / 0.200 | 0.700 / 0.300 |"
+    assert out[2] == ("| first:FRI | 200 | 2 | 0.750 / 0.100 / 0.750 | 0.800 / 0.300 / 0.750 "
+                      "| 0.700 / 0.300 / 0.750 |")
+    assert out[3] == ("| first:FRI | 600 | 1 | 0.600 / 0.100 / 0.500 | 0.800 / 0.200 / 0.500 "
+                      "| 0.700 / 0.300 / - |")
