@@ -20,6 +20,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ import torch
 from benchmarks.suite import SETTINGS, Job, dataset_spec, job_config
 from ml_backend.core import metrics
 from ml_backend.core.checkpoint import load_model_dir
+from ml_backend.core.config import TrainConfig
 from ml_backend.core.csvio import truth_vector
 from ml_backend.core.fast_head import fit_fast_head
 from ml_backend.core.scoring import score_store
@@ -57,12 +59,29 @@ def _metrics(labels: np.ndarray, scores: dict[str, np.ndarray]) -> dict[str, flo
     return out
 
 
-def run(data: Path, dataset: str, iterations: int, folds: int) -> None:
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`KEY=VALUE` pairs of TrainConfig fields; VALUE read as JSON where it parses, else text."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"expected KEY=VALUE, got {item!r}")
+        if key not in {f.name for f in dataclasses.fields(TrainConfig)}:
+            raise ValueError(f"{key!r} is not a TrainConfig field")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def run(data: Path, dataset: str, iterations: int, folds: int,
+        overrides: dict[str, Any] | None = None) -> None:
     spec = dataset_spec(dataset)
     kind, rare = dataset.split(":")
     root = data / f"{kind}-{rare}-{spec.rare_fraction:g}"
     job = Job(dataset=spec, seed=0, setting=SETTINGS[KIND_SETTING[kind]], protocol="full")
-    base = dataclasses.replace(job_config(job), iterations=iterations)
+    base = dataclasses.replace(job_config(job), iterations=iterations, **(overrides or {}))
     with CutoutStore.open(root / "store.h5") as store:
         truth = truth_vector(store, str(root / "truth.csv"))
         rows = np.flatnonzero(truth >= 0)
@@ -85,26 +104,32 @@ def run(data: Path, dataset: str, iterations: int, folds: int) -> None:
             scores = {"model": logits[held], "head": head.logits(embedded32[held]),
                       "probe": probe.logits(imagenet[held])}
             print(json.dumps({"dataset": dataset, "fold": k, "folds": folds,
-                              "iterations": iterations, "n": len(held),
+                              "iterations": iterations, **_named(overrides), "n": len(held),
                               "anomalies": int(truth[rows[held]].sum()),
                               **_metrics(truth[rows[held]], scores),
                               "seconds": round(time.perf_counter() - started, 1)}), flush=True)
 
 
+def _named(overrides: dict[str, Any] | None) -> dict[str, Any]:
+    return {"overrides": overrides} if overrides else {}
+
+
 def summarise(path: Path) -> None:
-    """Per (dataset, iterations): mean AUROC, AP and top-1 % precision of each ranking over
-    its folds ("-" for a metric some of its lines lack)."""
-    groups: dict[tuple[str, int], list[dict]] = collections.defaultdict(list)
+    """Per (dataset, iterations, overrides): mean AUROC, AP and top-1 % precision of each
+    ranking over its folds ("-" for a metric some of its lines lack)."""
+    groups: dict[tuple[str, str], list[dict]] = collections.defaultdict(list)
     for line in path.read_text().splitlines():
         row = json.loads(line)
-        groups[(row["dataset"], row["iterations"])].append(row)
-    print("| dataset | iterations | folds | " + " | ".join(
+        how = " ".join([str(row["iterations"])] + [f"{k}={v}" for k, v in
+                                                    sorted(row.get("overrides", {}).items())])
+        groups[(row["dataset"], how)].append(row)
+    print("| dataset | iterations, overrides | folds | " + " | ".join(
         f"{r} AUROC / AP / top 1 %" for r in RANKINGS) + " |")
     print("|---|---|---|" + "---|" * len(RANKINGS))
-    for (dataset, iterations), rows in sorted(groups.items()):
+    for (dataset, how), rows in sorted(groups.items()):
         cells = [" / ".join(_mean(rows, f"{name}_{metric}") for metric in METRICS)
                  for name in RANKINGS]
-        print(f"| {dataset} | {iterations} | {len(rows)} | " + " | ".join(cells) + " |")
+        print(f"| {dataset} | {how} | {len(rows)} | " + " | ".join(cells) + " |")
 
 
 def _mean(rows: list[dict], key: str) -> str:
@@ -116,6 +141,8 @@ def main() -> None:
     parser.add_argument("--dataset", help="a suite class, e.g. first:FRI or animal:Dog")
     parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="TrainConfig fields to change, e.g. center_crop=0.35 image_size=96")
     parser.add_argument("--data", type=Path, default=Path("runs/suite/data"),
                         help="where the suite built its datasets")
     parser.add_argument("--summarise", type=Path, help="summarise a file of this tool's lines")
@@ -124,7 +151,11 @@ def main() -> None:
     if args.summarise:
         summarise(args.summarise)
     elif args.dataset:
-        run(args.data, args.dataset, args.iterations, args.folds)
+        try:
+            overrides = parse_overrides(args.set)
+        except ValueError as exc:
+            parser.error(str(exc))
+        run(args.data, args.dataset, args.iterations, args.folds, overrides)
     else:
         parser.error("give --dataset or --summarise")
 

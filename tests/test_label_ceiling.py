@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks.label_ceiling import fold_rows, summarise
+from benchmarks.label_ceiling import fold_rows, parse_overrides, summarise
 
 
 def test_fold_rows_partition_every_row_once_in_near_equal_sorted_parts():
@@ -30,7 +30,7 @@ def test_summarise_averages_each_ranking_over_folds(tmp_path, capsys):
     for row, top in zip(rows, (0.5, 1.0), strict=True):
         row |= {"model_precision_top_1pct": top, "head_precision_top_1pct": top,
                 "probe_precision_top_1pct": top}
-    rows.append({**rows[0], "iterations": 600})
+    rows.append({**rows[0], "iterations": 600, "overrides": {"image_size": 96}})
     del rows[-1]["probe_precision_top_1pct"]  # older lines lack the top 1 %
     path = tmp_path / "ceiling.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
@@ -38,5 +38,14 @@ def test_summarise_averages_each_ranking_over_folds(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[2] == ("| first:FRI | 200 | 2 | 0.750 / 0.100 / 0.750 | 0.800 / 0.300 / 0.750 "
                       "| 0.700 / 0.300 / 0.750 |")
-    assert out[3] == ("| first:FRI | 600 | 1 | 0.600 / 0.100 / 0.500 | 0.800 / 0.200 / 0.500 "
-                      "| 0.700 / 0.300 / - |")
+    assert out[3] == ("| first:FRI | 600 image_size=96 | 1 | 0.600 / 0.100 / 0.500 "
+                      "| 0.800 / 0.200 / 0.500 | 0.700 / 0.300 / - |")
+
+
+def test_parse_overrides_reads_json_values_and_names_a_bad_item():
+    assert parse_overrides(["center_crop=0.35", "image_size=96", "invariance=flip"]) == {
+        "center_crop": 0.35, "image_size": 96, "invariance": "flip"}
+    with pytest.raises(ValueError, match="'image_size'"):
+        parse_overrides(["image_size"])
+    with pytest.raises(ValueError, match="'imagesize' is not a TrainConfig field"):
+        parse_overrides(["imagesize=96"])
