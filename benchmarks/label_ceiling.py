@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.suite import SETTINGS, Job, dataset_spec, job_config
+from benchmarks.detection_quality import dataset_paths
+from benchmarks.suite import SETTINGS, Job, dataset_spec, job_config, parse_key_values
 from ml_backend.core import metrics
 from ml_backend.core.checkpoint import load_model_dir
 from ml_backend.core.config import TrainConfig
@@ -60,30 +61,25 @@ def _metrics(labels: np.ndarray, scores: dict[str, np.ndarray]) -> dict[str, flo
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """`KEY=VALUE` pairs of TrainConfig fields; VALUE read as JSON where it parses, else text."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"expected KEY=VALUE, got {item!r}")
-        if key not in {f.name for f in dataclasses.fields(TrainConfig)}:
+    """`KEY=VALUE` pairs of TrainConfig fields (`suite.parse_key_values`); ValueError naming
+    an item that is not one or a key that is no field."""
+    out = parse_key_values(items)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for key in out:
+        if key not in fields:
             raise ValueError(f"{key!r} is not a TrainConfig field")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
     return out
 
 
 def run(data: Path, dataset: str, iterations: int, folds: int,
         overrides: dict[str, Any] | None = None) -> None:
     spec = dataset_spec(dataset)
-    kind, rare = dataset.split(":")
-    root = data / f"{kind}-{rare}-{spec.rare_fraction:g}"
+    store_path, truth_path = dataset_paths(dataset, data, spec.rare_fraction)
+    kind = dataset.partition(":")[0]
     job = Job(dataset=spec, seed=0, setting=SETTINGS[KIND_SETTING[kind]], protocol="full")
     base = dataclasses.replace(job_config(job), iterations=iterations, **(overrides or {}))
-    with CutoutStore.open(root / "store.h5") as store:
-        truth = truth_vector(store, str(root / "truth.csv"))
+    with CutoutStore.open(store_path) as store:
+        truth = truth_vector(store, str(truth_path))
         rows = np.flatnonzero(truth >= 0)
         imagenet = _imagenet_features(store, rows, base).astype(np.float32)
         for k, held in enumerate(fold_rows(len(rows), folds)):

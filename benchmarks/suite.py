@@ -30,7 +30,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -342,20 +342,30 @@ class Job:
         return json.dumps(parts, sort_keys=True)
 
 
+def parse_key_values(items: Iterable[str]) -> dict[str, Any]:
+    """"key=value" items -> dict, values parsed as JSON where they parse (else the bare word,
+    such as flip); ValueError naming an item that is not key=value."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"{item!r} is not key=value")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
 def parse_setting(text: str) -> Setting:
     """"name:key=value,key=value[,method=supervised]" -> Setting (values parsed as JSON)."""
     name, sep, body = text.partition(":")
     if not sep or not name or not body:
         raise argparse.ArgumentTypeError(f"--set {text!r}: expected NAME:key=value,...")
-    overrides: dict[str, Any] = {}
-    for item in body.split(","):
-        key, eq, raw = item.partition("=")
-        if not eq:
-            raise argparse.ArgumentTypeError(f"--set {text!r}: {item!r} is not key=value")
-        try:
-            overrides[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            overrides[key.strip()] = raw  # a bare word such as flip
+    try:
+        overrides = parse_key_values(body.split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--set {text!r}: {err}") from None
     method = overrides.pop("method", "fixmatch")
     if method not in METHODS:
         raise argparse.ArgumentTypeError(f"--set {text!r}: unknown method {method!r}")
