@@ -67,6 +67,10 @@ _OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
     ("--test-time-shift", "test_time_shift", float,
      "also score each view shifted diagonally by +/- this fraction of the input size, 0 to "
      "< 0.5 (3x the forward passes; default: 0.0625 for flip data, 0 for dihedral data)"),
+    ("--imagenet-zoom", "imagenet_zoom", float,
+     "the frozen ImageNet embeddings (first ranking, blend terms) also read the central "
+     "share of each view enlarged back, 0 to < 1 (2x their forward passes; default 0: "
+     "off)"),
 )
 
 

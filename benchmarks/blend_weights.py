@@ -5,7 +5,10 @@ terms a run saved: `model` (the cycle's own logit), `head` (the fast head on its
 embeddings), `probe` (the head on ImageNet embeddings, the backend's stage), `knn`
 (nearest labelled neighbours on those embeddings, `fast_head.NeighbourTerm`; runs since
 session 29), `mknn` (the same on the model's own embeddings; runs since session 32) and,
-with a second ImageNet embedding, `fprobe`; `prev_<term>` is that term
+with a second ImageNet embedding, `fprobe`; with `--imagenet KEY=VALUE,...`, `probe2` and
+`knn2`: the probe and neighbour terms refitted each cycle on the labels the run held, on the
+ImageNet embeddings of the run's config changed so (e.g. `imagenet_zoom=0.7`), to measure
+another first embedding on the same picks; `prev_<term>` is that term
 of the previous cycle on the same images (an ensemble of the last two cycles; with it,
 cycle 1 is not reported).
 `--same-images` measures every cycle on the images still unlabelled after the run's last
@@ -22,6 +25,8 @@ seed): the same blend of, say, training on the labels alone against FixMatch.
     python -m benchmarks.blend_weights --setting flip+tta+stage-4+iter-200+u2 \\
         model=1,head=1 model=2,head=2,prev_model=1,prev_head=1
     python -m benchmarks.blend_weights --setting dist-align+tta+stage-4 \\
+        --imagenet imagenet_zoom=0.7 head=1,probe=1,knn=1 head=1,probe2=1,knn2=1
+    python -m benchmarks.blend_weights --setting dist-align+tta+stage-4 \\
         --baseline-setting supervised+dist-align+tta+stage-4 head=1,probe=1,knn=1
 """
 
@@ -30,16 +35,29 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from benchmarks.detection_quality import dataset_paths
 from benchmarks.paired import paired_comparison
-from benchmarks.suite import DEFAULT_LOG
+from benchmarks.suite import (
+    DEFAULT_LOG,
+    PROTOCOLS,
+    SUITE_BASE,
+    dataset_spec,
+    parse_overrides,
+)
 from benchmarks.suite_report import mean_std, setting_runs
 from ml_backend.core import metrics
-from ml_backend.core.simulate import mean_z
+from ml_backend.core.config import TrainConfig
+from ml_backend.core.csvio import truth_vector
+from ml_backend.core.fast_head import fit_fast_head, fit_neighbour_term
+from ml_backend.core.simulate import SimulationPlan, _imagenet_features, choose_pool, mean_z
+from ml_backend.core.store import CutoutStore
 
-CYCLE_TERMS = ("model", "head", "probe", "knn", "mknn", "fprobe")
+CYCLE_TERMS = ("model", "head", "probe", "knn", "mknn", "fprobe", "probe2", "knn2")
+REFIT_TERMS = ("probe2", "knn2")
 PREVIOUS = "prev_"
 TERMS = CYCLE_TERMS + tuple(PREVIOUS + t for t in CYCLE_TERMS)
 METRICS = ("auroc", "ap", "precision_top_1pct")
@@ -73,6 +91,43 @@ def saved_runs(log_paths: Sequence[Path], setting: str, protocol: str = "full") 
             if row.get("scores_dir")]
 
 
+class ImagenetRefit:
+    """`probe2` and `knn2` of a run's cycle: the probe and neighbour terms refitted on the
+    labels the run held then, on ImageNet embeddings of its pool under its config changed
+    by `overrides` (embedded once per dataset, pool and config)."""
+
+    def __init__(self, overrides: dict[str, Any], data_root: Path) -> None:
+        self.overrides, self.data_root = overrides, data_root
+        self._embedded: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def embedded(self, row: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(pool store rows, truth of every store row, the pool's embeddings) of `row`'s run."""
+        spec = dataset_spec(row["dataset"])
+        store_path, truth_path = dataset_paths(spec.name, self.data_root, spec.rare_fraction)
+        protocol = {k: v for k, v in PROTOCOLS[row["protocol"]].items() if k != "iterations"}
+        cfg = TrainConfig(center_crop=row["center_crop"], device="cpu",
+                          **(SUITE_BASE | row["overrides"] | self.overrides))
+        with CutoutStore.open(store_path) as store:
+            truth = truth_vector(store, str(truth_path))
+            pool, _ = choose_pool(truth, SimulationPlan(seed=row["seed"], **protocol))
+            key = (spec.name, pool.tobytes(), cfg)
+            if key not in self._embedded:
+                features = _imagenet_features(store, pool, cfg).astype(np.float32)
+                self._embedded[key] = (pool, truth, features)
+        return self._embedded[key]
+
+    def add_terms(self, row: dict, saved: dict[str, np.ndarray]) -> None:
+        """Add `probe2` and `knn2` over `saved["rows"]` (the cycle's unlabelled images)."""
+        pool, truth, features = self.embedded(row)
+        labelled = np.setdiff1d(pool, saved["rows"])
+        known, rows = np.searchsorted(pool, labelled), np.searchsorted(pool, saved["rows"])
+        if not np.array_equal(pool[rows], saved["rows"]):
+            raise ValueError(f"{row['scores_dir']}: saved rows outside the run's pool")
+        saved["probe2"] = fit_fast_head(features, known, truth[labelled]).logits(features[rows])
+        saved["knn2"] = fit_neighbour_term(features, known, truth[labelled]).logits(
+            features[rows])
+
+
 def _positions(have: np.ndarray, want: np.ndarray) -> np.ndarray | None:
     """Where each of `want` sits in the sorted `have`; None if any is missing."""
     at = np.minimum(np.searchsorted(have, want), len(have) - 1)
@@ -80,12 +135,15 @@ def _positions(have: np.ndarray, want: np.ndarray) -> np.ndarray | None:
 
 
 def load_cycle(folder: Path, cycle: int, previous: bool,
-               on_rows: np.ndarray | None = None) -> dict[str, np.ndarray] | None:
+               on_rows: np.ndarray | None = None,
+               refit: tuple[ImagenetRefit, dict] | None = None) -> dict[str, np.ndarray] | None:
     """A run's saved logits of `cycle`; with `previous`, also the previous cycle's logits of
     the same images as `prev_<term>` (None for a first cycle); with `on_rows`, only those
-    images (pool rows)."""
+    images (pool rows); with `refit` (and the run's log row), also its refitted terms."""
     with np.load(folder / f"cycle{cycle}.npz") as npz:
         saved = {k: npz[k] for k in npz.files}
+    if refit is not None:
+        refit[0].add_terms(refit[1], saved)
     if previous:
         before = folder / f"cycle{cycle - 1}.npz"
         if not before.exists():
@@ -103,10 +161,11 @@ def load_cycle(folder: Path, cycle: int, previous: bool,
     return saved
 
 
-def measure(rows: list[dict], blends: list[dict[str, float]],
-            same_images: bool = False) -> dict[int, list[list[dict]]]:
+def measure(rows: list[dict], blends: list[dict[str, float]], same_images: bool = False,
+            refit: ImagenetRefit | None = None) -> dict[int, list[list[dict]]]:
     """Per cycle, per blend, each run's metrics (runs in `rows`' order). With `same_images`,
-    every cycle is measured on the images its run's last cycle scored (still unlabelled)."""
+    every cycle is measured on the images its run's last cycle scored (still unlabelled);
+    `refit` adds the refitted terms (`ImagenetRefit`)."""
     previous = any(t.startswith(PREVIOUS) for b in blends for t in b)
     out: dict[int, list[list[dict]]] = {}
     for row in rows:
@@ -117,7 +176,8 @@ def measure(rows: list[dict], blends: list[dict[str, float]],
             with np.load(folder / f"cycle{cycles[-1]}.npz") as npz:
                 on_rows = npz["rows"]
         for cycle in cycles:
-            saved = load_cycle(folder, cycle, previous, on_rows)
+            saved = load_cycle(folder, cycle, previous, on_rows,
+                               None if refit is None else (refit, row))
             if saved is None:
                 continue
             per_blend = out.setdefault(cycle, [[] for _ in blends])
@@ -127,7 +187,8 @@ def measure(rows: list[dict], blends: list[dict[str, float]],
 
 
 def report(rows: list[dict], blends: list[dict[str, float]],
-           same_images: bool = False, base_rows: list[dict] | None = None) -> list[str]:
+           same_images: bool = False, base_rows: list[dict] | None = None,
+           refit: ImagenetRefit | None = None) -> list[str]:
     """Markdown: per cycle and metric, each blend's mean ± std and its pairing with the first;
     with `base_rows` (another setting's runs of the same (dataset, seed), in `rows`' order)
     the first blend is measured on those."""
@@ -135,9 +196,9 @@ def report(rows: list[dict], blends: list[dict[str, float]],
     lines = [f"{len(rows)} runs: " + ", ".join(f"{r['dataset']} s{r['seed']}" for r in rows), "",
              "| cycle | metric | blend | mean ± std | − first [95 %] | wins / losses |",
              "|---|---|---|---|---|---|"]
-    measured = measure(rows, blends, same_images)
+    measured = measure(rows, blends, same_images, refit)
     if base_rows is not None:
-        baseline = measure(base_rows, blends[:1], same_images)
+        baseline = measure(base_rows, blends[:1], same_images, refit)
         measured = {c: [baseline[c][0], *per_blend] for c, per_blend in measured.items()
                     if c in baseline}
         names = ["baseline setting: " + names[0], *names]
@@ -181,8 +242,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="measure every cycle on the images still unlabelled after the "
                              "run's last one (the oracle takes each cycle's top anomalies, "
                              "so later cycles are otherwise measured on a harder pool)")
+    parser.add_argument("--imagenet", metavar="KEY=VALUE,...",
+                        help="refit the probe and neighbour terms (probe2, knn2) on ImageNet "
+                             "embeddings of each run's config changed so, e.g. "
+                             "imagenet_zoom=0.7")
+    parser.add_argument("--data", type=Path, default=Path("runs/suite/data"),
+                        help="where the suite built its datasets (for --imagenet)")
     args = parser.parse_args(argv)
     logs = args.log or [DEFAULT_LOG]
+    wants_refit = any(t in REFIT_TERMS for b in args.blends for t in b)
+    if wants_refit != (args.imagenet is not None):
+        parser.error("probe2 and knn2 need --imagenet, and --imagenet needs a blend of them")
+    refit = None
+    if args.imagenet is not None:
+        try:
+            overrides = parse_overrides(args.imagenet.split(","))
+            TrainConfig(**overrides)
+        except (TypeError, ValueError) as err:
+            parser.error(f"--imagenet {args.imagenet!r}: {err}")
+        refit = ImagenetRefit(overrides, args.data)
     rows = [r for r in saved_runs(logs, args.setting, args.protocol)
             if args.seeds is None or r["seed"] in args.seeds]
     base_rows = None
@@ -197,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "(suite run --save-scores DIR)"
                          + (f" with one of {args.baseline_setting!r} beside it"
                             if args.baseline_setting else ""))
-    print("\n".join(report(rows, args.blends, args.same_images, base_rows)))
+    print("\n".join(report(rows, args.blends, args.same_images, base_rows, refit)))
     return 0
 
 

@@ -274,6 +274,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     # (`TrainConfig.weak_rotation`): every angle, not only quarter turns.
     Setting("dist-align+tta+stage-4+rotate",
             overrides={**CUT_BY_KIND["dist-align+tta"], "weak_rotation": True}, fast_head=True),
+    # The sky's cut default with its frozen ImageNet embeddings also read on each view's
+    # central 0.7, enlarged back (`TrainConfig.imagenet_zoom`; session 37).
+    Setting("dist-align+tta+stage-4+zoom-0.7",
+            overrides={**CUT_BY_KIND["dist-align+tta"], "imagenet_zoom": 0.7}, fast_head=True),
     # 96 px model input instead of 64 (2.25x the pixels).
     Setting("size-96", overrides={"image_size": 96}),
     Setting("flip+size-96", overrides={"invariance": "flip", "image_size": 96}),
@@ -354,6 +358,17 @@ def parse_key_values(items: Iterable[str]) -> dict[str, Any]:
             out[key.strip()] = json.loads(raw)
         except json.JSONDecodeError:
             out[key.strip()] = raw
+    return out
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """`KEY=VALUE` pairs of TrainConfig fields (`parse_key_values`); ValueError naming an
+    item that is not one or a key that is no field."""
+    out = parse_key_values(items)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for key in out:
+        if key not in fields:
+            raise ValueError(f"{key!r} is not a TrainConfig field")
     return out
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 from ml_backend.core.config import (
     TrainConfig,
     check_center_crop,
+    check_imagenet_zoom,
     check_invariance,
     check_test_time_shift,
     kind_defaults,
@@ -47,8 +48,8 @@ class Config:
     # Training and scoring hyperparameters of every job (input size, centre crop, batch
     # sizes, torch device "cpu" / "cuda" / "auto"); the rest of TrainConfig keeps its paper
     # defaults. The kind of data decides its `invariance`, `test_time_augmentation`,
-    # `test_time_shift`, `distribution_alignment`, `backbone_stage`, `iterations` and
-    # `uratio` (the fields below override them): a `train` that sets any of them is
+    # `test_time_shift`, `imagenet_zoom`, `distribution_alignment`, `backbone_stage`,
+    # `iterations` and `uratio` (the fields below override them): a `train` that sets any of them is
     # refused, not ignored.
     train: TrainConfig = TrainConfig()
     # FixMatch iterations per training job (AMLS_ITERATIONS): None ("auto") = the chosen
@@ -65,6 +66,9 @@ class Config:
     # Test-time shifts, a fraction of the input size (AMLS_TEST_TIME_SHIFT): None ("auto") =
     # the kind's default (`kind_defaults`: 0.0625 for photographs, 0 for sky cutouts).
     test_time_shift: float | None = None
+    # The zoomed second reading of the frozen ImageNet embeddings, a share of the input
+    # (AMLS_IMAGENET_ZOOM): None ("auto") = the kind's default (`kind_defaults`), 0 = off.
+    imagenet_zoom: float | None = None
     # Stage the trained backbone is cut after (AMLS_BACKBONE_STAGE): "auto" = the chosen
     # invariance's default (`kind_defaults`: stage 4 for both kinds), "whole", or a stage
     # number. Changing it starts a new lineage.
@@ -222,8 +226,9 @@ class Config:
         for name in ("test_time_augmentation", "distribution_alignment"):
             if getattr(self, name) is not None:
                 settings[name] = getattr(self, name)
-        if self.test_time_shift is not None:
-            settings["test_time_shift"] = self.test_time_shift
+        for name in ("test_time_shift", "imagenet_zoom"):
+            if getattr(self, name) is not None:
+                settings[name] = getattr(self, name)
         if self.iterations is not None:
             settings["iterations"] = self.iterations
         if self.backbone_stage != "auto":
@@ -248,7 +253,8 @@ class Config:
             invariance=env.get("AMLS_INVARIANCE", "auto").strip() or "auto",
             test_time_augmentation=_auto_bool(env, "AMLS_TEST_TIME_AUGMENTATION"),
             distribution_alignment=_auto_bool(env, "AMLS_DISTRIBUTION_ALIGNMENT"),
-            test_time_shift=_test_time_shift(env),
+            test_time_shift=_auto_fraction(env, "AMLS_TEST_TIME_SHIFT", check_test_time_shift),
+            imagenet_zoom=_auto_fraction(env, "AMLS_IMAGENET_ZOOM", check_imagenet_zoom),
             backbone_stage=_backbone_stage(env),
             versions_kept=_int(env, "AMLS_VERSIONS_KEPT", 3),
             prediction_write_batch=_int(env, "AMLS_PREDICTION_WRITE_BATCH", 100_000),
@@ -282,6 +288,7 @@ KIND_FIELD_HINTS = {
                               "(AMLS_DISTRIBUTION_ALIGNMENT) instead",
     "backbone_stage": "set Config.backbone_stage (AMLS_BACKBONE_STAGE) instead",
     "test_time_shift": "set Config.test_time_shift (AMLS_TEST_TIME_SHIFT) instead",
+    "imagenet_zoom": "set Config.imagenet_zoom (AMLS_IMAGENET_ZOOM) instead",
     "iterations": "set Config.iterations (AMLS_ITERATIONS) instead",
     "uratio": "the backend has no override for it (core.config.kind_defaults)",
 }
@@ -309,16 +316,17 @@ def _train_config(env: Mapping[str, str]) -> TrainConfig:
                        device=env.get("AMLS_DEVICE", "auto"))
 
 
-def _test_time_shift(env: Mapping[str, str]) -> float | None:
-    """AMLS_TEST_TIME_SHIFT: None for unset or "auto", else a fraction in [0, 0.5)."""
-    raw = env.get("AMLS_TEST_TIME_SHIFT", "").strip().lower()
+def _auto_fraction(env: Mapping[str, str], name: str,
+                   check: Callable[[float], float]) -> float | None:
+    """Environment variable `name`: None for unset or "auto", else a number `check` accepts."""
+    raw = env.get(name, "").strip().lower()
     if raw in ("", "auto"):
         return None
-    shift = _float(env, "AMLS_TEST_TIME_SHIFT", 0.0)
+    value = _float(env, name, 0.0)
     try:
-        return check_test_time_shift(shift)
+        return check(value)
     except ValueError as err:
-        raise ConfigError(f"AMLS_TEST_TIME_SHIFT: {err}") from None
+        raise ConfigError(f"{name}: {err}") from None
 
 
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:

@@ -33,12 +33,14 @@ SIGNATURE = "signature.json"
 
 def imagenet_signature(cfg: TrainConfig, channels: int, stretch: dict[str, Any]) -> dict[str, Any]:
     """What ImageNet embeddings under `cfg` depend on: input size and crop, channels, the
-    store's stretch, the test-time views and shifts they are averaged over, and the backbone's
-    stage they are pooled after (embeddings of the last stage, before session 22, lack it)."""
+    store's stretch, the test-time views and shifts they are averaged over, the backbone's
+    stage they are pooled after (embeddings of the last stage, before session 22, lack it)
+    and the zoomed second reading (`TrainConfig.imagenet_zoom`)."""
     return {"image_size": cfg.image_size, "center_crop": cfg.center_crop, "channels": channels,
             "stretch": dict(stretch), "invariance": cfg.invariance,
             "test_time_augmentation": cfg.test_time_augmentation,
-            "test_time_shift": cfg.test_time_shift, "stage": IMAGENET_STAGE}
+            "test_time_shift": cfg.test_time_shift, "stage": IMAGENET_STAGE,
+            "imagenet_zoom": cfg.imagenet_zoom}
 
 
 def store_dir(registry: ModelRegistry, project_id: int) -> Path:

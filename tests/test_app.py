@@ -10,7 +10,7 @@ import pytest
 
 from ml_backend.app import create_app, project_id_of
 from ml_backend.config import Config
-from ml_backend.core.config import TrainConfig
+from ml_backend.core.config import TrainConfig, kind_defaults
 from ml_backend.label_schema import parse_label_config
 
 LABEL_CONFIG = """<View>
@@ -260,6 +260,15 @@ def test_config_defaults_and_overrides():
     assert Config().train_config("dihedral").test_time_shift == 0.0
     assert Config.from_env({"AMLS_TEST_TIME_SHIFT": "0"}).train_config("flip").test_time_shift == 0
     assert Config.from_env({"AMLS_TEST_TIME_SHIFT": "auto"}) == Config()
+    # the zoomed ImageNet reading: the kind's unless set, 0 = off, for either kind
+    assert Config().train_config("flip").imagenet_zoom == kind_defaults("flip")["imagenet_zoom"]
+    assert (Config().train_config("dihedral").imagenet_zoom
+            == kind_defaults("dihedral")["imagenet_zoom"])
+    zoom = Config.from_env({"AMLS_IMAGENET_ZOOM": "0.6"})
+    assert zoom.train_config("flip").imagenet_zoom == zoom.train_config("dihedral").imagenet_zoom
+    assert zoom.train_config("flip").imagenet_zoom == 0.6
+    assert Config.from_env({"AMLS_IMAGENET_ZOOM": "0"}).train_config("dihedral").imagenet_zoom == 0
+    assert Config.from_env({"AMLS_IMAGENET_ZOOM": "auto"}) == Config()
     assert cfg.train_config("dihedral").invariance == "flip"
     assert cfg.image_hosts == frozenset({"a.org", "b:81", "ls:8080"})
     assert "sekrit" not in repr(cfg)
@@ -333,6 +342,8 @@ def test_a_jobs_iterations_follow_the_kind_of_data_unless_set(env, kind, iterati
     ({"AMLS_BACKBONE_STAGE": "last"}, "AMLS_BACKBONE_STAGE"),
     ({"AMLS_TEST_TIME_SHIFT": "some"}, "AMLS_TEST_TIME_SHIFT"),
     ({"AMLS_TEST_TIME_SHIFT": "0.5"}, "AMLS_TEST_TIME_SHIFT"),
+    ({"AMLS_IMAGENET_ZOOM": "1"}, "AMLS_IMAGENET_ZOOM: imagenet_zoom must be in"),
+    ({"AMLS_IMAGENET_ZOOM": "wide"}, "AMLS_IMAGENET_ZOOM"),
     ({"ANOMALY_LABEL": " "}, "ANOMALY_LABEL"),
 ])
 def test_config_rejects_bad_values(env, fragment):

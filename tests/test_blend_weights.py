@@ -1,5 +1,6 @@
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -157,3 +158,37 @@ def test_a_baseline_setting_pairs_the_same_blend_of_two_settings_runs(tmp_path, 
     blend_weights.main(["head=1,probe=1", "--setting", "cand", "--baseline-setting", "base",
                         "--seeds", "1", "--log", str(tmp_path / "log.jsonl")])
     assert capsys.readouterr().out.startswith("1 runs: first:Bent s1\n")
+
+
+def test_refitted_imagenet_terms_repeat_a_real_runs_saved_ones_and_read_other_embeddings(
+        tmp_path, monkeypatch):
+    from benchmarks import suite
+    from tests.test_simulate import make_toy_store
+
+    store = tmp_path / "store.h5"
+    ids, truth = make_toy_store(store, n=80, n_anomalies=10)
+    truth_csv = tmp_path / "truth.csv"
+    truth_csv.write_text("id,label\n" + "".join(
+        f"{i},{'anomaly' if t else 'normal'}\n" for i, t in zip(ids, truth, strict=True)))
+    job = suite.Job(suite.dataset_spec("first:Bent"), 0, suite.SETTINGS["dist-align+tta+stage-4"],
+                    "smoke", fast_head=True)
+    row = suite.run_job(job, store, truth_csv, threads=1, scores_root=tmp_path / "scores")
+    monkeypatch.setattr(blend_weights, "dataset_paths", lambda *a: (store, truth_csv))
+    same = blend_weights.ImagenetRefit({}, tmp_path)
+    zoomed = blend_weights.ImagenetRefit({"imagenet_zoom": 0.6}, tmp_path)
+    folder = Path(row["scores_dir"])
+    for cycle in (1, 2):  # the second cycle holds the oracle's picks among its labels
+        again = blend_weights.load_cycle(folder, cycle, False, refit=(same, row))
+        np.testing.assert_allclose(again["probe2"], again["probe"], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(again["knn2"], again["knn"], rtol=1e-4, atol=1e-4)
+        other = blend_weights.load_cycle(folder, cycle, False, refit=(zoomed, row))
+        assert other["probe2"].shape == other["probe"].shape
+        assert not np.allclose(other["probe2"], other["probe"])
+
+
+def test_refitted_terms_need_imagenet_overrides_and_good_ones(tmp_path):
+    with pytest.raises(SystemExit):
+        blend_weights.main(["--setting", "s", "--log", str(tmp_path / "x"), "head=1,probe2=1"])
+    for bad in ("imagenet_zoom=2", "zoom=0.7", "imagenet_zoom"):
+        with pytest.raises(SystemExit):
+            blend_weights.main(["--setting", "s", "--imagenet", bad, "head=1,probe2=1"])

@@ -243,3 +243,40 @@ def test_an_imagenet_backbone_reloads_pooled_after_its_stage(tmp_path):
     old = dataclasses.replace(meta, imagenet_stage=None)
     save_model_dir(tmp_path / "old", ema=build_model(CFG, 1).eval(), student=None, meta=old)
     assert load_model_dir(tmp_path / "old")[0].num_features == 1280
+
+
+def test_a_zoomed_imagenet_backbone_reads_the_centre_again_and_reloads(tmp_path):
+    from ml_backend.core.model import SideBySide, WithZoom, pooled_features
+
+    set_seed(0)
+    zoomed = CFG.replace(imagenet_zoom=0.5)
+    model, meta = checkpoint.imagenet_model(zoomed, 1, {"name": "none"})
+    assert isinstance(model, WithZoom) and model.num_features == 2 * 112
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        features = pooled_features(model.eval(), x)
+        # The first half is the view itself, the second its central half enlarged back.
+        torch.testing.assert_close(features[:, :112], pooled_features(model.backbone, x))
+        centre = torch.nn.functional.interpolate(x[..., 8:24, 8:24], size=(32, 32),
+                                                 mode="bilinear", align_corners=False)
+        torch.testing.assert_close(features[:, 112:], pooled_features(model.backbone, centre))
+        assert not torch.allclose(features[:, :112], features[:, 112:])
+    # A first ranking and a blend with the zoomed branch both reload as saved.
+    save_model_dir(tmp_path / "first", ema=model, student=None, meta=meta)
+    pair = SideBySide(build_model(zoomed, 1), model).eval()
+    blend = dataclasses.replace(meta, kind="fast", imagenet_branch=True)
+    save_model_dir(tmp_path / "blend", ema=pair, student=None, meta=blend)
+    with torch.no_grad():
+        torch.testing.assert_close(pooled_features(load_model_dir(tmp_path / "first")[0], x),
+                                   features)
+        torch.testing.assert_close(pooled_features(load_model_dir(tmp_path / "blend")[0], x),
+                                   pooled_features(pair, x))
+    # Versions saved before the setting existed read as unzoomed.
+    legacy = {k: v for k, v in zoomed.to_dict().items() if k != "imagenet_zoom"}
+    assert TrainConfig.from_dict(legacy).imagenet_zoom == 0.0
+
+
+@pytest.mark.parametrize("zoom", [-0.1, 1.0, 1.5])
+def test_imagenet_zoom_out_of_range_is_refused(zoom):
+    with pytest.raises(ValueError, match="imagenet_zoom"):
+        TrainConfig(imagenet_zoom=zoom)

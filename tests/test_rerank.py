@@ -13,7 +13,7 @@ import torch
 from ml_backend import jobs, rerank
 from ml_backend.core.augment import symmetry_views
 from ml_backend.core.checkpoint import load_model_dir, read_meta
-from ml_backend.core.config import TrainConfig
+from ml_backend.core.config import TrainConfig, kind_defaults
 from ml_backend.core.embedding_cache import read_embeddings
 from ml_backend.core.fast_head import blend_with_model, fit_fast_head
 from ml_backend.core.model import anomaly_logit_weights
@@ -194,7 +194,12 @@ def test_a_failed_blend_leaves_the_cycle_serving(tmp_path, monkeypatch):
 def test_the_first_ranking_embeds_with_imagenet_and_the_first_cycle_starts_afresh(tmp_path,
                                                                                    monkeypatch):
     from ml_backend.core.checkpoint import IMAGENET_STAGE
-    from ml_backend.core.model import build_model, pooled_features, truncate_after_block
+    from ml_backend.core.model import (
+        WithZoom,
+        build_model,
+        pooled_features,
+        truncate_after_block,
+    )
     from ml_backend.core.preprocess import to_model_input
 
     store = tmp_path / "stores" / "s.h5"
@@ -219,8 +224,13 @@ def test_the_first_ranking_embeds_with_imagenet_and_the_first_cycle_starts_afres
         served = score_store(s, model, model_meta, device="cpu")
     backbone = truncate_after_block(build_model(settings.train.replace(invariance="dihedral"), 1),
                                     IMAGENET_STAGE).eval()  # pooled after stage 4
+    zoom = kind_defaults("dihedral")["imagenet_zoom"]
+    if zoom:  # each view read again on its centre, enlarged back, beside its own reading
+        backbone = WithZoom(backbone, zoom).eval()
     assert TrainConfig.from_dict(model_meta.config).test_time_augmentation
-    assert model_meta.imagenet_stage == IMAGENET_STAGE and cache.features.shape[1] == 112
+    assert TrainConfig.from_dict(model_meta.config).imagenet_zoom == zoom
+    assert model_meta.imagenet_stage == IMAGENET_STAGE
+    assert cache.features.shape[1] == (224 if zoom else 112)
     with torch.inference_mode():
         expected = torch.stack([pooled_features(backbone, view) for view in symmetry_views(
             to_model_input(pixels, 32), "dihedral")]).mean(0).numpy()

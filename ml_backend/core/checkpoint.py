@@ -34,7 +34,13 @@ from torch import nn
 
 from ml_backend.core.config import TrainConfig
 from ml_backend.core.errors import AmlsError
-from ml_backend.core.model import SideBySide, build_model, resolve_device, truncate_after_block
+from ml_backend.core.model import (
+    SideBySide,
+    WithZoom,
+    build_model,
+    resolve_device,
+    truncate_after_block,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +135,8 @@ def imagenet_model(cfg: TrainConfig, channels: int, stretch: dict[str, Any], *,
     """The ImageNet backbone under `cfg`, pooled after `stage` (None: uncut, its last), with
     a fresh head, and a meta describing it, so that `scoring.score_store` embeds with it
     exactly as it would with a trained cycle of `cfg` (size, crop, and the views of
-    test-time augmentation). A cut the config asks of a trained model is not applied."""
+    test-time augmentation, and `imagenet_zoom`). A cut the config asks of a trained model is
+    not applied."""
     cfg = cfg.replace(backbone_stage=None)
     model = _imagenet_backbone(cfg, channels, stage)
     meta = ModelMeta(version=IMAGENET_KIND, parent=None, created=utc_now_iso(),
@@ -193,16 +200,17 @@ def load_model_dir(model_dir: str | Path,
     with torch.random.fork_rng(devices=[]):
         # The ImageNet backbone is the branch when there is one, else (a first ranking and
         # the bursts on it) the model itself.
-        model = build_model(cfg, meta.channels)
         if meta.imagenet_branch:
-            model = SideBySide(model, _imagenet_backbone(cfg, meta.channels,
-                                                         meta.imagenet_stage))
+            model = SideBySide(build_model(cfg, meta.channels),
+                               _imagenet_backbone(cfg, meta.channels, meta.imagenet_stage))
             if meta.neighbour_term:
                 from ml_backend.core.fast_head import NeighbourClassifier
 
                 model.classifier = NeighbourClassifier.shaped_like(weights, "classifier.")
         elif meta.imagenet_stage is not None:
-            model = truncate_after_block(model, meta.imagenet_stage)
+            model = _imagenet_backbone(cfg, meta.channels, meta.imagenet_stage)
+        else:
+            model = build_model(cfg, meta.channels)
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as err:
@@ -212,9 +220,12 @@ def load_model_dir(model_dir: str | Path,
 
 def _imagenet_backbone(cfg: TrainConfig, channels: int, stage: int | None) -> nn.Module:
     """The ImageNet backbone under `cfg`, always built whole (a cut `cfg` asks of a trained
-    model does not apply to it), then pooled after its own `stage` (None: its last)."""
+    model does not apply to it), then pooled after its own `stage` (None: its last); with
+    `cfg.imagenet_zoom`, read twice (`model.WithZoom`)."""
     model = build_model(cfg.replace(backbone_stage=None), channels)
-    return model if stage is None else truncate_after_block(model, stage)
+    if stage is not None:
+        model = truncate_after_block(model, stage)
+    return WithZoom(model, cfg.imagenet_zoom) if cfg.imagenet_zoom else model
 
 
 def load_training_state(model_dir: str | Path) -> TrainingState:

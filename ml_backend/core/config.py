@@ -100,6 +100,12 @@ class TrainConfig:
     # three times the forward passes. 0 = none; photographs' default (`kind_defaults`) is
     # PHOTO_TEST_TIME_SHIFT (benchmarks/RESULTS.md, sessions 33-34).
     test_time_shift: float = 0.0
+    # The frozen ImageNet embeddings (the first ranking, and the sky blend's ImageNet and
+    # neighbour terms) also read each view's central `imagenet_zoom` share enlarged back to
+    # image_size, its pooled features set beside the view's own: a tighter framing at no
+    # extra pixels read, twice their forward passes. 0 = the view alone (benchmarks/RESULTS.md,
+    # session 37). Trained models do not read it.
+    imagenet_zoom: float = 0.0
     # Std of the re-initialised binary head: small, so early pseudo-labels stay below threshold.
     head_init_std: float = 1e-3
     # Start a fresh model's head from a linear probe instead (LP-FT, Kumar et al. 2022): the
@@ -145,6 +151,7 @@ class TrainConfig:
             raise ValueError(f"weak_rotation turns images by any angle, which only suits "
                              f"invariance 'dihedral', got {self.invariance!r}")
         check_test_time_shift(self.test_time_shift)
+        check_imagenet_zoom(self.imagenet_zoom)
         if self.randaug_pool not in RANDAUG_POOLS:
             raise ValueError(f"randaug_pool must be one of {', '.join(RANDAUG_POOLS)}, "
                              f"got {self.randaug_pool!r}")
@@ -216,7 +223,7 @@ LEGACY_VALUES: dict[str, Any] = {"drop_path_rate": 0.0, "drop_rate": 0.0,
                                  "backbone_stage": None, "anomaly_threshold": None,
                                  "randaug_pool": "all", "teacher_top_share": 0.0,
                                  "teacher_normal_share": 0.0, "test_time_shift": 0.0,
-                                 "weak_rotation": False}
+                                 "weak_rotation": False, "imagenet_zoom": 0.0}
 
 
 def kind_defaults(invariance: str) -> dict[str, Any]:
@@ -242,7 +249,8 @@ def kind_defaults(invariance: str) -> dict[str, Any]:
     return {"invariance": invariance, "distribution_alignment": sky,
             "test_time_augmentation": True, "backbone_stage": DEFAULT_BACKBONE_STAGE,
             "iterations": 100 if sky else 200, "uratio": 5 if sky else 2,
-            "test_time_shift": 0.0 if sky else PHOTO_TEST_TIME_SHIFT}
+            "test_time_shift": 0.0 if sky else PHOTO_TEST_TIME_SHIFT,
+            "imagenet_zoom": 0.0}
 
 
 def check_invariance(value: str) -> str:
@@ -256,6 +264,15 @@ def check_test_time_shift(value: float) -> float:
     """`value` if it is a fraction of the input size in [0, 0.5); ValueError otherwise."""
     if not 0 <= value < 0.5:
         raise ValueError(f"test_time_shift must be in [0, 0.5) (a fraction of image_size), "
+                         f"got {value}")
+    return value
+
+
+def check_imagenet_zoom(value: float) -> float:
+    """`value` if it is a share of the input in [0, 1) (0 = no zoomed reading); ValueError
+    otherwise."""
+    if not 0 <= value < 1:
+        raise ValueError(f"imagenet_zoom must be in [0, 1) (a share of the input; 0 = off), "
                          f"got {value}")
     return value
 

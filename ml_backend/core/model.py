@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import numpy as np
 import timm
 import torch
+import torch.nn.functional as F
 from timm.models import adapt_input_conv
 from torch import nn
 
@@ -138,15 +139,29 @@ def pooled_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model.forward_head(model.forward_features(x), pre_logits=True)
 
 
-class SideBySide(nn.Module):
+class _PooledScorer(nn.Module):
+    """A scoring-only model whose `forward_features` already pools, under one 2-way linear
+    `classifier`: it answers what scoring asks of the timm model (`forward_features`,
+    `forward_head`, `get_classifier`, `num_features`), so `pooled_features` and the test-time
+    views work unchanged."""
+
+    classifier: nn.Module
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return x if pre_logits else self.classifier(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Linear:
+        return self.classifier
+
+
+class SideBySide(_PooledScorer):
     """Two backbones read as one: the pooled features of `first` and `second` set side by
     side, [f, g], and one 2-way linear classifier over them (the three-term blend of the
     instant re-ranking: a cycle's backbone beside the ImageNet one, `fast_head.blend_with_model`).
-
-    It answers what scoring asks of the timm model (`forward_features`, `forward_head`,
-    `get_classifier`, `num_features`), so `pooled_features` and the test-time views work
-    unchanged; it only scores, in eval mode.
-    """
+    It only scores, in eval mode."""
 
     def __init__(self, first: nn.Module, second: nn.Module) -> None:
         super().__init__()
@@ -157,14 +172,33 @@ class SideBySide(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([pooled_features(self.first, x), pooled_features(self.second, x)], 1)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return x if pre_logits else self.classifier(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.forward_features(x))
+class WithZoom(_PooledScorer):
+    """A backbone read twice per image: on the image and on its central `zoom` share
+    enlarged back to the image's size (bilinear), the two pooled features side by side, [f,
+    f_zoomed], under one 2-way linear classifier (`TrainConfig.imagenet_zoom`: a tighter
+    framing of the frozen ImageNet embeddings from the pixels already read). It only scores,
+    in eval mode."""
 
-    def get_classifier(self) -> nn.Linear:
-        return self.classifier
+    def __init__(self, backbone: nn.Module, zoom: float) -> None:
+        super().__init__()
+        if not 0 < zoom < 1:
+            raise ValueError(f"zoom must be in (0, 1), got {zoom}")
+        self.backbone, self.zoom = backbone, zoom
+        self.num_features = int(2 * backbone.num_features)
+        self.classifier = nn.Linear(self.num_features, NUM_CLASSES)
+
+    def zoomed(self, x: torch.Tensor) -> torch.Tensor:
+        """The central `zoom` share of each (B, C, H, W) image, resized back to (H, W)."""
+        height, width = x.shape[-2:]
+        keep_h, keep_w = max(1, round(height * self.zoom)), max(1, round(width * self.zoom))
+        top, left = (height - keep_h) // 2, (width - keep_w) // 2
+        centre = x[..., top:top + keep_h, left:left + keep_w]
+        return F.interpolate(centre, size=(height, width), mode="bilinear", align_corners=False)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([pooled_features(self.backbone, x),
+                          pooled_features(self.backbone, self.zoomed(x))], 1)
 
 
 def anomaly_logit_weights(model: nn.Module) -> tuple[np.ndarray, float]:
