@@ -69,8 +69,8 @@ _OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
      "< 0.5 (3x the forward passes; default: 0.0625 for flip data, 0 for dihedral data)"),
     ("--imagenet-zoom", "imagenet_zoom", float,
      "the frozen ImageNet embeddings (first ranking, blend terms) also read the central "
-     "share of each view enlarged back, 0 to < 1 (2x their forward passes; default 0: "
-     "off)"),
+     "share of each view enlarged back, 0 to < 1 (2x their forward passes; default: "
+     "0.7 for dihedral data, 0 for flip data)"),
 )
 
 

@@ -89,7 +89,7 @@ class Setting:
 # What every setting's overrides apply to: the defaults the log's first runs had, so that a
 # setting keeps meaning what it meant when its runs were logged (and their keys stay valid)
 # when a TrainConfig default changes. Today's product defaults (`kind_defaults`) are the
-# settings "dist-align+tta+stage-4" (dihedral, sky cutouts; sessions 11 and 23) and
+# settings "dist-align+tta+stage-4+zoom-0.7" (dihedral, sky cutouts; sessions 11, 23 and 37) and
 # "flip+tta+stage-4+iter-200+u2+shift-4" (flip, photographs; sessions 24, 27 and 34).
 SUITE_BASE: dict[str, Any] = {"distribution_alignment": False, "test_time_augmentation": False}
 REFERENCE_FIX = {"bn_momentum": 0.01, "drop_path_rate": 0.2, "drop_rate": 0.2}
@@ -275,7 +275,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("dist-align+tta+stage-4+rotate",
             overrides={**CUT_BY_KIND["dist-align+tta"], "weak_rotation": True}, fast_head=True),
     # The sky's cut default with its frozen ImageNet embeddings also read on each view's
-    # central 0.7, enlarged back (`TrainConfig.imagenet_zoom`; session 37).
+    # central 0.7, enlarged back (`TrainConfig.imagenet_zoom`): sky cutouts' product default
+    # since session 37.
     Setting("dist-align+tta+stage-4+zoom-0.7",
             overrides={**CUT_BY_KIND["dist-align+tta"], "imagenet_zoom": 0.7}, fast_head=True),
     # 96 px model input instead of 64 (2.25x the pixels).

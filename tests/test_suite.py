@@ -366,6 +366,6 @@ def test_detection_quality_table_row_means_by_hand():
 
 def test_cut_settings_are_today_product_defaults():
     for name, kind in (("flip+tta+stage-4+iter-200+u2+shift-4", "flip"),
-                       ("dist-align+tta+stage-4", "dihedral")):
+                       ("dist-align+tta+stage-4+zoom-0.7", "dihedral")):
         config = job_config(Job(SUITES["first"][0], 0, SETTINGS[name], "full"))
         assert {k: getattr(config, k) for k in kind_defaults(kind)} == kind_defaults(kind)
