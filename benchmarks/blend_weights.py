@@ -99,9 +99,13 @@ class ImagenetRefit:
     def __init__(self, overrides: dict[str, Any], data_root: Path) -> None:
         self.overrides, self.data_root = overrides, data_root
         self._embedded: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._runs: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # by run key
 
     def embedded(self, row: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(pool store rows, truth of every store row, the pool's embeddings) of `row`'s run."""
+        """(pool store rows, truth of every store row, the pool's embeddings) of `row`'s run,
+        read once per run (each of its cycles asks)."""
+        if row["key"] in self._runs:
+            return self._runs[row["key"]]
         spec = dataset_spec(row["dataset"])
         store_path, truth_path = dataset_paths(spec.name, self.data_root, spec.rare_fraction)
         protocol = {k: v for k, v in PROTOCOLS[row["protocol"]].items() if k != "iterations"}
@@ -114,7 +118,8 @@ class ImagenetRefit:
             if key not in self._embedded:
                 features = _imagenet_features(store, pool, cfg).astype(np.float32)
                 self._embedded[key] = (pool, truth, features)
-        return self._embedded[key]
+        self._runs[row["key"]] = self._embedded[key]
+        return self._runs[row["key"]]
 
     def add_terms(self, row: dict, saved: dict[str, np.ndarray]) -> None:
         """Add `probe2` and `knn2` over `saved["rows"]` (the cycle's unlabelled images)."""
